@@ -1,0 +1,21 @@
+"""mastermerge: choose the best candidate at every depth by the spectra of its weights.
+
+The Python API (the CLI uses the same calls):
+
+    from nerd import load_config, plan_merge, write_merge, MetricCache
+    config = load_config("my.yaml")
+    plan = plan_merge(config, cache=MetricCache())   # nothing written yet
+    write_merge(plan, config)                         # the composite checkpoint
+"""
+
+__version__ = "0.1.0"
+
+from .cache import MetricCache, default_cache_path  # noqa: E402
+from .config import MergeConfig, load_config  # noqa: E402
+from .errors import ConfigError, MergeError, ModelError, OutputError  # noqa: E402
+from .pipeline import plan_merge  # noqa: E402
+from .plan import Plan  # noqa: E402
+from .write import write_merge  # noqa: E402
+
+__all__ = ["ConfigError", "MergeConfig", "MergeError", "MetricCache", "ModelError", "OutputError", "Plan",
+           "default_cache_path", "load_config", "plan_merge", "write_merge", "__version__"]

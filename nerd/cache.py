@@ -1,0 +1,108 @@
+"""The metric cache: an SQLite file that remembers every spectrum computed, keyed by content.
+
+Two tables. `tensors` maps (file, size, mtime, tensor name) to a digest of the tensor's bytes,
+so an unchanged file is not even read again; a changed file has a new size or mtime and its
+rows no longer match. `spectra` maps that digest to the float64 singular values, so identical
+tensors (frozen layers shared by fine-tunes, a copied model) are computed once, and every
+metric can be derived again without a new decomposition.
+
+Default location: $MASTERMERGE_CACHE, else $XDG_CACHE_HOME/mastermerge/metrics.sqlite, else
+~/.cache/mastermerge/metrics.sqlite. Delete the file to clear it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Checkpoint, TensorInfo, as_tensor
+from .errors import OutputError
+from .spectra import Spectrum
+
+SCHEMA_VERSION = "1"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tensors (
+    file TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, tensor TEXT NOT NULL,
+    digest TEXT NOT NULL, PRIMARY KEY (file, tensor));
+CREATE TABLE IF NOT EXISTS spectra (
+    digest TEXT PRIMARY KEY, shape TEXT NOT NULL, problem TEXT, singular_values BLOB,
+    created REAL NOT NULL);
+"""
+
+
+def default_cache_path() -> Path:
+    if os.environ.get("MASTERMERGE_CACHE"):
+        return Path(os.environ["MASTERMERGE_CACHE"]).expanduser()
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "mastermerge" / "metrics.sqlite"
+
+
+class MetricCache:
+    """Spectra by content, in SQLite. `path=None` keeps them in memory for this process only."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None
+        self.computed = 0
+        self.reused = 0
+        if self.path is not None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"{self.path}: cannot create the metric cache folder ({exc.strerror})") from None
+        self.db = sqlite3.connect(str(self.path) if self.path else ":memory:", timeout=60)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(SCHEMA)
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None or row[0] != SCHEMA_VERSION:
+            self.db.executescript("DELETE FROM tensors; DELETE FROM spectra;")
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        self.db.commit()
+
+    def spectrum(self, checkpoint: Checkpoint, name: str, compute) -> Spectrum:
+        """The cached spectrum of one tensor, or `compute(tensor)` stored for next time."""
+        info = checkpoint.tensors[name]
+        file = str(info.file.resolve())
+        stat = os.stat(file)
+        row = self.db.execute(
+            "SELECT s.problem, s.singular_values FROM tensors t JOIN spectra s ON s.digest = t.digest "
+            "WHERE t.file=? AND t.tensor=? AND t.size=? AND t.mtime_ns=?",
+            (file, name, stat.st_size, stat.st_mtime_ns)).fetchone()
+        if row is not None:
+            self.reused += 1
+            return stored_spectrum(*row)
+        data = checkpoint.read_bytes(name)
+        key = content_key(info, data)
+        row = self.db.execute("SELECT problem, singular_values FROM spectra WHERE digest=?", (key,)).fetchone()
+        if row is not None:
+            self.reused += 1
+            result = stored_spectrum(*row)
+        else:
+            self.computed += 1
+            result = compute(as_tensor(data, info))
+            blob = None if result.values is None else result.values.astype("<f8").tobytes()
+            self.db.execute("INSERT OR REPLACE INTO spectra VALUES (?, ?, ?, ?, ?)",
+                            (key, str(list(info.shape)), result.problem, blob, time.time()))
+        self.db.execute("INSERT OR REPLACE INTO tensors VALUES (?, ?, ?, ?, ?)",
+                        (file, stat.st_size, stat.st_mtime_ns, name, key))
+        self.db.commit()
+        return result
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def stored_spectrum(problem: str | None, blob: bytes | None) -> Spectrum:
+    return Spectrum(None if blob is None else np.frombuffer(blob, dtype="<f8").copy(), problem)
+
+
+def content_key(info: TensorInfo, data: bytearray) -> str:
+    """A digest of a tensor's dtype, shape and bytes."""
+    digest = hashlib.blake2b(f"{info.dtype}{list(info.shape)}\0".encode(), digest_size=20)
+    digest.update(data)
+    return digest.hexdigest()

@@ -1,0 +1,108 @@
+"""The command line: `mastermerge --config a.yaml [b.yaml ...]`.
+
+Every config is validated before any model is downloaded; the configs then run in order and
+share one metric cache. Exit codes: 0 success, 1 internal error (a bug: please report it),
+2 bad config or arguments, 3 a model cannot be resolved, read or matched to the others,
+4 the output cannot be written, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .cache import MetricCache, default_cache_path
+from .config import load_config
+from .errors import ConfigError, MergeError
+from .pipeline import plan_merge
+from .report import choice_table
+from .write import write_merge
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mastermerge",
+        description="Merge fine-tunes layer by layer: at every depth, keep the candidate whose weight "
+                    "matrices have the highest Normalized Effective Rank.",
+        epilog="Exit codes: 0 ok, 1 internal error, 2 bad config/arguments, 3 bad or unreachable model, "
+               "4 output not writable, 130 interrupted.")
+    p.add_argument("--config", nargs="+", required=True, metavar="YAML", type=Path,
+                   help="one or more merge configs; all are validated first, then run in order")
+    p.add_argument("--dry-run", action="store_true", help="print the per-depth choices, write nothing")
+    p.add_argument("--force", action="store_true", help="replace an output directory that is not empty")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no table (errors still shown)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    cache = p.add_mutually_exclusive_group()
+    cache.add_argument("--cache", type=Path, metavar="FILE",
+                       help=f"metric cache (SQLite); default {default_cache_path()}")
+    cache.add_argument("--no-cache", action="store_true", help="keep spectra in memory only")
+    p.add_argument("--version", action="version", version=f"mastermerge {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("mastermerge: interrupted; nothing was written to the output directory", file=sys.stderr)
+        return 130
+    except MergeError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"mastermerge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception:
+        traceback.print_exc()
+        print("mastermerge: internal error (the traceback above); please report it", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    configs = [load_config(path, force=args.force) for path in args.config]
+    outputs: dict[Path, Path] = {}
+    for config in configs:
+        if not args.dry_run and config.output_dir in outputs:
+            raise ConfigError(f"{config.source}: output_dir: {config.output_dir} is also the output of "
+                              f"{outputs[config.output_dir]}")
+        outputs[config.output_dir] = config.source
+    cache = MetricCache(None if args.no_cache else args.cache or default_cache_path())
+    results = []
+    try:
+        for config in configs:
+            plan = plan_merge(config, cache=cache, quiet=args.quiet)
+            if not args.json and (args.dry_run or not args.quiet):
+                print(f"{config.source}:\n{choice_table(plan)}\n")
+            if not args.dry_run:
+                write_merge(plan, config, quiet=args.quiet)
+                if not args.json:
+                    print(f"wrote {plan.output_dir}")
+            results.append(summary_of(config, plan, written=not args.dry_run))
+    finally:
+        cache.close()
+    if args.json:
+        print(json.dumps({"mastermerge_version": __version__, "results": results}, indent=2))
+    return 0
+
+
+def summary_of(config, plan, written: bool) -> dict:
+    return {
+        "config": str(config.source),
+        "output_dir": str(plan.output_dir),
+        "written": written,
+        "candidates": plan.candidates,
+        "base": plan.base,
+        "choices": [{"group": c.group, "depth": c.depth, "scores": c.scores, "winner": c.winner,
+                     "note": c.note} for c in plan.choices],
+        "spectra_computed": plan.spectra_computed,
+        "spectra_reused": plan.spectra_reused,
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The merge config: read a YAML file and validate all of it before any download or heavy work.
+
+`load_config(path)` returns a `MergeConfig` or raises `ConfigError` with one line naming the
+file, the key and the value. Relative paths in a config are relative to the config file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+DTYPES = ("keep", "float32", "float16", "bfloat16")
+GRANULARITIES = ("block", "tensor")
+NON_LAYER = ("base", "compete")
+DEVICES = ("auto", "cpu", "cuda")
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+TOP_KEYS = ("models", "base_model", "output_dir", "selection", "dtype", "shard_size", "device")
+SELECTION_KEYS = ("granularity", "non_layer")
+MODEL_KEYS = ("model", "revision")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model as the config names it: a local directory or a hub repo at a revision."""
+
+    ref: str
+    path: Path | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.path is not None
+
+    @property
+    def identity(self) -> str:
+        """A key that is equal for two specs naming the same model."""
+        if self.path is not None:
+            return str(self.path)
+        return f"{self.repo_id}@{self.revision or 'main'}"
+
+    def __str__(self) -> str:
+        return self.ref
+
+
+@dataclass(frozen=True)
+class Selection:
+    granularity: str = "block"
+    non_layer: str = "base"
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """A validated merge config. `candidates` is the tie-break order: base first, then the rest."""
+
+    models: tuple[ModelSpec, ...]
+    base: ModelSpec
+    output_dir: Path
+    selection: Selection = field(default_factory=Selection)
+    dtype: str = "keep"
+    shard_size: int = 2 * 10**9
+    device: str = "auto"
+    source: Path | None = None
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def candidates(self) -> tuple[ModelSpec, ...]:
+        return (self.base,) + tuple(m for m in self.models if m != self.base)
+
+
+def load_config(path: str | Path, *, force: bool = False) -> MergeConfig:
+    """Read and validate one YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        reason = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML{at}: {reason}") from None
+    return config_from_dict(raw, base_dir=path.resolve().parent, source=path, force=force)
+
+
+def config_from_dict(raw: Any, *, base_dir: Path, source: Path | None = None,
+                     force: bool = False) -> MergeConfig:
+    """Validate a config already parsed into Python data (what `load_config` does after YAML)."""
+    where = str(source) if source else "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys (models, base_model, output_dir, ...), "
+                          f"found {type_name(raw)}")
+    check_keys(raw, TOP_KEYS, where, "")
+    for key in ("models", "base_model", "output_dir"):
+        if key not in raw:
+            raise ConfigError(f"{where}: missing required key '{key}'")
+
+    models_raw = raw["models"]
+    if not isinstance(models_raw, list):
+        raise ConfigError(f"{where}: models: expected a list of models, found {type_name(models_raw)}")
+    if len(models_raw) < 2:
+        raise ConfigError(f"{where}: models: at least two candidate models are needed, "
+                          f"found {len(models_raw)}")
+    models = tuple(model_spec(item, base_dir, where, f"models[{i}]") for i, item in enumerate(models_raw))
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(models):
+        if spec.identity in seen:
+            raise ConfigError(f"{where}: models[{i}]: '{spec.ref}' repeats models[{seen[spec.identity]}]")
+        seen[spec.identity] = i
+
+    base = model_spec(raw["base_model"], base_dir, where, "base_model")
+    if base.identity not in seen:
+        listed = ", ".join(repr(m.ref) for m in models)
+        raise ConfigError(f"{where}: base_model: '{base.ref}' is not among the models ({listed})")
+    base = models[seen[base.identity]]
+
+    output_dir = output_path(raw["output_dir"], base_dir, where, models, force)
+    selection = selection_options(raw.get("selection", {}), where)
+    dtype = choice(raw.get("dtype", "keep"), DTYPES, where, "dtype")
+    shard_size = size_in_bytes(raw.get("shard_size", "2GB"), where, "shard_size")
+    device = choice(raw.get("device", "auto"), DEVICES, where, "device")
+    return MergeConfig(models=models, base=base, output_dir=output_dir, selection=selection,
+                       dtype=dtype, shard_size=shard_size, device=device, source=source, raw=raw)
+
+
+def check_keys(mapping: dict, allowed: tuple[str, ...], where: str, prefix: str) -> None:
+    for key in mapping:
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: {prefix}{key!r}: keys must be strings, found {type_name(key)}")
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(allowed)}"
+            raise ConfigError(f"{where}: {prefix}{key}: unknown key{hint}")
+
+
+def model_spec(item: Any, base_dir: Path, where: str, key: str) -> ModelSpec:
+    """Parse one model entry: 'dir', 'org/name', 'org/name@rev' or {model: ..., revision: ...}."""
+    revision = None
+    if isinstance(item, dict):
+        check_keys(item, MODEL_KEYS, where, f"{key}.")
+        if "model" not in item:
+            raise ConfigError(f"{where}: {key}: missing required key 'model'")
+        revision = item.get("revision")
+        if revision is not None and not (isinstance(revision, str) and revision.strip()):
+            raise ConfigError(f"{where}: {key}.revision: expected a branch, tag or commit, "
+                              f"found {revision!r}")
+        item = item["model"]
+        key = f"{key}.model"
+    if not isinstance(item, str) or not item.strip():
+        raise ConfigError(f"{where}: {key}: expected a local directory or a hub id (org/name[@revision]), "
+                          f"found {item!r}")
+    ref = item.strip()
+    local = Path(ref).expanduser()
+    local = local if local.is_absolute() else base_dir / local
+    explicit_path = ref.startswith((".", "/", "~")) or "\\" in ref
+    if local.exists() or explicit_path:
+        if revision is not None:
+            raise ConfigError(f"{where}: {key}: '{ref}' is a local directory; 'revision' applies to hub ids only")
+        if not local.is_dir():
+            raise ConfigError(f"{where}: {key}: local model directory '{ref}' does not exist "
+                              f"(looked at {local})")
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{where}: {key}: '{ref}' has no config.json; is it a transformers model directory?")
+        return ModelSpec(ref=ref, path=local.resolve())
+    repo_id, _, at_revision = ref.partition("@")
+    if at_revision and revision is not None:
+        raise ConfigError(f"{where}: {key}: revision given twice ('{ref}' and revision: {revision})")
+    if not HUB_ID.match(repo_id) or (not at_revision and "@" in ref):
+        raise ConfigError(f"{where}: {key}: '{ref}' is neither an existing directory nor a hub id "
+                          f"(org/name or org/name@revision)")
+    return ModelSpec(ref=ref, repo_id=repo_id, revision=at_revision or revision)
+
+
+def output_path(value: Any, base_dir: Path, where: str, models: tuple[ModelSpec, ...],
+                force: bool) -> Path:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: output_dir: expected a directory path, found {value!r}")
+    path = Path(value).expanduser()
+    path = (path if path.is_absolute() else base_dir / path).resolve()
+    for spec in models:
+        if spec.path is not None and (path == spec.path or spec.path in path.parents
+                                      or path in spec.path.parents):
+            raise ConfigError(f"{where}: output_dir: '{value}' overlaps the input model '{spec.ref}'")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{where}: output_dir: '{value}' exists and is a file, not a directory")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise ConfigError(f"{where}: output_dir: '{value}' exists and is not empty "
+                          f"(use --force to replace it)")
+    return path
+
+
+def selection_options(value: Any, where: str) -> Selection:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: selection: expected a mapping, found {type_name(value)}")
+    check_keys(value, SELECTION_KEYS, where, "selection.")
+    return Selection(
+        granularity=choice(value.get("granularity", "block"), GRANULARITIES, where, "selection.granularity"),
+        non_layer=choice(value.get("non_layer", "base"), NON_LAYER, where, "selection.non_layer"),
+    )
+
+
+def choice(value: Any, allowed: tuple[str, ...], where: str, key: str) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{where}: {key}: expected one of {', '.join(allowed)}, found {value!r}{hint}")
+    return value
+
+
+def size_in_bytes(value: Any, where: str, key: str) -> int:
+    """Parse 5000000, '500MB', '2GB' or '1.5GiB' into bytes."""
+    if isinstance(value, bool):
+        match = None
+    elif isinstance(value, int):
+        match = SIZE.match(str(value))
+    else:
+        match = SIZE.match(value) if isinstance(value, str) else None
+    size = int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()]) if match else 0
+    if size <= 0:
+        raise ConfigError(f"{where}: {key}: expected a positive size such as 2GB or 500MB, found {value!r}")
+    return size
+
+
+def type_name(value: Any) -> str:
+    names = {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number",
+             bool: "true/false", type(None): "nothing (null)"}
+    return names.get(type(value), type(value).__name__)

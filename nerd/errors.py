@@ -1,0 +1,29 @@
+"""The error types mastermerge raises on bad input, each with the exit code the CLI returns.
+
+Every error message is one line a user can act on: which file, which key, which tensor,
+what was expected and what was found.
+"""
+
+
+class MergeError(Exception):
+    """Base class: an expected failure, reported as one line without a traceback."""
+
+    exit_code = 1
+
+
+class ConfigError(MergeError):
+    """The YAML config or the command line is wrong (exit code 2)."""
+
+    exit_code = 2
+
+
+class ModelError(MergeError):
+    """A candidate model cannot be resolved, read, or does not match the others (exit code 3)."""
+
+    exit_code = 3
+
+
+class OutputError(MergeError):
+    """The output cannot be written (exit code 4)."""
+
+    exit_code = 4

@@ -1,0 +1,68 @@
+"""Planning a merge: resolve the candidates, score every matrix, choose, and return the Plan.
+
+The Python API, stage by stage (the CLI is a thin layer over it):
+
+    from nerd import load_config, plan_merge, write_merge, MetricCache
+    config = load_config("my.yaml")
+    plan = plan_merge(config, cache=MetricCache())
+    write_merge(plan)
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+from tqdm import tqdm
+
+from .cache import MetricCache, default_cache_path
+from .checkpoint import Checkpoint
+from .config import MergeConfig
+from .layout import check_same_architecture, layout_of
+from .plan import Plan, PlanEntry, natural_key
+from .select import choices_of
+from .sources import resolve_model
+from .spectra import metrics_of, pick_device, spectrum_of
+
+CAST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+EMBEDDING_WORDS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings")
+
+
+def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: bool = False) -> Plan:
+    """Resolve the candidates, score every matrix, choose, and return the plan (nothing written)."""
+    cache = cache if cache is not None else MetricCache(default_cache_path())
+    names = [spec.ref for spec in config.candidates]
+    resolved = {spec.ref: resolve_model(spec) for spec in config.candidates}
+    with ExitStack() as stack:
+        checkpoints = {name: stack.enter_context(Checkpoint.open(resolved[name].path)) for name in names}
+        check_same_architecture(checkpoints, same_dtype=config.dtype == "keep")
+        infos = checkpoints[config.base.ref].tensors
+        layout = layout_of(list(infos))
+        matrices = [t for t, info in infos.items() if info.is_matrix]
+        device = pick_device(config.device)
+        computed, reused = cache.computed, cache.reused
+        metrics: dict[str, dict[str, dict]] = {name: {} for name in names}
+        with tqdm(total=len(names) * len(matrices), desc="spectra", unit="matrix", disable=quiet) as bar:
+            for name in names:
+                for tensor in matrices:
+                    spectrum = cache.spectrum(checkpoints[name], tensor, lambda w: spectrum_of(w, device))
+                    metrics[name][tensor] = metrics_of(spectrum) | {"problem": spectrum.problem}
+                    bar.update()
+    scores = {name: {t: m["ner"] for t, m in per.items()} for name, per in metrics.items()}
+    choices = choices_of(layout, infos, scores, names, config.selection.granularity,
+                         config.selection.non_layer)
+    source_of = {t: c.winner for c in choices for t in c.tensors}
+    entries = [PlanEntry(t, source_of[t], t, CAST.get(config.dtype, infos[t].dtype), infos[t].shape)
+               for t in sorted(infos, key=lambda t: output_order(t, layout.depths[t]))]
+    return Plan(candidates=names, sources={n: r.path for n, r in resolved.items()},
+                revisions={n: r.revision for n, r in resolved.items()}, base=config.base.ref,
+                output_dir=config.output_dir, shard_size=config.shard_size, entries=entries,
+                choices=choices, metrics=metrics, granularity=config.selection.granularity,
+                spectra_computed=cache.computed - computed, spectra_reused=cache.reused - reused)
+
+
+def output_order(name: str, depth: int | None) -> tuple:
+    """Embeddings first, then the blocks in depth order, then the rest (final norm, lm_head)."""
+    if depth is not None:
+        return (1, depth, natural_key(name))
+    first = any(word in name for word in EMBEDDING_WORDS)
+    return (0 if first else 2, 0, natural_key(name))

@@ -1,0 +1,80 @@
+"""What a merge tells people: the per-depth choice table, the model card and merge_report.json."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+from . import __version__
+from .config import MergeConfig
+from .plan import Plan
+
+
+def short_names(candidates: list[str]) -> dict[str, str]:
+    """Column labels: the last path part of each model, the full reference where those collide."""
+    last = {c: Path(c.split("@")[0].rstrip("/")).name or c for c in candidates}
+    return {c: last[c] if list(last.values()).count(last[c]) == 1 else c for c in candidates}
+
+
+def choice_rows(plan: Plan) -> list[list[str]]:
+    """Header and one row per choice: group, each candidate's score, the winner, a note."""
+    labels = short_names(plan.candidates)
+    rows = [["depth"] + [labels[c] for c in plan.candidates] + ["winner"]]
+    for choice in plan.choices:
+        cells = ["-" if choice.scores[c] is None else f"{choice.scores[c]:.6f}" for c in plan.candidates]
+        rows.append([choice.group] + cells + [labels[choice.winner] + (f"  ({choice.note})" if choice.note else "")])
+    return rows
+
+
+def choice_table(plan: Plan) -> str:
+    """The per-depth table as aligned plain text, for the terminal."""
+    rows = choice_rows(plan)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]
+                     for row in rows)
+
+
+def model_card(plan: Plan) -> str:
+    """README.md of the output: what it was made from and the choice at every depth."""
+    rows = choice_rows(plan)
+    table = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    table += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    models = "\n".join(f"- `{c}`" + (" (base)" if c == plan.base else "") for c in plan.candidates)
+    return f"""---
+base_model: {plan.base if "/" in plan.base and not Path(plan.base).exists() else ""}
+library_name: transformers
+tags:
+- merge
+- mastermerge
+---
+# Composite model
+
+Made by mastermerge {__version__}: at every depth, the candidate whose weight matrices have the
+highest mean Normalized Effective Rank (NER, the entropy of the singular values divided by its
+maximum) supplies the block. Granularity: {plan.granularity}.
+
+Candidates (ties go to the earlier one):
+{models}
+
+Scores are mean NER over the matrices of each group; the winner supplies its tensors.
+
+{chr(10).join(table)}
+
+Every score of every matrix is in merge_report.json.
+"""
+
+
+def report_of(plan: Plan, config: MergeConfig, shards: list[str]) -> dict:
+    """merge_report.json: version, inputs with revisions, config, every score, and the plan."""
+    return {
+        "mastermerge_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config_file": str(config.source) if config.source else None,
+        "config": config.raw,
+        "inputs": [{"model": c, "path": str(plan.sources[c]), "revision": plan.revisions[c],
+                    "base": c == plan.base} for c in plan.candidates],
+        "metric": "ner",
+        "metrics": plan.metrics,
+        "plan": plan.to_dict(),
+        "shards": shards,
+    }

@@ -1,0 +1,84 @@
+"""Resolve each model the config names to a local directory: as is, or from the Hugging Face hub.
+
+Hub models go through huggingface_hub, so HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and tokens
+(HF_TOKEN or `hf auth login`) work the standard way. Only what a merge needs is downloaded:
+the safetensors weights, the json files and the tokenizer files; pickled .bin weights only when
+the repo has no safetensors.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ModelSpec
+from .errors import ModelError
+
+SIDE_FILES = ["*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt", "vocab.json",
+              "spiece.model", "sentencepiece.bpe.model", "*.jinja"]
+WEIGHT_CHOICES = (  # first match wins; the first pattern of each choice is what must be present
+    ["model.safetensors.index.json", "model-*.safetensors"], ["model.safetensors"], ["*.safetensors"],
+    ["pytorch_model.bin.index.json", "pytorch_model-*.bin"], ["pytorch_model.bin"], ["*.bin"],
+)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model ready to read: its spec, its local directory and the exact revision used."""
+
+    spec: ModelSpec
+    path: Path
+    revision: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.ref
+
+
+def resolve_model(spec: ModelSpec) -> ResolvedModel:
+    """Return the local directory of a model, downloading it from the hub if needed."""
+    if spec.path is not None:
+        return ResolvedModel(spec=spec, path=spec.path)
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+    from huggingface_hub.utils import is_offline_mode
+
+    revision = spec.revision or "main"
+    try:
+        patterns = None
+        if not is_offline_mode():
+            try:
+                files = HfApi().list_repo_files(spec.repo_id, revision=revision)
+                patterns = weight_patterns(files, spec.ref) + SIDE_FILES
+            except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError):
+                raise
+            except Exception:  # the hub is unreachable: use what the local cache holds
+                patterns = None
+        folder = Path(snapshot_download(spec.repo_id, revision=revision, allow_patterns=patterns,
+                                        local_files_only=patterns is None))
+    except GatedRepoError:
+        raise ModelError(f"model '{spec.ref}': the repo is gated; accept its terms on the hub and log in "
+                         f"(HF_TOKEN or `hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"model '{spec.ref}': no such repo on the hub (or it is private and no token "
+                         f"with access was found)") from None
+    except RevisionNotFoundError:
+        raise ModelError(f"model '{spec.ref}': revision '{revision}' not found on the hub") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as exc:
+        why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if is_offline_mode()
+               else f"the hub cannot be reached and it is not in the local cache ({type(exc).__name__})")
+        raise ModelError(f"model '{spec.ref}': cannot download: {why}") from None
+    return ResolvedModel(spec=spec, path=folder, revision=folder.name)
+
+
+def weight_patterns(files: list[str], ref: str) -> list[str]:
+    """The weight files to fetch: safetensors if the repo has any, otherwise pickled .bin files."""
+    top_level = [f for f in files if "/" not in f]
+    for patterns in WEIGHT_CHOICES:
+        if any(fnmatch.fnmatch(f, patterns[0]) for f in top_level):
+            return patterns
+    raise ModelError(f"model '{ref}': the repo has no .safetensors or .bin weights "
+                     f"(files: {', '.join(top_level)})")

@@ -1,0 +1,158 @@
+"""Execute a Plan: the composite checkpoint, written atomically and streaming.
+
+Everything is built in a temporary sibling of the output directory and renamed into place at
+the end, so an error or Ctrl-C leaves nothing half-written at the destination. Shards are
+written tensor by tensor (header first, then each tensor's bytes), so memory holds one tensor
+at a time; an unconverted tensor is copied byte for byte from its source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from contextlib import ExitStack
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .checkpoint import SAFETENSORS_DTYPES, Checkpoint, numel, tensor_bytes
+from .config import MergeConfig
+from .errors import OutputError
+from .plan import Plan, PlanEntry
+from .report import model_card, report_of
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+NOT_COPIED = ("config.json", "README.md", "merge_report.json")
+TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def write_merge(plan: Plan, config: MergeConfig, quiet: bool = False) -> Path:
+    """Write the plan's output directory; return its path."""
+    out = plan.output_dir
+    tmp = out.parent / f".{out.name}.mastermerge-{os.getpid()}.tmp"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        shards = write_shards(plan, tmp, quiet)
+        write_config(plan, tmp)
+        copy_side_files(plan.sources[plan.base], tmp)
+        (tmp / "README.md").write_text(model_card(plan), encoding="utf-8")
+        report = report_of(plan, config, shards)
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        replace_dir(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"{exc.filename or out}: cannot write the output ({exc.strerror or exc})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def shard_groups(entries: list[PlanEntry], shard_size: int) -> list[list[PlanEntry]]:
+    """Consecutive runs of entries, each under shard_size bytes unless one tensor alone is larger."""
+    groups: list[list[PlanEntry]] = [[]]
+    size = 0
+    for entry in entries:
+        n = entry_bytes(entry)
+        if groups[-1] and size + n > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += n
+    return groups
+
+
+def write_shards(plan: Plan, tmp: Path, quiet: bool) -> list[str]:
+    """The weight files plus, when there is more than one, the standard index json."""
+    groups = shard_groups(plan.entries, plan.shard_size)
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)])
+    with ExitStack() as stack:
+        checkpoints = {c: stack.enter_context(Checkpoint.open(plan.sources[c]))
+                       for c in {e.source for e in plan.entries}}
+        with tqdm(total=sum(entry_bytes(e) for e in plan.entries), desc="write", unit="B",
+                  unit_scale=True, disable=quiet) as bar:
+            for name, group in zip(names, groups):
+                write_shard(tmp / name, group, checkpoints, bar)
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": sum(entry_bytes(e) for e in plan.entries)},
+                 "weight_map": {e.name: name for name, group in zip(names, groups) for e in group}}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return names
+
+
+def write_shard(path: Path, entries: list[PlanEntry], checkpoints: dict[str, Checkpoint], bar) -> None:
+    """One safetensors file, written header first and then tensor by tensor."""
+    header, offset = {}, 0
+    for entry in entries:
+        n = entry_bytes(entry)
+        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for entry in entries:
+            data = entry_data(entry, checkpoints[entry.source])
+            if len(data) != entry_bytes(entry):
+                raise OutputError(f"{path}: tensor '{entry.name}' has {len(data)} bytes, expected {entry_bytes(entry)}")
+            handle.write(data)
+            bar.update(len(data))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def entry_data(entry: PlanEntry, checkpoint: Checkpoint):
+    """The bytes to write: the source's own bytes, or the tensor converted to the output dtype."""
+    if checkpoint.tensors[entry.tensor].dtype == entry.dtype:
+        return checkpoint.read_bytes(entry.tensor)
+    return tensor_bytes(checkpoint.read(entry.tensor).to(SAFETENSORS_DTYPES[entry.dtype]))
+
+
+def entry_bytes(entry: PlanEntry) -> int:
+    return numel(entry.shape) * SAFETENSORS_DTYPES[entry.dtype].itemsize
+
+
+def write_config(plan: Plan, tmp: Path) -> None:
+    """config.json of the base, with the dtype updated if the plan converts every tensor."""
+    config = json.loads((plan.sources[plan.base] / "config.json").read_text(encoding="utf-8"))
+    dtypes = {e.dtype for e in plan.entries if e.dtype in TORCH_DTYPE_NAMES}
+    if len(dtypes) == 1:
+        dtype = TORCH_DTYPE_NAMES[dtypes.pop()]
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = dtype
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def copy_side_files(base: Path, tmp: Path) -> None:
+    """Every top-level file of the base except weights, config.json and README.md: tokenizer
+    files, generation_config.json, chat templates, license, custom code."""
+    for path in sorted(base.iterdir()):
+        if (path.is_file() and not path.name.startswith(".") and path.suffix not in WEIGHT_SUFFIXES
+                and not path.name.endswith(".index.json") and path.name not in NOT_COPIED):
+            shutil.copyfile(path, tmp / path.name)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished directory into place; an existing one (--force) is removed only after."""
+    if out.exists() and any(out.iterdir()):
+        old = out.parent / f".{out.name}.mastermerge-{os.getpid()}.old"
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)

@@ -9,7 +9,6 @@ and are memory-mapped.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path

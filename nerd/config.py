@@ -135,12 +135,15 @@ def config_from_dict(raw: Any, *, base_dir: Path, source: Path | None = None,
 
 
 def check_keys(mapping: dict, allowed: tuple[str, ...], where: str, prefix: str) -> None:
+    """Refuse keys that are not allowed, suggesting the closest one (a nested key at top level too)."""
+    nested = {key: f"selection.{key}" for key in SELECTION_KEYS} if not prefix else {}
     for key in mapping:
         if not isinstance(key, str):
             raise ConfigError(f"{where}: {prefix}{key!r}: keys must be strings, found {type_name(key)}")
         if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(allowed)}"
+            close = difflib.get_close_matches(key, list(allowed) + list(nested), n=1)
+            hint = (f"; did you mean '{nested.get(close[0], close[0])}'?" if close
+                    else f"; known keys: {', '.join(allowed)}")
             raise ConfigError(f"{where}: {prefix}{key}: unknown key{hint}")
 
 

@@ -10,6 +10,7 @@ The Python API, stage by stage (the CLI is a thin layer over it):
 
 from __future__ import annotations
 
+import re
 from contextlib import ExitStack
 
 from tqdm import tqdm
@@ -24,7 +25,7 @@ from .sources import resolve_model
 from .spectra import metrics_of, pick_device, spectrum_of
 
 CAST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-EMBEDDING_WORDS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings")
+INPUT_EMBEDDING = re.compile(r"embed_tokens|embed_in|\bwte\b|\bwpe\b|embeddings\.")
 
 
 def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: bool = False) -> Plan:
@@ -64,5 +65,4 @@ def output_order(name: str, depth: int | None) -> tuple:
     """Embeddings first, then the blocks in depth order, then the rest (final norm, lm_head)."""
     if depth is not None:
         return (1, depth, natural_key(name))
-    first = any(word in name for word in EMBEDDING_WORDS)
-    return (0 if first else 2, 0, natural_key(name))
+    return (0 if INPUT_EMBEDDING.search(name) else 2, 0, natural_key(name))

@@ -40,9 +40,9 @@ def model_card(plan: Plan) -> str:
     table = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     table += ["| " + " | ".join(row) + " |" for row in rows[1:]]
     models = "\n".join(f"- `{c}`" + (" (base)" if c == plan.base else "") for c in plan.candidates)
+    base_model = f"base_model: {plan.base.split('@')[0]}\n" if plan.revisions[plan.base] else ""
     return f"""---
-base_model: {plan.base if "/" in plan.base and not Path(plan.base).exists() else ""}
-library_name: transformers
+{base_model}library_name: transformers
 tags:
 - merge
 - mastermerge

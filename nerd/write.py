@@ -42,7 +42,7 @@ def write_merge(plan: Plan, config: MergeConfig, quiet: bool = False) -> Path:
         copy_side_files(plan.sources[plan.base], tmp)
         (tmp / "README.md").write_text(model_card(plan), encoding="utf-8")
         report = report_of(plan, config, shards)
-        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
         replace_dir(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

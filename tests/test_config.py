@@ -1,0 +1,128 @@
+"""Config validation: every mistake is one line naming the key and value, exit code 2, no work done."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nerd.cli import main
+from nerd.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "models"
+
+
+def write_config(tmp_path, **overrides):
+    config = {
+        "models": [str(EXAMPLES / "tiny-base"), str(EXAMPLES / "tiny-chat"), str(EXAMPLES / "tiny-code")],
+        "base_model": str(EXAMPLES / "tiny-base"),
+        "output_dir": str(tmp_path / "out"),
+    }
+    config.update(overrides)
+    config = {k: v for k, v in config.items() if v is not None}
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def error_of(path, capsys, *extra):
+    code = main(["--config", str(path), "--no-cache", "--quiet", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return code, err[0]
+
+
+CASES = [
+    ({"dtyp": "float16"}, "dtyp: unknown key; did you mean 'dtype'?"),
+    ({"granularty": "tensor"}, "granularty: unknown key; did you mean 'selection.granularity'?"),
+    ({"selection": {"granulrity": "block"}}, "selection.granulrity: unknown key; did you mean 'granularity'?"),
+    ({"selection": {"granularity": "layer"}}, "selection.granularity: expected one of block, tensor, found 'layer'"),
+    ({"selection": "block"}, "selection: expected a mapping, found a string"),
+    ({"dtype": "fp16"}, "dtype: expected one of keep, float32, float16, bfloat16, found 'fp16'"),
+    ({"shard_size": "lots"}, "shard_size: expected a positive size such as 2GB or 500MB, found 'lots'"),
+    ({"shard_size": -5}, "shard_size: expected a positive size"),
+    ({"device": "tpu"}, "device: expected one of auto, cpu, cuda, found 'tpu'"),
+    ({"models": "tiny-base"}, "models: expected a list of models, found a string"),
+    ({"models": [str(EXAMPLES / "tiny-base")]}, "models: at least two candidate models are needed, found 1"),
+    ({"models": [str(EXAMPLES / "tiny-base"), "./no/such/dir"]}, "models[1]: local model directory './no/such/dir' does not exist"),
+    ({"models": [str(EXAMPLES / "tiny-base"), 42]}, "models[1]: expected a local directory or a hub id"),
+    ({"models": [str(EXAMPLES / "tiny-base"), "not a hub id!"]}, "models[1]: 'not a hub id!' is neither an existing directory nor a hub id"),
+    ({"models": [str(EXAMPLES / "tiny-base"), str(EXAMPLES / "tiny-base")]}, "models[1]: '" + str(EXAMPLES / "tiny-base") + "' repeats models[0]"),
+    ({"models": [str(EXAMPLES / "tiny-base"), {"model": "org/name", "revison": "x"}]}, "models[1].revison: unknown key; did you mean 'revision'?"),
+    ({"base_model": "org/other"}, "base_model: 'org/other' is not among the models"),
+    ({"base_model": None}, "missing required key 'base_model'"),
+    ({"output_dir": 3}, "output_dir: expected a directory path, found 3"),
+    ({"output_dir": str(EXAMPLES / "tiny-chat")}, "output_dir: '" + str(EXAMPLES / "tiny-chat") + "' overlaps the input model"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", CASES, ids=[c[1][:40] for c in CASES])
+def test_bad_config_is_one_clear_line(tmp_path, capsys, overrides, message):
+    path = write_config(tmp_path, **overrides)
+    code, line = error_of(path, capsys)
+    assert code == 2
+    assert line.startswith(f"mastermerge: error: {path}: ")
+    assert message in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_not_empty_needs_force(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    path = write_config(tmp_path)
+    code, line = error_of(path, capsys, "--dry-run")
+    assert code == 2 and "output_dir: '" in line and "exists and is not empty (use --force" in line
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert load_config(path, force=True).output_dir == out.resolve()
+
+
+def test_invalid_yaml_and_missing_file(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("models: [a, b\nbase_model: a\n")
+    code, line = error_of(path, capsys)
+    assert code == 2 and "not valid YAML at line" in line
+    code, line = error_of(tmp_path / "missing.yaml", capsys)
+    assert code == 2 and "config file not found" in line
+    path.write_text("- just\n- a list\n")
+    code, line = error_of(path, capsys)
+    assert code == 2 and "expected a mapping of keys" in line
+
+
+def test_every_config_is_validated_before_any_work(tmp_path, capsys):
+    good = write_config(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"models": ["org/a", "org/b"], "base_model": "org/a",
+                                   "output_dir": str(tmp_path / "out2"), "dtyp": "float16"}))
+    code = main(["--config", str(good), str(bad), "--no-cache", "--quiet"])
+    assert code == 2
+    assert "dtyp: unknown key; did you mean 'dtype'?" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # the good config did not run either
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path):
+    config = load_config(REPO / "mastermerge_config.yaml", force=True)
+    assert config.base.path == (EXAMPLES / "tiny-base").resolve()
+    assert config.output_dir == (REPO / "merged" / "tiny-composite").resolve()
+    assert [c.ref for c in config.candidates][0] == "examples/models/tiny-base"
+
+
+def test_hub_ids_and_revisions_parse(tmp_path):
+    path = write_config(tmp_path, models=["org/base", "org/ft@v1.0", {"model": "org/other", "revision": "abc123"}],
+                        base_model="org/base")
+    config = load_config(path)
+    assert [(m.repo_id, m.revision) for m in config.models] == [("org/base", None), ("org/ft", "v1.0"),
+                                                                 ("org/other", "abc123")]
+
+
+def test_no_traceback_without_debug(tmp_path):
+    path = write_config(tmp_path, dtype="fp8")
+    run = subprocess.run([sys.executable, str(REPO / "mastermerge.py"), "--config", str(path)],
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
+    run = subprocess.run([sys.executable, str(REPO / "mastermerge.py"), "--config", str(path), "--debug"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" in run.stderr

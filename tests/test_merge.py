@@ -1,0 +1,309 @@
+"""End to end: tiny models built offline, merged by the CLI, loaded back with transformers."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+from examples.tiny_models import FAMILIES, build_model
+from nerd import MetricCache, load_config, plan_merge
+from nerd.cli import main
+from nerd.layout import layout_of
+
+transformers = pytest.importorskip("transformers")
+
+
+def make_family(root: Path, family: str, **kwargs) -> list[Path]:
+    """A base and two fine-tunes of it: full-rank noise everywhere, and a rank-1 update on layer 1."""
+    base = build_model(family, root / f"{family}-base", seed=0, **kwargs)
+    ft_a = build_model(family, root / f"{family}-ft-a", seed=1, base_dir=base, noise=0.05)
+    ft_b = build_model(family, root / f"{family}-ft-b", seed=2, base_dir=base, noise=0.5, noise_rank=1, layers=[1])
+    return [base, ft_a, ft_b]
+
+
+def write_config(path: Path, models, out: Path, **options) -> Path:
+    path.write_text(yaml.safe_dump({"models": [str(m) for m in models], "base_model": str(models[0]),
+                                    "output_dir": str(out), **options}))
+    return path
+
+
+def merge(config: Path, cache: Path, *extra) -> int:
+    return main(["--config", str(config), "--cache", str(cache), "--quiet", *extra])
+
+
+def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors model directory, read with the safetensors library."""
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                out[name] = handle.get_tensor(name)
+    return out
+
+
+def reference_ner(w: torch.Tensor) -> float:
+    s = np.linalg.svd(w.double().numpy(), compute_uv=False)
+    p = s[s > 0] / s.sum()
+    return float(-(p * np.log(p)).sum() / math.log(len(s)))
+
+
+def assert_bytes_follow_plan(out: Path, sources: dict[str, Path]):
+    report = json.loads((out / "merge_report.json").read_text())
+    written = tensors_of(out)
+    entries = report["plan"]["entries"]
+    assert sorted(written) == sorted(e["name"] for e in entries)
+    cache = {}
+    for e in entries:
+        src = cache.setdefault(e["source"], tensors_of(sources[e["source"]]))[e["tensor"]]
+        assert written[e["name"]].dtype == src.dtype
+        assert torch.equal(written[e["name"]].view(-1).view(torch.uint8), src.view(-1).view(torch.uint8)), e
+    return report
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_merge_end_to_end(tmp_path, family):
+    models = make_family(tmp_path, family)
+    out = tmp_path / "out"
+    assert merge(write_config(tmp_path / "m.yaml", models, out), tmp_path / "cache.sqlite") == 0
+
+    report = assert_bytes_follow_plan(out, {str(m): m for m in models})
+    # the winner at every depth is the best mean NER, recomputed here with a float64 SVD
+    inputs = {str(m): tensors_of(m) for m in models}
+    layout = layout_of(list(inputs[str(models[0])]))
+    assert layout.num_layers == 2
+    for choice in report["plan"]["choices"]:
+        if choice["depth"] is None:
+            assert choice["winner"] == str(models[0])  # non-layer tensors come from the base
+            continue
+        matrices = [t for t in layout.block(choice["depth"]) if inputs[str(models[0])][t].dim() == 2]
+        means = {m: np.mean([reference_ner(inputs[m][t]) for t in matrices]) for m in inputs}
+        for m, score in means.items():
+            assert choice["scores"][m] == pytest.approx(score, abs=1e-9)
+        assert choice["winner"] == max(means, key=means.get)
+    # the rank-1 update lowers NER at depth 1, so ft-b cannot win there
+    assert report["plan"]["choices"][2]["winner"] != str(models[2])
+
+    auto = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(out)
+    with torch.no_grad():
+        output = model(torch.tensor([[1, 5, 9, 2]]))
+    assert torch.isfinite(output[0]).all()
+    assert (out / "tokenizer.json").is_file() and (out / "README.md").is_file()
+    assert transformers.AutoTokenizer.from_pretrained(out)("a b").input_ids
+
+
+def test_sharded_inputs_sharded_output_in_depth_order(tmp_path):
+    base = build_model("llama", tmp_path / "base", seed=0, num_layers=12, max_shard_size="60KB")
+    ft = build_model("llama", tmp_path / "ft", seed=1, base_dir=base, noise=0.1, max_shard_size="60KB")
+    assert (base / "model.safetensors.index.json").is_file()
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "m.yaml", [base, ft], out, shard_size="100KB", dtype="bfloat16")
+    assert merge(config, tmp_path / "cache.sqlite") == 0
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {s.name for s in shards}
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in tensors_of(out).values())
+    depths = []
+    for shard in shards:  # tensors in file order, from the raw safetensors header
+        raw = shard.read_bytes()
+        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+        header.pop("__metadata__")
+        names = sorted(header, key=lambda n: header[n]["data_offsets"][0])
+        depths += [d for d in map(layout_of(names).depths.get, names) if d is not None]
+        assert {entry["dtype"] for entry in header.values()} == {"BF16"}
+    assert depths == sorted(depths) and depths[-1] == 11  # layers.2 before layers.10
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 12
+    # cast tensors equal the source converted to bfloat16
+    report = json.loads((out / "merge_report.json").read_text())
+    sources = {str(base): tensors_of(base), str(ft): tensors_of(ft)}
+    written = tensors_of(out)
+    for e in report["plan"]["entries"]:
+        assert torch.equal(written[e["name"]], sources[e["source"]][e["tensor"]].to(torch.bfloat16))
+
+
+def test_tensor_granularity_biases_follow_their_matrix(tmp_path):
+    models = make_family(tmp_path, "qwen2")  # qwen2 has q/k/v biases
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "m.yaml", models, out, selection={"granularity": "tensor"})
+    assert merge(config, tmp_path / "cache.sqlite") == 0
+    report = assert_bytes_follow_plan(out, {str(m): m for m in models})
+    source = {e["name"]: e["source"] for e in report["plan"]["entries"]}
+    biases = [n for n in source if n.endswith("q_proj.bias")]
+    assert biases
+    for bias in biases:
+        assert source[bias] == source[bias.replace(".bias", ".weight")]
+    per_tensor = [c for c in report["plan"]["choices"] if c["group"].endswith(".weight")]
+    assert per_tensor
+    for choice in per_tensor:
+        ner = {m: report["metrics"][m][choice["group"]]["ner"] for m in report["plan"]["candidates"]}
+        assert choice["winner"] == max(ner, key=ner.get)
+    winners = {c["winner"] for c in per_tensor}
+    assert len(winners) > 1  # a real mix, not one model per block
+    transformers.AutoModelForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_non_layer_compete_keeps_embeddings_together(tmp_path, tied):
+    base = build_model("llama", tmp_path / "base", seed=0, tie_word_embeddings=tied)
+    ft = build_model("llama", tmp_path / "ft", seed=1, base_dir=base, noise=0.05)
+    # a fine-tune whose embeddings (and head) were trained too: spread their spectrum
+    state = tensors_of(ft)
+    g = torch.Generator().manual_seed(4)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in state:
+            state[name] = state[name] + state[name].std() * torch.randn(state[name].shape, generator=g)
+    from safetensors.torch import save_file
+    save_file(state, str(ft / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "m.yaml", [base, ft], out, selection={"non_layer": "compete"})
+    assert merge(config, tmp_path / "cache.sqlite") == 0
+    report = assert_bytes_follow_plan(out, {str(base): base, str(ft): ft})
+    source = {e["name"]: e["source"] for e in report["plan"]["entries"]}
+    assert ("lm_head.weight" in source) != tied
+    assert source["model.embed_tokens.weight"] == source["model.norm.weight"] == str(ft)
+    if not tied:
+        assert source["lm_head.weight"] == str(ft)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    if tied:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        assert torch.equal(model.lm_head.weight, state["model.embed_tokens.weight"])
+
+
+def test_cache_second_run_recomputes_nothing_and_changed_file_invalidates(tmp_path, capsys):
+    models = make_family(tmp_path, "llama")
+    config = write_config(tmp_path / "m.yaml", models, tmp_path / "out")
+    cache = tmp_path / "cache.sqlite"
+
+    def dry_run():
+        assert merge(config, cache, "--dry-run", "--json") == 0
+        return json.loads(capsys.readouterr().out)["results"][0]
+
+    first = dry_run()
+    n_matrices = 7 * 2 + 2  # 7 per block, 2 blocks, embeddings + lm_head
+    assert first["spectra_computed"] + first["spectra_reused"] == 3 * n_matrices
+    assert first["spectra_computed"] >= 2 * n_matrices  # base and ft-a share nothing but ... the non-layer ones
+    second = dry_run()
+    assert second["spectra_computed"] == 0 and second["spectra_reused"] == 3 * n_matrices
+    assert second["choices"] == first["choices"]
+    assert not (tmp_path / "out").exists()
+
+    # rewrite ft-b with one tensor changed: only that tensor's spectrum is computed again
+    build_model("llama", models[2], seed=3, base_dir=models[0], noise=0.5, noise_rank=1, layers=[0])
+    third = dry_run()
+    changed = sum(not torch.equal(a, b) for a, b in zip(tensors_of(models[2]).values(), tensors_of(models[0]).values()))
+    assert third["spectra_computed"] == 7 and changed == 7  # layer 0's seven matrices
+
+
+def test_dry_run_prints_table_and_writes_nothing(tmp_path, capsys):
+    models = make_family(tmp_path, "llama")
+    config = write_config(tmp_path / "m.yaml", models, tmp_path / "out")
+    assert main(["--config", str(config), "--no-cache", "--dry-run", "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["depth", "llama-base", "llama-ft-a", "llama-ft-b", "winner"]
+    assert [line.split()[0] for line in lines[2:5]] == ["non-layer", "0", "1"]
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out*"))
+
+
+def test_several_configs_share_one_cache(tmp_path, capsys):
+    models = make_family(tmp_path, "llama")
+    one = write_config(tmp_path / "one.yaml", models[:2], tmp_path / "out1")
+    two = write_config(tmp_path / "two.yaml", models, tmp_path / "out2")
+    assert main(["--config", str(one), str(two), "--cache", str(tmp_path / "c.sqlite"), "--quiet", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [r["written"] for r in results] == [True, True]
+    assert results[1]["spectra_reused"] >= 2 * 16  # base and ft-a were scored by the first config
+    assert (tmp_path / "out1" / "model.safetensors").is_file() and (tmp_path / "out2" / "model.safetensors").is_file()
+
+
+def test_python_api_matches_cli(tmp_path):
+    models = make_family(tmp_path, "llama")
+    config = load_config(write_config(tmp_path / "m.yaml", models, tmp_path / "out"))
+    plan = plan_merge(config, cache=MetricCache(), quiet=True)
+    assert [c.depth for c in plan.choices] == [None, 0, 1]
+    assert {e.source for e in plan.entries} <= set(plan.candidates)
+    assert not (tmp_path / "out").exists()
+
+
+def test_force_replaces_and_without_it_nothing_is_touched(tmp_path, capsys):
+    models = make_family(tmp_path, "llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    config = write_config(tmp_path / "m.yaml", models, out)
+    assert merge(config, tmp_path / "c.sqlite") == 2
+    assert (out / "old.txt").read_text() == "old"
+    assert merge(config, tmp_path / "c.sqlite", "--force") == 0
+    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("fault", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_failure_mid_write_leaves_no_output(tmp_path, monkeypatch, capsys, fault):
+    import nerd.write
+
+    models = make_family(tmp_path, "llama")
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "m.yaml", models, out, shard_size="20KB")
+    calls = []
+
+    def failing(entry, checkpoint):
+        calls.append(entry.name)
+        if len(calls) == 12:
+            raise fault
+        return real(entry, checkpoint)
+
+    real = nerd.write.entry_data
+    monkeypatch.setattr(nerd.write, "entry_data", failing)
+    code = merge(config, tmp_path / "c.sqlite")
+    assert code == (4 if isinstance(fault, OSError) else 130)
+    assert "mastermerge:" in capsys.readouterr().err
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_architecture_mismatch_lists_tensors_with_both_shapes(tmp_path, capsys):
+    a = build_model("llama", tmp_path / "a", seed=0)
+    b = build_model("llama", tmp_path / "b", seed=0, intermediate_size=96)
+    config = write_config(tmp_path / "m.yaml", [a, b], tmp_path / "out")
+    assert merge(config, tmp_path / "c.sqlite") == 3
+    err = capsys.readouterr().err.splitlines()[-1]  # earlier lines: the model builder's progress bars
+    assert err.startswith("mastermerge: error: models '") and "differ in 6 tensor(s)" in err
+    assert "model.layers.0.mlp.down_proj.weight [32, 128] vs [32, 96]" in err
+
+
+def test_pickled_bin_inputs_load_with_weights_only(tmp_path):
+    models = make_family(tmp_path, "llama")
+    for m in models[1:]:
+        torch.save(tensors_of(m), m / "pytorch_model.bin")
+        (m / "model.safetensors").unlink()
+    out = tmp_path / "out"
+    assert merge(write_config(tmp_path / "m.yaml", models, out), tmp_path / "c.sqlite") == 0
+    written = tensors_of(out)
+    report = json.loads((out / "merge_report.json").read_text())
+    for e in report["plan"]["entries"]:
+        src = models[[str(m) for m in models].index(e["source"])]
+        reference = tensors_of(src) if (src / "model.safetensors").exists() else torch.load(
+            src / "pytorch_model.bin", weights_only=True)
+        assert torch.equal(written[e["name"]], reference[e["tensor"]])
+
+
+def test_nan_candidate_block_is_not_selectable(tmp_path, capsys):
+    models = make_family(tmp_path, "llama")
+    state = tensors_of(models[1])
+    state["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    from safetensors.torch import save_file
+    save_file(state, str(models[1] / "model.safetensors"), metadata={"format": "pt"})
+    config = write_config(tmp_path / "m.yaml", models, tmp_path / "out")
+    assert merge(config, tmp_path / "c.sqlite", "--dry-run", "--json") == 0
+    depth0 = json.loads(capsys.readouterr().out)["results"][0]["choices"][1]
+    assert depth0["scores"][str(models[1])] is None and depth0["winner"] != str(models[1])
+    assert "not selectable" in depth0["note"] and str(models[1]) in depth0["note"]

@@ -1,0 +1,92 @@
+"""NER and spectra against a float64 SVD reference, and the edge cases."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nerd.spectra import GRAM_FLOOR, metrics_of, ner, spectrum_of
+
+
+def reference_ner(w: np.ndarray) -> float:
+    s = np.linalg.svd(w.astype(np.float64), compute_uv=False)
+    p = s[s > 0] / s.sum()
+    return float(-(p * np.log(p)).sum() / math.log(len(s)))
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 32), (32, 96), (256, 48), (7, 300), (2, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_ner_matches_float64_svd(shape, dtype):
+    g = torch.Generator().manual_seed(sum(shape))
+    w = torch.randn(shape, generator=g).to(dtype)
+    got = metrics_of(spectrum_of(w))["ner"]
+    assert got == pytest.approx(reference_ner(w.double().numpy()), abs=1e-9)
+
+
+def test_spectrum_matches_svd_values():
+    w = torch.randn(80, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    values = spectrum_of(w).values
+    assert len(values) == 50
+    np.testing.assert_allclose(values, np.linalg.svd(w.numpy(), compute_uv=False), rtol=1e-10)
+
+
+def test_ill_conditioned_matrix_is_still_exact():
+    # s_min / s_max = 1e-7: the Gram route cannot resolve it, the SVD fallback must
+    g = torch.Generator().manual_seed(5)
+    u, _ = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64, generator=g))
+    s = torch.logspace(0, -7, 40, dtype=torch.float64)
+    w = u[:, :40] @ torch.diag(s) @ v.T
+    assert (1e-7) ** 2 < GRAM_FLOOR
+    values = spectrum_of(w).values
+    np.testing.assert_allclose(values, s.numpy(), rtol=1e-6)
+    assert ner(values) == pytest.approx(reference_ner(w.numpy()), abs=1e-9)
+
+
+def test_rank_deficient_matrix_counts_every_singular_value():
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(64, 8, dtype=torch.float64, generator=g) @ torch.randn(8, 64, dtype=torch.float64, generator=g)
+    values = spectrum_of(w).values
+    assert len(values) == 64
+    got = ner(values)
+    assert got == pytest.approx(reference_ner(w.numpy()), abs=1e-9)
+    assert got < math.log(8) / math.log(64) + 1e-9  # at most 8 dimensions used out of 64
+
+
+def test_zero_matrix_has_no_ner():
+    spectrum = spectrum_of(torch.zeros(16, 8))
+    assert spectrum.problem == "all zero"
+    assert metrics_of(spectrum) == {"ner": None, "erank": None, "entropy": None}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_matrix_has_no_ner(bad):
+    w = torch.randn(8, 8)
+    w[3, 5] = bad
+    spectrum = spectrum_of(w)
+    assert spectrum.values is None and "NaN" in spectrum.problem
+    assert metrics_of(spectrum)["ner"] is None
+
+
+def test_one_by_n_matrix():
+    w = torch.randn(1, 50)
+    m = metrics_of(spectrum_of(w))
+    assert m["ner"] == 1.0 and m["erank"] == pytest.approx(1.0)
+    np.testing.assert_allclose(spectrum_of(w).values, [torch.linalg.norm(w.double()).item()])
+
+
+def test_very_rectangular_matrix():
+    w = torch.randn(3, 5000, generator=torch.Generator().manual_seed(1))
+    assert metrics_of(spectrum_of(w))["ner"] == pytest.approx(reference_ner(w.numpy()), abs=1e-9)
+
+
+def test_identity_has_ner_one_and_erank_k():
+    m = metrics_of(spectrum_of(torch.eye(32)))
+    assert m["ner"] == pytest.approx(1.0, abs=1e-12)
+    assert m["erank"] == pytest.approx(32.0, rel=1e-12)
+
+
+def test_rank_one_has_ner_zero():
+    w = torch.outer(torch.arange(1.0, 9.0), torch.arange(1.0, 5.0))
+    assert metrics_of(spectrum_of(w))["ner"] == pytest.approx(0.0, abs=1e-9)

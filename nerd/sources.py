@@ -40,16 +40,15 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
     """Return the local directory of a model, downloading it from the hub if needed."""
     if spec.path is not None:
         return ResolvedModel(spec=spec, path=spec.path)
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         OfflineModeIsEnabled, RepositoryNotFoundError,
                                         RevisionNotFoundError)
-    from huggingface_hub.utils import is_offline_mode
 
     revision = spec.revision or "main"
     try:
         patterns = None
-        if not is_offline_mode():
+        if not constants.HF_HUB_OFFLINE:
             try:
                 files = HfApi().list_repo_files(spec.repo_id, revision=revision)
                 patterns = weight_patterns(files, spec.ref) + SIDE_FILES
@@ -68,7 +67,7 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
     except RevisionNotFoundError:
         raise ModelError(f"model '{spec.ref}': revision '{revision}' not found on the hub") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as exc:
-        why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if is_offline_mode()
+        why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if constants.HF_HUB_OFFLINE
                else f"the hub cannot be reached and it is not in the local cache ({type(exc).__name__})")
         raise ModelError(f"model '{spec.ref}': cannot download: {why}") from None
     return ResolvedModel(spec=spec, path=folder, revision=folder.name)

@@ -50,7 +50,8 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
         patterns = None
         if not constants.HF_HUB_OFFLINE:
             try:
-                files = HfApi().list_repo_files(spec.repo_id, revision=revision)
+                info = HfApi().model_info(spec.repo_id, revision=revision)  # one request, no retries
+                files = [sibling.rfilename for sibling in info.siblings or []]
                 patterns = weight_patterns(files, spec.ref) + SIDE_FILES
             except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError):
                 raise

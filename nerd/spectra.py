@@ -2,9 +2,11 @@
 
 The fastest exact path on a CPU is the k x k Gram matrix (k = the shorter side) in float64
 followed by LAPACK's symmetric eigensolver; its eigenvalues are the squared singular values.
-The Gram route loses relative accuracy on singular values far below the largest one, so a
-matrix whose smallest eigenvalue is under GRAM_FLOOR times the largest is redone with a
-float64 SVD. On CUDA the same work runs on the GPU in float64.
+The Gram route loses relative accuracy on singular values far below the largest one (its
+eigenvalues carry an absolute error of about k * eps * lambda_max), so every Gram spectrum gets
+a worst-case bound on the NER error that error can cause; a matrix whose bound exceeds
+NER_TOLERANCE (rank-deficient or very ill-conditioned ones) is redone with a float64 SVD.
+On CUDA the same work runs on the GPU in float64.
 
 Definitions (DESIGN.md): p_i = s_i / sum s, H = -sum p_i ln p_i (nats), NER = H / ln k with k
 counting every singular value (zeros included), ERank = exp(H).
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-GRAM_FLOOR = 1e-8  # smallest/largest eigenvalue of the Gram matrix (s_min/s_max = 1e-4) below which we use SVD
+NER_TOLERANCE = 1e-9  # the largest NER error the Gram route may cause before we use an SVD instead
+EPS = float(torch.finfo(torch.float64).eps)
 
 
 @dataclass(frozen=True)
@@ -55,9 +58,28 @@ def singular_values(w: torch.Tensor) -> torch.Tensor:
     """Singular values of a finite float64 matrix, descending, via Gram + eigvalsh when accurate."""
     gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
     eigenvalues = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
-    if eigenvalues[0] == 0 or eigenvalues[-1] < GRAM_FLOOR * eigenvalues[0]:
+    if eigenvalues[0] == 0 or gram_ner_error(eigenvalues) > NER_TOLERANCE:
         return torch.linalg.svdvals(w)
     return eigenvalues.sqrt()
+
+
+def gram_ner_error(eigenvalues: torch.Tensor) -> float:
+    """Worst-case NER error of singular values taken from these Gram eigenvalues (descending).
+
+    Each eigenvalue may be off by d = k * eps * lambda_max, so s_i = sqrt(lambda_i) by
+    d / (2 s_i), or by sqrt(d) where s_i is that small; the bound sums the first-order change
+    of H = -sum p_i ln p_i over those perturbations and divides by ln k.
+    """
+    k = len(eigenvalues)
+    if k == 1:
+        return 0.0
+    d = k * EPS * eigenvalues[0]
+    s = eigenvalues.sqrt()
+    ds = torch.where(s > d.sqrt(), d / (2 * s.clamp_min(torch.finfo(s.dtype).tiny)), d.sqrt())
+    total = s.sum()
+    p = s / total
+    dp = ds / total + p * ds.sum() / total
+    return float(((torch.maximum(p, ds / total).log().abs() + 1) * dp).sum() / math.log(k))
 
 
 def entropy(values: np.ndarray) -> float:

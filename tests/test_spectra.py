@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nerd.spectra import GRAM_FLOOR, metrics_of, ner, spectrum_of
+from nerd.spectra import NER_TOLERANCE, gram_ner_error, metrics_of, ner, spectrum_of
 
 
 def reference_ner(w: np.ndarray) -> float:
@@ -38,15 +38,24 @@ def test_ill_conditioned_matrix_is_still_exact():
     v, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64, generator=g))
     s = torch.logspace(0, -7, 40, dtype=torch.float64)
     w = u[:, :40] @ torch.diag(s) @ v.T
-    assert (1e-7) ** 2 < GRAM_FLOOR
+    assert gram_ner_error(torch.linalg.eigvalsh(w.T @ w).flip(0).clamp_min(0)) > NER_TOLERANCE
     values = spectrum_of(w).values
     np.testing.assert_allclose(values, s.numpy(), rtol=1e-6)
     assert ner(values) == pytest.approx(reference_ner(w.numpy()), abs=1e-9)
 
 
+def test_square_gaussian_matrix_stays_on_the_gram_route():
+    w = torch.randn(512, 512, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    bound = gram_ner_error(torch.linalg.eigvalsh(w.T @ w).flip(0).clamp_min(0))
+    assert bound < NER_TOLERANCE
+    assert metrics_of(spectrum_of(w))["ner"] == pytest.approx(reference_ner(w.numpy()), abs=bound)
+
+
 def test_rank_deficient_matrix_counts_every_singular_value():
     g = torch.Generator().manual_seed(9)
     w = torch.randn(64, 8, dtype=torch.float64, generator=g) @ torch.randn(8, 64, dtype=torch.float64, generator=g)
+    # the Gram route alone would be off by far more than the tolerance here
+    assert gram_ner_error(torch.linalg.eigvalsh(w.T @ w).flip(0).clamp_min(0)) > NER_TOLERANCE
     values = spectrum_of(w).values
     assert len(values) == 64
     got = ner(values)

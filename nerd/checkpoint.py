@@ -40,7 +40,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return numel(self.shape) * torch.empty((), dtype=SAFETENSORS_DTYPES[self.dtype]).element_size()
+        return numel(self.shape) * SAFETENSORS_DTYPES[self.dtype].itemsize
 
     @property
     def is_matrix(self) -> bool:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except KeyboardInterrupt:
-        print("mastermerge: interrupted; nothing was written to the output directory", file=sys.stderr)
+        print("mastermerge: interrupted; the output being written was removed", file=sys.stderr)
         return 130
     except MergeError as exc:
         if args.debug:
@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     configs = [load_config(path, force=args.force) for path in args.config]
+    if args.quiet:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
     outputs: dict[Path, Path] = {}
     for config in configs:
         if not args.dry_run and config.output_dir in outputs:

@@ -40,10 +40,6 @@ class ModelSpec:
     revision: str | None = None
 
     @property
-    def is_local(self) -> bool:
-        return self.path is not None
-
-    @property
     def identity(self) -> str:
         """A key that is equal for two specs naming the same model."""
         if self.path is not None:

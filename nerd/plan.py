@@ -52,9 +52,6 @@ class Plan:
     spectra_computed: int = 0
     spectra_reused: int = 0
 
-    def winners_by_depth(self) -> dict[int, str]:
-        return {c.depth: c.winner for c in self.choices if c.depth is not None and c.group == str(c.depth)}
-
     def to_dict(self) -> dict:
         return {
             "candidates": self.candidates,

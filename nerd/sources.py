@@ -31,10 +31,6 @@ class ResolvedModel:
     path: Path
     revision: str | None = None
 
-    @property
-    def name(self) -> str:
-        return self.spec.ref
-
 
 def resolve_model(spec: ModelSpec) -> ResolvedModel:
     """Return the local directory of a model, downloading it from the hub if needed."""

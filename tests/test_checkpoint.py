@@ -51,6 +51,7 @@ def test_safetensors_preferred_over_bin(tmp_path):
     assert set(Checkpoint.open(tmp_path / "m").tensors) == set(sample())
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "pwned"
 

@@ -73,9 +73,11 @@ def test_output_dir_not_empty_needs_force(tmp_path, capsys):
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     path = write_config(tmp_path)
-    code, line = error_of(path, capsys, "--dry-run")
+    code, line = error_of(path, capsys)
     assert code == 2 and "output_dir: '" in line and "exists and is not empty (use --force" in line
     assert (out / "precious.txt").read_text() == "keep me"
+    assert main(["--config", str(path), "--no-cache", "--quiet", "--dry-run"]) == 0  # writes nothing
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
     assert load_config(path, force=True).output_dir == out.resolve()
 
 

@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    # a dry run writes nothing, so an existing output directory is no reason to refuse it
-    configs = [load_config(path, force=args.force or args.dry_run) for path in args.config]
+    configs = [load_config(path, force=args.force, writing=not args.dry_run) for path in args.config]
     if args.quiet:
         from huggingface_hub.utils import disable_progress_bars
         disable_progress_bars()

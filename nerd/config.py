@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .errors import ConfigError
@@ -75,23 +76,41 @@ class MergeConfig:
         return (self.base,) + tuple(m for m in self.models if m != self.base)
 
 
-def load_config(path: str | Path, *, force: bool = False) -> MergeConfig:
-    """Read and validate one YAML config file."""
+class StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (instead of keeping the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str) and key in keys:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
+                                                        key_node.start_mark)
+            keys.add(key) if isinstance(key, str) else None
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_config(path: str | Path, *, force: bool = False, writing: bool = True) -> MergeConfig:
+    """Read and validate one YAML config file.
+
+    force: an existing, non-empty output directory written by mastermerge may be replaced.
+    writing: False for a dry run, which writes nothing and so does not mind an existing output.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=StrictLoader)
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         reason = getattr(exc, "problem", None) or type(exc).__name__
         raise ConfigError(f"{path}: not valid YAML{at}: {reason}") from None
-    return config_from_dict(raw, base_dir=path.resolve().parent, source=path, force=force)
+    return config_from_dict(raw, base_dir=path.resolve().parent, source=path, force=force, writing=writing)
 
 
 def config_from_dict(raw: Any, *, base_dir: Path, source: Path | None = None,
-                     force: bool = False) -> MergeConfig:
+                     force: bool = False, writing: bool = True) -> MergeConfig:
     """Validate a config already parsed into Python data (what `load_config` does after YAML)."""
     where = str(source) if source else "config"
     if not isinstance(raw, dict):
@@ -121,11 +140,14 @@ def config_from_dict(raw: Any, *, base_dir: Path, source: Path | None = None,
         raise ConfigError(f"{where}: base_model: '{base.ref}' is not among the models ({listed})")
     base = models[seen[base.identity]]
 
-    output_dir = output_path(raw["output_dir"], base_dir, where, models, force)
-    selection = selection_options(raw.get("selection", {}), where)
+    output_dir = output_path(raw["output_dir"], base_dir, where, models, force, writing)
+    selection = selection_options(raw.get("selection") or {}, where)
     dtype = choice(raw.get("dtype", "keep"), DTYPES, where, "dtype")
     shard_size = size_in_bytes(raw.get("shard_size", "2GB"), where, "shard_size")
     device = choice(raw.get("device", "auto"), DEVICES, where, "device")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{where}: device: 'cuda' was asked for but torch sees no CUDA device "
+                          f"(torch {torch.__version__}); use auto or cpu")
     return MergeConfig(models=models, base=base, output_dir=output_dir, selection=selection,
                        dtype=dtype, shard_size=shard_size, device=device, source=source, raw=raw)
 
@@ -151,24 +173,26 @@ def model_spec(item: Any, base_dir: Path, where: str, key: str) -> ModelSpec:
         if "model" not in item:
             raise ConfigError(f"{where}: {key}: missing required key 'model'")
         revision = item.get("revision")
+        if isinstance(revision, (int, float)) and not isinstance(revision, bool):
+            raise ConfigError(f"{where}: {key}.revision: found the number {revision!r}; quote it "
+                              f"(revision: '{revision}') so YAML keeps it as written")
         if revision is not None and not (isinstance(revision, str) and revision.strip()):
-            raise ConfigError(f"{where}: {key}.revision: expected a branch, tag or commit, "
-                              f"found {revision!r}")
+            raise ConfigError(f"{where}: {key}.revision: expected a branch, tag or commit, found {revision!r}")
         item = item["model"]
         key = f"{key}.model"
-    if not isinstance(item, str) or not item.strip():
+    if not isinstance(item, str) or not item.strip() or "\0" in item:
         raise ConfigError(f"{where}: {key}: expected a local directory or a hub id (org/name[@revision]), "
                           f"found {item!r}")
     ref = item.strip()
     local = Path(ref).expanduser()
     local = local if local.is_absolute() else base_dir / local
-    explicit_path = ref.startswith((".", "/", "~")) or "\\" in ref
-    if local.exists() or explicit_path:
+    if looks_local(ref, local, base_dir):
         if revision is not None:
             raise ConfigError(f"{where}: {key}: '{ref}' is a local directory; 'revision' applies to hub ids only")
         if not local.is_dir():
+            hint = f"; for the hub repo, write '{ref}@main'" if HUB_ID.match(ref) else ""
             raise ConfigError(f"{where}: {key}: local model directory '{ref}' does not exist "
-                              f"(looked at {local})")
+                              f"(looked at {local}){hint}")
         if not (local / "config.json").is_file():
             raise ConfigError(f"{where}: {key}: '{ref}' has no config.json; is it a transformers model directory?")
         return ModelSpec(ref=ref, path=local.resolve())
@@ -176,14 +200,31 @@ def model_spec(item: Any, base_dir: Path, where: str, key: str) -> ModelSpec:
     if at_revision and revision is not None:
         raise ConfigError(f"{where}: {key}: revision given twice ('{ref}' and revision: {revision})")
     if not HUB_ID.match(repo_id) or (not at_revision and "@" in ref):
+        hint = f"; a hub model without an organisation is written org/name, e.g. openai-community/{ref}" \
+            if "/" not in ref and "@" not in ref else ""
         raise ConfigError(f"{where}: {key}: '{ref}' is neither an existing directory nor a hub id "
-                          f"(org/name or org/name@revision)")
-    return ModelSpec(ref=ref, repo_id=repo_id, revision=at_revision or revision)
+                          f"(org/name or org/name@revision){hint}")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ConfigError(f"{where}: {key}: '{repo_id}' is not a valid hub id: "
+                          f"{str(exc).strip().splitlines()[0]}") from None
+    revision = at_revision or revision
+    return ModelSpec(ref=f"{repo_id}@{revision}" if revision else repo_id, repo_id=repo_id, revision=revision)
+
+
+def looks_local(ref: str, local: Path, base_dir: Path) -> bool:
+    """A path that exists, is written as a path, or whose first part is a local directory."""
+    if ref.startswith((".", "/", "~")) or "\\" in ref or local.exists():
+        return True
+    return "@" not in ref and (base_dir / Path(ref).parts[0]).is_dir()
 
 
 def output_path(value: Any, base_dir: Path, where: str, models: tuple[ModelSpec, ...],
-                force: bool) -> Path:
-    if not isinstance(value, str) or not value.strip():
+                replace: bool, writing: bool) -> Path:
+    """The output directory, refused where writing it could destroy something the user has."""
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
         raise ConfigError(f"{where}: output_dir: expected a directory path, found {value!r}")
     path = Path(value).expanduser()
     path = (path if path.is_absolute() else base_dir / path).resolve()
@@ -191,11 +232,23 @@ def output_path(value: Any, base_dir: Path, where: str, models: tuple[ModelSpec,
         if spec.path is not None and (path == spec.path or spec.path in path.parents
                                       or path in spec.path.parents):
             raise ConfigError(f"{where}: output_dir: '{value}' overlaps the input model '{spec.ref}'")
+    from huggingface_hub import constants
+    hub_cache = Path(constants.HF_HUB_CACHE).expanduser().resolve()
+    if path == hub_cache or hub_cache in path.parents or path in hub_cache.parents:
+        raise ConfigError(f"{where}: output_dir: '{value}' overlaps the Hugging Face cache ({hub_cache})")
+    for name, protected in (("the current directory", Path.cwd().resolve()), ("the config file", base_dir)):
+        if path == protected or path in protected.parents:
+            raise ConfigError(f"{where}: output_dir: '{value}' would contain or replace {name}; "
+                              f"give the output a directory of its own")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{where}: output_dir: '{value}' exists and is a file, not a directory")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise ConfigError(f"{where}: output_dir: '{value}' exists and is not empty "
-                          f"(use --force to replace it)")
+    if writing and path.is_dir() and any(path.iterdir()):
+        if not replace:
+            raise ConfigError(f"{where}: output_dir: '{value}' exists and is not empty "
+                              f"(use --force to replace it)")
+        if not (path / "merge_report.json").is_file():
+            raise ConfigError(f"{where}: output_dir: '{value}' is not empty and was not written by "
+                              f"mastermerge (no merge_report.json); refusing to replace it even with --force")
     return path
 
 

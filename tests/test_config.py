@@ -54,6 +54,12 @@ CASES = [
     ({"base_model": "org/other"}, "base_model: 'org/other' is not among the models"),
     ({"base_model": None}, "missing required key 'base_model'"),
     ({"output_dir": 3}, "output_dir: expected a directory path, found 3"),
+    ({"output_dir": "a\0b"}, "output_dir: expected a directory path, found 'a\\x00b'"),
+    ({"device": "cuda"} if not __import__("torch").cuda.is_available() else {"device": "gpu"}, "device: "),
+    ({"models": [str(EXAMPLES / "tiny-base"), "org/name-"]}, "models[1]: 'org/name-' is not a valid hub id"),
+    ({"models": [str(EXAMPLES / "tiny-base"), "gpt2"]}, "is written org/name, e.g. openai-community/gpt2"),
+    ({"models": [str(EXAMPLES / "tiny-base"), {"model": "org/x", "revision": 1.0}]},
+     "models[1].revision: found the number 1.0; quote it"),
     ({"output_dir": str(EXAMPLES / "tiny-chat")}, "output_dir: '" + str(EXAMPLES / "tiny-chat") + "' overlaps the input model"),
 ]
 
@@ -78,7 +84,45 @@ def test_output_dir_not_empty_needs_force(tmp_path, capsys):
     assert (out / "precious.txt").read_text() == "keep me"
     assert main(["--config", str(path), "--no-cache", "--quiet", "--dry-run"]) == 0  # writes nothing
     assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+    # --force replaces only a previous mastermerge output, never a directory of the user's
+    code, line = error_of(path, capsys, "--force")
+    assert code == 2 and "was not written by mastermerge (no merge_report.json); refusing to replace it" in line
+    assert (out / "precious.txt").read_text() == "keep me"
+    (out / "merge_report.json").write_text("{}")
     assert load_config(path, force=True).output_dir == out.resolve()
+
+
+@pytest.mark.parametrize("output", [".", "..", "{home}"])
+def test_output_dir_never_contains_the_config_or_the_working_directory(tmp_path, capsys, monkeypatch, output):
+    monkeypatch.chdir(tmp_path)
+    path = write_config(tmp_path, output_dir=output.format(home=Path.home()))
+    code, line = error_of(path, capsys, "--force")
+    assert code == 2 and "output_dir: '" in line
+    assert "give the output a directory of its own" in line or "overlaps the Hugging Face cache" in line
+    assert path.exists()
+
+
+def test_mistyped_relative_path_is_not_taken_for_a_hub_id(tmp_path, capsys):
+    (tmp_path / "models").mkdir()
+    path = write_config(tmp_path, models=[str(EXAMPLES / "tiny-base"), "models/tiny-chta"])
+    code, line = error_of(path, capsys)
+    assert code == 2
+    assert "models[1]: local model directory 'models/tiny-chta' does not exist" in line
+    assert "for the hub repo, write 'models/tiny-chta@main'" in line
+
+
+def test_duplicate_keys_are_refused(tmp_path, capsys):
+    path = tmp_path / "dup.yaml"
+    path.write_text("models: [org/a, org/b]\nbase_model: org/a\nbase_model: org/b\noutput_dir: out\n")
+    code, line = error_of(path, capsys)
+    assert code == 2 and "key 'base_model' is given twice" in line and "line 3" in line
+
+
+def test_empty_selection_means_defaults(tmp_path):
+    config = load_config(write_config(tmp_path))
+    path = tmp_path / "merge.yaml"
+    path.write_text(path.read_text() + "selection:\n")
+    assert load_config(path).selection == config.selection
 
 
 def test_invalid_yaml_and_missing_file(tmp_path, capsys):
@@ -117,6 +161,11 @@ def test_hub_ids_and_revisions_parse(tmp_path):
     config = load_config(path)
     assert [(m.repo_id, m.revision) for m in config.models] == [("org/base", None), ("org/ft", "v1.0"),
                                                                  ("org/other", "abc123")]
+    # two revisions of one repo are two candidates with names of their own
+    path = write_config(tmp_path, models=["org/x@step1", {"model": "org/x", "revision": "step2"}],
+                        base_model={"model": "org/x", "revision": "step1"})
+    config = load_config(path)
+    assert [c.ref for c in config.candidates] == ["org/x@step1", "org/x@step2"]
 
 
 def test_no_traceback_without_debug(tmp_path):

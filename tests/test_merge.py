@@ -241,8 +241,12 @@ def test_force_replaces_and_without_it_nothing_is_touched(tmp_path, capsys):
     (out / "old.txt").write_text("old")
     config = write_config(tmp_path / "m.yaml", models, out)
     assert merge(config, tmp_path / "c.sqlite") == 2
+    assert merge(config, tmp_path / "c.sqlite", "--force") == 2  # not a mastermerge output
     assert (out / "old.txt").read_text() == "old"
-    assert merge(config, tmp_path / "c.sqlite", "--force") == 0
+    (out / "old.txt").unlink()
+    assert merge(config, tmp_path / "c.sqlite") == 0  # an empty directory is fine
+    (out / "old.txt").write_text("old")
+    assert merge(config, tmp_path / "c.sqlite", "--force") == 0  # a previous output is replaced
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 

@@ -1,8 +1,8 @@
 """The metric cache: an SQLite file that remembers every spectrum computed, keyed by content.
 
-Two tables. `tensors` maps (file, size, mtime, tensor name) to a digest of the tensor's bytes,
-so an unchanged file is not even read again; a changed file has a new size or mtime and its
-rows no longer match. `spectra` maps that digest to the float64 singular values, so identical
+Two tables. `tensors` maps (file, its size, mtime, ctime and inode, tensor name) to a digest of
+the tensor's bytes, so an unchanged file is not even read again; a changed or replaced file no
+longer matches (ctime cannot be set back by tools that restore mtimes) and is read again. `spectra` maps that digest to the float64 singular values, so identical
 tensors (frozen layers shared by fine-tunes, a copied model) are computed once, and every
 metric can be derived again without a new decomposition.
 
@@ -24,12 +24,12 @@ from .checkpoint import Checkpoint, TensorInfo, as_tensor
 from .errors import OutputError
 from .spectra import Spectrum
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tensors (
-    file TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, tensor TEXT NOT NULL,
-    digest TEXT NOT NULL, PRIMARY KEY (file, tensor));
+    file TEXT NOT NULL, stat TEXT NOT NULL, tensor TEXT NOT NULL, digest TEXT NOT NULL,
+    PRIMARY KEY (file, tensor));
 CREATE TABLE IF NOT EXISTS spectra (
     digest TEXT PRIMARY KEY, shape TEXT NOT NULL, problem TEXT, singular_values BLOB,
     created REAL NOT NULL);
@@ -55,24 +55,29 @@ class MetricCache:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise OutputError(f"{self.path}: cannot create the metric cache folder ({exc.strerror})") from None
-        self.db = sqlite3.connect(str(self.path) if self.path else ":memory:", timeout=60)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(SCHEMA)
-        row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if row is None or row[0] != SCHEMA_VERSION:
-            self.db.executescript("DELETE FROM tensors; DELETE FROM spectra;")
+        try:
+            self.db = sqlite3.connect(str(self.path) if self.path else ":memory:", timeout=60)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(META)
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None or row[0] != SCHEMA_VERSION:
+                self.db.executescript("DROP TABLE IF EXISTS tensors; DROP TABLE IF EXISTS spectra;")
+            self.db.executescript(SCHEMA)
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        self.db.commit()
+            self.db.commit()
+        except sqlite3.Error as exc:
+            raise OutputError(f"{self.path}: cannot use this file as the metric cache ({exc}); "
+                              f"delete it or pass --cache with another path") from None
 
     def spectrum(self, checkpoint: Checkpoint, name: str, compute) -> Spectrum:
         """The cached spectrum of one tensor, or `compute(tensor)` stored for next time."""
         info = checkpoint.tensors[name]
         file = str(info.file.resolve())
-        stat = os.stat(file)
+        st = os.stat(file)
+        stat = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
         row = self.db.execute(
             "SELECT s.problem, s.singular_values FROM tensors t JOIN spectra s ON s.digest = t.digest "
-            "WHERE t.file=? AND t.tensor=? AND t.size=? AND t.mtime_ns=?",
-            (file, name, stat.st_size, stat.st_mtime_ns)).fetchone()
+            "WHERE t.file=? AND t.tensor=? AND t.stat=?", (file, name, stat)).fetchone()
         if row is not None:
             self.reused += 1
             return stored_spectrum(*row)
@@ -88,8 +93,7 @@ class MetricCache:
             blob = None if result.values is None else result.values.astype("<f8").tobytes()
             self.db.execute("INSERT OR REPLACE INTO spectra VALUES (?, ?, ?, ?, ?)",
                             (key, str(list(info.shape)), result.problem, blob, time.time()))
-        self.db.execute("INSERT OR REPLACE INTO tensors VALUES (?, ?, ?, ?, ?)",
-                        (file, stat.st_size, stat.st_mtime_ns, name, key))
+        self.db.execute("INSERT OR REPLACE INTO tensors VALUES (?, ?, ?, ?)", (file, stat, name, key))
         self.db.commit()
         return result
 

@@ -78,18 +78,22 @@ def run(args: argparse.Namespace) -> int:
     results = []
     try:
         for config in configs:
-            plan = plan_merge(config, cache=cache, quiet=args.quiet)
-            if not args.json and (args.dry_run or not args.quiet):
-                print(f"{config.source}:\n{choice_table(plan)}\n")
-            if not args.dry_run:
-                write_merge(plan, config, quiet=args.quiet)
-                if not args.json:
-                    print(f"wrote {plan.output_dir}")
-            results.append(summary_of(config, plan, written=not args.dry_run))
+            try:
+                plan = plan_merge(config, cache=cache, quiet=args.quiet)
+                if not args.json and (args.dry_run or not args.quiet):
+                    print(f"{config.source}:\n{choice_table(plan)}\n")
+                if not args.dry_run:
+                    write_merge(plan, config, quiet=args.quiet)
+                    if not args.json:
+                        print(f"wrote {plan.output_dir}")
+                results.append(summary_of(config, plan, written=not args.dry_run))
+            except MergeError as exc:
+                results.append({"config": str(config.source), "error": str(exc), "exit_code": exc.exit_code})
+                raise
     finally:
         cache.close()
-    if args.json:
-        print(json.dumps({"mastermerge_version": __version__, "results": results}, indent=2))
+        if args.json:  # also after a failure: the configs that finished are reported
+            print(json.dumps({"mastermerge_version": __version__, "results": results}, indent=2))
     return 0
 
 

@@ -5,7 +5,7 @@ The Python API, stage by stage (the CLI is a thin layer over it):
     from nerd import load_config, plan_merge, write_merge, MetricCache
     config = load_config("my.yaml")
     plan = plan_merge(config, cache=MetricCache())
-    write_merge(plan)
+    write_merge(plan, config)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from tqdm import tqdm
 
 from .cache import MetricCache, default_cache_path
-from .checkpoint import Checkpoint
+from .checkpoint import FLOAT_DTYPES, Checkpoint
 from .config import MergeConfig
 from .layout import check_same_architecture, layout_of
 from .plan import Plan, PlanEntry, natural_key
@@ -52,13 +52,18 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
     choices = choices_of(layout, infos, scores, names, config.selection.granularity,
                          config.selection.non_layer)
     source_of = {t: c.winner for c in choices for t in c.tensors}
-    entries = [PlanEntry(t, source_of[t], t, CAST.get(config.dtype, infos[t].dtype), infos[t].shape)
+    entries = [PlanEntry(t, source_of[t], t, output_dtype(infos[t].dtype, config.dtype), infos[t].shape)
                for t in sorted(infos, key=lambda t: output_order(t, layout.depths[t]))]
     return Plan(candidates=names, sources={n: r.path for n, r in resolved.items()},
                 revisions={n: r.revision for n, r in resolved.items()}, base=config.base.ref,
                 output_dir=config.output_dir, shard_size=config.shard_size, entries=entries,
                 choices=choices, metrics=metrics, granularity=config.selection.granularity,
                 spectra_computed=cache.computed - computed, spectra_reused=cache.reused - reused)
+
+
+def output_dtype(dtype: str, requested: str) -> str:
+    """The requested dtype for floating-point tensors; integer and bool tensors keep theirs."""
+    return CAST[requested] if requested in CAST and dtype in FLOAT_DTYPES else dtype
 
 
 def output_order(name: str, depth: int | None) -> tuple:

@@ -48,9 +48,10 @@ def group_choice(label: str, depth: int | None, tensors: list[str], matrices: li
     if winner is None:
         winner, note = order[0], "no candidate has a score here; taken from the base"
     else:
-        unscored = [c for c in order if per_candidate[c] is None]
+        unscored = [f"{c} ({', '.join(m for m in matrices if scores[c][m] is None)})"
+                    for c in order if per_candidate[c] is None]
         if unscored and matrices:
-            note = "not selectable (NaN/Inf or all-zero matrix): " + ", ".join(unscored)
+            note = "not selectable, no NER (NaN/Inf or all-zero): " + "; ".join(unscored)
     return Choice(label, depth, per_candidate, winner, tuple(tensors), note)
 
 

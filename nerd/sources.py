@@ -49,7 +49,7 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
                 info = HfApi().model_info(spec.repo_id, revision=revision)  # one request, no retries
                 files = [sibling.rfilename for sibling in info.siblings or []]
                 patterns = weight_patterns(files, spec.ref) + SIDE_FILES
-            except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError):
+            except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError, ModelError):
                 raise
             except Exception:  # the hub is unreachable: use what the local cache holds
                 patterns = None

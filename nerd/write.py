@@ -152,7 +152,9 @@ def replace_dir(tmp: Path, out: Path) -> None:
             os.rename(old, out)
             raise
         shutil.rmtree(old, ignore_errors=True)
+    elif out.exists():  # empty, perhaps a mount point that cannot be replaced: fill it
+        for path in sorted(tmp.iterdir()):
+            os.rename(path, out / path.name)
+        tmp.rmdir()
     else:
-        if out.exists():
-            out.rmdir()
         os.rename(tmp, out)

@@ -84,3 +84,19 @@ def test_unreachable_hub_falls_back_to_the_cache(hub, tmp_path):
     run = run_cli(hub, config, tmp_path, HF_HUB_OFFLINE=None, HF_ENDPOINT="http://127.0.0.1:9")
     assert run.returncode == 3
     assert "model 'testorg/never-cached': cannot download: the hub cannot be reached" in run.stderr
+
+
+def test_two_revisions_of_one_repo_are_two_candidates(hub, tmp_path):
+    later = build_model("llama", hub["root"] / "step2", seed=7, base_dir=hub["base"], noise=0.1)
+    step1 = build_hub_cache(hub["hf_home"], "testorg/run", hub["ft"], revision="step1")
+    step2 = build_hub_cache(hub["hf_home"], "testorg/run", later, revision="step2")
+    assert step1 != step2
+    config = {"models": ["testorg/run@step1", {"model": "testorg/run", "revision": "step2"}],
+              "base_model": "testorg/run@step1", "output_dir": str(tmp_path / "out")}
+    run = run_cli(hub, config, tmp_path)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)["results"][0]
+    assert summary["candidates"] == ["testorg/run@step1", "testorg/run@step2"]
+    assert all(len(c["scores"]) == 2 for c in summary["choices"])
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert [i["revision"] for i in report["inputs"]] == [step1, step2]

@@ -311,4 +311,42 @@ def test_nan_candidate_block_is_not_selectable(tmp_path, capsys):
     assert merge(config, tmp_path / "c.sqlite", "--dry-run", "--json") == 0
     depth0 = json.loads(capsys.readouterr().out)["results"][0]["choices"][1]
     assert depth0["scores"][str(models[1])] is None and depth0["winner"] != str(models[1])
-    assert "not selectable" in depth0["note"] and str(models[1]) in depth0["note"]
+    assert depth0["note"] == (f"not selectable, no NER (NaN/Inf or all-zero): {models[1]} "
+                              f"(model.layers.0.mlp.up_proj.weight)")
+
+
+def test_dtype_conversion_leaves_integer_tensors_alone(tmp_path):
+    from safetensors.torch import save_file
+
+    models = make_family(tmp_path, "llama")[:2]
+    for m in models:
+        state = tensors_of(m)
+        state["model.position_ids"] = torch.arange(4097, dtype=torch.int64)
+        save_file(state, str(m / "model.safetensors"), metadata={"format": "pt"})
+    config = load_config(write_config(tmp_path / "m.yaml", models, tmp_path / "out", dtype="float16"))
+    plan = plan_merge(config, cache=MetricCache(), quiet=True)
+    dtypes = {e.name: e.dtype for e in plan.entries}
+    assert dtypes.pop("model.position_ids") == "I64" and set(dtypes.values()) == {"F16"}
+
+
+def test_unusable_cache_file_is_one_line(tmp_path, capsys):
+    models = make_family(tmp_path, "llama")
+    bad = tmp_path / "not-a-db.sqlite"
+    bad.write_text("hello, I am a text file, not SQLite" * 100)
+    code = merge(write_config(tmp_path / "m.yaml", models, tmp_path / "out"), bad)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 4 and err.startswith(f"mastermerge: error: {bad}: cannot use this file as the metric cache")
+    assert not (tmp_path / "out").exists()
+
+
+def test_json_summary_survives_a_failing_config(tmp_path, capsys):
+    models = make_family(tmp_path, "llama")
+    good = write_config(tmp_path / "good.yaml", models, tmp_path / "out1")
+    broken = build_model("llama", tmp_path / "other", seed=5, hidden_size=64)
+    bad = write_config(tmp_path / "bad.yaml", [models[0], broken], tmp_path / "out2")
+    code = main(["--config", str(good), str(bad), "--cache", str(tmp_path / "c.sqlite"), "--quiet", "--json"])
+    assert code == 3
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert results[0]["written"] and (tmp_path / "out1" / "model.safetensors").is_file()
+    assert results[1]["exit_code"] == 3 and "differ in" in results[1]["error"]
+    assert not (tmp_path / "out2").exists()

@@ -147,6 +147,9 @@ def test_tensor_granularity_biases_follow_their_matrix(tmp_path):
         assert choice["winner"] == max(ner, key=ner.get)
     winners = {c["winner"] for c in per_tensor}
     assert len(winners) > 1  # a real mix, not one model per block
+    block_winner = {c["depth"]: c["winner"] for c in report["plan"]["choices"] if c["group"] == str(c["depth"])}
+    norms = [n for n in source if "layernorm" in n]
+    assert norms and all(source[n] == block_winner[int(n.split(".")[2])] for n in norms)
     transformers.AutoModelForCausalLM.from_pretrained(out)
 
 
@@ -350,3 +353,18 @@ def test_json_summary_survives_a_failing_config(tmp_path, capsys):
     assert results[0]["written"] and (tmp_path / "out1" / "model.safetensors").is_file()
     assert results[1]["exit_code"] == 3 and "differ in" in results[1]["error"]
     assert not (tmp_path / "out2").exists()
+
+
+def test_ties_go_to_the_base_even_when_listed_later(tmp_path):
+    import shutil
+
+    base = build_model("llama", tmp_path / "base", seed=0)
+    twin = tmp_path / "twin"
+    shutil.copytree(base, twin)  # identical weights: every score ties
+    other = build_model("llama", tmp_path / "other", seed=1, base_dir=base, noise=0.5, noise_rank=1)
+    config = tmp_path / "m.yaml"
+    config.write_text(yaml.safe_dump({"models": [str(twin), str(other), str(base)], "base_model": str(base),
+                                      "output_dir": str(tmp_path / "out"), "selection": {"granularity": "tensor"}}))
+    plan = plan_merge(load_config(config), cache=MetricCache(), quiet=True)
+    assert plan.candidates == [str(base), str(twin), str(other)]
+    assert {c.winner for c in plan.choices} == {str(base)}

@@ -22,6 +22,7 @@ import torch
 
 NER_TOLERANCE = 1e-9  # the largest NER error the Gram route may cause before we use an SVD instead
 EPS = float(torch.finfo(torch.float64).eps)
+CHUNK_ELEMENTS = 2**23  # rows of W converted to float64 at a time (64 MB)
 
 
 @dataclass(frozen=True)
@@ -45,22 +46,33 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 def spectrum_of(matrix: torch.Tensor, device: torch.device | str = "cpu") -> Spectrum:
     """The exact singular values of a 2-D matrix (float64), or the reason there are none."""
-    w = matrix.to(device=device, dtype=torch.float64)
-    if not bool(torch.isfinite(w).all()):
+    gram = gram_matrix(matrix, device)
+    if gram is None:
         return Spectrum(None, "contains NaN or Inf")
-    values = singular_values(w).cpu().numpy()
-    if not values.any():
-        return Spectrum(values, "all zero")
-    return Spectrum(values)
-
-
-def singular_values(w: torch.Tensor) -> torch.Tensor:
-    """Singular values of a finite float64 matrix, descending, via Gram + eigvalsh when accurate."""
-    gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
     eigenvalues = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
-    if eigenvalues[0] == 0 or gram_ner_error(eigenvalues) > NER_TOLERANCE:
-        return torch.linalg.svdvals(w)
-    return eigenvalues.sqrt()
+    if eigenvalues[0] == 0:
+        return Spectrum(np.zeros(len(eigenvalues)), "all zero")
+    if gram_ner_error(eigenvalues) > NER_TOLERANCE:
+        values = torch.linalg.svdvals(matrix.to(device=device, dtype=torch.float64))
+    else:
+        values = eigenvalues.sqrt()
+    return Spectrum(values.cpu().numpy())
+
+
+def gram_matrix(matrix: torch.Tensor, device: torch.device | str) -> torch.Tensor | None:
+    """The k x k Gram matrix in float64 (W^T W for a tall W, W W^T for a wide one), or None if W
+    has a NaN or Inf. Built from slices of about CHUNK_ELEMENTS, so a large embedding is never
+    held whole in float64."""
+    w = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T
+    k = w.shape[1]
+    gram = torch.zeros((k, k), dtype=torch.float64, device=device)
+    step = max(1, CHUNK_ELEMENTS // k)
+    for start in range(0, w.shape[0], step):
+        chunk = w[start:start + step].to(device=device, dtype=torch.float64)
+        if not bool(torch.isfinite(chunk).all()):
+            return None
+        gram.addmm_(chunk.T, chunk)
+    return gram
 
 
 def gram_ner_error(eigenvalues: torch.Tensor) -> float:

@@ -99,3 +99,14 @@ def test_identity_has_ner_one_and_erank_k():
 def test_rank_one_has_ner_zero():
     w = torch.outer(torch.arange(1.0, 9.0), torch.arange(1.0, 5.0))
     assert metrics_of(spectrum_of(w))["ner"] == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300)])
+def test_gram_built_in_slices_is_exact(monkeypatch, shape):
+    import nerd.spectra
+
+    monkeypatch.setattr(nerd.spectra, "CHUNK_ELEMENTS", 7 * 40)  # 7 rows (or columns) per slice
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+    assert metrics_of(spectrum_of(w))["ner"] == pytest.approx(reference_ner(w.double().numpy()), abs=1e-9)
+    w[-1, -1] = float("nan")  # in the last slice
+    assert spectrum_of(w).problem == "contains NaN or Inf"

@@ -368,3 +368,24 @@ def test_ties_go_to_the_base_even_when_listed_later(tmp_path):
     plan = plan_merge(load_config(config), cache=MetricCache(), quiet=True)
     assert plan.candidates == [str(base), str(twin), str(other)]
     assert {c.winner for c in plan.choices} == {str(base)}
+
+
+def test_file_replaced_with_its_old_mtime_is_read_again(tmp_path, capsys):
+    import os
+    import shutil
+
+    models = make_family(tmp_path, "llama")
+    config = write_config(tmp_path / "m.yaml", models, tmp_path / "out")
+    cache = tmp_path / "cache.sqlite"
+    assert merge(config, cache, "--dry-run", "--json") == 0
+    before = json.loads(capsys.readouterr().out)["results"][0]
+    target = models[1] / "model.safetensors"
+    stat = target.stat()
+    shutil.copyfile(models[2] / "model.safetensors", target)  # same size, other weights
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as tar or rsync -t would leave it
+    assert target.stat().st_size == stat.st_size and target.stat().st_mtime_ns == stat.st_mtime_ns
+    assert merge(config, cache, "--dry-run", "--json") == 0
+    after = json.loads(capsys.readouterr().out)["results"][0]
+    depth1 = str(models[1]), str(models[2])
+    assert after["choices"][2]["scores"][depth1[0]] == after["choices"][2]["scores"][depth1[1]]
+    assert after["choices"][2]["scores"][depth1[0]] != before["choices"][2]["scores"][depth1[0]]

@@ -93,72 +93,40 @@ def tiny_config(
     if tie_word_embeddings is not None:
         extra["tie_word_embeddings"] = bool(tie_word_embeddings)
 
-    if family in ("llama", "mistral", "qwen2", "qwen3"):
-        cls = {
-            "llama": transformers.LlamaConfig,
-            "mistral": transformers.MistralConfig,
-            "qwen2": transformers.Qwen2Config,
-            "qwen3": transformers.Qwen3Config,
-        }[family]
-        kwargs = dict(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            intermediate_size=ffn,
-            num_hidden_layers=num_layers,
-            num_attention_heads=heads,
-            num_key_value_heads=2,
-            max_position_embeddings=positions,
-            pad_token_id=PAD_ID,
-            bos_token_id=BOS_ID,
-            eos_token_id=EOS_ID,
-        )
-        if family in ("mistral", "qwen3"):
-            kwargs["head_dim"] = head_dim  # Qwen3Config defaults to head_dim=128
-        if family in ("qwen2", "qwen3"):
-            kwargs["max_window_layers"] = num_layers
-            # Explicit per-layer attention types (written to config.json).
-            kwargs["layer_types"] = ["full_attention"] * num_layers
-        return cls(**kwargs, **extra)
-
-    if family == "gpt2":
+    if family == "gpt2":  # the one family with its own key names
         return transformers.GPT2Config(
-            vocab_size=vocab_size,
-            n_positions=positions,
-            n_embd=hidden_size,
-            n_layer=num_layers,
-            n_head=heads,
-            n_inner=ffn,
-            bos_token_id=BOS_ID,
-            eos_token_id=EOS_ID,
-            pad_token_id=PAD_ID,
+            vocab_size=vocab_size, n_positions=positions, n_embd=hidden_size, n_layer=num_layers,
+            n_head=heads, n_inner=ffn, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
             **extra,
         )
-
-    if family == "gpt_neox":
-        return transformers.GPTNeoXConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=heads,
-            intermediate_size=ffn,
-            max_position_embeddings=positions,
-            bos_token_id=BOS_ID,
-            eos_token_id=EOS_ID,
-            pad_token_id=PAD_ID,
-            **extra,
-        )
-
-    # bert
-    return transformers.BertConfig(
+    kwargs = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
+        intermediate_size=ffn,
         num_hidden_layers=num_layers,
         num_attention_heads=heads,
-        intermediate_size=ffn,
         max_position_embeddings=positions,
         pad_token_id=PAD_ID,
         **extra,
     )
+    if family == "bert":
+        return transformers.BertConfig(**kwargs)
+    kwargs.update(bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+    if family == "gpt_neox":
+        return transformers.GPTNeoXConfig(**kwargs)
+    kwargs["num_key_value_heads"] = 2
+    if family in ("mistral", "qwen3"):
+        kwargs["head_dim"] = head_dim  # Qwen3Config defaults to head_dim=128
+    if family in ("qwen2", "qwen3"):
+        kwargs["max_window_layers"] = num_layers
+        kwargs["layer_types"] = ["full_attention"] * num_layers  # explicit per-layer list in config.json
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+    }[family]
+    return cls(**kwargs)
 
 
 # --------------------------------------------------------------------------- tokenizer

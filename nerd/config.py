@@ -83,10 +83,12 @@ class StrictLoader(yaml.SafeLoader):
         keys = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, str) and key in keys:
+            if not isinstance(key, str):
+                continue  # check_keys reports non-string keys with their place in the config
+            if key in keys:
                 raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
                                                         key_node.start_mark)
-            keys.add(key) if isinstance(key, str) else None
+            keys.add(key)
         return super().construct_mapping(node, deep=deep)
 
 

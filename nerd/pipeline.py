@@ -11,7 +11,7 @@ The Python API, stage by stage (the CLI is a thin layer over it):
 from __future__ import annotations
 
 import re
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 
 from tqdm import tqdm
 
@@ -29,8 +29,13 @@ INPUT_EMBEDDING = re.compile(r"embed_tokens|embed_in|\bwte\b|\bwpe\b|embeddings\
 
 
 def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: bool = False) -> Plan:
-    """Resolve the candidates, score every matrix, choose, and return the plan (nothing written)."""
-    cache = cache if cache is not None else MetricCache(default_cache_path())
+    """Resolve the candidates, score every matrix, choose, and return the plan (nothing written).
+
+    Without a `cache`, the default metric cache is opened for this call and closed after it.
+    """
+    if cache is None:
+        with closing(MetricCache(default_cache_path())) as own:
+            return plan_merge(config, cache=own, quiet=quiet)
     names = [spec.ref for spec in config.candidates]
     resolved = {spec.ref: resolve_model(spec) for spec in config.candidates}
     with ExitStack() as stack:

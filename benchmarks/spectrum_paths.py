@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nerd.spectra import metrics_of, spectrum_of
+from nerd.metrics import metrics_of
+from nerd.spectra import spectrum_of
 
 
 def seconds(fn, repeat: int = 2) -> float:

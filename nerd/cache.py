@@ -1,10 +1,11 @@
-"""The metric cache: an SQLite file that remembers every spectrum computed, keyed by content.
+"""The metric cache: an SQLite file that remembers every spectrum and metric, keyed by content.
 
-Two tables. `tensors` maps (file, its size, mtime, ctime and inode, tensor name) to a digest of
+Three tables. `tensors` maps (file, its size, mtime, ctime and inode, tensor name) to a digest of
 the tensor's bytes, so an unchanged file is not even read again; a changed or replaced file no
 longer matches (ctime cannot be set back by tools that restore mtimes) and is read again. `spectra` maps that digest to the float64 singular values, so identical
 tensors (frozen layers shared by fine-tunes, a copied model) are computed once, and every
-metric can be derived again without a new decomposition.
+metric can be derived again without a new decomposition. `metrics` maps (digest, version of the
+metric definitions) to every metric of metrics.py as JSON, so a warm run recomputes nothing.
 
 Default location: $MASTERMERGE_CACHE, else $XDG_CACHE_HOME/mastermerge/metrics.sqlite, else
 ~/.cache/mastermerge/metrics.sqlite. Delete the file to clear it.
@@ -13,6 +14,7 @@ Default location: $MASTERMERGE_CACHE, else $XDG_CACHE_HOME/mastermerge/metrics.s
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import time
@@ -22,9 +24,10 @@ import numpy as np
 
 from .checkpoint import Checkpoint, TensorInfo, as_tensor
 from .errors import OutputError
+from .metrics import METRICS_VERSION, metrics_of
 from .spectra import Spectrum
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tensors (
@@ -33,6 +36,8 @@ CREATE TABLE IF NOT EXISTS tensors (
 CREATE TABLE IF NOT EXISTS spectra (
     digest TEXT PRIMARY KEY, shape TEXT NOT NULL, problem TEXT, singular_values BLOB,
     created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS metrics (
+    digest TEXT NOT NULL, version TEXT NOT NULL, metrics TEXT NOT NULL, PRIMARY KEY (digest, version));
 """
 
 
@@ -61,7 +66,7 @@ class MetricCache:
             self.db.execute(META)
             row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None or row[0] != SCHEMA_VERSION:
-                self.db.executescript("DROP TABLE IF EXISTS tensors; DROP TABLE IF EXISTS spectra;")
+                self.db.executescript("DROP TABLE IF EXISTS tensors; DROP TABLE IF EXISTS spectra; DROP TABLE IF EXISTS metrics;")
             self.db.executescript(SCHEMA)
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
             self.db.commit()
@@ -69,40 +74,77 @@ class MetricCache:
             raise OutputError(f"{self.path}: cannot use this file as the metric cache ({exc}); "
                               f"delete it or pass --cache with another path") from None
 
-    def spectrum(self, checkpoint: Checkpoint, name: str, compute) -> Spectrum:
-        """The cached spectrum of one tensor, or `compute(tensor)` stored for next time."""
-        info = checkpoint.tensors[name]
-        file = str(info.file.resolve())
-        st = os.stat(file)
-        stat = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
-        row = self.db.execute(
-            "SELECT s.problem, s.singular_values FROM tensors t JOIN spectra s ON s.digest = t.digest "
-            "WHERE t.file=? AND t.tensor=? AND t.stat=?", (file, name, stat)).fetchone()
+    def metrics(self, checkpoint: Checkpoint, name: str, compute) -> dict:
+        """Every metric of one tensor (metrics.py) and its `problem`, cached; the spectrum comes
+        from `spectrum` (so from the cache, or `compute(tensor)`)."""
+        key, data = self.digest(checkpoint, name)
+        row = self.db.execute("SELECT metrics FROM metrics WHERE digest=? AND version=?",
+                              (key, METRICS_VERSION)).fetchone()
         if row is not None:
             self.reused += 1
-            return stored_spectrum(*row)
+            if data is not None:
+                self.remember(checkpoint, name, key)
+                self.db.commit()
+            return json.loads(row[0])
+        spectrum = self.spectrum_by_digest(checkpoint, name, key, data, compute)
+        values = metrics_of(spectrum) | {"problem": spectrum.problem}
+        self.db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?)", (key, METRICS_VERSION, json.dumps(values)))
+        self.db.commit()
+        return values
+
+    def spectrum(self, checkpoint: Checkpoint, name: str, compute) -> Spectrum:
+        """The cached spectrum of one tensor, or `compute(tensor)` stored for next time."""
+        key, data = self.digest(checkpoint, name)
+        return self.spectrum_by_digest(checkpoint, name, key, data, compute)
+
+    def digest(self, checkpoint: Checkpoint, name: str) -> tuple[str, bytearray | None]:
+        """The content digest of a tensor: remembered for an unchanged file, else read and computed
+        (then the bytes read come with it, so nothing is read twice)."""
+        file, stat = file_identity(checkpoint.tensors[name])
+        row = self.db.execute("SELECT digest FROM tensors WHERE file=? AND tensor=? AND stat=?",
+                              (file, name, stat)).fetchone()
+        if row is not None:
+            return row[0], None
         data = checkpoint.read_bytes(name)
-        key = content_key(info, data)
+        return content_key(checkpoint.tensors[name], data), data
+
+    def spectrum_by_digest(self, checkpoint: Checkpoint, name: str, key: str, data: bytearray | None,
+                           compute) -> Spectrum:
+        info, read = checkpoint.tensors[name], data is not None
         row = self.db.execute("SELECT problem, singular_values FROM spectra WHERE digest=?", (key,)).fetchone()
         if row is not None:
             self.reused += 1
-            result = stored_spectrum(*row)
+            result = stored_spectrum(*row, info.shape)
         else:
             self.computed += 1
+            data = checkpoint.read_bytes(name) if data is None else data
             result = compute(as_tensor(data, info))
             blob = None if result.values is None else result.values.astype("<f8").tobytes()
             self.db.execute("INSERT OR REPLACE INTO spectra VALUES (?, ?, ?, ?, ?)",
                             (key, str(list(info.shape)), result.problem, blob, time.time()))
-        self.db.execute("INSERT OR REPLACE INTO tensors VALUES (?, ?, ?, ?)", (file, stat, name, key))
+        if read:
+            self.remember(checkpoint, name, key)
         self.db.commit()
         return result
+
+    def remember(self, checkpoint: Checkpoint, name: str, key: str) -> None:
+        """Record which digest this tensor of this (unchanged) file has."""
+        file, stat = file_identity(checkpoint.tensors[name])
+        self.db.execute("INSERT OR REPLACE INTO tensors VALUES (?, ?, ?, ?)", (file, stat, name, key))
 
     def close(self) -> None:
         self.db.close()
 
 
-def stored_spectrum(problem: str | None, blob: bytes | None) -> Spectrum:
-    return Spectrum(None if blob is None else np.frombuffer(blob, dtype="<f8").copy(), problem)
+def stored_spectrum(problem: str | None, blob: bytes | None, shape: tuple[int, ...]) -> Spectrum:
+    return Spectrum(None if blob is None else np.frombuffer(blob, dtype="<f8").copy(), tuple(shape), problem)
+
+
+def file_identity(info: TensorInfo) -> tuple[str, str]:
+    """The file's resolved path and its size, mtime, ctime and inode: any rewrite changes them."""
+    file = str(info.file.resolve())
+    st = os.stat(file)
+    return file, f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
 def content_key(info: TensorInfo, data: bytearray) -> str:

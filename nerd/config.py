@@ -7,6 +7,7 @@ file, the key and the value. Relative paths in a config are relative to the conf
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 import yaml
 
 from .errors import ConfigError
+from .metrics import METRICS
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 DTYPES = ("keep", "float32", "float16", "bfloat16")
@@ -27,7 +29,8 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 TOP_KEYS = ("models", "base_model", "output_dir", "selection", "dtype", "shard_size", "device")
-SELECTION_KEYS = ("granularity", "non_layer")
+SELECTION_KEYS = ("granularity", "non_layer", "metric", "goal", "target")
+GOALS = ("max", "min", "target")
 MODEL_KEYS = ("model", "revision")
 
 
@@ -53,8 +56,14 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Selection:
+    """How winners are chosen: by the mean of `metric` over a group's matrices, highest (max),
+    lowest (min), or closest to `target` (the mean distance |metric - target|, lowest wins)."""
+
     granularity: str = "block"
     non_layer: str = "base"
+    metric: str = "ner"
+    goal: str = "max"
+    target: float | None = None
 
 
 @dataclass(frozen=True)
@@ -258,9 +267,22 @@ def selection_options(value: Any, where: str) -> Selection:
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: selection: expected a mapping, found {type_name(value)}")
     check_keys(value, SELECTION_KEYS, where, "selection.")
+    metric = choice(value.get("metric", "ner"), tuple(METRICS), where, "selection.metric")
+    if "goal" not in value and metric != "ner":
+        raise ConfigError(f"{where}: selection.goal: required with selection.metric: {metric} "
+                          f"(max, min, or target with selection.target, e.g. goal: target, target: 2.0 for alpha)")
+    goal = choice(value.get("goal", "max"), GOALS, where, "selection.goal")
+    target = value.get("target")
+    if goal == "target":
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
+            raise ConfigError(f"{where}: selection.target: goal: target needs a finite number, found {target!r}")
+        target = float(target)
+    elif target is not None:
+        raise ConfigError(f"{where}: selection.target: only used with goal: target (goal is {goal})")
     return Selection(
         granularity=choice(value.get("granularity", "block"), GRANULARITIES, where, "selection.granularity"),
         non_layer=choice(value.get("non_layer", "base"), NON_LAYER, where, "selection.non_layer"),
+        metric=metric, goal=goal, target=target,
     )
 
 

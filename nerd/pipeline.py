@@ -22,7 +22,7 @@ from .layout import check_same_architecture, layout_of
 from .plan import Plan, PlanEntry, natural_key
 from .select import choices_of
 from .sources import resolve_model
-from .spectra import metrics_of, pick_device, spectrum_of
+from .spectra import pick_device, spectrum_of
 
 CAST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 INPUT_EMBEDDING = re.compile(r"embed_tokens|embed_in|\bwte\b|\bwpe\b|embeddings\.")
@@ -50,19 +50,16 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
         with tqdm(total=len(names) * len(matrices), desc="spectra", unit="matrix", disable=quiet) as bar:
             for name in names:
                 for tensor in matrices:
-                    spectrum = cache.spectrum(checkpoints[name], tensor, lambda w: spectrum_of(w, device))
-                    metrics[name][tensor] = metrics_of(spectrum) | {"problem": spectrum.problem}
+                    metrics[name][tensor] = cache.metrics(checkpoints[name], tensor, lambda w: spectrum_of(w, device))
                     bar.update()
-    scores = {name: {t: m["ner"] for t, m in per.items()} for name, per in metrics.items()}
-    choices = choices_of(layout, infos, scores, names, config.selection.granularity,
-                         config.selection.non_layer)
+    choices = choices_of(layout, infos, metrics, names, config.selection)
     source_of = {t: c.winner for c in choices for t in c.tensors}
     entries = [PlanEntry(t, source_of[t], t, output_dtype(infos[t].dtype, config.dtype), infos[t].shape)
                for t in sorted(infos, key=lambda t: output_order(t, layout.depths[t]))]
     return Plan(candidates=names, sources={n: r.path for n, r in resolved.items()},
                 revisions={n: r.revision for n, r in resolved.items()}, base=config.base.ref,
                 output_dir=config.output_dir, shard_size=config.shard_size, entries=entries,
-                choices=choices, metrics=metrics, granularity=config.selection.granularity,
+                choices=choices, metrics=metrics, selection=config.selection,
                 spectra_computed=cache.computed - computed, spectra_reused=cache.reused - reused)
 
 

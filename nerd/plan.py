@@ -11,6 +11,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .config import Selection
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -48,7 +50,7 @@ class Plan:
     entries: list[PlanEntry]
     choices: list[Choice]
     metrics: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
-    granularity: str = "block"
+    selection: Selection = field(default_factory=Selection)
     spectra_computed: int = 0
     spectra_reused: int = 0
 
@@ -56,7 +58,7 @@ class Plan:
         return {
             "candidates": self.candidates,
             "base": self.base,
-            "granularity": self.granularity,
+            "selection": asdict(self.selection),
             "choices": [asdict(c) | {"tensors": list(c.tensors)} for c in self.choices],
             "entries": [asdict(e) | {"shape": list(e.shape)} for e in self.entries],
         }

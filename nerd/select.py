@@ -1,30 +1,65 @@
 """Selection: which candidate supplies each part of the output, from the matrices' scores.
 
-Granularity `block` (default): a depth's score is the mean NER of its 2-D matrices and the
+A matrix's score is its selection metric (NER by default), or with `goal: target` its distance
+|metric - target|; a group's score is the mean over its matrices; the highest mean wins with
+`goal: max`, the lowest with `min` and `target`.
+
+Granularity `block` (default): a depth's score is the mean score of its 2-D matrices and the
 winner supplies every tensor of the block. Granularity `tensor`: each 2-D matrix is chosen on
 its own score; a 1-D tensor of the same module (q_proj.bias beside q_proj.weight) follows that
 matrix, the block's other tensors (norms) follow the block's mean-score winner. Non-layer
 tensors (embeddings, final norm, lm_head) are one group: taken from the base, or, with
 `non_layer: compete`, from the candidate with the best mean score over them, so tied embeddings
-stay tied. Ties go to the earlier candidate, base first. A candidate with an unscorable matrix
-(NaN/Inf or all zero) in a group cannot win that group.
+stay tied. Ties go to the earlier candidate, base first. A candidate with a matrix that has no
+score (NaN/Inf, all zero, or a metric undefined for it) in a group cannot win that group.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .checkpoint import TensorInfo
+from .config import Selection
 from .layout import Layout
 from .plan import Choice
 
 Scores = dict[str, dict[str, float | None]]  # candidate -> tensor -> score
+Metrics = dict[str, dict[str, dict]]  # candidate -> tensor -> every metric and its `problem`
 
 
-def winner_of(scores: dict[str, float | None], order: list[str]) -> str | None:
-    """The highest score; the earliest candidate in `order` wins ties; None if nobody has a score."""
+@dataclass(frozen=True)
+class Rule:
+    """What is compared and which way: `lower_wins` for goal min and target."""
+
+    metric: str
+    lower_wins: bool
+    label: str  # what a score means, for tables: "mean ner", "mean |alpha - 2|"
+
+
+def rule_of(selection: Selection) -> Rule:
+    if selection.goal == "target":
+        return Rule(selection.metric, True, f"mean |{selection.metric} - {selection.target:g}|")
+    return Rule(selection.metric, selection.goal == "min", f"mean {selection.metric}")
+
+
+def scores_of(metrics: Metrics, selection: Selection) -> Scores:
+    """Each matrix's score: its metric, or its distance to the target; None where undefined."""
+    def score(value):
+        if value is None or selection.goal != "target":
+            return value
+        return abs(value - selection.target)
+    return {c: {t: score(m[selection.metric]) for t, m in per.items()} for c, per in metrics.items()}
+
+
+def winner_of(scores: dict[str, float | None], order: list[str], lower_wins: bool = False) -> str | None:
+    """The best score (highest, or lowest if `lower_wins`); the earliest candidate in `order` wins
+    ties; None if nobody has a score."""
     best, best_score = None, None
     for candidate in order:
         score = scores.get(candidate)
-        if score is not None and (best_score is None or score > best_score):
+        if score is None:
+            continue
+        if best_score is None or (score < best_score if lower_wins else score > best_score):
             best, best_score = candidate, score
     return best
 
@@ -38,35 +73,47 @@ def group_score(scores: Scores, candidate: str, matrices: list[str]) -> float | 
 
 
 def group_choice(label: str, depth: int | None, tensors: list[str], matrices: list[str],
-                 scores: Scores, order: list[str], fixed: str | None = None) -> Choice:
+                 scores: Scores, order: list[str], rule: Rule, problems: dict[str, dict[str, str | None]],
+                 fixed: str | None = None) -> Choice:
     """Choose one candidate for a group of tensors, by mean score unless `fixed` names it."""
     per_candidate = {c: group_score(scores, c, matrices) for c in order}
     if fixed is not None:
         return Choice(label, depth, per_candidate, fixed, tuple(tensors), "taken from the base")
-    winner = winner_of(per_candidate, order)
+    winner = winner_of(per_candidate, order, rule.lower_wins)
     note = None
     if winner is None:
         winner, note = order[0], "no candidate has a score here; taken from the base"
     else:
-        unscored = [f"{c} ({', '.join(m for m in matrices if scores[c][m] is None)})"
+        unscored = [f"{c} ({'; '.join(why_unscored(m, problems[c][m], rule.metric) for m in matrices if scores[c][m] is None)})"
                     for c in order if per_candidate[c] is None]
         if unscored and matrices:
-            note = "not selectable, no NER (NaN/Inf or all-zero): " + "; ".join(unscored)
+            note = f"not selectable, no {rule.metric}: " + "; ".join(unscored)
     return Choice(label, depth, per_candidate, winner, tuple(tensors), note)
 
 
-def choices_of(layout: Layout, infos: dict[str, TensorInfo], scores: Scores, order: list[str],
-               granularity: str, non_layer: str) -> list[Choice]:
+def why_unscored(tensor: str, problem: str | None, metric: str) -> str:
+    """'model.layers.0.mlp.up_proj.weight: all zero', or '...: alpha undefined'."""
+    return f"{tensor}: {problem or metric + ' undefined'}"
+
+
+def choices_of(layout: Layout, infos: dict[str, TensorInfo], metrics: Metrics, order: list[str],
+               selection: Selection) -> list[Choice]:
     """All selection decisions, non-layer group first, then depth by depth."""
-    base = order[0]
+    base, rule = order[0], rule_of(selection)
+    scores = scores_of(metrics, selection)
+    problems = {c: {t: m.get("problem") for t, m in per.items()} for c, per in metrics.items()}
+
+    def choose(label, depth, tensors, matrices, fixed=None):
+        return group_choice(label, depth, tensors, matrices, scores, order, rule, problems, fixed)
+
     rest = layout.non_layer()
-    choices = [group_choice("non-layer", None, rest, [t for t in rest if infos[t].is_matrix], scores, order,
-                            fixed=base if non_layer == "base" else None)]
+    choices = [choose("non-layer", None, rest, [t for t in rest if infos[t].is_matrix],
+                      fixed=base if selection.non_layer == "base" else None)]
     for depth in range(layout.num_layers):
         block = layout.block(depth)
         matrices = [t for t in block if infos[t].is_matrix]
-        block_choice = group_choice(str(depth), depth, block, matrices, scores, order)
-        if granularity == "block":
+        block_choice = choose(str(depth), depth, block, matrices)
+        if selection.granularity == "block":
             choices.append(block_choice)
             continue
         followers = {t: module_matrix(t, matrices) for t in block if t not in matrices}
@@ -75,7 +122,7 @@ def choices_of(layout: Layout, infos: dict[str, TensorInfo], scores: Scores, ord
                               tuple(leftovers), block_choice.note))
         for matrix in matrices:
             own = [matrix] + [t for t, m in followers.items() if m == matrix]
-            choices.append(group_choice(matrix, depth, own, [matrix], scores, order))
+            choices.append(choose(matrix, depth, own, [matrix]))
     return choices
 
 

@@ -4,12 +4,13 @@ The fastest exact path on a CPU is the k x k Gram matrix (k = the shorter side) 
 followed by LAPACK's symmetric eigensolver; its eigenvalues are the squared singular values.
 The Gram route loses relative accuracy on singular values far below the largest one (its
 eigenvalues carry an absolute error of about k * eps * lambda_max), so every Gram spectrum gets
-a worst-case bound on the NER error that error can cause; a matrix whose bound exceeds
-NER_TOLERANCE (rank-deficient or very ill-conditioned ones) is redone with a float64 SVD.
-On CUDA the same work runs on the GPU in float64.
-
-Definitions (DESIGN.md): p_i = s_i / sum s, H = -sum p_i ln p_i (nats), NER = H / ln k with k
-counting every singular value (zeros included), ERank = exp(H).
+a worst-case bound on the NER error that error can cause, and a bound on the relative error of
+its smallest singular value; a matrix whose NER bound exceeds NER_TOLERANCE, or whose s_min is
+not known to SMIN_TOLERANCE (rank-deficient or very ill-conditioned ones), is redone with a
+float64 SVD. So every NER is exact to 1e-9, s_min to 0.1%, and a Gram spectrum is only kept
+when the matrix is certainly of full numerical rank (ranks are then exact too).
+On CUDA the same work runs on the GPU in float64. The metrics derived from a spectrum are in
+metrics.py.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ import numpy as np
 import torch
 
 NER_TOLERANCE = 1e-9  # the largest NER error the Gram route may cause before we use an SVD instead
+SMIN_TOLERANCE = 1e-3  # the largest relative error of s_min the Gram route may cause
 EPS = float(torch.finfo(torch.float64).eps)
 CHUNK_ELEMENTS = 2**23  # rows of W converted to float64 at a time (64 MB)
 
 
 @dataclass(frozen=True)
 class Spectrum:
-    """Singular values of one matrix in float64, descending, or why there are none."""
+    """Singular values of one matrix (of `shape`) in float64, descending, or why there are none."""
 
     values: np.ndarray | None
+    shape: tuple[int, ...]
     problem: str | None = None
 
     @property
@@ -46,17 +49,18 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 def spectrum_of(matrix: torch.Tensor, device: torch.device | str = "cpu") -> Spectrum:
     """The exact singular values of a 2-D matrix (float64), or the reason there are none."""
+    shape = tuple(matrix.shape)
     gram = gram_matrix(matrix, device)
     if gram is None:
-        return Spectrum(None, "contains NaN or Inf")
+        return Spectrum(None, shape, "contains NaN or Inf")
     eigenvalues = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
     if eigenvalues[0] == 0:
-        return Spectrum(np.zeros(len(eigenvalues)), "all zero")
-    if gram_ner_error(eigenvalues) > NER_TOLERANCE:
+        return Spectrum(np.zeros(len(eigenvalues)), shape, "all zero")
+    if gram_ner_error(eigenvalues) > NER_TOLERANCE or gram_smin_error(eigenvalues) > SMIN_TOLERANCE:
         values = torch.linalg.svdvals(matrix.to(device=device, dtype=torch.float64))
     else:
         values = eigenvalues.sqrt()
-    return Spectrum(values.cpu().numpy())
+    return Spectrum(values.cpu().numpy(), shape)
 
 
 def gram_matrix(matrix: torch.Tensor, device: torch.device | str) -> torch.Tensor | None:
@@ -73,6 +77,15 @@ def gram_matrix(matrix: torch.Tensor, device: torch.device | str) -> torch.Tenso
             return None
         gram.addmm_(chunk.T, chunk)
     return gram
+
+
+def gram_smin_error(eigenvalues: torch.Tensor) -> float:
+    """Worst-case relative error of the smallest singular value taken from these Gram eigenvalues
+    (descending): an eigenvalue error d = k * eps * lambda_max moves s_min by d / (2 s_min^2)
+    relatively; infinite when s_min may be zero."""
+    d = len(eigenvalues) * EPS * float(eigenvalues[0])
+    smallest = float(eigenvalues[-1])
+    return math.inf if smallest <= d else d / (2 * smallest)
 
 
 def gram_ner_error(eigenvalues: torch.Tensor) -> float:
@@ -92,23 +105,3 @@ def gram_ner_error(eigenvalues: torch.Tensor) -> float:
     p = s / total
     dp = ds / total + p * ds.sum() / total
     return float(((torch.maximum(p, ds / total).log().abs() + 1) * dp).sum() / math.log(k))
-
-
-def entropy(values: np.ndarray) -> float:
-    """Shannon entropy (nats) of the singular values normalised to sum to one."""
-    p = values[values > 0] / values.sum()
-    return float(-(p * np.log(p)).sum())
-
-
-def ner(values: np.ndarray) -> float:
-    """Normalized Effective Rank H / ln k in [0, 1]; 1.0 for a single nonzero singular value."""
-    k = len(values)
-    return 1.0 if k == 1 else entropy(values) / math.log(k)
-
-
-def metrics_of(spectrum: Spectrum) -> dict[str, float | None]:
-    """The metrics of one matrix: None where the spectrum is missing or all zero."""
-    if not spectrum.ok:
-        return {"ner": None, "erank": None, "entropy": None}
-    h = entropy(spectrum.values)
-    return {"ner": ner(spectrum.values), "erank": math.exp(h), "entropy": h}

@@ -211,8 +211,9 @@ def test_dry_run_prints_table_and_writes_nothing(tmp_path, capsys):
     config = write_config(tmp_path / "m.yaml", models, tmp_path / "out")
     assert main(["--config", str(config), "--no-cache", "--dry-run", "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split() == ["depth", "llama-base", "llama-ft-a", "llama-ft-b", "winner"]
-    assert [line.split()[0] for line in lines[2:5]] == ["non-layer", "0", "1"]
+    assert lines[1] == "scores: mean ner of each group's matrices, highest wins"
+    assert lines[2].split() == ["depth", "llama-base", "llama-ft-a", "llama-ft-b", "winner"]
+    assert [line.split()[0] for line in lines[3:6]] == ["non-layer", "0", "1"]
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out*"))
 
@@ -314,8 +315,8 @@ def test_nan_candidate_block_is_not_selectable(tmp_path, capsys):
     assert merge(config, tmp_path / "c.sqlite", "--dry-run", "--json") == 0
     depth0 = json.loads(capsys.readouterr().out)["results"][0]["choices"][1]
     assert depth0["scores"][str(models[1])] is None and depth0["winner"] != str(models[1])
-    assert depth0["note"] == (f"not selectable, no NER (NaN/Inf or all-zero): {models[1]} "
-                              f"(model.layers.0.mlp.up_proj.weight)")
+    assert depth0["note"] == (f"not selectable, no ner: {models[1]} "
+                              f"(model.layers.0.mlp.up_proj.weight: contains NaN or Inf)")
 
 
 def test_dtype_conversion_leaves_integer_tensors_alone(tmp_path):

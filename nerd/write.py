@@ -1,7 +1,7 @@
 """Execute a Plan: the composite checkpoint, written atomically and streaming.
 
 Everything is built in a temporary sibling of the output directory and renamed into place at
-the end, so an error or Ctrl-C leaves nothing half-written at the destination. Shards are
+the end (staging.py), so an error or Ctrl-C leaves nothing half-written at the destination. Shards are
 written tensor by tensor (header first, then each tensor's bytes), so memory holds one tensor
 at a time; an unconverted tensor is copied byte for byte from its source.
 """
@@ -21,7 +21,9 @@ from .checkpoint import SAFETENSORS_DTYPES, Checkpoint, numel, tensor_bytes
 from .config import MergeConfig
 from .errors import OutputError
 from .plan import Plan, PlanEntry
+from .plots import merge_heatmap
 from .report import model_card, report_of
+from .staging import staged_dir
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 NOT_COPIED = ("config.json", "README.md", "merge_report.json")
@@ -30,27 +32,15 @@ TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F6
 
 def write_merge(plan: Plan, config: MergeConfig, quiet: bool = False) -> Path:
     """Write the plan's output directory; return its path."""
-    out = plan.output_dir
-    tmp = out.parent / f".{out.name}.mastermerge-{os.getpid()}.tmp"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+    with staged_dir(plan.output_dir) as tmp:
         shards = write_shards(plan, tmp, quiet)
         write_config(plan, tmp)
         copy_side_files(plan.sources[plan.base], tmp)
-        (tmp / "README.md").write_text(model_card(plan), encoding="utf-8")
+        heatmap = merge_heatmap(plan, tmp)
+        (tmp / "README.md").write_text(model_card(plan, heatmap), encoding="utf-8")
         report = report_of(plan, config, shards)
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-        replace_dir(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"{exc.filename or out}: cannot write the output ({exc.strerror or exc})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return plan.output_dir
 
 
 def shard_groups(entries: list[PlanEntry], shard_size: int) -> list[list[PlanEntry]]:
@@ -139,22 +129,3 @@ def copy_side_files(base: Path, tmp: Path) -> None:
         if (path.is_file() and not path.name.startswith(".") and path.suffix not in WEIGHT_SUFFIXES
                 and not path.name.endswith(".index.json") and path.name not in NOT_COPIED):
             shutil.copyfile(path, tmp / path.name)
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished directory into place; an existing one (--force) is removed only after."""
-    if out.exists() and any(out.iterdir()):
-        old = out.parent / f".{out.name}.mastermerge-{os.getpid()}.old"
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    elif out.exists():  # empty, perhaps a mount point that cannot be replaced: fill it
-        for path in sorted(tmp.iterdir()):
-            os.rename(path, out / path.name)
-        tmp.rmdir()
-    else:
-        os.rename(tmp, out)

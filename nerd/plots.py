@@ -1,0 +1,153 @@
+"""Figures (PNG, matplotlib: the optional `plots` extra) for what people would rather look at.
+
+- heatmap_<metric>.png: a score by depth x candidate, with the chosen path marked (the merge's
+  winners, or for `analyze` the best candidate at each depth).
+- esd/<model>/<tensor>.png: the ESD of one matrix on log-log axes, its power-law fit (red, from
+  xmin) and the detX threshold (purple), as in weightwatcher's figure (seed 002): where the two
+  lines meet, the SETOL volume-preserving condition holds.
+- smin_histogram.png: the smallest singular value of every matrix on a log axis (seed 004's
+  rank-collapse figure), one series per model.
+
+Every function returns the file it wrote, or None when matplotlib is not installed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .plan import Plan
+from .report import short_names
+from .select import rule_of
+
+MARKED_CELLS = 400  # heatmaps with at most this many cells get their values written in
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def heatmap(path: Path, values: np.ndarray, candidates: list[str], title: str, label: str,
+            path_rows: list[int | None], lower_wins: bool = False) -> Path | None:
+    """values[candidate, depth] as colours (NaN: no score), the chosen candidate at each depth
+    (path_rows[depth], None for none) marked and joined into a path."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    rows, depths = values.shape
+    fig, ax = plt.subplots(figsize=(min(3 + 0.45 * depths, 24), 1.6 + 0.55 * rows))
+    image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", interpolation="nearest",
+                      cmap="viridis_r" if lower_wins else "viridis")
+    fig.colorbar(image, ax=ax, label=label + (" (lower wins)" if lower_wins else " (higher wins)"))
+    if rows * depths <= MARKED_CELLS:
+        finite = values[np.isfinite(values)]
+        middle = (finite.min() + finite.max()) / 2 if finite.size else 0
+        for (r, d), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                dark = (v > middle) == lower_wins
+                ax.text(d, r, f"{v:.4g}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
+    from matplotlib.patches import Rectangle
+    for d, r in enumerate(path_rows):
+        if r is not None:
+            ax.add_patch(Rectangle((d - 0.46, r - 0.46), 0.92, 0.92, fill=False, edgecolor="red", linewidth=2.2))
+    ax.set_yticks(range(rows), candidates)
+    ax.set_xticks(range(depths))
+    ax.set_xlabel("depth (layer)")
+    ax.set_title(title, fontsize=10, loc="left")
+    return save(fig, plt, path)
+
+
+def merge_heatmap(plan: Plan, directory: Path) -> str | None:
+    """heatmap_<metric>.png of a merge: each block's score per candidate, the winners marked.
+    Returns the file name, or None without matplotlib."""
+    blocks = [c for c in plan.choices if c.depth is not None and c.group == str(c.depth)]
+    if not blocks:
+        return None
+    values = np.array([[math.nan if c.scores[m] is None else c.scores[m] for c in blocks]
+                       for m in plan.candidates], dtype=float)
+    rule = rule_of(plan.selection)
+    labels = short_names(plan.candidates)
+    name = f"heatmap_{plan.selection.metric}.png"
+    title = f"{rule.label} per block; red boxes: chosen" + (
+        " (block winners; per-matrix winners in merge_report.json)" if plan.selection.granularity == "tensor" else "")
+    written = heatmap(directory / name, values, [labels[c] for c in plan.candidates], title, rule.label,
+                      [plan.candidates.index(c.winner) for c in blocks], rule.lower_wins)
+    return name if written else None
+
+
+def esd(path: Path, eigenvalues: np.ndarray, metrics: dict, title: str) -> Path | None:
+    """The ESD histogram (log-spaced bins, density) with the power-law fit and the detX line."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    lam = eigenvalues[eigenvalues > 0]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    if len(lam) > 1 and lam.max() > lam.min():
+        bins = np.logspace(math.log10(lam.min()), math.log10(lam.max()), max(10, min(100, len(lam) // 4)))
+    else:
+        bins = 10
+    ax.hist(lam, bins=bins, density=True, color="tab:blue", alpha=0.6, label="ESD")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    alpha, xmin, tail = metrics.get("alpha"), metrics.get("alpha_xmin"), metrics.get("alpha_tail")
+    if alpha is not None:
+        x = np.logspace(math.log10(xmin), math.log10(lam.max()), 50)
+        share = tail / len(lam)  # the fit describes the tail's share of the whole ESD
+        ax.plot(x, share * (alpha - 1) / xmin * (x / xmin) ** -alpha, color="red",
+                label=f"power law, alpha = {alpha:.2f}")
+        ax.axvline(xmin, color="red", linestyle="--", label=f"xmin = {xmin:.3g} (tail of {tail})")
+    if metrics.get("detx_lambda") is not None:
+        ax.axvline(metrics["detx_lambda"], color="purple", linestyle=":", linewidth=2,
+                   label=f"detX = 1 at {metrics['detx_lambda']:.3g} (tail of {metrics['detx_tail']})")
+    ax.set_xlabel("eigenvalue of W^T W (squared singular value)")
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=9, loc="left")
+    ax.legend(fontsize=7)
+    return save(fig, plt, path)
+
+
+def smin_histogram(path: Path, smallest: dict[str, list[float]]) -> Path | None:
+    """One step histogram per model of its matrices' smallest singular values, log-spaced bins;
+    exact zeros (rank collapse) are counted in the legend."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    positive = [v for values in smallest.values() for v in values if v > 0]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if positive:
+        low, high = math.log10(min(positive)), math.log10(max(positive))
+        bins = np.logspace(low - 0.1, high + 0.1, 30)
+        for model, values in smallest.items():
+            zeros = sum(v <= 0 for v in values)
+            ax.hist([v for v in values if v > 0], bins=bins, histtype="step", linewidth=1.5,
+                    label=model + (f" ({zeros} exactly zero)" if zeros else ""))
+    ax.set_xscale("log")
+    ax.set_xlabel("smallest singular value s_min of each matrix")
+    ax.set_ylabel("matrices")
+    ax.set_title("Rank collapse: s_min across matrices", fontsize=10, loc="left")
+    ax.legend(fontsize=7)
+    return save(fig, plt, path)
+
+
+def save(fig, plt, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def file_name(text: str) -> str:
+    """A name safe for a file: anything but letters, digits, '.', '-' and '_' becomes '_'."""
+    return re.sub(r"[^\w.\-]", "_", text)

@@ -1,4 +1,5 @@
-"""The command line: `mastermerge --config a.yaml [b.yaml ...]`.
+"""The command line: `mastermerge --config a.yaml [b.yaml ...]` merges, `mastermerge analyze
+MODEL [MODEL ...] --out DIR` writes every metric of every matrix (analyze.py).
 
 Every config is validated before any model is downloaded; the configs then run in order and
 share one metric cache. Exit codes: 0 success, 1 internal error (a bug: please report it),
@@ -10,16 +11,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import traceback
+from contextlib import closing
 from pathlib import Path
 
+import torch
+
 from . import __version__
+from .analyze import analysis_summary, analyze_models, summary_text, write_figures, write_tables
 from .cache import MetricCache, default_cache_path
-from .config import load_config
+from .config import DEVICES, load_config, model_spec, output_path
 from .errors import ConfigError, MergeError
 from .pipeline import plan_merge
 from .report import choice_table
+from .staging import staged_dir
 from .write import write_merge
 
 
@@ -27,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mastermerge",
         description="Merge fine-tunes layer by layer: at every depth, keep the candidate whose weight "
-                    "matrices have the highest Normalized Effective Rank.",
+                    "matrices have the highest Normalized Effective Rank (or another metric). "
+                    "Spectral diagnostics without merging: mastermerge analyze --help.",
         epilog="Exit codes: 0 ok, 1 internal error, 2 bad config/arguments, 3 bad or unreachable model, "
                "4 output not writable, 130 interrupted.")
     p.add_argument("--config", nargs="+", required=True, metavar="YAML", type=Path,
@@ -37,18 +45,46 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no table (errors still shown)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    common_options(p)
+    return p
+
+
+def analyze_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mastermerge analyze",
+        description="Every metric of every weight matrix (NER, alpha, detX, rank collapse, ...): "
+                    "metrics.csv, metrics.json, figures and a per-model summary.",
+        epilog="Exit codes as for the merge: 0 ok, 2 bad arguments, 3 bad or unreachable model, 4 output not writable.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="local model directories or hub ids org/name[@revision]")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the tables and figures")
+    p.add_argument("--force", action="store_true", help="replace an earlier analysis in --out")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where spectra are computed (default auto)")
+    p.add_argument("--esd", metavar="REGEX", default=".",
+                   help="ESD figures only for matrices whose name matches (default: every matrix)")
+    p.add_argument("--no-plots", action="store_true", help="tables only, no figures")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no summary (errors still shown)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    common_options(p)
+    return p
+
+
+def common_options(p: argparse.ArgumentParser) -> None:
     cache = p.add_mutually_exclusive_group()
     cache.add_argument("--cache", type=Path, metavar="FILE",
                        help=f"metric cache (SQLite); default {default_cache_path()}")
     cache.add_argument("--no-cache", action="store_true", help="keep spectra in memory only")
     p.add_argument("--version", action="version", version=f"mastermerge {__version__}")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["analyze"]:
+        args, action = analyze_parser().parse_args(argv[1:]), run_analyze
+    else:
+        args, action = parser().parse_args(argv), run
     try:
-        return run(args)
+        return action(args)
     except KeyboardInterrupt:
         print("mastermerge: interrupted; the output being written was removed", file=sys.stderr)
         return 130
@@ -94,6 +130,45 @@ def run(args: argparse.Namespace) -> int:
         cache.close()
         if args.json:  # also after a failure: the configs that finished are reported
             print(json.dumps({"mastermerge_version": __version__, "results": results}, indent=2))
+    return 0
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    where = "analyze"
+    specs = [model_spec(item, Path.cwd(), where, f"MODEL {i + 1}") for i, item in enumerate(args.models)]
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        if spec.identity in seen:
+            raise ConfigError(f"{where}: MODEL {i + 1}: '{spec.ref}' repeats MODEL {seen[spec.identity] + 1}")
+        seen[spec.identity] = i
+    out = output_path(args.out, Path.cwd(), where, tuple(specs), args.force, True, marker="metrics.json", key="--out")
+    try:
+        pattern = None if args.no_plots else re.compile(args.esd)
+    except re.error as exc:
+        raise ConfigError(f"{where}: --esd: '{args.esd}' is not a valid regular expression ({exc})") from None
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{where}: --device: 'cuda' was asked for but torch sees no CUDA device")
+    if args.quiet:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    with closing(MetricCache(None if args.no_cache else args.cache or default_cache_path())) as cache:
+        analysis = analyze_models(specs, cache, args.device, args.quiet)
+    summary = analysis_summary(analysis)
+    figures = []
+    with staged_dir(out) as tmp:
+        write_tables(analysis, summary, tmp)
+        if not args.no_plots:
+            figures = write_figures(analysis, tmp, pattern, args.quiet)
+    if args.json:
+        print(json.dumps({"mastermerge_version": __version__, "out": str(out), "summary": summary,
+                          "figures": [str(out / f.relative_to(tmp)) for f in figures],
+                          "spectra_computed": analysis.spectra_computed,
+                          "spectra_reused": analysis.spectra_reused}, indent=2))
+    elif not args.quiet:
+        print(summary_text(analysis, summary))
+        if not args.no_plots and not figures:
+            print("no figures: matplotlib is not installed (pip install 'mastermerge[plots]')", file=sys.stderr)
+        print(f"\nwrote {out}: metrics.csv, metrics.json" + (f" and {len(figures)} figures" if figures else ""))
     return 0
 
 

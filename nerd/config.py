@@ -233,33 +233,34 @@ def looks_local(ref: str, local: Path, base_dir: Path) -> bool:
 
 
 def output_path(value: Any, base_dir: Path, where: str, models: tuple[ModelSpec, ...],
-                replace: bool, writing: bool) -> Path:
-    """The output directory, refused where writing it could destroy something the user has."""
+                replace: bool, writing: bool, marker: str = "merge_report.json", key: str = "output_dir") -> Path:
+    """The output directory, refused where writing it could destroy something the user has; with
+    `replace` (--force) a non-empty one is accepted only if it holds `marker` (our own output)."""
     if not isinstance(value, str) or not value.strip() or "\0" in value:
-        raise ConfigError(f"{where}: output_dir: expected a directory path, found {value!r}")
+        raise ConfigError(f"{where}: {key}: expected a directory path, found {value!r}")
     path = Path(value).expanduser()
     path = (path if path.is_absolute() else base_dir / path).resolve()
     for spec in models:
         if spec.path is not None and (path == spec.path or spec.path in path.parents
                                       or path in spec.path.parents):
-            raise ConfigError(f"{where}: output_dir: '{value}' overlaps the input model '{spec.ref}'")
+            raise ConfigError(f"{where}: {key}: '{value}' overlaps the input model '{spec.ref}'")
     from huggingface_hub import constants
     hub_cache = Path(constants.HF_HUB_CACHE).expanduser().resolve()
     if path == hub_cache or hub_cache in path.parents or path in hub_cache.parents:
-        raise ConfigError(f"{where}: output_dir: '{value}' overlaps the Hugging Face cache ({hub_cache})")
+        raise ConfigError(f"{where}: {key}: '{value}' overlaps the Hugging Face cache ({hub_cache})")
     for name, protected in (("the current directory", Path.cwd().resolve()), ("the config file", base_dir)):
         if path == protected or path in protected.parents:
-            raise ConfigError(f"{where}: output_dir: '{value}' would contain or replace {name}; "
+            raise ConfigError(f"{where}: {key}: '{value}' would contain or replace {name}; "
                               f"give the output a directory of its own")
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"{where}: output_dir: '{value}' exists and is a file, not a directory")
+        raise ConfigError(f"{where}: {key}: '{value}' exists and is a file, not a directory")
     if writing and path.is_dir() and any(path.iterdir()):
         if not replace:
-            raise ConfigError(f"{where}: output_dir: '{value}' exists and is not empty "
+            raise ConfigError(f"{where}: {key}: '{value}' exists and is not empty "
                               f"(use --force to replace it)")
-        if not (path / "merge_report.json").is_file():
-            raise ConfigError(f"{where}: output_dir: '{value}' is not empty and was not written by "
-                              f"mastermerge (no merge_report.json); refusing to replace it even with --force")
+        if not (path / marker).is_file():
+            raise ConfigError(f"{where}: {key}: '{value}' is not empty and was not written by "
+                              f"mastermerge (no {marker}); refusing to replace it even with --force")
     return path
 
 

@@ -8,7 +8,9 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
+import powerlaw
 import pytest
 from safetensors import safe_open
 
@@ -17,8 +19,6 @@ from nerd.cli import main
 from nerd.metrics import METRICS
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
-plt = pytest.importorskip("matplotlib.pyplot")
-powerlaw = pytest.importorskip("powerlaw")
 
 
 def matrices_of(directory: Path) -> dict[str, np.ndarray]:

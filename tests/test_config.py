@@ -61,6 +61,15 @@ CASES = [
     ({"models": [str(EXAMPLES / "tiny-base"), {"model": "org/x", "revision": 1.0}]},
      "models[1].revision: found the number 1.0; quote it"),
     ({"output_dir": str(EXAMPLES / "tiny-chat")}, "output_dir: '" + str(EXAMPLES / "tiny-chat") + "' overlaps the input model"),
+    ({"selection": {"metric": "alfa", "goal": "max"}}, "selection.metric: expected one of ner, erank, "),
+    ({"selection": {"metric": "alfa", "goal": "max"}}, "found 'alfa'; did you mean 'alpha'?"),
+    ({"selection": {"metric": "alpha"}}, "selection.goal: required with selection.metric: alpha"),
+    ({"selection": {"metric": "alpha", "goal": "closest"}}, "selection.goal: expected one of max, min, target"),
+    ({"selection": {"metric": "alpha", "goal": "target"}}, "selection.target: goal: target needs a finite number, found None"),
+    ({"selection": {"metric": "alpha", "goal": "target", "target": "two"}}, "needs a finite number, found 'two'"),
+    ({"selection": {"metric": "alpha", "goal": "target", "target": float("nan")}}, "needs a finite number, found nan"),
+    ({"selection": {"goal": "min", "target": 2}}, "selection.target: only used with goal: target (goal is min)"),
+    ({"metric": "alpha"}, "metric: unknown key; did you mean 'selection.metric'?"),
 ]
 
 
@@ -116,6 +125,13 @@ def test_duplicate_keys_are_refused(tmp_path, capsys):
     path.write_text("models: [org/a, org/b]\nbase_model: org/a\nbase_model: org/b\noutput_dir: out\n")
     code, line = error_of(path, capsys)
     assert code == 2 and "key 'base_model' is given twice" in line and "line 3" in line
+
+
+def test_selection_by_metric_parses(tmp_path):
+    config = load_config(write_config(tmp_path, selection={"metric": "alpha", "goal": "target", "target": 2}))
+    assert (config.selection.metric, config.selection.goal, config.selection.target) == ("alpha", "target", 2.0)
+    config = load_config(write_config(tmp_path, selection={"metric": "stable_rank", "goal": "min"}))
+    assert (config.selection.goal, config.selection.target) == ("min", None)
 
 
 def test_empty_selection_means_defaults(tmp_path):

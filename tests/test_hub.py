@@ -100,3 +100,19 @@ def test_two_revisions_of_one_repo_are_two_candidates(hub, tmp_path):
     assert all(len(c["scores"]) == 2 for c in summary["choices"])
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert [i["revision"] for i in report["inputs"]] == [step1, step2]
+
+
+def test_analyze_from_offline_hub_cache(hub, tmp_path):
+    out = tmp_path / "analysis"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(hub["hf_home"]), HF_HUB_OFFLINE="1", MASTERMERGE_CACHE=str(tmp_path / "c.sqlite"))
+    run = subprocess.run([sys.executable, str(REPO / "mastermerge.py"), "analyze", "testorg/tiny-base",
+                          "testorg/tiny-ft@v1", "--out", str(out), "--json", "--quiet", "--no-plots"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert list(result["summary"]) == ["testorg/tiny-base", "testorg/tiny-ft@v1"]
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert {r["model"] for r in rows} == {"testorg/tiny-base", "testorg/tiny-ft@v1"}
+    assert result["spectra_computed"] + result["spectra_reused"] == len(rows) > 0
+    assert result["spectra_computed"] > len(rows) / 2  # identical tensors of the two are computed once

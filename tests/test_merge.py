@@ -390,3 +390,47 @@ def test_file_replaced_with_its_old_mtime_is_read_again(tmp_path, capsys):
     depth1 = str(models[1]), str(models[2])
     assert after["choices"][2]["scores"][depth1[0]] == after["choices"][2]["scores"][depth1[1]]
     assert after["choices"][2]["scores"][depth1[0]] != before["choices"][2]["scores"][depth1[0]]
+
+
+def independent_metric(w: np.ndarray, metric: str) -> float:
+    """alpha from the powerlaw package, stable rank from numpy, on a float64 SVD of our own."""
+    lam = np.linalg.svd(w, compute_uv=False) ** 2
+    if metric == "stable_rank":
+        return float(lam.sum() / lam.max())
+    import contextlib
+    import io
+
+    import powerlaw
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return float(powerlaw.Fit(lam, verbose=False).alpha)
+
+
+@pytest.mark.parametrize("selection", [{"metric": "alpha", "goal": "target", "target": 2.0},
+                                       {"metric": "stable_rank", "goal": "min"},
+                                       {"metric": "stable_rank", "goal": "max", "granularity": "tensor"}])
+def test_selection_by_any_metric(tmp_path, selection):
+    models = make_family(tmp_path, "llama")
+    out = tmp_path / "out"
+    assert merge(write_config(tmp_path / "m.yaml", models, out, selection=selection), tmp_path / "c.sqlite") == 0
+    report = assert_bytes_follow_plan(out, {str(m): m for m in models})
+    assert report["selection"]["metric"] == selection["metric"]
+    inputs = {str(m): {k: v.double().numpy() for k, v in tensors_of(m).items() if v.dim() == 2} for m in models}
+    metric, goal, target = selection["metric"], selection["goal"], selection.get("target")
+    checked = 0
+    for choice in report["plan"]["choices"]:
+        if choice["depth"] is None:
+            continue
+        group = [t for t in choice["tensors"] if t in inputs[str(models[0])]] if choice["group"] != str(choice["depth"]) \
+            else [t for t in inputs[str(models[0])] if t.startswith(f"model.layers.{choice['depth']}.")]
+        expected = {}
+        for m in map(str, models):
+            values = [independent_metric(inputs[m][t], metric) for t in group]
+            expected[m] = float(np.mean([abs(v - target) if goal == "target" else v for v in values]))
+            assert choice["scores"][m] == pytest.approx(expected[m], rel=1e-6)
+        best = (min if goal != "max" else max)(expected.values())
+        assert choice["winner"] == next(m for m in map(str, models) if expected[m] == best)
+        checked += 1
+    assert checked >= 2
+    card = (out / "README.md").read_text()
+    assert f"heatmap_{metric}.png" in card and (out / f"heatmap_{metric}.png").stat().st_size > 10_000
+    assert ("lowest wins" if goal != "max" else "highest wins") in card

@@ -6,13 +6,13 @@ import io
 import math
 
 import numpy as np
+import powerlaw
 import pytest
 import torch
 
 from nerd.metrics import METRICS, detx, metrics_of, power_law_fit
 from nerd.spectra import Spectrum, spectrum_of
 
-powerlaw = pytest.importorskip("powerlaw")
 
 
 def reference_fit(eigenvalues: np.ndarray):

@@ -44,7 +44,7 @@ def analyzed(tmp_path_factory):
     models = [EXAMPLES / "tiny-base", EXAMPLES / "tiny-chat", qwen3]
     out = root / "out"
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        assert analyze(*models, "--out", out, "--cache", root / "c.sqlite") == 0
+        assert analyze(*models, "--out", out, "--cache", root / "c.sqlite", "--esd", r"layers\.1\.|embed") == 0
     return {"root": root, "models": models, "out": out, "printed": printed.getvalue()}
 
 
@@ -100,8 +100,10 @@ def test_figures_are_real_pngs(analyzed):
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
         assert image[..., :3].std() > 0.05  # not blank
     esd = sorted((out / "esd").rglob("*.png"))
-    assert len(esd) == sum(len(matrices_of(m)) for m in analyzed["models"])
-    assert (out / "esd" / "qwen3-tiny" / "model.layers.0.mlp.up_proj.weight.png") in esd
+    chosen = [(m.name, t) for m in analyzed["models"] for t in matrices_of(m)
+              if t.startswith("model.layers.1.") or "embed" in t]
+    assert sorted(esd) == sorted(out / "esd" / m / f"{t}.png" for m, t in chosen)
+    assert (out / "esd" / "qwen3-tiny" / "model.layers.1.mlp.up_proj.weight.png") in esd
     assert plt.imread(esd[0]).shape[0] > 200
 
 

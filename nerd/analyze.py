@@ -42,7 +42,7 @@ class Analysis:
     paths: dict[str, Path]
     revisions: dict[str, str | None]
     rows: list[dict] = field(default_factory=list)
-    spectra: dict[tuple[str, str], np.ndarray | None] = field(default_factory=dict)
+    spectra: dict[tuple[str, str], np.ndarray | None] = field(default_factory=dict)  # (model, tensor)
     same_layout: bool = True
     spectra_computed: int = 0
     spectra_reused: int = 0
@@ -52,8 +52,9 @@ class Analysis:
 
 
 def analyze_models(specs: list[ModelSpec], cache: MetricCache, device: str = "auto",
-                   quiet: bool = False) -> Analysis:
-    """Resolve the models and compute every metric of every matrix (cached)."""
+                   quiet: bool = False, esd: re.Pattern | None = None) -> Analysis:
+    """Resolve the models and compute every metric of every matrix (cached); the singular values
+    of the matrices whose names match `esd` are kept for their figures."""
     resolved = {spec.ref: resolve_model(spec) for spec in specs}
     names = list(resolved)
     analysis = Analysis(names, {n: r.path for n, r in resolved.items()},
@@ -74,7 +75,8 @@ def analyze_models(specs: list[ModelSpec], cache: MetricCache, device: str = "au
                         continue
                     compute = lambda w: spectrum_of(w, run_on)  # noqa: E731
                     metrics = cache.metrics(checkpoint, tensor, compute)
-                    analysis.spectra[(name, tensor)] = cache.spectrum(checkpoint, tensor, compute).values
+                    if esd is not None and esd.search(tensor):
+                        analysis.spectra[(name, tensor)] = cache.spectrum(checkpoint, tensor, compute).values
                     analysis.rows.append({"model": name, "tensor": tensor, "depth": depths[tensor],
                                           "shape": list(info.shape), **metrics})
                     bar.update()
@@ -148,7 +150,7 @@ def write_tables(analysis: Analysis, summary: dict, out: Path) -> None:
         "summary": summary,
         "rows": analysis.rows,
     }
-    (out / "metrics.json").write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    (out / "metrics.json").write_text(json.dumps(document, indent=1, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def csv_cell(value) -> str:
@@ -157,19 +159,18 @@ def csv_cell(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def write_figures(analysis: Analysis, out: Path, esd_pattern: re.Pattern | None, quiet: bool) -> list[Path]:
-    """heatmap_ner.png (one column per depth), smin_histogram.png and esd/<model>/<tensor>.png;
-    empty without matplotlib."""
+def write_figures(analysis: Analysis, out: Path, quiet: bool) -> list[Path]:
+    """heatmap_ner.png (one column per depth), smin_histogram.png, and esd/<model>/<tensor>.png
+    for the matrices whose spectra were kept; empty without matplotlib."""
     labels = short_names(analysis.models)
     written = [ner_heatmap(analysis, out, labels),
                plots.smin_histogram(out / "smin_histogram.png",
-                                    {labels[m]: [r["s_min"] if r["s_min"] is not None else 0.0
-                                                 for r in analysis.rows_of(m)] for m in analysis.models})]
-    chosen = [r for r in analysis.rows if esd_pattern is not None and esd_pattern.search(r["tensor"])]
+                                    {labels[m]: [r["s_min"] for r in analysis.rows_of(m) if r["s_min"] is not None]
+                                     for m in analysis.models})]
+    chosen = [r for r in analysis.rows if analysis.spectra.get((r["model"], r["tensor"])) is not None
+              and not r["problem"]]
     for row in tqdm(chosen, desc="ESD figures", unit="figure", disable=quiet or not chosen):
         values = analysis.spectra[(row["model"], row["tensor"])]
-        if values is None or row["problem"]:
-            continue
         title = (f"{labels[row['model']]}: {row['tensor']} {row['shape'][0]}x{row['shape'][1]}\n"
                  f"alpha {fmt(row['alpha'])}, KS {fmt(row['alpha_ks'])}, detX tail {row['detx_tail']}, "
                  f"NER {row['ner']:.4f}")

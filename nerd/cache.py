@@ -6,6 +6,8 @@ longer matches (ctime cannot be set back by tools that restore mtimes) and is re
 tensors (frozen layers shared by fine-tunes, a copied model) are computed once, and every
 metric can be derived again without a new decomposition. `metrics` maps (digest, version of the
 metric definitions) to every metric of metrics.py as JSON, so a warm run recomputes nothing.
+Both carry a version (spectra.SPECTRUM_VERSION, metrics.METRICS_VERSION, the latter a digest of
+metrics.py): rows of another version are deleted when the cache is opened and recomputed on use.
 
 Default location: $MASTERMERGE_CACHE, else $XDG_CACHE_HOME/mastermerge/metrics.sqlite, else
 ~/.cache/mastermerge/metrics.sqlite. Delete the file to clear it.
@@ -24,18 +26,18 @@ import numpy as np
 
 from .checkpoint import Checkpoint, TensorInfo, as_tensor
 from .errors import OutputError
-from .metrics import METRICS_VERSION, metrics_of
-from .spectra import Spectrum
+from .metrics import METRICS, METRICS_VERSION, metrics_of
+from .spectra import SPECTRUM_VERSION, Spectrum
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tensors (
     file TEXT NOT NULL, stat TEXT NOT NULL, tensor TEXT NOT NULL, digest TEXT NOT NULL,
     PRIMARY KEY (file, tensor));
 CREATE TABLE IF NOT EXISTS spectra (
-    digest TEXT PRIMARY KEY, shape TEXT NOT NULL, problem TEXT, singular_values BLOB,
-    created REAL NOT NULL);
+    digest TEXT NOT NULL, version TEXT NOT NULL, shape TEXT NOT NULL, problem TEXT, singular_values BLOB,
+    created REAL NOT NULL, PRIMARY KEY (digest, version));
 CREATE TABLE IF NOT EXISTS metrics (
     digest TEXT NOT NULL, version TEXT NOT NULL, metrics TEXT NOT NULL, PRIMARY KEY (digest, version));
 """
@@ -69,6 +71,8 @@ class MetricCache:
                 self.db.executescript("DROP TABLE IF EXISTS tensors; DROP TABLE IF EXISTS spectra; DROP TABLE IF EXISTS metrics;")
             self.db.executescript(SCHEMA)
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            self.db.execute("DELETE FROM spectra WHERE version != ?", (SPECTRUM_VERSION,))
+            self.db.execute("DELETE FROM metrics WHERE version != ?", (METRICS_VERSION,))
             self.db.commit()
         except sqlite3.Error as exc:
             raise OutputError(f"{self.path}: cannot use this file as the metric cache ({exc}); "
@@ -80,15 +84,17 @@ class MetricCache:
         key, data = self.digest(checkpoint, name)
         row = self.db.execute("SELECT metrics FROM metrics WHERE digest=? AND version=?",
                               (key, METRICS_VERSION)).fetchone()
-        if row is not None:
+        cached = json.loads(row[0]) if row is not None else None
+        if cached is not None and set(cached) == set(METRICS) | {"problem"}:
             self.reused += 1
             if data is not None:
                 self.remember(checkpoint, name, key)
                 self.db.commit()
-            return json.loads(row[0])
+            return cached
         spectrum = self.spectrum_by_digest(checkpoint, name, key, data, compute)
         values = metrics_of(spectrum) | {"problem": spectrum.problem}
-        self.db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?)", (key, METRICS_VERSION, json.dumps(values)))
+        self.db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?)",
+                        (key, METRICS_VERSION, json.dumps(values, allow_nan=False)))
         self.db.commit()
         return values
 
@@ -111,7 +117,8 @@ class MetricCache:
     def spectrum_by_digest(self, checkpoint: Checkpoint, name: str, key: str, data: bytearray | None,
                            compute) -> Spectrum:
         info, read = checkpoint.tensors[name], data is not None
-        row = self.db.execute("SELECT problem, singular_values FROM spectra WHERE digest=?", (key,)).fetchone()
+        row = self.db.execute("SELECT problem, singular_values FROM spectra WHERE digest=? AND version=?",
+                              (key, SPECTRUM_VERSION)).fetchone()
         if row is not None:
             self.reused += 1
             result = stored_spectrum(*row, info.shape)
@@ -120,8 +127,8 @@ class MetricCache:
             data = checkpoint.read_bytes(name) if data is None else data
             result = compute(as_tensor(data, info))
             blob = None if result.values is None else result.values.astype("<f8").tobytes()
-            self.db.execute("INSERT OR REPLACE INTO spectra VALUES (?, ?, ?, ?, ?)",
-                            (key, str(list(info.shape)), result.problem, blob, time.time()))
+            self.db.execute("INSERT OR REPLACE INTO spectra VALUES (?, ?, ?, ?, ?, ?)",
+                            (key, SPECTRUM_VERSION, str(list(info.shape)), result.problem, blob, time.time()))
         if read:
             self.remember(checkpoint, name, key)
         self.db.commit()

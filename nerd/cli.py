@@ -59,8 +59,9 @@ def analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the tables and figures")
     p.add_argument("--force", action="store_true", help="replace an earlier analysis in --out")
     p.add_argument("--device", choices=DEVICES, default="auto", help="where spectra are computed (default auto)")
-    p.add_argument("--esd", metavar="REGEX", default=".",
-                   help="ESD figures only for matrices whose name matches (default: every matrix)")
+    p.add_argument("--esd", metavar="REGEX",
+                   help="also draw the ESD of every matrix whose name matches, e.g. 'layers\\.0\\.' or '.' for all "
+                        "(about 0.15 s per figure; default: none)")
     p.add_argument("--no-plots", action="store_true", help="tables only, no figures")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no summary (errors still shown)")
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["analyze"]:
         args, action = analyze_parser().parse_args(argv[1:]), run_analyze
+    elif "analyze" in argv:
+        parser().error("'analyze' must come first: mastermerge analyze MODEL [MODEL ...] --out DIR [options]")
     else:
         args, action = parser().parse_args(argv), run
     try:
@@ -135,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_analyze(args: argparse.Namespace) -> int:
     where = "analyze"
-    specs = [model_spec(item, Path.cwd(), where, f"MODEL {i + 1}") for i, item in enumerate(args.models)]
+    specs = [model_spec(item, Path.cwd(), where, f"MODEL {i + 1}", require_config=False)
+             for i, item in enumerate(args.models)]
     seen: dict[str, int] = {}
     for i, spec in enumerate(specs):
         if spec.identity in seen:
@@ -143,7 +147,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         seen[spec.identity] = i
     out = output_path(args.out, Path.cwd(), where, tuple(specs), args.force, True, marker="metrics.json", key="--out")
     try:
-        pattern = None if args.no_plots else re.compile(args.esd)
+        pattern = None if args.no_plots or args.esd is None else re.compile(args.esd)
     except re.error as exc:
         raise ConfigError(f"{where}: --esd: '{args.esd}' is not a valid regular expression ({exc})") from None
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -152,13 +156,13 @@ def run_analyze(args: argparse.Namespace) -> int:
         from huggingface_hub.utils import disable_progress_bars
         disable_progress_bars()
     with closing(MetricCache(None if args.no_cache else args.cache or default_cache_path())) as cache:
-        analysis = analyze_models(specs, cache, args.device, args.quiet)
+        analysis = analyze_models(specs, cache, args.device, args.quiet, esd=pattern)
     summary = analysis_summary(analysis)
     figures = []
     with staged_dir(out) as tmp:
         write_tables(analysis, summary, tmp)
         if not args.no_plots:
-            figures = write_figures(analysis, tmp, pattern, args.quiet)
+            figures = write_figures(analysis, tmp, args.quiet)
     if args.json:
         print(json.dumps({"mastermerge_version": __version__, "out": str(out), "summary": summary,
                           "figures": [str(out / f.relative_to(tmp)) for f in figures],

@@ -176,8 +176,9 @@ def check_keys(mapping: dict, allowed: tuple[str, ...], where: str, prefix: str)
             raise ConfigError(f"{where}: {prefix}{key}: unknown key{hint}")
 
 
-def model_spec(item: Any, base_dir: Path, where: str, key: str) -> ModelSpec:
-    """Parse one model entry: 'dir', 'org/name', 'org/name@rev' or {model: ..., revision: ...}."""
+def model_spec(item: Any, base_dir: Path, where: str, key: str, require_config: bool = True) -> ModelSpec:
+    """Parse one model entry: 'dir', 'org/name', 'org/name@rev' or {model: ..., revision: ...}.
+    A local directory must hold a config.json unless `require_config` is False (analysis only)."""
     revision = None
     if isinstance(item, dict):
         check_keys(item, MODEL_KEYS, where, f"{key}.")
@@ -204,7 +205,7 @@ def model_spec(item: Any, base_dir: Path, where: str, key: str) -> ModelSpec:
             hint = f"; for the hub repo, write '{ref}@main'" if HUB_ID.match(ref) else ""
             raise ConfigError(f"{where}: {key}: local model directory '{ref}' does not exist "
                               f"(looked at {local}){hint}")
-        if not (local / "config.json").is_file():
+        if require_config and not (local / "config.json").is_file():
             raise ConfigError(f"{where}: {key}: '{ref}' has no config.json; is it a transformers model directory?")
         return ModelSpec(ref=ref, path=local.resolve())
     repo_id, _, at_revision = ref.partition("@")

@@ -21,21 +21,27 @@ serves them all; the definitions follow DESIGN.md:
   float64 holds exactly, so float64 rounding is what separates a zero singular value from a tiny
   one (the storage dtype's epsilon would call every large bf16 matrix rank-deficient).
 
-A metric that is undefined for a matrix is None: every metric when the matrix is all zero or
-has NaN/Inf, alpha and its companions when fewer than two distinct positive eigenvalues exist.
+A metric that is undefined for a matrix is None: every metric when the matrix has NaN/Inf, all
+but the ranks and s_min when it is all zero, alpha and its companions when it has fewer than 10
+positive eigenvalues or a flat spectrum. Every other value is a finite number.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .spectra import Spectrum
 
-METRICS_VERSION = "1"  # bump when a definition changes: cached metrics are then recomputed
+# Cached metrics are keyed by this file's content: any change to a definition recomputes them
+# (from the cached spectra, which is cheap).
+METRICS_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 EPS = float(np.finfo(np.float64).eps)
+MIN_EIGENVALUES = 10  # fewer positive eigenvalues: no power-law fit (weightwatcher's min_evals)
 KS_BLOCK = 2**20  # elements of the candidate-xmin x eigenvalue grid evaluated at a time
 
 # name -> what it is; the order of the CSV columns and of `mastermerge analyze`'s summary
@@ -77,50 +83,42 @@ class PowerLawFit:
 
 
 def metrics_of(spectrum: Spectrum) -> dict[str, float | int | None]:
-    """Every metric of a matrix from its spectrum; all None when the matrix has NaN/Inf or is all zero."""
-    if not spectrum.ok or len(spectrum.values) == 0 or spectrum.values[0] <= 0:
-        return dict.fromkeys(METRICS)
-    values, shape = spectrum.values, spectrum.shape
+    """Every metric of a matrix from its spectrum. A matrix with NaN/Inf has none; an all-zero one
+    has only its ranks (0), rank loss (k) and s_min (0). Every value is finite or None."""
+    result = dict.fromkeys(METRICS)
+    if spectrum.values is None or len(spectrum.values) == 0 or not np.isfinite(spectrum.values).all():
+        return result
+    values, shape = spectrum.values.astype(np.float64), spectrum.shape
     k = len(values)
-    eigenvalues = values.astype(np.float64) ** 2
+    rank = numerical_rank(values, numpy_tolerance(values[0], shape))
+    result.update(s_min=float(values[-1]), rank_numpy=rank, rank_loss=k - rank,
+                  rank_nr=numerical_rank(values, nr_tolerance(values[0], shape)))
+    if values[0] <= 0:
+        return result
+    eigenvalues = values ** 2
     h = entropy(values)
     total, top = float(eigenvalues.sum()), float(eigenvalues[0])
-    fit = power_law_fit(eigenvalues)
     tail, threshold = detx(eigenvalues)
-    rank = numerical_rank(values, numpy_tolerance(values[0], shape))
-    result = {
-        "ner": 1.0 if k == 1 else h / math.log(k),
-        "erank": math.exp(h),
-        "entropy": h,
-        "stable_rank": total / top,
-        "log_norm": math.log10(total),
-        "log_spectral_norm": math.log10(top),
-        "alpha": None, "alpha_xmin": None, "alpha_ks": None, "alpha_tail": None,
-        "alpha_std_err": None, "alpha_hat": None,
-        "detx_tail": tail,
-        "detx_lambda": threshold,
-        "s_min": float(values[-1]),
-        "s_min_ratio": float(values[-1] / values[0]),
-        "rank_numpy": rank,
-        "rank_nr": numerical_rank(values, nr_tolerance(values[0], shape)),
-        "rank_loss": k - rank,
-    }
+    result.update(ner=ner(values), erank=math.exp(h), entropy=h, stable_rank=total / top,
+                  log_norm=math.log10(total), log_spectral_norm=math.log10(top), detx_tail=tail,
+                  detx_lambda=threshold, s_min_ratio=float(values[-1] / values[0]))
+    fit = power_law_fit(eigenvalues)
     if fit is not None:
         result.update(alpha=fit.alpha, alpha_xmin=fit.xmin, alpha_ks=fit.ks, alpha_tail=fit.tail,
                       alpha_std_err=fit.std_err, alpha_hat=fit.alpha * math.log10(top))
-    return result
+    return {key: None if isinstance(v, float) and not math.isfinite(v) else v for key, v in result.items()}
 
 
 def entropy(values: np.ndarray) -> float:
-    """Shannon entropy (nats) of the singular values normalised to sum to one."""
+    """Shannon entropy (nats) of the singular values normalised to sum to one (never -0.0)."""
     p = values[values > 0] / values.sum()
-    return float(-(p * np.log(p)).sum())
+    return max(0.0, float(-(p * np.log(p)).sum()))
 
 
 def ner(values: np.ndarray) -> float:
-    """Normalized Effective Rank H / ln k in [0, 1]; 1.0 for a single nonzero singular value."""
+    """Normalized Effective Rank H / ln k, clamped to [0, 1] against rounding; 1.0 for k = 1."""
     k = len(values)
-    return 1.0 if k == 1 else entropy(values) / math.log(k)
+    return 1.0 if k == 1 else min(1.0, entropy(values) / math.log(k))
 
 
 def power_law_fit(eigenvalues: np.ndarray) -> PowerLawFit | None:
@@ -128,22 +126,27 @@ def power_law_fit(eigenvalues: np.ndarray) -> PowerLawFit | None:
     eigenvalue but the largest), alpha = 1 + n / sum ln(x / xmin) over the n values >= xmin and the
     KS distance max |F_fit - F_data| at the distinct tail values, where F_data(u) is the share of
     the tail below u (the `powerlaw` package's convention); the xmin with the smallest distance
-    wins (the first on ties). None with fewer than two distinct positive eigenvalues."""
+    wins (the first on ties). None with fewer than MIN_EIGENVALUES positive eigenvalues (as
+    weightwatcher's min_evals) or a flat spectrum (all within rounding of the largest, which
+    would fit a power law to rounding noise)."""
     x = np.sort(eigenvalues[eigenvalues > 0])
-    unique, first = np.unique(x, return_index=True)
-    if len(unique) < 2:
+    if len(x) < MIN_EIGENVALUES or x[-1] - x[0] <= len(eigenvalues) * EPS * x[-1]:
         return None
-    n = len(x)
-    logs = np.log(x) - math.log(x[-1])  # <= 0, so sums over short top tails stay exact
-    suffix = np.cumsum(logs[::-1])[::-1]  # suffix[i] = sum of logs[i:]
-    candidates = len(unique) - 1
+    unique, first = np.unique(x, return_index=True)
+    n, candidates = len(x), len(unique) - 1
+    # sum ln(x / u_j) over the tail of u_j, as a sum of positive steps ln(u_(l+1) / u_l), each
+    # weighted by the number of values above it: no cancellation, even for nearly equal values
+    steps = np.log1p(np.diff(unique) / unique[:-1]) * (n - first[1:])
+    spread = np.cumsum(steps[::-1])[::-1]
     tail_sizes = n - first[:candidates]
-    log_u = np.log(unique) - math.log(x[-1])
-    spread = suffix[first[:candidates]] - tail_sizes * log_u[:candidates]  # sum ln(x / xmin)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         alphas = 1 + tail_sizes / spread
-    distances = ks_distances(log_u, first, n, alphas)
-    best = int(np.argmin(distances))
+        log_u = np.concatenate([[0.0], np.cumsum(np.log1p(np.diff(unique) / unique[:-1]))])
+        distances = ks_distances(log_u, first, n, alphas)
+    valid = np.isfinite(alphas) & np.isfinite(distances)
+    if not valid.any():
+        return None
+    best = int(np.argmin(np.where(valid, distances, np.inf)))
     return PowerLawFit(alpha=float(alphas[best]), xmin=float(unique[best]), ks=float(distances[best]),
                        tail=int(tail_sizes[best]))
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 NER_TOLERANCE = 1e-9  # the largest NER error the Gram route may cause before we use an SVD instead
+SPECTRUM_VERSION = "2"  # bump when the computation changes: cached spectra are then recomputed
 SMIN_TOLERANCE = 1e-3  # the largest relative error of s_min the Gram route may cause
 EPS = float(torch.finfo(torch.float64).eps)
 CHUNK_ELEMENTS = 2**23  # rows of W converted to float64 at a time (64 MB)

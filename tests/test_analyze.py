@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -142,3 +143,41 @@ def test_refuses_to_replace_a_directory_it_did_not_write(tmp_path, capsys):
     assert analyze(EXAMPLES / "tiny-base", "--out", tmp_path / "x", "--force", "--no-cache") == 2
     assert "no metrics.json" in capsys.readouterr().err
     assert (tmp_path / "x" / "notes.txt").read_text() == "mine"
+
+
+def test_weights_without_config_json_and_no_esd_by_default(tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(EXAMPLES / "tiny-code" / "model.safetensors", bare / "model.safetensors")
+    assert analyze(bare, "--out", tmp_path / "x", "--no-cache", "--quiet") == 0
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == [
+        "heatmap_ner.png", "metrics.csv", "metrics.json", "smin_histogram.png"]
+    with pytest.raises(SystemExit) as exited:  # argparse's usage error, exit code 2
+        main(["--quiet", "analyze", str(bare), "--out", str(tmp_path / "y")])
+    assert exited.value.code == 2
+    assert "'analyze' must come first" in capsys.readouterr().err
+
+
+def test_stale_cached_metrics_are_recomputed(tmp_path):
+    import sqlite3
+
+    from nerd.cache import MetricCache
+    from nerd.checkpoint import Checkpoint
+    from nerd.spectra import spectrum_of
+
+    path = tmp_path / "c.sqlite"
+    name = "model.layers.0.mlp.up_proj.weight"
+    with Checkpoint.open(EXAMPLES / "tiny-base") as ckpt:
+        cache = MetricCache(path)
+        fresh = cache.metrics(ckpt, name, spectrum_of)
+        cache.close()
+        db = sqlite3.connect(path)  # a row written by a version that lacked a metric
+        stored = json.loads(db.execute("SELECT metrics FROM metrics").fetchone()[0])
+        del stored["rank_loss"]
+        db.execute("UPDATE metrics SET metrics=?", (json.dumps(stored),))
+        db.commit()
+        db.close()
+        cache = MetricCache(path)
+        again = cache.metrics(ckpt, name, lambda w: pytest.fail("the spectrum is cached"))
+        cache.close()
+    assert again == fresh

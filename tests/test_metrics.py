@@ -158,9 +158,43 @@ def test_a_matrix_wider_than_50k_is_analyzed():
     assert m["rank_numpy"] == 24
 
 
-def test_empty_spectrum_has_no_metrics():
+def test_nan_matrix_has_no_metrics_and_zero_matrix_only_its_ranks():
     assert set(metrics_of(Spectrum(None, (4, 4), "contains NaN or Inf")).values()) == {None}
-    assert set(metrics_of(Spectrum(np.zeros(4), (4, 4), "all zero")).values()) == {None}
+    zero = metrics_of(spectrum_of(torch.zeros(6, 4)))
+    assert (zero["rank_numpy"], zero["rank_nr"], zero["rank_loss"], zero["s_min"]) == (0, 0, 4, 0.0)
+    assert {v for key, v in zero.items() if key not in ("rank_numpy", "rank_nr", "rank_loss", "s_min")} == {None}
+
+
+def test_near_ties_at_the_top_equal_the_powerlaw_package():
+    # two top eigenvalues one ulp apart: a difference of logs would make alpha infinite
+    rng = np.random.default_rng(0)
+    values = np.concatenate([(rng.pareto(1.5, 50) + 1) * 10, [1e10, np.nextafter(1e10, 0)]])
+    fit, ref = power_law_fit(values), reference_fit(values)
+    assert math.isfinite(fit.alpha) and math.isfinite(fit.ks)
+    assert fit.xmin == ref.xmin and fit.alpha == pytest.approx(ref.alpha, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [5, 11, 17])
+def test_repeated_singular_values_equal_the_powerlaw_package(seed):
+    # block-diagonal [[A, 0], [0, A]] in float32: every singular value twice, up to rounding
+    a = torch.randn(64, 64, generator=torch.Generator().manual_seed(seed))
+    w = torch.block_diag(a, a)
+    m = metrics_of(spectrum_of(w))
+    ref = reference_fit(np.linalg.svd(w.double().numpy(), compute_uv=False) ** 2)
+    assert m["alpha"] == pytest.approx(ref.alpha, rel=1e-6) and m["alpha_tail"] == ref.power_law.n
+
+
+def test_flat_or_tiny_spectra_get_no_power_law():
+    q, _ = torch.linalg.qr(torch.randn(256, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    m = metrics_of(spectrum_of(q))  # every singular value is 1 up to rounding
+    assert m["alpha"] is None and m["ner"] == 1.0 and m["entropy"] >= 0
+    assert power_law_fit(np.arange(1.0, 10.0)) is None  # 9 eigenvalues: too few to fit
+    assert power_law_fit(np.arange(1.0, 11.0)) is not None
+
+
+def test_rank_one_has_zero_entropy_not_negative_zero():
+    m = metrics_of(spectrum_of(torch.outer(torch.arange(1.0, 5.0), torch.arange(1.0, 4.0)).double()))
+    assert math.copysign(1, m["entropy"]) == 1 and m["ner"] == pytest.approx(0, abs=1e-9)
 
 
 # Marchenko-Pastur: for W (m x n, m >= n) with iid N(0, 1) entries, the eigenvalues of W^T W / m

@@ -2,7 +2,8 @@
 
 Three tables. `tensors` maps (file, its size, mtime, ctime and inode, tensor name) to a digest of
 the tensor's bytes, so an unchanged file is not even read again; a changed or replaced file no
-longer matches (ctime cannot be set back by tools that restore mtimes) and is read again. `spectra` maps that digest to the float64 singular values, so identical
+longer matches (ctime cannot be set back by tools that restore mtimes) and is read again.
+`spectra` maps that digest to the float64 singular values, so identical
 tensors (frozen layers shared by fine-tunes, a copied model) are computed once, and every
 metric can be derived again without a new decomposition. `metrics` maps (digest, version of the
 metric definitions) to every metric of metrics.py as JSON, so a warm run recomputes nothing.
@@ -68,7 +69,8 @@ class MetricCache:
             self.db.execute(META)
             row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None or row[0] != SCHEMA_VERSION:
-                self.db.executescript("DROP TABLE IF EXISTS tensors; DROP TABLE IF EXISTS spectra; DROP TABLE IF EXISTS metrics;")
+                self.db.executescript("DROP TABLE IF EXISTS tensors; DROP TABLE IF EXISTS spectra; "
+                                      "DROP TABLE IF EXISTS metrics;")
             self.db.executescript(SCHEMA)
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
             self.db.execute("DELETE FROM spectra WHERE version != ?", (SPECTRUM_VERSION,))

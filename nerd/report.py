@@ -37,8 +37,8 @@ def choice_table(plan: Plan) -> str:
     rows = choice_rows(plan)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
-    return "\n".join([f"scores: {rule.label} of each group's matrices, {'lowest' if rule.lower_wins else 'highest'} wins"]
-                     + lines)
+    wins = "lowest" if rule.lower_wins else "highest"
+    return "\n".join([f"scores: {rule.label} of each group's matrices, {wins} wins", *lines])
 
 
 def model_card(plan: Plan, heatmap: str | None = None) -> str:

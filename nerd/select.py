@@ -84,8 +84,11 @@ def group_choice(label: str, depth: int | None, tensors: list[str], matrices: li
     if winner is None:
         winner, note = order[0], "no candidate has a score here; taken from the base"
     else:
-        unscored = [f"{c} ({'; '.join(why_unscored(m, problems[c][m], rule.metric) for m in matrices if scores[c][m] is None)})"
-                    for c in order if per_candidate[c] is None]
+        unscored = []
+        for c in order:
+            if per_candidate[c] is None:
+                reasons = [why_unscored(m, problems[c][m], rule.metric) for m in matrices if scores[c][m] is None]
+                unscored.append(f"{c} ({'; '.join(reasons)})")
         if unscored and matrices:
             note = f"not selectable, no {rule.metric}: " + "; ".join(unscored)
     return Choice(label, depth, per_candidate, winner, tuple(tensors), note)

@@ -39,7 +39,8 @@ def write_merge(plan: Plan, config: MergeConfig, quiet: bool = False) -> Path:
         heatmap = merge_heatmap(plan, tmp)
         (tmp / "README.md").write_text(model_card(plan, heatmap), encoding="utf-8")
         report = report_of(plan, config, shards)
-        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2, default=str, allow_nan=False) + "\n", encoding="utf-8")
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2, default=str, allow_nan=False) + "\n",
+                                               encoding="utf-8")
     return plan.output_dir
 
 

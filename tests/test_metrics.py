@@ -14,7 +14,6 @@ from nerd.metrics import METRICS, detx, metrics_of, power_law_fit
 from nerd.spectra import Spectrum, spectrum_of
 
 
-
 def reference_fit(eigenvalues: np.ndarray):
     """powerlaw's continuous fit (it prints progress; keep the test output clean)."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -240,7 +239,8 @@ def test_gaussian_matrix_matches_marchenko_pastur():
     lo, hi = (1 - math.sqrt(y)) ** 2, 1.0
     for _ in range(50):
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if mp_expectation(y, lambda x: np.where(x >= mid, np.log(x), 0.0)) > 0 else (mid, hi)
+        above = mp_expectation(y, lambda x, c=mid: np.where(x >= c, np.log(x), 0.0))
+        lo, hi = (lo, mid) if above > 0 else (mid, hi)
     x_star = (lo + hi) / 2
     expected_share = mp_expectation(y, lambda x: (x >= x_star).astype(float))
     assert metrics["detx_tail"] / n == pytest.approx(expected_share, abs=MP_TOLERANCE)

@@ -45,7 +45,7 @@ def heatmap(path: Path, values: np.ndarray, candidates: list[str], title: str, l
     if plt is None:
         return None
     rows, depths = values.shape
-    fig, ax = plt.subplots(figsize=(min(3 + 0.45 * depths, 24), 1.6 + 0.55 * rows))
+    fig, ax = plt.subplots(figsize=(min(max(6.0, 3 + 0.45 * depths), 24), 1.8 + 0.55 * rows))
     image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", interpolation="nearest",
                       cmap="viridis_r" if lower_wins else "viridis")
     fig.colorbar(image, ax=ax, label=label + (" (lower wins)" if lower_wins else " (higher wins)"))
@@ -100,6 +100,8 @@ def esd(path: Path, eigenvalues: np.ndarray, metrics: dict, title: str) -> Path 
     ax.hist(lam, bins=bins, density=True, color="tab:blue", alpha=0.6, label="ESD")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide when the ESD spans under a decade
     alpha, xmin, tail = metrics.get("alpha"), metrics.get("alpha_xmin"), metrics.get("alpha_tail")
     if alpha is not None:
         x = np.logspace(math.log10(xmin), math.log10(lam.max()), 50)

@@ -60,6 +60,10 @@ def analyze_models(specs: list[ModelSpec], cache: MetricCache, device: str = "au
     analysis = Analysis(names, {n: r.path for n, r in resolved.items()},
                         {n: r.revision for n, r in resolved.items()})
     run_on = pick_device(device)
+
+    def compute(matrix):
+        return spectrum_of(matrix, run_on)
+
     computed = cache.computed
     with ExitStack() as stack:
         checkpoints = {n: stack.enter_context(Checkpoint.open(resolved[n].path)) for n in names}
@@ -73,7 +77,6 @@ def analyze_models(specs: list[ModelSpec], cache: MetricCache, device: str = "au
                 for tensor, info in checkpoint.tensors.items():
                     if not info.is_matrix:
                         continue
-                    compute = lambda w: spectrum_of(w, run_on)  # noqa: E731
                     metrics = cache.metrics(checkpoint, tensor, compute)
                     if esd is not None and esd.search(tensor):
                         analysis.spectra[(name, tensor)] = cache.spectrum(checkpoint, tensor, compute).values

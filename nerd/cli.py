@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .analyze import analysis_summary, analyze_models, summary_text, write_figures, write_tables
 from .cache import MetricCache, default_cache_path
-from .config import DEVICES, load_config, model_spec, output_path
+from .config import DEVICES, index_of_each, load_config, model_spec, output_path
 from .errors import ConfigError, MergeError
 from .pipeline import plan_merge
 from .report import choice_table
@@ -61,7 +61,7 @@ def analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=DEVICES, default="auto", help="where spectra are computed (default auto)")
     p.add_argument("--esd", metavar="REGEX",
                    help="also draw the ESD of every matrix whose name matches, e.g. 'layers\\.0\\.' or '.' for all "
-                        "(about 0.15 s per figure; default: none)")
+                        "(about 0.3 s per figure; default: none)")
     p.add_argument("--no-plots", action="store_true", help="tables only, no figures")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no summary (errors still shown)")
@@ -140,12 +140,9 @@ def run_analyze(args: argparse.Namespace) -> int:
     where = "analyze"
     specs = [model_spec(item, Path.cwd(), where, f"MODEL {i + 1}", require_config=False)
              for i, item in enumerate(args.models)]
-    seen: dict[str, int] = {}
-    for i, spec in enumerate(specs):
-        if spec.identity in seen:
-            raise ConfigError(f"{where}: MODEL {i + 1}: '{spec.ref}' repeats MODEL {seen[spec.identity] + 1}")
-        seen[spec.identity] = i
-    out = output_path(args.out, Path.cwd(), where, tuple(specs), args.force, True, marker="metrics.json", key="--out")
+    index_of_each(tuple(specs), where, lambda i: f"MODEL {i + 1}")
+    out = output_path(args.out, Path.cwd(), where, tuple(specs), args.force, True, marker="metrics.json",
+                      key="--out")
     try:
         pattern = None if args.no_plots or args.esd is None else re.compile(args.esd)
     except re.error as exc:

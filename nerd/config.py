@@ -139,11 +139,7 @@ def config_from_dict(raw: Any, *, base_dir: Path, source: Path | None = None,
         raise ConfigError(f"{where}: models: at least two candidate models are needed, "
                           f"found {len(models_raw)}")
     models = tuple(model_spec(item, base_dir, where, f"models[{i}]") for i, item in enumerate(models_raw))
-    seen: dict[str, int] = {}
-    for i, spec in enumerate(models):
-        if spec.identity in seen:
-            raise ConfigError(f"{where}: models[{i}]: '{spec.ref}' repeats models[{seen[spec.identity]}]")
-        seen[spec.identity] = i
+    seen = index_of_each(models, where, lambda i: f"models[{i}]")
 
     base = model_spec(raw["base_model"], base_dir, where, "base_model")
     if base.identity not in seen:
@@ -224,6 +220,16 @@ def model_spec(item: Any, base_dir: Path, where: str, key: str, require_config: 
                           f"{str(exc).strip().splitlines()[0]}") from None
     revision = at_revision or revision
     return ModelSpec(ref=f"{repo_id}@{revision}" if revision else repo_id, repo_id=repo_id, revision=revision)
+
+
+def index_of_each(specs: tuple[ModelSpec, ...], where: str, label) -> dict[str, int]:
+    """Position of each model by identity; a model named twice is refused (label(i) names entry i)."""
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        if spec.identity in seen:
+            raise ConfigError(f"{where}: {label(i)}: '{spec.ref}' repeats {label(seen[spec.identity])}")
+        seen[spec.identity] = i
+    return seen
 
 
 def looks_local(ref: str, local: Path, base_dir: Path) -> bool:

@@ -36,10 +36,6 @@ class Spectrum:
     shape: tuple[int, ...]
     problem: str | None = None
 
-    @property
-    def ok(self) -> bool:
-        return self.values is not None and self.problem is None
-
 
 def pick_device(requested: str = "auto") -> torch.device:
     """cuda when asked for or available (auto), else cpu."""

@@ -126,7 +126,7 @@ def test_second_run_reuses_the_cache_and_needs_force(analyzed, capsys):
 @pytest.mark.parametrize("args,message", [
     (["./missing-dir", "--out", "{root}/x"], "MODEL 1: local model directory './missing-dir' does not exist"),
     (["gpt2", "--out", "{root}/x"], "MODEL 1: 'gpt2' is neither an existing directory nor a hub id"),
-    ([str(EXAMPLES / "tiny-base"), str(EXAMPLES / "tiny-base"), "--out", "{root}/x"], "MODEL 2: "),
+    ([str(EXAMPLES / "tiny-base"), str(EXAMPLES / "tiny-base"), "--out", "{root}/x"], "' repeats MODEL 1"),
     ([str(EXAMPLES / "tiny-base"), "--out", str(EXAMPLES / "tiny-base")], "--out: "),
     ([str(EXAMPLES / "tiny-base"), "--out", "{root}/x", "--esd", "("], "--esd: '(' is not a valid regular expression"),
 ])

@@ -44,7 +44,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an output directory that is not empty")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no table (errors still shown)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     common_options(p)
     return p
 
@@ -65,12 +64,12 @@ def analyze_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="tables only, no figures")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no summary (errors still shown)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     common_options(p)
     return p
 
 
 def common_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     cache = p.add_mutually_exclusive_group()
     cache.add_argument("--cache", type=Path, metavar="FILE",
                        help=f"metric cache (SQLite); default {default_cache_path()}")
@@ -86,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         parser().error("'analyze' must come first: mastermerge analyze MODEL [MODEL ...] --out DIR [options]")
     else:
         args, action = parser().parse_args(argv), run
+    if args.quiet:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
     try:
         return action(args)
     except KeyboardInterrupt:
@@ -104,16 +106,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     configs = [load_config(path, force=args.force, writing=not args.dry_run) for path in args.config]
-    if args.quiet:
-        from huggingface_hub.utils import disable_progress_bars
-        disable_progress_bars()
     outputs: dict[Path, Path] = {}
     for config in configs:
         if not args.dry_run and config.output_dir in outputs:
             raise ConfigError(f"{config.source}: output_dir: {config.output_dir} is also the output of "
                               f"{outputs[config.output_dir]}")
         outputs[config.output_dir] = config.source
-    cache = MetricCache(None if args.no_cache else args.cache or default_cache_path())
+    cache = cache_of(args)
     results = []
     try:
         for config in configs:
@@ -149,10 +148,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         raise ConfigError(f"{where}: --esd: '{args.esd}' is not a valid regular expression ({exc})") from None
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{where}: --device: 'cuda' was asked for but torch sees no CUDA device")
-    if args.quiet:
-        from huggingface_hub.utils import disable_progress_bars
-        disable_progress_bars()
-    with closing(MetricCache(None if args.no_cache else args.cache or default_cache_path())) as cache:
+    with closing(cache_of(args)) as cache:
         analysis = analyze_models(specs, cache, args.device, args.quiet, esd=pattern)
     summary = analysis_summary(analysis)
     figures = []
@@ -171,6 +167,11 @@ def run_analyze(args: argparse.Namespace) -> int:
             print("no figures: matplotlib is not installed (pip install 'mastermerge[plots]')", file=sys.stderr)
         print(f"\nwrote {out}: metrics.csv, metrics.json" + (f" and {len(figures)} figures" if figures else ""))
     return 0
+
+
+def cache_of(args: argparse.Namespace) -> MetricCache:
+    """The metric cache the flags ask for: --no-cache (memory), --cache FILE, or the default file."""
+    return MetricCache(None if args.no_cache else args.cache or default_cache_path())
 
 
 def summary_of(config, plan, written: bool) -> dict:

@@ -10,6 +10,12 @@ metric definitions) to every metric of metrics.py as JSON, so a warm run recompu
 Both carry a version (spectra.SPECTRUM_VERSION, metrics.METRICS_VERSION, the latter a digest of
 metrics.py): rows of another version are deleted when the cache is opened and recomputed on use.
 
+Two more tables hold what DLEC's calibration run measured (importance.py), so a second run with the
+same model and text runs nothing: `activation_runs` (model digest, text digest, version -> who and
+what, token and window counts, layers, seconds) and `layer_stats` (the same key and a layer -> the
+sums its importance scores are made of). The model digest covers config.json and the content digest
+of every tensor; the text digest covers the token ids and the window length.
+
 Default location: $MASTERMERGE_CACHE, else $XDG_CACHE_HOME/mastermerge/metrics.sqlite, else
 ~/.cache/mastermerge/metrics.sqlite. Delete the file to clear it.
 """
@@ -27,6 +33,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint, TensorInfo, as_tensor
 from .errors import OutputError
+from .importance import ACTIVATION_VERSION, LayerStats
 from .metrics import METRICS, METRICS_VERSION, metrics_of
 from .spectra import SPECTRUM_VERSION, Spectrum
 
@@ -41,6 +48,14 @@ CREATE TABLE IF NOT EXISTS spectra (
     created REAL NOT NULL, PRIMARY KEY (digest, version));
 CREATE TABLE IF NOT EXISTS metrics (
     digest TEXT NOT NULL, version TEXT NOT NULL, metrics TEXT NOT NULL, PRIMARY KEY (digest, version));
+CREATE TABLE IF NOT EXISTS activation_runs (
+    model TEXT NOT NULL, text TEXT NOT NULL, version TEXT NOT NULL, model_ref TEXT NOT NULL, text_name TEXT NOT NULL,
+    tokens INTEGER NOT NULL, windows INTEGER NOT NULL, layers INTEGER NOT NULL, seconds REAL NOT NULL,
+    created REAL NOT NULL, PRIMARY KEY (model, text, version));
+CREATE TABLE IF NOT EXISTS layer_stats (
+    model TEXT NOT NULL, text TEXT NOT NULL, version TEXT NOT NULL, layer INTEGER NOT NULL,
+    tokens INTEGER NOT NULL, cos_sum REAL NOT NULL, tail_count INTEGER NOT NULL, entries INTEGER NOT NULL,
+    update_sum REAL NOT NULL, PRIMARY KEY (model, text, version, layer));
 """
 
 
@@ -75,6 +90,8 @@ class MetricCache:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
             self.db.execute("DELETE FROM spectra WHERE version != ?", (SPECTRUM_VERSION,))
             self.db.execute("DELETE FROM metrics WHERE version != ?", (METRICS_VERSION,))
+            for table in ("activation_runs", "layer_stats"):
+                self.db.execute(f"DELETE FROM {table} WHERE version != ?", (ACTIVATION_VERSION,))
             self.db.commit()
         except sqlite3.Error as exc:
             raise OutputError(f"{self.path}: cannot use this file as the metric cache ({exc}); "
@@ -135,6 +152,35 @@ class MetricCache:
             self.remember(checkpoint, name, key)
         self.db.commit()
         return result
+
+    def tensor_digest(self, checkpoint: Checkpoint, name: str) -> str:
+        """The content digest of a tensor, remembered for next time."""
+        key, data = self.digest(checkpoint, name)
+        if data is not None:
+            self.remember(checkpoint, name, key)
+            self.db.commit()
+        return key
+
+    def layer_stats(self, model: str, text: str) -> list[LayerStats] | None:
+        """The statistics of an earlier calibration run of this model on this text, layer by layer."""
+        run = self.db.execute("SELECT layers FROM activation_runs WHERE model=? AND text=? AND version=?",
+                              (model, text, ACTIVATION_VERSION)).fetchone()
+        if run is None:
+            return None
+        rows = self.db.execute("SELECT tokens, cos_sum, tail_count, entries, update_sum FROM layer_stats "
+                               "WHERE model=? AND text=? AND version=? ORDER BY layer",
+                               (model, text, ACTIVATION_VERSION)).fetchall()
+        return [LayerStats(*row) for row in rows] if len(rows) == run[0] else None
+
+    def store_layer_stats(self, model: str, text: str, stats: list[LayerStats], run: dict) -> None:
+        """Record one calibration run: `run` has model_ref, text_name, tokens, windows and seconds."""
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO activation_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (model, text, ACTIVATION_VERSION, run["model_ref"], run["text_name"], run["tokens"],
+                             run["windows"], len(stats), run["seconds"], time.time()))
+            self.db.executemany("INSERT OR REPLACE INTO layer_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                [(model, text, ACTIVATION_VERSION, layer, s.tokens, s.cos_sum, s.tail_count,
+                                  s.entries, s.update_sum) for layer, s in enumerate(stats)])
 
     def remember(self, checkpoint: Checkpoint, name: str, key: str) -> None:
         """Record which digest this tensor of this (unchanged) file has."""

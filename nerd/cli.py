@@ -1,5 +1,6 @@
 """The command line: `mastermerge --config a.yaml [b.yaml ...]` merges, `mastermerge analyze
-MODEL [MODEL ...] --out DIR` writes every metric of every matrix (analyze.py).
+MODEL [MODEL ...] --out DIR` writes every metric of every matrix (analyze.py), and `mastermerge
+expand MODEL --out DIR --add-layers N` duplicates a model's most important blocks (dlec.py).
 
 Every config is validated before any model is downloaded; the configs then run in order and
 share one metric cache. Exit codes: 0 success, 1 internal error (a bug: please report it),
@@ -15,6 +16,7 @@ import re
 import sys
 import traceback
 from contextlib import closing
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,10 +24,10 @@ import torch
 from . import __version__
 from .analyze import analysis_summary, analyze_models, summary_text, write_figures, write_tables
 from .cache import MetricCache, default_cache_path
-from .config import DEVICES, index_of_each, load_config, model_spec, output_path
+from .config import DEVICES, IMPORTANCE, INITS, expand_config, index_of_each, load_config, model_spec, output_path
 from .errors import ConfigError, MergeError
 from .pipeline import plan_merge
-from .report import choice_table
+from .report import choice_table, expansion_table
 from .staging import staged_dir
 from .write import write_merge
 
@@ -35,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
         prog="mastermerge",
         description="Merge fine-tunes layer by layer: at every depth, keep the candidate whose weight "
                     "matrices have the highest Normalized Effective Rank (or another metric). "
-                    "Spectral diagnostics without merging: mastermerge analyze --help.",
+                    "Spectral diagnostics without merging: mastermerge analyze --help; layer expansion of "
+                    "one model: mastermerge expand --help.",
         epilog="Exit codes: 0 ok, 1 internal error, 2 bad config/arguments, 3 bad or unreachable model, "
                "4 output not writable, 130 interrupted.")
     p.add_argument("--config", nargs="+", required=True, metavar="YAML", type=Path,
@@ -68,6 +71,46 @@ def analyze_parser() -> argparse.ArgumentParser:
     return p
 
 
+def expand_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mastermerge expand",
+        description="DLEC layer expansion of one model: duplicate its most important blocks (by block influence "
+                    "on a calibration text, heavy-tail share, or the NER of the weights), each right after its "
+                    "source, and write the expanded model.",
+        epilog="Give exactly one of --add-layers, --growth, --layers. Exit codes as for the merge.")
+    p.add_argument("model", metavar="MODEL", help="a local model directory or a hub id org/name[@revision]")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the expanded model")
+    p.add_argument("--add-layers", type=int, metavar="N", help="duplicate the N most important blocks")
+    p.add_argument("--growth", type=float, metavar="F",
+                   help="duplicate the most important blocks until the parameters grow by about F (0.16: ~16%%)")
+    p.add_argument("--layers", type=layer_list, metavar="D,D,...",
+                   help="duplicate exactly these blocks (0-based; a block listed twice gets two copies)")
+    p.add_argument("--init", choices=INITS, help="copy (default): exact duplicates; identity: the copies' "
+                   "residual-writing projections are zero, so the model computes the same function")
+    p.add_argument("--importance", choices=IMPORTANCE,
+                   help="block_influence (default with transformers), heavy_tail, or ner (weights only)")
+    p.add_argument("--calibration", metavar="FILE", help="calibration text (default: a built-in text)")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="use the first N tokens of the text (default 4096)")
+    p.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="let transformers run the model's own code (config.json auto_map) for the calibration")
+    p.add_argument("--shard-size", default="2GB", metavar="SIZE", help="maximum size of one output file (default 2GB)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where the model and spectra run (default auto)")
+    p.add_argument("--dry-run", action="store_true", help="print the importance and the copies, write nothing")
+    p.add_argument("--force", action="store_true", help="replace an earlier mastermerge output in --out")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no table (errors still shown)")
+    common_options(p)
+    return p
+
+
+def layer_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer indices separated by commas, e.g. 3,7,7; found '{text}'") \
+            from None
+
+
 def common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     cache = p.add_mutually_exclusive_group()
@@ -81,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["analyze"]:
         args, action = analyze_parser().parse_args(argv[1:]), run_analyze
-    elif "analyze" in argv:
-        parser().error("'analyze' must come first: mastermerge analyze MODEL [MODEL ...] --out DIR [options]")
+    elif argv[:1] == ["expand"]:
+        args, action = expand_parser().parse_args(argv[1:]), run_expand
+    elif "analyze" in argv or "expand" in argv:
+        parser().error("a command must come first: mastermerge analyze MODEL [MODEL ...] --out DIR, or "
+                       "mastermerge expand MODEL --out DIR [options]")
     else:
         args, action = parser().parse_args(argv), run
     if args.quiet:
@@ -105,7 +151,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    configs = [load_config(path, force=args.force, writing=not args.dry_run) for path in args.config]
+    return run_configs([load_config(path, force=args.force, writing=not args.dry_run) for path in args.config], args)
+
+
+def run_expand(args: argparse.Namespace) -> int:
+    options = {key: getattr(args, key) for key in ("add_layers", "growth", "layers", "init", "importance",
+                                                   "calibration", "max_tokens", "trust_remote_code")}
+    config = expand_config(args.model, args.out, {k: v for k, v in options.items() if v is not None},
+                           force=args.force, writing=not args.dry_run, device=args.device, shard_size=args.shard_size)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("expand: --device: 'cuda' was asked for but torch sees no CUDA device")
+    return run_configs([config], args)
+
+
+def run_configs(configs: list, args: argparse.Namespace) -> int:
+    """Plan and write (or with --dry-run, print) each config in turn, sharing one metric cache."""
     outputs: dict[Path, Path] = {}
     for config in configs:
         if not args.dry_run and config.output_dir in outputs:
@@ -119,14 +179,14 @@ def run(args: argparse.Namespace) -> int:
             try:
                 plan = plan_merge(config, cache=cache, quiet=args.quiet)
                 if not args.json and (args.dry_run or not args.quiet):
-                    print(f"{config.source}:\n{choice_table(plan)}\n")
+                    print(plan_text(config, plan) + "\n")
                 if not args.dry_run:
                     write_merge(plan, config, quiet=args.quiet)
                     if not args.json:
                         print(f"wrote {plan.output_dir}")
                 results.append(summary_of(config, plan, written=not args.dry_run))
             except MergeError as exc:
-                results.append({"config": str(config.source), "error": str(exc), "exit_code": exc.exit_code})
+                results.append({"config": str(config.source) if config.source else None, "error": str(exc), "exit_code": exc.exit_code})
                 raise
     finally:
         cache.close()
@@ -169,6 +229,16 @@ def run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan_text(config, plan) -> str:
+    """What the terminal shows of a plan: the choice table of a merge, the expansion table of a DLEC pass."""
+    parts = [f"{config.source or 'expand ' + plan.base}:"]
+    if plan.choices:
+        parts.append(choice_table(plan))
+    if plan.expansion is not None:
+        parts.append(expansion_table(plan))
+    return "\n".join(parts)
+
+
 def cache_of(args: argparse.Namespace) -> MetricCache:
     """The metric cache the flags ask for: --no-cache (memory), --cache FILE, or the default file."""
     return MetricCache(None if args.no_cache else args.cache or default_cache_path())
@@ -176,13 +246,14 @@ def cache_of(args: argparse.Namespace) -> MetricCache:
 
 def summary_of(config, plan, written: bool) -> dict:
     return {
-        "config": str(config.source),
+        "config": str(config.source) if config.source else None,
         "output_dir": str(plan.output_dir),
         "written": written,
         "candidates": plan.candidates,
         "base": plan.base,
         "choices": [{"group": c.group, "depth": c.depth, "scores": c.scores, "winner": c.winner,
                      "note": c.note} for c in plan.choices],
+        "expansion": None if plan.expansion is None else asdict(plan.expansion),
         "spectra_computed": plan.spectra_computed,
         "spectra_reused": plan.spectra_reused,
     }

@@ -28,10 +28,14 @@ SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
-TOP_KEYS = ("models", "base_model", "output_dir", "selection", "dtype", "shard_size", "device")
+TOP_KEYS = ("models", "base_model", "output_dir", "selection", "dtype", "shard_size", "device", "dlec")
 SELECTION_KEYS = ("granularity", "non_layer", "metric", "goal", "target")
 GOALS = ("max", "min", "target")
 MODEL_KEYS = ("model", "revision")
+DLEC_KEYS = ("add_layers", "growth", "layers", "importance", "calibration", "max_tokens", "init",
+             "trust_remote_code")
+IMPORTANCE = ("block_influence", "heavy_tail", "ner")
+INITS = ("copy", "identity")
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,29 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class DlecOptions:
+    """Layer expansion (dlec.py): how many blocks to duplicate (exactly one of `add_layers`,
+    `growth`, `layers`), how to rank them (`importance`; None: block_influence when transformers is
+    installed, else ner), the calibration text (None: the built-in one), and how copies start.
+    `where` and `cli` say how errors name a key: 'merge.yaml: dlec.growth' or 'expand: --growth'."""
+
+    add_layers: int | None = None
+    growth: float | None = None
+    layers: tuple[int, ...] | None = None
+    importance: str | None = None
+    calibration: Path | None = None
+    max_tokens: int = 4096
+    init: str = "copy"
+    trust_remote_code: bool = False
+    where: str = field(default="config", compare=False)
+    cli: bool = field(default=False, compare=False)
+
+    def key(self, name: str) -> str:
+        """How the user wrote this option: dlec.add_layers in a config, --add-layers on the command line."""
+        return "--" + name.replace("_", "-") if self.cli else f"dlec.{name}"
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     """A validated merge config. `candidates` is the tie-break order: base first, then the rest."""
 
@@ -77,6 +104,7 @@ class MergeConfig:
     dtype: str = "keep"
     shard_size: int = 2 * 10**9
     device: str = "auto"
+    dlec: DlecOptions | None = None
     source: Path | None = None
     raw: dict = field(default_factory=dict)
 
@@ -155,13 +183,29 @@ def config_from_dict(raw: Any, *, base_dir: Path, source: Path | None = None,
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{where}: device: 'cuda' was asked for but torch sees no CUDA device "
                           f"(torch {torch.__version__}); use auto or cpu")
+    dlec = None if raw.get("dlec") is None else dlec_options(raw["dlec"], base_dir, where)
     return MergeConfig(models=models, base=base, output_dir=output_dir, selection=selection,
-                       dtype=dtype, shard_size=shard_size, device=device, source=source, raw=raw)
+                       dtype=dtype, shard_size=shard_size, device=device, dlec=dlec, source=source, raw=raw)
+
+
+def expand_config(model: str, out: str, options: dict, *, force: bool, writing: bool, device: str = "auto",
+                  shard_size: str = "2GB") -> MergeConfig:
+    """The config of `mastermerge expand MODEL --out DIR`: one candidate, no selection, a DLEC pass.
+    `options` holds the command line's DLEC options under their config names."""
+    where, cwd = "expand", Path.cwd()
+    spec = model_spec(model, cwd, where, "MODEL")
+    return MergeConfig(models=(spec,), base=spec,
+                       output_dir=output_path(out, cwd, where, (spec,), force, writing, key="--out"),
+                       shard_size=size_in_bytes(shard_size, where, "--shard-size"), device=device,
+                       dlec=dlec_options(options, cwd, where, cli=True),
+                       raw={"expand": {"model": model, "out": out, "device": device, "shard_size": shard_size,
+                                       **{k: v for k, v in options.items() if v is not None}}})
 
 
 def check_keys(mapping: dict, allowed: tuple[str, ...], where: str, prefix: str) -> None:
     """Refuse keys that are not allowed, suggesting the closest one (a nested key at top level too)."""
-    nested = {key: f"selection.{key}" for key in SELECTION_KEYS} if not prefix else {}
+    nested = ({key: f"selection.{key}" for key in SELECTION_KEYS} | {key: f"dlec.{key}" for key in DLEC_KEYS}
+              if not prefix else {})
     for key in mapping:
         if not isinstance(key, str):
             raise ConfigError(f"{where}: {prefix}{key!r}: keys must be strings, found {type_name(key)}")
@@ -292,6 +336,63 @@ def selection_options(value: Any, where: str) -> Selection:
         non_layer=choice(value.get("non_layer", "base"), NON_LAYER, where, "selection.non_layer"),
         metric=metric, goal=goal, target=target,
     )
+
+
+def dlec_options(value: Any, base_dir: Path, where: str, cli: bool = False) -> DlecOptions:
+    """Validate the `dlec:` section (or the expand command's options, with `cli`)."""
+    blank = DlecOptions(where=where, cli=cli)
+    key = blank.key
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: dlec: expected a mapping (add_layers, growth or layers, ...), "
+                          f"found {type_name(value)}")
+    check_keys(value, DLEC_KEYS, where, "dlec.")
+    given = [k for k in ("add_layers", "growth", "layers") if value.get(k) is not None]
+    if len(given) != 1:
+        found = " and ".join(key(k) for k in given) if given else "none"
+        raise ConfigError(f"{where}: dlec: give exactly one of {key('add_layers')}, {key('growth')} or "
+                          f"{key('layers')}, found {found}")
+    add_layers = value.get("add_layers")
+    if add_layers is not None and (isinstance(add_layers, bool) or not isinstance(add_layers, int) or add_layers < 1):
+        raise ConfigError(f"{where}: {key('add_layers')}: expected a whole number of layers >= 1, found {add_layers!r}")
+    growth = value.get("growth")
+    if growth is not None:
+        if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not 0 < growth <= 1:
+            raise ConfigError(f"{where}: {key('growth')}: expected a fraction of the parameters in (0, 1], "
+                              f"e.g. 0.16 for ~16% more, found {growth!r}")
+        growth = float(growth)
+    layers = value.get("layers")
+    if layers is not None:
+        if (not isinstance(layers, list) or not layers
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in layers)):
+            raise ConfigError(f"{where}: {key('layers')}: expected a list of layer indices (0-based) to "
+                              f"duplicate, e.g. [3, 7], found {layers!r}")
+        layers = tuple(sorted(layers))
+    importance = value.get("importance")
+    if importance is not None:
+        importance = choice(importance, IMPORTANCE, where, key("importance"))
+    calibration = value.get("calibration")
+    if calibration is not None:
+        if not isinstance(calibration, str) or not calibration.strip() or "\0" in calibration:
+            raise ConfigError(f"{where}: {key('calibration')}: expected the path of a text file, found {calibration!r}")
+        path = Path(calibration).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        if not path.is_file():
+            raise ConfigError(f"{where}: {key('calibration')}: calibration text '{calibration}' not found "
+                              f"(looked at {path})")
+        if importance == "ner":
+            raise ConfigError(f"{where}: {key('calibration')}: not used with {key('importance')}: ner "
+                              f"(importance from the weights needs no text)")
+        calibration = path.resolve()
+    max_tokens = value.get("max_tokens", 4096)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
+        raise ConfigError(f"{where}: {key('max_tokens')}: expected a number of tokens >= 2, found {max_tokens!r}")
+    trust = value.get("trust_remote_code", False)
+    if not isinstance(trust, bool):
+        raise ConfigError(f"{where}: {key('trust_remote_code')}: expected true or false, found {trust!r}")
+    return DlecOptions(add_layers=add_layers, growth=growth, layers=layers, importance=importance,
+                       calibration=calibration, max_tokens=max_tokens,
+                       init=choice(value.get("init", "copy"), INITS, where, key("init")),
+                       trust_remote_code=trust, where=where, cli=cli)
 
 
 def choice(value: Any, allowed: tuple[str, ...], where: str, key: str) -> str:

@@ -1,4 +1,4 @@
-"""Planning a merge: resolve the candidates, score every matrix, choose, and return the Plan.
+"""Planning: resolve the candidates, score every matrix, choose, expand if asked, and return the Plan.
 
 The Python API, stage by stage (the CLI is a thin layer over it):
 
@@ -6,11 +6,13 @@ The Python API, stage by stage (the CLI is a thin layer over it):
     config = load_config("my.yaml")
     plan = plan_merge(config, cache=MetricCache())
     write_merge(plan, config)
+
+A config with one model (`mastermerge expand`, config.expand_config) has nothing to choose: its
+plan copies the model, and the DLEC pass expands it.
 """
 
 from __future__ import annotations
 
-import re
 from contextlib import ExitStack, closing
 
 from tqdm import tqdm
@@ -18,18 +20,19 @@ from tqdm import tqdm
 from .cache import MetricCache, default_cache_path
 from .checkpoint import FLOAT_DTYPES, Checkpoint
 from .config import MergeConfig
+from .dlec import expanded
 from .layout import check_same_architecture, layout_of
-from .plan import Plan, PlanEntry, natural_key
+from .plan import Plan, PlanEntry, output_order
 from .select import choices_of
 from .sources import resolve_model
 from .spectra import pick_device, spectrum_of
 
 CAST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-INPUT_EMBEDDING = re.compile(r"embed_tokens|embed_in|\bwte\b|\bwpe\b|embeddings\.")
 
 
 def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: bool = False) -> Plan:
-    """Resolve the candidates, score every matrix, choose, and return the plan (nothing written).
+    """Resolve the candidates, score every matrix, choose, apply the `dlec:` expansion if the
+    config has one, and return the plan (nothing written).
 
     Without a `cache`, the default metric cache is opened for this call and closed after it.
     """
@@ -38,38 +41,37 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
             return plan_merge(config, cache=own, quiet=quiet)
     names = [spec.ref for spec in config.candidates]
     resolved = {spec.ref: resolve_model(spec) for spec in config.candidates}
+    device = pick_device(config.device)
+    computed, reused = cache.computed, cache.reused
     with ExitStack() as stack:
         checkpoints = {name: stack.enter_context(Checkpoint.open(resolved[name].path)) for name in names}
         check_same_architecture(checkpoints, same_dtype=config.dtype == "keep")
         infos = checkpoints[config.base.ref].tensors
         layout = layout_of(list(infos))
-        matrices = [t for t, info in infos.items() if info.is_matrix]
-        device = pick_device(config.device)
-        computed, reused = cache.computed, cache.reused
         metrics: dict[str, dict[str, dict]] = {name: {} for name in names}
-        with tqdm(total=len(names) * len(matrices), desc="spectra", unit="matrix", disable=quiet) as bar:
-            for name in names:
-                for tensor in matrices:
-                    metrics[name][tensor] = cache.metrics(checkpoints[name], tensor, lambda w: spectrum_of(w, device))
-                    bar.update()
-    choices = choices_of(layout, infos, metrics, names, config.selection)
+        if len(names) > 1:
+            matrices = [t for t, info in infos.items() if info.is_matrix]
+            with tqdm(total=len(names) * len(matrices), desc="spectra", unit="matrix", disable=quiet) as bar:
+                for name in names:
+                    for tensor in matrices:
+                        metrics[name][tensor] = cache.metrics(checkpoints[name], tensor,
+                                                              lambda w: spectrum_of(w, device))
+                        bar.update()
+    choices = choices_of(layout, infos, metrics, names, config.selection) if len(names) > 1 else []
     source_of = {t: c.winner for c in choices for t in c.tensors}
-    entries = [PlanEntry(t, source_of[t], t, output_dtype(infos[t].dtype, config.dtype), infos[t].shape)
+    entries = [PlanEntry(t, source_of.get(t, config.base.ref), t, output_dtype(infos[t].dtype, config.dtype),
+                         infos[t].shape)
                for t in sorted(infos, key=lambda t: output_order(t, layout.depths[t]))]
-    return Plan(candidates=names, sources={n: r.path for n, r in resolved.items()},
+    plan = Plan(candidates=names, sources={n: r.path for n, r in resolved.items()},
                 revisions={n: r.revision for n, r in resolved.items()}, base=config.base.ref,
                 output_dir=config.output_dir, shard_size=config.shard_size, entries=entries,
-                choices=choices, metrics=metrics, selection=config.selection,
-                spectra_computed=cache.computed - computed, spectra_reused=cache.reused - reused)
+                choices=choices, metrics=metrics, selection=config.selection)
+    if config.dlec is not None:
+        plan = expanded(plan, config.dlec, cache, device, quiet)
+    plan.spectra_computed, plan.spectra_reused = cache.computed - computed, cache.reused - reused
+    return plan
 
 
 def output_dtype(dtype: str, requested: str) -> str:
     """The requested dtype for floating-point tensors; integer and bool tensors keep theirs."""
     return CAST[requested] if requested in CAST and dtype in FLOAT_DTYPES else dtype
-
-
-def output_order(name: str, depth: int | None) -> tuple:
-    """Embeddings first, then the blocks in depth order, then the rest (final norm, lm_head)."""
-    if depth is not None:
-        return (1, depth, natural_key(name))
-    return (0 if INPUT_EMBEDDING.search(name) else 2, 0, natural_key(name))

@@ -1,8 +1,11 @@
 """The Plan: pure data saying what the output is made of, decided before anything is written.
 
-Every output tensor names its source candidate, the source tensor and the output dtype. The
-plan also carries the per-group choices (depth, each candidate's score, the winner) and every
-matrix's metrics, which the dry run prints, the report records, and the writer executes.
+Every output tensor names its source candidate, the source tensor, the output dtype and a
+transform (none, or `zero` for the residual-writing projections of an identity-initialised copy).
+The plan also carries the per-group choices (depth, each candidate's score, the winner), every
+matrix's metrics, and after a DLEC pass the expansion (which blocks were copied where, with their
+importance) and the rewritten config.json; the dry run prints it, the report records it, and the
+writer executes it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import Selection
+
+INPUT_EMBEDDING = re.compile(r"embed_tokens|embed_in|\bwte\b|\bwpe\b|embeddings\.")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,34 @@ class PlanEntry:
     tensor: str
     dtype: str
     shape: tuple[int, ...]
+    transform: str | None = None  # "zero": write zeros of this dtype and shape instead of the source's data
+
+
+@dataclass(frozen=True)
+class AddedLayer:
+    """One duplicated block: `source` is its depth before the expansion, `depth` the copy's depth after."""
+
+    source: int
+    depth: int
+    score: float | None
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """What a DLEC pass did: the importance of every block (by depth before the expansion), the
+    copies, how they start, and the parameter count before and after."""
+
+    importance: str
+    scores: list[float | None]
+    added: list[AddedLayer]
+    init: str
+    params_before: int
+    params_after: int
+    layer_map: list[int]  # output depth -> source depth
+    basis: str  # what the scores were computed from: "weights", or the calibration text and tokens
+    config_changes: list[str]  # what was rewritten in config.json
+    note: str | None = None
+    stats_reused: bool = False
 
 
 @dataclass
@@ -53,6 +86,8 @@ class Plan:
     selection: Selection = field(default_factory=Selection)
     spectra_computed: int = 0
     spectra_reused: int = 0
+    config: dict | None = None  # config.json of the output when it differs from the base's (expansion)
+    expansion: Expansion | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -60,6 +95,7 @@ class Plan:
             "base": self.base,
             "selection": asdict(self.selection),
             "choices": [asdict(c) | {"tensors": list(c.tensors)} for c in self.choices],
+            "expansion": None if self.expansion is None else asdict(self.expansion),
             "entries": [asdict(e) | {"shape": list(e.shape)} for e in self.entries],
         }
 
@@ -67,3 +103,10 @@ class Plan:
 def natural_key(name: str) -> list:
     """Sort key that puts layers.2 before layers.10."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def output_order(name: str, depth: int | None) -> tuple:
+    """Embeddings first, then the blocks in depth order, then the rest (final norm, lm_head)."""
+    if depth is not None:
+        return (1, depth, natural_key(name))
+    return (0 if INPUT_EMBEDDING.search(name) else 2, 0, natural_key(name))

@@ -5,6 +5,8 @@
 - esd/<model>/<tensor>.png: the ESD of one matrix on log-log axes, its power-law fit (red, from
   xmin) and the detX threshold (purple), as in weightwatcher's figure (seed 002): where the two
   lines meet, the SETOL volume-preserving condition holds.
+- expansion_curve.png: DLEC's curve, each block's importance by depth, the duplicated blocks
+  marked (with the number of copies where there is more than one).
 - smin_histogram.png: the smallest singular value of every matrix on a log axis (seed 004's
   rank-collapse figure), one series per model.
 
@@ -15,12 +17,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from .importance import IMPORTANCE_LABELS
 from .plan import Plan
-from .report import short_names
+from .report import parameter_line, short_names
 from .select import rule_of
 
 MARKED_CELLS = 400  # heatmaps with at most this many cells get their values written in
@@ -84,6 +88,36 @@ def merge_heatmap(plan: Plan, directory: Path) -> str | None:
     written = heatmap(directory / name, values, [labels[c] for c in plan.candidates], title, rule.label,
                       [plan.candidates.index(c.winner) for c in blocks], rule.lower_wins)
     return name if written else None
+
+
+def expansion_curve(plan: Plan, directory: Path) -> str | None:
+    """expansion_curve.png: importance by depth before the expansion, copied blocks ringed in red.
+    Returns the file name, or None without an expansion or without matplotlib."""
+    expansion = plan.expansion
+    plt = pyplot() if expansion is not None else None
+    if plt is None:
+        return None
+    values = np.array([math.nan if v is None else v for v in expansion.scores], dtype=float)
+    depths = np.arange(len(values))
+    label = IMPORTANCE_LABELS[expansion.importance]
+    fig, ax = plt.subplots(figsize=(min(max(6.0, 2 + 0.3 * len(values)), 18), 3.8))
+    ax.plot(depths, values, marker="o", markersize=4, color="tab:blue", label=label)
+    copies = Counter(a.source for a in expansion.added)
+    chosen = sorted(copies)
+    ax.scatter(chosen, values[chosen], s=140, facecolors="none", edgecolors="red", linewidths=2,
+               label=f"duplicated ({len(expansion.added)} copies)", zorder=3)
+    for depth, count in copies.items():
+        if count > 1 and np.isfinite(values[depth]):
+            ax.annotate(f"x{count}", (depth, values[depth]), textcoords="offset points", xytext=(6, 6),
+                        color="red", fontsize=8)
+    ax.set_xlabel("depth (layer, before the expansion)")
+    ax.set_ylabel(expansion.importance)
+    ax.set_xticks(depths if len(depths) <= 40 else depths[::max(1, len(depths) // 20)])
+    ax.set_title(f"DLEC expansion curve: {parameter_line(expansion)}", fontsize=10, loc="left")
+    ax.legend(fontsize=7)
+    name = "expansion_curve.png"
+    save(fig, plt, directory / name)
+    return name
 
 
 def esd(path: Path, eigenvalues: np.ndarray, metrics: dict, title: str) -> Path | None:

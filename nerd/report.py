@@ -1,4 +1,5 @@
-"""What a merge tells people: the per-depth choice table, the model card and merge_report.json."""
+"""What a merge tells people: the per-depth choice table, the expansion table, the model card and
+merge_report.json."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 
 from . import __version__
 from .config import MergeConfig, Selection
+from .importance import IMPORTANCE_LABELS
 from .metrics import METRICS
-from .plan import Plan
+from .plan import Expansion, Plan
 from .select import rule_of
 
 
@@ -41,22 +43,33 @@ def choice_table(plan: Plan) -> str:
     return "\n".join([f"scores: {rule.label} of each group's matrices, {wins} wins", *lines])
 
 
-def model_card(plan: Plan, heatmap: str | None = None) -> str:
-    """README.md of the output: what it was made from, the choice at every depth, and the heatmap
-    figure when one was drawn."""
-    rows = choice_rows(plan)
-    table = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    table += ["| " + " | ".join(row) + " |" for row in rows[1:]]
-    models = "\n".join(f"- `{c}`" + (" (base)" if c == plan.base else "") for c in plan.candidates)
-    heatmap = f"\n![{plan.selection.metric} by depth and candidate]({heatmap})\n" if heatmap else ""
+def model_card(plan: Plan, heatmap: str | None = None, curve: str | None = None) -> str:
+    """README.md of the output: what it was made from, the choice at every depth, the expansion,
+    and the figures that were drawn."""
     base_model = f"base_model: {plan.base.split('@')[0]}\n" if plan.revisions[plan.base] else ""
-    return f"""---
+    front = f"""---
 {base_model}library_name: transformers
 tags:
 - merge
 - mastermerge
 ---
-# Composite model
+"""
+    body = merge_section(plan, heatmap) if len(plan.candidates) > 1 else f"""# Expanded model
+
+Made by mastermerge {__version__} from `{plan.base}` by duplicating its most important blocks (DLEC).
+"""
+    if plan.expansion is not None:
+        body += "\n" + expansion_section(plan.expansion, curve)
+    return front + body + "\nEvery metric and every tensor's source are in merge_report.json.\n"
+
+
+def merge_section(plan: Plan, heatmap: str | None) -> str:
+    rows = choice_rows(plan)
+    table = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    table += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    models = "\n".join(f"- `{c}`" + (" (base)" if c == plan.base else "") for c in plan.candidates)
+    heatmap = f"\n![{plan.selection.metric} by depth and candidate]({heatmap})\n" if heatmap else ""
+    return f"""# Composite model
 
 Made by mastermerge {__version__}: at every depth, the candidate whose weight matrices score best
 supplies the block. {selection_sentence(plan.selection)} Granularity: {plan.selection.granularity}.
@@ -68,9 +81,62 @@ Scores are the {rule_of(plan.selection).label} over the matrices of each group; 
 supplies its tensors.
 
 {chr(10).join(table)}
-{heatmap}
-Every metric of every matrix is in merge_report.json.
-"""
+{heatmap}"""
+
+
+def expansion_section(expansion: Expansion, curve: str | None) -> str:
+    rows = "\n".join(f"| {a.source} | {a.depth} | {fmt_score(a.score)} |" for a in expansion.added)
+    init = ("`identity`: each copy's residual-writing projections are zero, so the expanded model computes "
+            "the same function as before and can be fine-tuned from there" if expansion.init == "identity"
+            else "`copy`: each copy is an exact duplicate of its source block")
+    curve = f"\n![importance by depth]({curve})\n" if curve else ""
+    return f"""## Layer expansion (DLEC)
+
+{parameter_line(expansion)}; {len(expansion.added)} block(s) added, each right after its source.
+Importance: {IMPORTANCE_LABELS[expansion.importance]}, from {expansion.basis}.
+Initialisation: {init}.
+
+| copied block | new depth | importance |
+|---|---|---|
+{rows}
+{curve}"""
+
+
+def expansion_table(plan: Plan) -> str:
+    """The expansion for the terminal: parameters, what the scores are, and every block's score with
+    the depths of its copies."""
+    expansion = plan.expansion
+    copies: dict[int, list[int]] = {}
+    for added in expansion.added:
+        copies.setdefault(added.source, []).append(added.depth)
+    lines = [f"expansion: {parameter_line(expansion)}; init: {expansion.init}",
+             f"importance: {IMPORTANCE_LABELS[expansion.importance]}, from {expansion.basis}"
+             + (" (cached)" if expansion.stats_reused else "")]
+    if expansion.note:
+        lines.append(f"note: {expansion.note}")
+    lines.append(f"{'depth':<7}{'importance':<14}copied to")
+    for depth, score in enumerate(expansion.scores):
+        to = ", ".join(str(d) for d in copies.get(depth, []))
+        lines.append(f"{depth:<7}{fmt_score(score):<14}{to}".rstrip())
+    lines.append("config.json: " + "; ".join(expansion.config_changes))
+    return "\n".join(lines)
+
+
+def parameter_line(expansion: Expansion) -> str:
+    """'parameters 2.78B -> 3.25B (+17.0%)'."""
+    before, after = expansion.params_before, expansion.params_after
+    return f"parameters {human_count(before)} -> {human_count(after)} ({(after - before) / before:+.1%})"
+
+
+def human_count(n: int) -> str:
+    for size, unit in ((10**12, "T"), (10**9, "B"), (10**6, "M"), (10**3, "K")):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def fmt_score(score: float | None) -> str:
+    return "-" if score is None else f"{score:.4g}"
 
 
 def selection_sentence(selection: Selection) -> str:

@@ -3,11 +3,13 @@
 Everything is built in a temporary sibling of the output directory and renamed into place at
 the end (staging.py), so an error or Ctrl-C leaves nothing half-written at the destination. Shards are
 written tensor by tensor (header first, then each tensor's bytes), so memory holds one tensor
-at a time; an unconverted tensor is copied byte for byte from its source.
+at a time; an unconverted tensor is copied byte for byte from its source, and every entry is
+written as data of its own (a duplicated block's copy included: no shared storage).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -21,7 +23,7 @@ from .checkpoint import SAFETENSORS_DTYPES, Checkpoint, numel, tensor_bytes
 from .config import MergeConfig
 from .errors import OutputError
 from .plan import Plan, PlanEntry
-from .plots import merge_heatmap
+from .plots import expansion_curve, merge_heatmap
 from .report import model_card, report_of
 from .staging import staged_dir
 
@@ -37,7 +39,8 @@ def write_merge(plan: Plan, config: MergeConfig, quiet: bool = False) -> Path:
         write_config(plan, tmp)
         copy_side_files(plan.sources[plan.base], tmp)
         heatmap = merge_heatmap(plan, tmp)
-        (tmp / "README.md").write_text(model_card(plan, heatmap), encoding="utf-8")
+        curve = expansion_curve(plan, tmp)
+        (tmp / "README.md").write_text(model_card(plan, heatmap, curve), encoding="utf-8")
         report = report_of(plan, config, shards)
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2, default=str, allow_nan=False) + "\n",
                                                encoding="utf-8")
@@ -101,7 +104,10 @@ def write_shard(path: Path, entries: list[PlanEntry], checkpoints: dict[str, Che
 
 
 def entry_data(entry: PlanEntry, checkpoint: Checkpoint):
-    """The bytes to write: the source's own bytes, or the tensor converted to the output dtype."""
+    """The bytes to write: the source's own bytes, the tensor converted to the output dtype, or
+    zeros (an identity-initialised copy's residual writers)."""
+    if entry.transform == "zero":
+        return bytes(entry_bytes(entry))
     if checkpoint.tensors[entry.tensor].dtype == entry.dtype:
         return checkpoint.read_bytes(entry.tensor)
     return tensor_bytes(checkpoint.read(entry.tensor).to(SAFETENSORS_DTYPES[entry.dtype]))
@@ -112,8 +118,9 @@ def entry_bytes(entry: PlanEntry) -> int:
 
 
 def write_config(plan: Plan, tmp: Path) -> None:
-    """config.json of the base, with the dtype updated if the plan converts every tensor."""
-    config = json.loads((plan.sources[plan.base] / "config.json").read_text(encoding="utf-8"))
+    """config.json of the base (or the plan's, after an expansion), with the dtype updated if the
+    plan converts every tensor."""
+    config = copy.deepcopy(plan.config) if plan.config else json.loads((plan.sources[plan.base] / "config.json").read_text(encoding="utf-8"))
     dtypes = {e.dtype for e in plan.entries if e.dtype in TORCH_DTYPE_NAMES}
     if len(dtypes) == 1:
         dtype = TORCH_DTYPE_NAMES[dtypes.pop()]

@@ -1,0 +1,166 @@
+"""DLEC layer expansion: a Plan -> Plan rewrite that duplicates the blocks that matter most.
+
+Seed 001 grows a model by copying its most beneficial layers instead of stacking whole ranges
+as passthrough frankenmerges do. Here:
+
+1. every block gets an importance score (importance.py: block influence on a calibration text
+   by default, the original heavy-tail share, or the NER of its weights);
+2. the blocks to copy are an explicit `layers` list, the `add_layers` most important blocks, or
+   the most important blocks whose parameters bring the model closest to `growth` (0.16: ~16%
+   more parameters);
+3. each copy is inserted right after its source, every later block is renumbered, and the
+   config is rewritten: the layer count, every per-layer list (layer_types, ...), the layer-index
+   lists (mlp_only_layers, moe_layers) and Qwen's max_window_layers;
+4. with `init: identity` the copy's residual-writing projections (o_proj, down_proj and their
+   kin, weights and biases) are zero, so the copy adds nothing to the residual stream and the
+   expanded model computes exactly the function of the original, ready to be fine-tuned.
+
+Every copy is a plan entry of its own, so the writer stores it as separate data.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+
+from .checkpoint import numel
+from .config import DlecOptions
+from .errors import ConfigError, ModelError
+from .importance import layer_importance
+from .layout import Layout, layout_of
+from .plan import AddedLayer, Expansion, Plan, PlanEntry, output_order
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+INDEX_LIST_KEYS = ("mlp_only_layers", "moe_layers")
+NOT_PER_LAYER = re.compile(r"^(architectures|.*token_ids?|.*suppress_tokens|bad_words_ids|forced_decoder_ids)$")
+RESIDUAL_WRITER = re.compile(r"(?:^|\.)(?:o_proj|down_proj|c_proj|out_proj|dense_4h_to_h|fc2|fc_out|w2|wo|"
+                             r"attention\.dense|self_attention\.dense|self_attn\.dense)\.(?:weight|bias)$")
+ATTENTION = re.compile(r"attn|attention")
+POST_NORM_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert",
+                   "deberta", "deberta-v2", "mpnet")
+
+
+def expanded(plan: Plan, options: DlecOptions, cache, device: str, quiet: bool) -> Plan:
+    """The plan with the chosen blocks duplicated, renumbered, and its config rewritten."""
+    layout = layout_of([e.name for e in plan.entries])
+    config_file = plan.sources[plan.base] / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if options.init == "identity":
+        check_pre_norm(config, options)
+    importance = layer_importance(plan, layout, options, cache, device, quiet)
+    sizes = [sum(numel(e.shape) for e in plan.entries if layout.depths[e.name] == d) for d in range(layout.num_layers)]
+    before = sum(numel(e.shape) for e in plan.entries)
+    layer_map = expanded_layers(layout.num_layers, layers_to_copy(importance.scores, sizes, before, options))
+    entries = expanded_entries(plan.entries, layout, layer_map, options)
+    new_config, changes = expanded_config(config, layout.num_layers, layer_map, config_file)
+    added = [AddedLayer(source, depth, importance.scores[source])
+             for depth, source in enumerate(layer_map) if depth and layer_map[depth - 1] == source]
+    expansion = Expansion(importance=importance.kind, scores=importance.scores, added=added, init=options.init,
+                          params_before=before, params_after=sum(numel(e.shape) for e in entries),
+                          layer_map=layer_map, basis=importance.basis, config_changes=changes,
+                          note=importance.note, stats_reused=importance.reused)
+    return dataclasses.replace(plan, entries=entries, config=new_config, expansion=expansion)
+
+
+def check_pre_norm(config: dict, options: DlecOptions) -> None:
+    """init: identity needs blocks that add their output to an unnormalised residual stream."""
+    post_norm = (config.get("model_type") in POST_NORM_TYPES or config.get("do_layer_norm_before") is False
+                 or config.get("apply_residual_connection_post_layernorm") is True)
+    if post_norm:
+        raise ConfigError(f"{options.where}: {options.key('init')}: identity needs pre-norm blocks, but "
+                          f"{config.get('model_type')} normalises after adding each block's output, so no copy "
+                          f"can pass its input through unchanged; use init: copy")
+
+
+def layers_to_copy(scores: list[float | None], sizes: list[int], total: int, options: DlecOptions) -> list[int]:
+    """The depths to duplicate, in depth order (a depth listed twice gets two copies)."""
+    n = len(scores)
+    if options.layers is not None:
+        missing = [d for d in options.layers if d >= n]
+        if missing:
+            raise ConfigError(f"{options.where}: {options.key('layers')}: layer {missing[0]} does not exist; the "
+                              f"model has {n} layers (0 to {n - 1})")
+        return list(options.layers)
+    ranked = sorted(range(n), key=lambda d: (scores[d] is None, -(scores[d] or 0.0), d))
+    if options.add_layers is not None:
+        if options.add_layers > n:
+            raise ConfigError(f"{options.where}: {options.key('add_layers')}: {options.add_layers} is more than the "
+                              f"{n} layers of the model (each is copied at most once; to copy one twice, "
+                              f"list it twice in {options.key('layers')})")
+        return sorted(ranked[:options.add_layers])
+    target, added, count, gap = options.growth * total, 0, 0, options.growth * total
+    for i, depth in enumerate(ranked):
+        added += sizes[depth]
+        if abs(added - target) < gap:
+            count, gap = i + 1, abs(added - target)
+    if count == 0:
+        raise ConfigError(f"{options.where}: {options.key('growth')}: {options.growth:g} of {total:,} parameters is "
+                          f"less than half of one block ({min(sizes):,}); use {options.key('add_layers')}: 1")
+    return sorted(ranked[:count])
+
+
+def expanded_layers(num_layers: int, copies: list[int]) -> list[int]:
+    """Output depth -> source depth: every block, each followed by its copies."""
+    return [d for d in range(num_layers) for _ in range(1 + copies.count(d))]
+
+
+def expanded_entries(entries: list[PlanEntry], layout: Layout, layer_map: list[int],
+                     options: DlecOptions) -> list[PlanEntry]:
+    """The plan's entries with every block at its new depth and each copy as entries of its own
+    (the residual writers zeroed with init: identity), in output order."""
+    placed = [(e, layout.depths[e.name]) for e in entries if layout.depths[e.name] is None]
+    for depth, source in enumerate(layer_map):
+        is_copy = depth > 0 and layer_map[depth - 1] == source
+        block = [e for e in entries if layout.depths[e.name] == source]
+        zeroed = identity_writers(block, source, options) if is_copy and options.init == "identity" else set()
+        prefix, renamed = f"{layout.stack}.{source}.", f"{layout.stack}.{depth}."
+        for e in block:
+            placed.append((dataclasses.replace(e, name=renamed + e.name[len(prefix):],
+                                               transform="zero" if e.name in zeroed else e.transform), depth))
+    return [e for e, _ in sorted(placed, key=lambda p: output_order(p[0].name, p[1]))]
+
+
+def identity_writers(block: list[PlanEntry], depth: int, options: DlecOptions) -> set[str]:
+    """The tensors of a block that write into the residual stream, for both the attention and the
+    MLP; refused when either is not found (an architecture we do not know)."""
+    writers = {e.name for e in block if RESIDUAL_WRITER.search(e.name)}
+    attention = {w for w in writers if ATTENTION.search(w)}
+    if not attention or not writers - attention:
+        found = ", ".join(sorted(writers)) or "none"
+        raise ConfigError(f"{options.where}: {options.key('init')}: identity needs the residual-writing projections "
+                          f"of both the attention and the MLP of block {depth} (o_proj/down_proj or their kin); "
+                          f"found {found}; use init: copy")
+    return writers
+
+
+def expanded_config(config: dict, num_layers: int, layer_map: list[int], config_file) -> tuple[dict, list[str]]:
+    """config.json for the expanded model, and a list of what changed."""
+    new = copy.deepcopy(config)
+    section, where = new, ""
+    if not any(k in new for k in LAYER_COUNT_KEYS) and isinstance(new.get("text_config"), dict):
+        section, where = new["text_config"], "text_config."
+    counts = [k for k in LAYER_COUNT_KEYS if k in section]
+    if not counts:
+        raise ModelError(f"{config_file}: no layer count ({', '.join(LAYER_COUNT_KEYS)}) found; cannot expand "
+                         f"this architecture")
+    changes = []
+    for key in counts:
+        if section[key] != num_layers:
+            raise ModelError(f"{config_file}: {where}{key} is {section[key]!r}, but the weights have "
+                             f"{num_layers} blocks")
+        section[key] = len(layer_map)
+        changes.append(f"{where}{key}: {num_layers} -> {len(layer_map)}")
+    for key, value in section.items():
+        if key in INDEX_LIST_KEYS and isinstance(value, list):
+            section[key] = [depth for depth, source in enumerate(layer_map) if source in value]
+            changes.append(f"{where}{key}: layer indices renumbered")
+        elif isinstance(value, list) and len(value) == num_layers and not NOT_PER_LAYER.match(key):
+            section[key] = [value[source] for source in layer_map]
+            changes.append(f"{where}{key}: per-layer list expanded")
+    window = section.get("max_window_layers")
+    if isinstance(window, int) and not isinstance(window, bool):
+        section["max_window_layers"] = sum(source < window for source in layer_map)
+        changes.append(f"{where}max_window_layers: {window} -> {section['max_window_layers']}")
+    return new, changes

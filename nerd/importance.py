@@ -1,0 +1,303 @@
+"""Layer importance for DLEC: how much each transformer block matters, from activations or weights.
+
+Activation importance runs a calibration text (the user's file, or the built-in calibration.txt)
+through the model with transformers, in windows of up to 512 tokens (fewer if the model's context
+is shorter), and hooks every block to see its input and output hidden states at every token
+position. Per block it keeps a few sums (LayerStats), stored in the metric cache's SQLite file so
+a second run with the same model and text runs nothing. The scores, higher meaning more important:
+
+- block_influence: 1 - the mean over token positions of cos(block input, block output), the
+  Block Influence of ShortGPT (Men et al., 2024): a block that barely turns the hidden state
+  contributes little.
+- heavy_tail: the share of the block's output activations more than 3 standard deviations from
+  their token's mean (z-scores over the hidden dimensions of each position): the original DLEC
+  statistic, over every position instead of position 0 and with a fixed cut instead of a
+  histogram-derived one.
+- ner: the mean NER of the block's 2-D matrices, from the weights alone (no transformers needed).
+
+The model runs from the base's directory with transformers (trust_remote_code only when the
+options say so); tensors a merge takes from other candidates are copied into it first, so the
+scores are those of the composite that will be written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint
+from .config import DlecOptions
+from .errors import ConfigError, ModelError
+from .layout import Layout
+from .plan import Plan
+from .spectra import spectrum_of
+
+if TYPE_CHECKING:
+    from .cache import MetricCache
+
+ACTIVATION_VERSION = "1"  # of the statistics below: a change makes the cache measure again
+TAIL_Z = 3.0
+WINDOW = 512
+BUILT_IN_TEXT = Path(__file__).with_name("calibration.txt")
+IMPORTANCE_LABELS = {
+    "block_influence": "block influence (1 - mean cos(block input, output))",
+    "heavy_tail": "heavy-tail share (|z| > 3 in the block output)",
+    "ner": "mean NER of the block's matrices",
+}
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """What the calibration run measured at one block, as sums over every token position."""
+
+    tokens: int
+    cos_sum: float  # sum of cos(input, output)
+    tail_count: int  # output entries with |z| > TAIL_Z
+    entries: int  # output entries seen (tokens x hidden size)
+    update_sum: float  # sum of |output - input| / |input|
+
+    def score(self, kind: str) -> float | None:
+        if not self.tokens:
+            return None
+        if kind == "block_influence":
+            return 1.0 - self.cos_sum / self.tokens
+        return self.tail_count / self.entries
+
+
+@dataclass(frozen=True)
+class Importance:
+    """One score per block (by depth), what they were computed from, and whether the cache had them."""
+
+    kind: str
+    scores: list[float | None]
+    basis: str
+    note: str | None = None
+    reused: bool = False
+
+
+def layer_importance(plan: Plan, layout: Layout, options: DlecOptions, cache: MetricCache, device: str,
+                     quiet: bool) -> Importance:
+    """Every block's importance, by the kind the options ask for (see the module docstring)."""
+    kind, note = importance_kind(options)
+    if kind == "ner":
+        return Importance("ner", weight_scores(plan, layout, cache, device, quiet), "weights", note)
+    stats, basis, reused = activation_stats(plan, layout, options, cache, device, quiet)
+    return Importance(kind, [s.score(kind) for s in stats], basis, note, reused)
+
+
+def importance_kind(options: DlecOptions) -> tuple[str, str | None]:
+    """The kind asked for; without one, block_influence, or ner (with a note) without transformers."""
+    if options.importance == "ner":
+        return "ner", None
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        if options.importance is None:
+            return "ner", "transformers is not installed, so importance is measured on the weights (NER)"
+        raise ConfigError(f"{options.where}: {options.key('importance')}: {options.importance} runs the model "
+                          f"with transformers, which is not installed (pip install 'mastermerge[transformers]'); "
+                          f"or use {options.key('importance')}: ner") from None
+    return options.importance or "block_influence", None
+
+
+def weight_scores(plan: Plan, layout: Layout, cache: MetricCache, device: str, quiet: bool) -> list[float | None]:
+    """Mean NER of each block's 2-D matrices in the plan (None if any has none), reusing the plan's
+    metrics and computing (and caching) those it lacks."""
+    blocks = [[e for e in plan.entries if layout.depths[e.name] == d and len(e.shape) == 2]
+              for d in range(layout.num_layers)]
+    scores = []
+    with ExitStack() as stack, tqdm(total=sum(map(len, blocks)), desc="importance", unit="matrix",
+                                    disable=quiet) as bar:
+        checkpoints: dict[str, Checkpoint] = {}
+        for entries in blocks:
+            values = []
+            for entry in entries:
+                metrics = plan.metrics.get(entry.source, {}).get(entry.tensor)
+                if metrics is None:
+                    if entry.source not in checkpoints:
+                        checkpoints[entry.source] = stack.enter_context(Checkpoint.open(plan.sources[entry.source]))
+                    checkpoint = checkpoints[entry.source]
+                    if not checkpoint.tensors[entry.tensor].is_matrix:
+                        bar.update()
+                        continue
+                    metrics = cache.metrics(checkpoint, entry.tensor, lambda w: spectrum_of(w, device))
+                values.append(metrics["ner"])
+                bar.update()
+            scores.append(None if not values or None in values else sum(values) / len(values))
+    return scores
+
+
+def activation_stats(plan: Plan, layout: Layout, options: DlecOptions, cache: MetricCache, device: str,
+                     quiet: bool) -> tuple[list[LayerStats], str, bool]:
+    """The LayerStats of every block on the calibration text, from the cache or from a run; with a
+    sentence saying what they were computed from, and whether they came from the cache."""
+    import transformers
+
+    base_dir = plan.sources[plan.base]
+    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    if "auto_map" in config and not options.trust_remote_code:
+        raise ConfigError(f"{options.where}: {options.key('trust_remote_code')}: {base_dir}/config.json asks for "
+                          f"the model's own code (auto_map), which runs only with "
+                          f"{options.key('trust_remote_code')}: true (if you trust it), or use "
+                          f"{options.key('importance')}: ner")
+    text, text_name = calibration_text(options)
+    ids = token_ids(transformers, base_dir, text, options)
+    window = min([WINDOW] + [config[k] for k in CONTEXT_KEYS if isinstance(config.get(k), int) and config[k] > 0])
+    windows = [ids[i:i + window] for i in range(0, len(ids), window)]
+    basis = f"{text_name}, {len(ids)} tokens in {len(windows)} windows of up to {window}"
+    text_key = hashlib.sha256(json.dumps([window, ids]).encode()).hexdigest()
+    model_key = model_digest(plan, cache)
+    stats = cache.layer_stats(model_key, text_key)
+    if stats is not None:
+        return stats, basis, True
+    started = time.perf_counter()
+    model = composite_model(transformers, plan, options, device)
+    stats = run_calibration(model, block_modules(model, layout, base_dir), windows, device, quiet)
+    cache.store_layer_stats(model_key, text_key, stats,
+                            {"model_ref": plan.base if len(plan.candidates) == 1 else f"merge of {plan.candidates}",
+                             "text_name": text_name, "tokens": len(ids), "windows": len(windows),
+                             "seconds": time.perf_counter() - started})
+    return stats, basis, False
+
+
+def calibration_text(options: DlecOptions) -> tuple[str, str]:
+    """The text and how to name it: the user's file, or the built-in one."""
+    path = options.calibration or BUILT_IN_TEXT
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{options.where}: {options.key('calibration')}: {path} is not UTF-8 text "
+                          f"(byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{options.where}: {options.key('calibration')}: cannot read {path} ({exc.strerror})") from None
+    if not text.strip():
+        raise ConfigError(f"{options.where}: {options.key('calibration')}: {path} is empty")
+    return text, ("the built-in calibration text" if options.calibration is None else str(path))
+
+
+def token_ids(transformers, base_dir: Path, text: str, options: DlecOptions) -> list[int]:
+    """The text's first `max_tokens` token ids, by the base model's own tokenizer."""
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir, trust_remote_code=options.trust_remote_code)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError ... for a missing tokenizer
+        raise ModelError(f"{base_dir}: no tokenizer that transformers can load ({first_line(exc)}); the calibration "
+                         f"text needs one, or use {options.key('importance')}: ner") from None
+    ids = list(tokenizer(text, verbose=False)["input_ids"])[:options.max_tokens]
+    if len(ids) < 2:
+        raise ConfigError(f"{options.where}: {options.key('calibration')}: the calibration text gives "
+                          f"{len(ids)} token(s); at least 2 are needed")
+    return ids
+
+
+def model_digest(plan: Plan, cache: MetricCache) -> str:
+    """A digest of the model the calibration runs: the base's config.json and the content digest of
+    every tensor the plan takes, wherever it comes from."""
+    digest = hashlib.sha256((plan.sources[plan.base] / "config.json").read_bytes())
+    with ExitStack() as stack:
+        checkpoints = {c: stack.enter_context(Checkpoint.open(plan.sources[c])) for c in {e.source for e in plan.entries}}
+        for entry in plan.entries:
+            digest.update(f"{entry.name}\0{cache.tensor_digest(checkpoints[entry.source], entry.tensor)}\0".encode())
+    return digest.hexdigest()
+
+
+def composite_model(transformers, plan: Plan, options: DlecOptions, device: str) -> torch.nn.Module:
+    """The base loaded with transformers, with every tensor the plan takes from another candidate
+    copied in: the model the plan describes, before any expansion."""
+    base_dir = plan.sources[plan.base]
+    dtype = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": "auto"}
+    kwargs = dict(trust_remote_code=options.trust_remote_code, **dtype)
+    try:
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
+        except ValueError:  # not a causal LM: an encoder such as BERT
+            model = transformers.AutoModel.from_pretrained(base_dir, **kwargs)
+    except Exception as exc:
+        raise ModelError(f"{base_dir}: transformers {transformers.__version__} cannot load this model to run the "
+                         f"calibration text ({first_line(exc)}); use {options.key('importance')}: ner") from None
+    state = model.state_dict()
+    with ExitStack() as stack, torch.no_grad():
+        checkpoints: dict[str, Checkpoint] = {}
+        for entry in plan.entries:
+            if entry.source == plan.base:
+                continue
+            if entry.name not in state:
+                raise ModelError(f"{base_dir}: the composite's tensor '{entry.name}' (from '{entry.source}') has no "
+                                 f"place in the transformers model; use {options.key('importance')}: ner")
+            if entry.source not in checkpoints:
+                checkpoints[entry.source] = stack.enter_context(Checkpoint.open(plan.sources[entry.source]))
+            state[entry.name].copy_(checkpoints[entry.source].read(entry.tensor))
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False
+    return model.to(device).eval()
+
+
+def block_modules(model: torch.nn.Module, layout: Layout, base_dir: Path) -> torch.nn.ModuleList:
+    """The model's list of transformer blocks: the module named like the checkpoint's block stack
+    (model.layers, transformer.h, ...), or the same path without its leading parts (an encoder
+    loaded without its task head)."""
+    parts = layout.stack.split(".")
+    for start in range(len(parts)):
+        try:
+            module = model.get_submodule(".".join(parts[start:]))
+        except AttributeError:
+            continue
+        if isinstance(module, torch.nn.ModuleList) and len(module) == layout.num_layers:
+            return module
+    raise ModelError(f"{base_dir}: no list of {layout.num_layers} blocks named '{layout.stack}' in the "
+                     f"transformers model {type(model).__name__}; use importance: ner")
+
+
+def run_calibration(model: torch.nn.Module, blocks: torch.nn.ModuleList, windows: list[list[int]], device: str,
+                    quiet: bool) -> list[LayerStats]:
+    """Run every window through the model and sum each block's statistics over every token position."""
+    sums = [[0, 0.0, 0, 0, 0.0] for _ in blocks]
+    problems: list[str] = []
+
+    def recorder(depth: int):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs.get("hidden_states")
+            y = output[0] if isinstance(output, (tuple, list)) else output
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape):
+                problems.append(f"block {depth} does not map hidden states to hidden states")
+                return
+            add_block_sums(sums[depth], x.detach().reshape(-1, x.shape[-1]), y.detach().reshape(-1, y.shape[-1]))
+        return hook
+
+    handles = [block.register_forward_hook(recorder(depth), with_kwargs=True) for depth, block in enumerate(blocks)]
+    try:
+        with torch.inference_mode():
+            for window in tqdm(windows, desc="calibration", unit="window", disable=quiet):
+                model(input_ids=torch.tensor([window], device=device))
+                if problems:
+                    raise ModelError(f"cannot measure the activations: {problems[0]}; use importance: ner")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [LayerStats(*s) for s in sums]
+
+
+def add_block_sums(sums: list, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Add one window's positions (rows of x: block input, y: block output) to a block's sums."""
+    x, y = x.double(), y.double()
+    centred = y - y.mean(dim=1, keepdim=True)
+    spread = centred.pow(2).mean(dim=1, keepdim=True).sqrt()
+    tail = (centred.abs() > TAIL_Z * spread) & (spread > 0)
+    sums[0] += x.shape[0]
+    sums[1] += float(torch.nn.functional.cosine_similarity(x, y, dim=1, eps=1e-30).sum())
+    sums[2] += int(tail.sum())
+    sums[3] += y.numel()
+    sums[4] += float(((y - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-30)).sum())
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

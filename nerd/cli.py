@@ -127,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     elif argv[:1] == ["expand"]:
         args, action = expand_parser().parse_args(argv[1:]), run_expand
     elif "analyze" in argv or "expand" in argv:
-        parser().error("a command must come first: mastermerge analyze MODEL [MODEL ...] --out DIR, or "
-                       "mastermerge expand MODEL --out DIR [options]")
+        command = "analyze" if "analyze" in argv else "expand"
+        parser().error(f"'{command}' must come first: mastermerge analyze MODEL [MODEL ...] --out DIR, or "
+                       f"mastermerge expand MODEL --out DIR [options]")
     else:
         args, action = parser().parse_args(argv), run
     if args.quiet:
@@ -186,7 +187,8 @@ def run_configs(configs: list, args: argparse.Namespace) -> int:
                         print(f"wrote {plan.output_dir}")
                 results.append(summary_of(config, plan, written=not args.dry_run))
             except MergeError as exc:
-                results.append({"config": str(config.source) if config.source else None, "error": str(exc), "exit_code": exc.exit_code})
+                results.append({"config": str(config.source) if config.source else None, "error": str(exc),
+                                "exit_code": exc.exit_code})
                 raise
     finally:
         cache.close()

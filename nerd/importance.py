@@ -142,6 +142,8 @@ def activation_stats(plan: Plan, layout: Layout, options: DlecOptions, cache: Me
     sentence saying what they were computed from, and whether they came from the cache."""
     import transformers
 
+    if quiet:
+        transformers.utils.logging.disable_progress_bar()
     base_dir = plan.sources[plan.base]
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     if "auto_map" in config and not options.trust_remote_code:
@@ -178,7 +180,8 @@ def calibration_text(options: DlecOptions) -> tuple[str, str]:
         raise ConfigError(f"{options.where}: {options.key('calibration')}: {path} is not UTF-8 text "
                           f"(byte {exc.start})") from None
     except OSError as exc:
-        raise ConfigError(f"{options.where}: {options.key('calibration')}: cannot read {path} ({exc.strerror})") from None
+        raise ConfigError(f"{options.where}: {options.key('calibration')}: cannot read {path} "
+                          f"({exc.strerror})") from None
     if not text.strip():
         raise ConfigError(f"{options.where}: {options.key('calibration')}: {path} is empty")
     return text, ("the built-in calibration text" if options.calibration is None else str(path))
@@ -203,7 +206,8 @@ def model_digest(plan: Plan, cache: MetricCache) -> str:
     every tensor the plan takes, wherever it comes from."""
     digest = hashlib.sha256((plan.sources[plan.base] / "config.json").read_bytes())
     with ExitStack() as stack:
-        checkpoints = {c: stack.enter_context(Checkpoint.open(plan.sources[c])) for c in {e.source for e in plan.entries}}
+        checkpoints = {c: stack.enter_context(Checkpoint.open(plan.sources[c]))
+                       for c in {e.source for e in plan.entries}}
         for entry in plan.entries:
             digest.update(f"{entry.name}\0{cache.tensor_digest(checkpoints[entry.source], entry.tensor)}\0".encode())
     return digest.hexdigest()
@@ -211,18 +215,25 @@ def model_digest(plan: Plan, cache: MetricCache) -> str:
 
 def composite_model(transformers, plan: Plan, options: DlecOptions, device: str) -> torch.nn.Module:
     """The base loaded with transformers, with every tensor the plan takes from another candidate
-    copied in: the model the plan describes, before any expansion."""
+    copied in: the model the plan describes, before any expansion. The class is the one config.json
+    names (its `architectures`), so the checkpoint's tensors fit it; else the causal-LM auto class."""
     base_dir = plan.sources[plan.base]
+    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    named = (config.get("architectures") or [None])[0]
+    classes = [getattr(transformers, named, None) if isinstance(named, str) and "auto_map" not in config else None,
+               transformers.AutoModelForCausalLM, transformers.AutoModel]
     dtype = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": "auto"}
     kwargs = dict(trust_remote_code=options.trust_remote_code, **dtype)
-    try:
+    model, error = None, None
+    for cls in filter(None, classes):
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
-        except ValueError:  # not a causal LM: an encoder such as BERT
-            model = transformers.AutoModel.from_pretrained(base_dir, **kwargs)
-    except Exception as exc:
+            model = cls.from_pretrained(base_dir, **kwargs)
+            break
+        except Exception as exc:  # ValueError for a class that does not fit, OSError for files, ...
+            error = error or exc
+    if model is None:
         raise ModelError(f"{base_dir}: transformers {transformers.__version__} cannot load this model to run the "
-                         f"calibration text ({first_line(exc)}); use {options.key('importance')}: ner") from None
+                         f"calibration text ({first_line(error)}); use {options.key('importance')}: ner")
     state = model.state_dict()
     with ExitStack() as stack, torch.no_grad():
         checkpoints: dict[str, Checkpoint] = {}
@@ -241,18 +252,19 @@ def composite_model(transformers, plan: Plan, options: DlecOptions, device: str)
 
 
 def block_modules(model: torch.nn.Module, layout: Layout, base_dir: Path) -> torch.nn.ModuleList:
-    """The model's list of transformer blocks: the module named like the checkpoint's block stack
-    (model.layers, transformer.h, ...), or the same path without its leading parts (an encoder
-    loaded without its task head)."""
-    parts = layout.stack.split(".")
-    for start in range(len(parts)):
-        try:
-            module = model.get_submodule(".".join(parts[start:]))
-        except AttributeError:
-            continue
+    """The model's list of transformer blocks: the module list named like the checkpoint's block
+    stack (model.layers, transformer.h, ...), or that name with a prefix added or removed (a model
+    class with or without a task head around the same blocks)."""
+    stack, found = layout.stack, []
+    for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == layout.num_layers:
-            return module
-    raise ModelError(f"{base_dir}: no list of {layout.num_layers} blocks named '{layout.stack}' in the "
+            if name == stack:
+                return module
+            if name.endswith("." + stack) or stack.endswith("." + name):
+                found.append(module)
+    if len(found) == 1:
+        return found[0]
+    raise ModelError(f"{base_dir}: no single list of {layout.num_layers} blocks named like '{stack}' in the "
                      f"transformers model {type(model).__name__}; use importance: ner")
 
 

@@ -120,7 +120,10 @@ def entry_bytes(entry: PlanEntry) -> int:
 def write_config(plan: Plan, tmp: Path) -> None:
     """config.json of the base (or the plan's, after an expansion), with the dtype updated if the
     plan converts every tensor."""
-    config = copy.deepcopy(plan.config) if plan.config else json.loads((plan.sources[plan.base] / "config.json").read_text(encoding="utf-8"))
+    if plan.config is not None:
+        config = copy.deepcopy(plan.config)
+    else:
+        config = json.loads((plan.sources[plan.base] / "config.json").read_text(encoding="utf-8"))
     dtypes = {e.dtype for e in plan.entries if e.dtype in TORCH_DTYPE_NAMES}
     if len(dtypes) == 1:
         dtype = TORCH_DTYPE_NAMES[dtypes.pop()]

@@ -116,3 +116,22 @@ def test_analyze_from_offline_hub_cache(hub, tmp_path):
     assert {r["model"] for r in rows} == {"testorg/tiny-base", "testorg/tiny-ft@v1"}
     assert result["spectra_computed"] + result["spectra_reused"] == len(rows) > 0
     assert result["spectra_computed"] > len(rows) / 2  # identical tensors of the two are computed once
+
+
+def test_expand_a_sharded_model_from_offline_hub_cache(hub, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "grown"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(hub["hf_home"]), HF_HUB_OFFLINE="1", MASTERMERGE_CACHE=str(tmp_path / "c.sqlite"))
+    run = subprocess.run([sys.executable, str(REPO / "mastermerge.py"), "expand", "testorg/tiny-ft@v1", "--out",
+                          str(out), "--add-layers", "1", "--init", "identity", "--json", "--quiet"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    expansion = json.loads(run.stdout)["results"][0]["expansion"]
+    assert expansion["importance"] == "block_influence" and "built-in calibration text" in expansion["basis"]
+    ids = torch.tensor([[1, 30, 60, 90]])
+    with torch.no_grad():
+        before = transformers.AutoModelForCausalLM.from_pretrained(hub["ft"]).eval()(ids).logits
+        after = transformers.AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+    assert torch.allclose(before, after, atol=1e-5, rtol=0)
+    assert "base_model: testorg/tiny-ft" in (out / "README.md").read_text()

@@ -1,14 +1,13 @@
 """End to end: tiny models built offline, merged by the CLI, loaded back with transformers."""
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
+from helpers import reference_ner, tensors_of
 
 from examples.tiny_models import FAMILIES, build_model
 from nerd import MetricCache, load_config, plan_merge
@@ -34,22 +33,6 @@ def write_config(path: Path, models, out: Path, **options) -> Path:
 
 def merge(config: Path, cache: Path, *extra) -> int:
     return main(["--config", str(config), "--cache", str(cache), "--quiet", *extra])
-
-
-def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors model directory, read with the safetensors library."""
-    out = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                out[name] = handle.get_tensor(name)
-    return out
-
-
-def reference_ner(w: torch.Tensor) -> float:
-    s = np.linalg.svd(w.double().numpy(), compute_uv=False)
-    p = s[s > 0] / s.sum()
-    return float(-(p * np.log(p)).sum() / math.log(len(s)))
 
 
 def assert_bytes_follow_plan(out: Path, sources: dict[str, Path]):

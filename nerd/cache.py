@@ -12,7 +12,7 @@ metrics.py): rows of another version are deleted when the cache is opened and re
 
 Two more tables hold what DLEC's calibration run measured (importance.py), so a second run with the
 same model and text runs nothing: `activation_runs` (model digest, text digest, version -> who and
-what, token and window counts, layers, seconds) and `layer_stats` (the same key and a layer -> the
+what, token and window counts, layers, the dtype and device it ran in, seconds) and `layer_stats` (the same key and a layer -> the
 sums its importance scores are made of). The model digest covers config.json and the content digest
 of every tensor; the text digest covers the token ids and the window length.
 
@@ -50,8 +50,8 @@ CREATE TABLE IF NOT EXISTS metrics (
     digest TEXT NOT NULL, version TEXT NOT NULL, metrics TEXT NOT NULL, PRIMARY KEY (digest, version));
 CREATE TABLE IF NOT EXISTS activation_runs (
     model TEXT NOT NULL, text TEXT NOT NULL, version TEXT NOT NULL, model_ref TEXT NOT NULL, text_name TEXT NOT NULL,
-    tokens INTEGER NOT NULL, windows INTEGER NOT NULL, layers INTEGER NOT NULL, seconds REAL NOT NULL,
-    created REAL NOT NULL, PRIMARY KEY (model, text, version));
+    tokens INTEGER NOT NULL, windows INTEGER NOT NULL, layers INTEGER NOT NULL, dtype TEXT NOT NULL,
+    device TEXT NOT NULL, seconds REAL NOT NULL, created REAL NOT NULL, PRIMARY KEY (model, text, version));
 CREATE TABLE IF NOT EXISTS layer_stats (
     model TEXT NOT NULL, text TEXT NOT NULL, version TEXT NOT NULL, layer INTEGER NOT NULL,
     tokens INTEGER NOT NULL, cos_sum REAL NOT NULL, tail_count INTEGER NOT NULL, entries INTEGER NOT NULL,
@@ -173,11 +173,12 @@ class MetricCache:
         return [LayerStats(*row) for row in rows] if len(rows) == run[0] else None
 
     def store_layer_stats(self, model: str, text: str, stats: list[LayerStats], run: dict) -> None:
-        """Record one calibration run: `run` has model_ref, text_name, tokens, windows and seconds."""
+        """Record one calibration run: `run` has model_ref, text_name, tokens, windows, dtype, device
+        and seconds."""
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO activation_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            self.db.execute("INSERT OR REPLACE INTO activation_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (model, text, ACTIVATION_VERSION, run["model_ref"], run["text_name"], run["tokens"],
-                             run["windows"], len(stats), run["seconds"], time.time()))
+                             run["windows"], len(stats), run["dtype"], run["device"], run["seconds"], time.time()))
             self.db.executemany("INSERT OR REPLACE INTO layer_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                 [(model, text, ACTIVATION_VERSION, layer, s.tokens, s.cos_sum, s.tail_count,
                                   s.entries, s.update_sum) for layer, s in enumerate(stats)])

@@ -42,7 +42,7 @@ POST_NORM_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "di
                    "deberta", "deberta-v2", "mpnet")
 
 
-def expanded(plan: Plan, options: DlecOptions, cache, device: str, quiet: bool) -> Plan:
+def expanded(plan: Plan, options: DlecOptions, cache, device, quiet: bool) -> Plan:
     """The plan with the chosen blocks duplicated, renumbered, and its config rewritten."""
     layout = layout_of([e.name for e in plan.entries])
     config_file = plan.sources[plan.base] / "config.json"

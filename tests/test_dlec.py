@@ -134,6 +134,19 @@ def test_identity_expansion_of_other_families(tmp_path, family, writers):
     assert torch.allclose(logits(out, ids), logits(model, ids), atol=1e-5, rtol=0)
 
 
+def test_bf16_model_expanded_into_shards(tmp_path):
+    model = build_model("llama", tmp_path / "bf16", seed=6, num_layers=3, dtype="bfloat16", max_shard_size="40KB")
+    out = tmp_path / "out"
+    assert expand(model, out, "--layers", "2,0", "--init", "identity", "--shard-size", "60KB") == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and "model.layers.4.self_attn.o_proj.weight" in index["weight_map"]
+    report = json.loads((out / "merge_report.json").read_text())
+    check_blocks_follow_map(model, out, report["plan"]["expansion"]["layer_map"], zeroed=("o_proj", "down_proj"))
+    assert {t.dtype for t in tensors_of(out).values()} == {torch.bfloat16}
+    ids = [1, 50, 51, 52]
+    assert torch.equal(logits(out, ids), logits(model, ids))
+
+
 def reference_block_stats(model_dir: Path, windows: list[list[int]]) -> tuple[list[float], list[float]]:
     """Block influence and heavy-tail share of every block, from transformers' own hidden states
     (with the final norm removed, so the last entry is the last block's output)."""
@@ -178,8 +191,10 @@ def test_importance_matches_hidden_states_over_every_position(llama, tmp_path, c
     assert short["scores"] == pytest.approx(reference_block_stats(llama, windows[:1])[0], rel=1e-9, abs=1e-12)
 
     with sqlite3.connect(cache) as db:  # the documented tables, one run per (model, text)
-        runs = db.execute("SELECT tokens, windows, layers, text_name FROM activation_runs ORDER BY tokens").fetchall()
-        assert runs == [(64, 1, 4, str(text.resolve())), (len(ids), len(windows), 4, str(text.resolve()))]
+        runs = db.execute("SELECT tokens, windows, layers, text_name, dtype, device FROM activation_runs "
+                          "ORDER BY tokens").fetchall()
+        name = str(text.resolve())
+        assert runs == [(64, 1, 4, name, "float32", "cpu"), (len(ids), len(windows), 4, name, "float32", "cpu")]
         rows = db.execute("SELECT layer, tokens, cos_sum, tail_count, entries FROM layer_stats WHERE tokens=? "
                           "ORDER BY layer", (len(ids),)).fetchall()
         assert [r[0] for r in rows] == [0, 1, 2, 3] and all(r[1] == len(ids) for r in rows)

@@ -12,9 +12,10 @@ metrics.py): rows of another version are deleted when the cache is opened and re
 
 Two more tables hold what DLEC's calibration run measured (importance.py), so a second run with the
 same model and text runs nothing: `activation_runs` (model digest, text digest, version -> who and
-what, token and window counts, layers, the dtype and device it ran in, seconds) and `layer_stats` (the same key and a layer -> the
-sums its importance scores are made of). The model digest covers config.json and the content digest
-of every tensor; the text digest covers the token ids and the window length.
+what, token and window counts, layers, the dtype and device it ran in, seconds) and `layer_stats`
+(the same key and a layer -> the sums its importance scores are made of). The model digest covers
+config.json and the content digest of every tensor; the text digest covers the token ids and the
+window length.
 
 Default location: $MASTERMERGE_CACHE, else $XDG_CACHE_HOME/mastermerge/metrics.sqlite, else
 ~/.cache/mastermerge/metrics.sqlite. Delete the file to clear it.

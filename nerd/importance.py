@@ -113,7 +113,8 @@ def importance_kind(options: DlecOptions) -> tuple[str, str | None]:
     return options.importance or "block_influence", None
 
 
-def weight_scores(plan: Plan, layout: Layout, cache: MetricCache, device: torch.device, quiet: bool) -> list[float | None]:
+def weight_scores(plan: Plan, layout: Layout, cache: MetricCache, device: torch.device,
+                  quiet: bool) -> list[float | None]:
     """Mean NER of each block's 2-D matrices in the plan (None if any has none), reusing the plan's
     metrics and computing (and caching) those it lacks."""
     blocks = [[e for e in plan.entries if layout.depths[e.name] == d and len(e.shape) == 2]

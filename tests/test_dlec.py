@@ -139,7 +139,8 @@ def test_bf16_model_expanded_into_shards(tmp_path):
     out = tmp_path / "out"
     assert expand(model, out, "--layers", "2,0", "--init", "identity", "--shard-size", "60KB") == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert len(set(index["weight_map"].values())) > 1 and "model.layers.4.self_attn.o_proj.weight" in index["weight_map"]
+    assert len(set(index["weight_map"].values())) > 1
+    assert "model.layers.4.self_attn.o_proj.weight" in index["weight_map"]
     report = json.loads((out / "merge_report.json").read_text())
     check_blocks_follow_map(model, out, report["plan"]["expansion"]["layer_map"], zeroed=("o_proj", "down_proj"))
     assert {t.dtype for t in tensors_of(out).values()} == {torch.bfloat16}

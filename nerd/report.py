@@ -90,10 +90,11 @@ def expansion_section(expansion: Expansion, curve: str | None) -> str:
             "the same function as before and can be fine-tuned from there" if expansion.init == "identity"
             else "`copy`: each copy is an exact duplicate of its source block")
     curve = f"\n![importance by depth]({curve})\n" if curve else ""
+    note = f" ({expansion.note})" if expansion.note else ""
     return f"""## Layer expansion (DLEC)
 
 {parameter_line(expansion)}; {len(expansion.added)} block(s) added, each right after its source.
-Importance: {IMPORTANCE_LABELS[expansion.importance]}, from {expansion.basis}.
+Importance: {IMPORTANCE_LABELS[expansion.importance]}, from {expansion.basis}.{note}
 Initialisation: {init}.
 
 | copied block | new depth | importance |

@@ -229,6 +229,8 @@ def test_weight_importance_without_transformers(llama, tmp_path):
     expansion = json.loads(run.stdout)["results"][0]["expansion"]
     assert expansion["importance"] == "ner" and "transformers is not installed" in expansion["note"]
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 5
+    assert "(transformers is not installed, so importance is measured on the weights (NER))" in \
+        (out / "README.md").read_text()
     refused = run_without_transformers("expand", llama, "--out", tmp_path / "o2", "--add-layers", 1,
                                        "--importance", "heavy_tail", "--no-cache", cwd=tmp_path)
     assert refused.returncode == 2 and "transformers, which is not installed" in refused.stderr

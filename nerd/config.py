@@ -92,6 +92,12 @@ class DlecOptions:
         """How the user wrote this option: dlec.add_layers in a config, --add-layers on the command line."""
         return "--" + name.replace("_", "-") if self.cli else f"dlec.{name}"
 
+    def setting(self, name: str, value: str) -> str:
+        """How the user would set it: 'dlec.init: copy' in a config, '--init copy' on the command line."""
+        if self.cli:
+            return self.key(name) + ("" if value == "true" else f" {value}")
+        return f"{self.key(name)}: {value}"
+
 
 @dataclass(frozen=True)
 class MergeConfig:
@@ -349,7 +355,7 @@ def dlec_options(value: Any, base_dir: Path, where: str, cli: bool = False) -> D
     given = [k for k in ("add_layers", "growth", "layers") if value.get(k) is not None]
     if len(given) != 1:
         found = " and ".join(key(k) for k in given) if given else "none"
-        raise ConfigError(f"{where}: dlec: give exactly one of {key('add_layers')}, {key('growth')} or "
+        raise ConfigError(f"{where}: {'' if cli else 'dlec: '}give exactly one of {key('add_layers')}, {key('growth')} or "
                           f"{key('layers')}, found {found}")
     add_layers = value.get("add_layers")
     if add_layers is not None and (isinstance(add_layers, bool) or not isinstance(add_layers, int) or add_layers < 1):
@@ -376,11 +382,13 @@ def dlec_options(value: Any, base_dir: Path, where: str, cli: bool = False) -> D
             raise ConfigError(f"{where}: {key('calibration')}: expected the path of a text file, found {calibration!r}")
         path = Path(calibration).expanduser()
         path = path if path.is_absolute() else base_dir / path
+        if path.is_dir():
+            raise ConfigError(f"{where}: {key('calibration')}: '{calibration}' is a directory, not a text file")
         if not path.is_file():
             raise ConfigError(f"{where}: {key('calibration')}: calibration text '{calibration}' not found "
                               f"(looked at {path})")
         if importance == "ner":
-            raise ConfigError(f"{where}: {key('calibration')}: not used with {key('importance')}: ner "
+            raise ConfigError(f"{where}: {key('calibration')}: not used with {blank.setting('importance', 'ner')} "
                               f"(importance from the weights needs no text)")
         calibration = path.resolve()
     max_tokens = value.get("max_tokens", 4096)

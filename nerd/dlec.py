@@ -10,7 +10,11 @@ as passthrough frankenmerges do. Here:
    more parameters);
 3. each copy is inserted right after its source, every later block is renumbered, and the
    config is rewritten: the layer count, every per-layer list (layer_types, ...), the layer-index
-   lists (mlp_only_layers, moe_layers) and Qwen's max_window_layers;
+   lists (mlp_only_layers, moe_layers) and Qwen's max_window_layers; then, when transformers is
+   installed, both architectures are built on the meta device (no memory): per-layer settings the
+   config derives from a rule (a sliding-window pattern) are written out as explicit lists, and an
+   expansion that would make transformers build any block unlike its source (a sparse-step rule
+   for mixture-of-experts layers) is refused;
 4. with `init: identity` the copy's residual-writing projections (o_proj, down_proj and their
    kin, weights and biases) are zero, so the copy adds nothing to the residual stream and the
    expanded model computes exactly the function of the original, ready to be fine-tuned.
@@ -25,10 +29,12 @@ import dataclasses
 import json
 import re
 
+import torch
+
 from .checkpoint import numel
 from .config import DlecOptions
 from .errors import ConfigError, ModelError
-from .importance import layer_importance
+from .importance import block_modules, first_line, layer_importance
 from .layout import Layout, layout_of
 from .plan import AddedLayer, Expansion, Plan, PlanEntry, output_order
 
@@ -36,7 +42,8 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 INDEX_LIST_KEYS = ("mlp_only_layers", "moe_layers")
 NOT_PER_LAYER = re.compile(r"^(architectures|.*token_ids?|.*suppress_tokens|bad_words_ids|forced_decoder_ids)$")
 RESIDUAL_WRITER = re.compile(r"(?:^|\.)(?:o_proj|down_proj|c_proj|out_proj|dense_4h_to_h|fc2|fc_out|w2|wo|"
-                             r"attention\.dense|self_attention\.dense|self_attn\.dense)\.(?:weight|bias)$")
+                             r"attention\.dense|self_attention\.dense|self_attn\.dense)"
+                             r"(?:_bias)?(?:\.(?:weight|bias))?$")  # fused experts: mlp.experts.down_proj(_bias)
 ATTENTION = re.compile(r"attn|attention")
 POST_NORM_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert",
                    "deberta", "deberta-v2", "mpnet")
@@ -55,12 +62,14 @@ def expanded(plan: Plan, options: DlecOptions, cache, device, quiet: bool) -> Pl
     layer_map = expanded_layers(layout.num_layers, layers_to_copy(importance.scores, sizes, before, options))
     entries = expanded_entries(plan.entries, layout, layer_map, options)
     new_config, changes = expanded_config(config, layout.num_layers, layer_map, config_file)
+    unchecked = check_with_transformers(config, new_config, layer_map, layout.stack, changes, config_file)
     added = [AddedLayer(source, depth, importance.scores[source])
              for depth, source in enumerate(layer_map) if depth and layer_map[depth - 1] == source]
     expansion = Expansion(importance=importance.kind, scores=importance.scores, added=added, init=options.init,
                           params_before=before, params_after=sum(numel(e.shape) for e in entries),
                           layer_map=layer_map, basis=importance.basis, config_changes=changes,
-                          note=importance.note, stats_reused=importance.reused)
+                          note="; ".join(filter(None, [importance.note, unchecked])) or None,
+                          stats_reused=importance.reused)
     return dataclasses.replace(plan, entries=entries, config=new_config, expansion=expansion)
 
 
@@ -71,7 +80,7 @@ def check_pre_norm(config: dict, options: DlecOptions) -> None:
     if post_norm:
         raise ConfigError(f"{options.where}: {options.key('init')}: identity needs pre-norm blocks, but "
                           f"{config.get('model_type')} normalises after adding each block's output, so no copy "
-                          f"can pass its input through unchanged; use init: copy")
+                          f"can pass its input through unchanged; use {options.setting('init', 'copy')}")
 
 
 def layers_to_copy(scores: list[float | None], sizes: list[int], total: int, options: DlecOptions) -> list[int]:
@@ -97,7 +106,7 @@ def layers_to_copy(scores: list[float | None], sizes: list[int], total: int, opt
             count, gap = i + 1, abs(added - target)
     if count == 0:
         raise ConfigError(f"{options.where}: {options.key('growth')}: {options.growth:g} of {total:,} parameters is "
-                          f"less than half of one block ({min(sizes):,}); use {options.key('add_layers')}: 1")
+                          f"less than half of one block ({min(sizes):,}); use {options.setting('add_layers', '1')}")
     return sorted(ranked[:count])
 
 
@@ -131,7 +140,7 @@ def identity_writers(block: list[PlanEntry], depth: int, options: DlecOptions) -
         found = ", ".join(sorted(writers)) or "none"
         raise ConfigError(f"{options.where}: {options.key('init')}: identity needs the residual-writing projections "
                           f"of both the attention and the MLP of block {depth} (o_proj/down_proj or their kin); "
-                          f"found {found}; use init: copy")
+                          f"found {found}; use {options.setting('init', 'copy')}")
     return writers
 
 
@@ -164,3 +173,62 @@ def expanded_config(config: dict, num_layers: int, layer_map: list[int], config_
         section["max_window_layers"] = sum(source < window for source in layer_map)
         changes.append(f"{where}max_window_layers: {window} -> {section['max_window_layers']}")
     return new, changes
+
+
+def check_with_transformers(config: dict, new_config: dict, layer_map: list[int], stack: str, changes: list[str],
+                            config_file) -> str | None:
+    """Build the original and the expanded architecture with transformers on the meta device and
+    make every output block match its source: a per-layer setting transformers derives from a rule
+    is written into `new_config` as an explicit list (noted in `changes`); a block transformers
+    would build differently is refused. Returns why the check could not run, or None."""
+    try:
+        import transformers
+    except ImportError:
+        return "config.json not checked against transformers (not installed)"
+    model_type, named = config.get("model_type"), (config.get("architectures") or [None])[0]
+    model_class = getattr(transformers, named, None) if isinstance(named, str) else None
+    if model_type not in transformers.CONFIG_MAPPING or "auto_map" in config or model_class is None:
+        return f"config.json not checked against transformers (it does not know {named or model_type})"
+    config_class = transformers.CONFIG_MAPPING[model_type]
+    try:
+        old = layer_config(config_class.from_dict(config)).to_dict()
+        with torch.device("meta"):
+            before = model_class(config_class.from_dict(config))
+    except Exception as exc:  # an architecture transformers cannot build from this config as it stands
+        return f"config.json not checked against transformers (it cannot build the original: {first_line(exc)})"
+    section = new_config["text_config"] if "text_config" in new_config and not any(
+        k in new_config for k in LAYER_COUNT_KEYS) else new_config
+    for key, value in old.items():
+        if isinstance(value, list) and len(value) == len(set(layer_map)) and not NOT_PER_LAYER.match(key):
+            expected = [value[source] for source in layer_map]
+            if layer_config(config_class.from_dict(new_config)).to_dict().get(key) != expected:
+                section[key] = expected
+                changes.append(f"{key}: written out per layer (transformers derived it from a rule)")
+                if layer_config(config_class.from_dict(new_config)).to_dict().get(key) != expected:
+                    raise ModelError(f"{config_file}: {key}: transformers does not keep the expanded per-layer "
+                                     f"values; this expansion of {model_type} is not supported")
+    try:
+        with torch.device("meta"):
+            after = model_class(config_class.from_dict(new_config))
+    except Exception as exc:
+        raise ModelError(f"{config_file}: transformers cannot build the expanded {model_type} "
+                         f"({first_line(exc)}); this expansion is refused") from None
+    old_blocks = block_modules(before, stack, len(set(layer_map)), f"{config_file}:")
+    new_blocks = block_modules(after, stack, len(layer_map), f"{config_file}: expanded,")
+    for depth, source in enumerate(layer_map):
+        built, wanted = parameter_shapes(new_blocks[depth]), parameter_shapes(old_blocks[source])
+        if built != wanted:
+            differ = sorted(set(built.items()) ^ set(wanted.items()))[0][0]
+            raise ModelError(f"{config_file}: after the expansion, transformers would build block {depth} unlike its "
+                             f"source block {source} (e.g. '{differ}'): {model_type} lays out its layers by a rule "
+                             f"(such as decoder_sparse_step) that copies cannot follow; this expansion is refused")
+    return None
+
+
+def layer_config(config):
+    """The part of a config that describes the blocks (the text model's, for a multimodal one)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def parameter_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in module.named_parameters()}

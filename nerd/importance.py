@@ -2,8 +2,8 @@
 
 Activation importance runs a calibration text (the user's file, or the built-in calibration.txt)
 through the model with transformers, in windows of up to 512 tokens (fewer if the model's context
-is shorter), and hooks every block to see its input and output hidden states at every token
-position. Per block it keeps a few sums (LayerStats), stored in the metric cache's SQLite file so
+is shorter), each starting like a document (with BOS when the tokenizer adds one), and hooks
+every block to see its input and output hidden states at every token position. Per block it keeps a few sums (LayerStats), stored in the metric cache's SQLite file so
 a second run with the same model and text runs nothing. The scores, higher meaning more important:
 
 - block_influence: 1 - the mean over token positions of cos(block input, block output), the
@@ -14,6 +14,7 @@ a second run with the same model and text runs nothing. The scores, higher meani
   statistic, over every position instead of position 0 and with a fixed cut instead of a
   histogram-derived one.
 - ner: the mean NER of the block's 2-D matrices, from the weights alone (no transformers needed).
+- none: nothing is measured; the default when the blocks to copy are named (`layers`).
 
 The model runs from the base's directory with transformers (trust_remote_code only when the
 options say so); tensors a merge takes from other candidates are copied into it first, so the
@@ -55,6 +56,7 @@ IMPORTANCE_LABELS = {
     "block_influence": "block influence (1 - mean cos(block input, output))",
     "heavy_tail": "heavy-tail share (|z| > 3 in the block output)",
     "ner": "mean NER of the block's matrices",
+    "none": "not measured (the blocks to copy were named)",
 }
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
 
@@ -92,6 +94,8 @@ def layer_importance(plan: Plan, layout: Layout, options: DlecOptions, cache: Me
                      quiet: bool) -> Importance:
     """Every block's importance, by the kind the options ask for (see the module docstring)."""
     kind, note = importance_kind(options)
+    if kind == "none":
+        return Importance("none", [None] * layout.num_layers, "the layers option")
     if kind == "ner":
         return Importance("ner", weight_scores(plan, layout, cache, device, quiet), "weights", note)
     stats, basis, reused = activation_stats(plan, layout, options, cache, device, quiet)
@@ -99,7 +103,10 @@ def layer_importance(plan: Plan, layout: Layout, options: DlecOptions, cache: Me
 
 
 def importance_kind(options: DlecOptions) -> tuple[str, str | None]:
-    """The kind asked for; without one, block_influence, or ner (with a note) without transformers."""
+    """The kind asked for; without one, none when the layers are named, else block_influence, or ner
+    (with a note) without transformers."""
+    if options.importance is None and options.layers is not None:
+        return "none", None
     if options.importance == "ner":
         return "ner", None
     try:
@@ -109,7 +116,7 @@ def importance_kind(options: DlecOptions) -> tuple[str, str | None]:
             return "ner", "transformers is not installed, so importance is measured on the weights (NER)"
         raise ConfigError(f"{options.where}: {options.key('importance')}: {options.importance} runs the model "
                           f"with transformers, which is not installed (pip install 'mastermerge[transformers]'); "
-                          f"or use {options.key('importance')}: ner") from None
+                          f"or use {options.setting('importance', 'ner')}") from None
     return options.importance or "block_influence", None
 
 
@@ -154,25 +161,28 @@ def activation_stats(plan: Plan, layout: Layout, options: DlecOptions, cache: Me
     if "auto_map" in config and not options.trust_remote_code:
         raise ConfigError(f"{options.where}: {options.key('trust_remote_code')}: {base_dir}/config.json asks for "
                           f"the model's own code (auto_map), which runs only with "
-                          f"{options.key('trust_remote_code')}: true (if you trust it), or use "
-                          f"{options.key('importance')}: ner")
+                          f"{options.setting('trust_remote_code', 'true')} (if you trust it), or use "
+                          f"{options.setting('importance', 'ner')}")
     text, text_name = calibration_text(options)
-    ids = token_ids(transformers, base_dir, text, options)
     window = min([WINDOW] + [config[k] for k in CONTEXT_KEYS if isinstance(config.get(k), int) and config[k] > 0])
-    windows = [ids[i:i + window] for i in range(0, len(ids), window)]
-    basis = f"{text_name}, {len(ids)} tokens in {len(windows)} windows of up to {window}"
-    text_key = hashlib.sha256(json.dumps([window, ids]).encode()).hexdigest()
+    windows = token_windows(transformers, base_dir, text, options, window)
+    tokens = sum(map(len, windows))
+    basis = f"{text_name}, {tokens} tokens in {len(windows)} windows of up to {window}"
+    dtype = run_dtype(plan, device)
+    # what the numbers depend on besides the weights: the windows, and the precision they ran in
+    text_key = hashlib.sha256(json.dumps([windows, str(dtype), torch.device(device).type]).encode()).hexdigest()
     model_key = model_digest(plan, cache)
     stats = cache.layer_stats(model_key, text_key)
     if stats is not None:
         return stats, basis, True
     started = time.perf_counter()
-    model = composite_model(transformers, plan, options, device)
+    model = composite_model(transformers, plan, options, device, dtype)
     backbone = getattr(model, "base_model", model)  # the blocks without the LM head
-    stats = run_calibration(backbone, block_modules(backbone, layout, base_dir), windows, device, quiet)
+    blocks = block_modules(backbone, layout.stack, layout.num_layers, f"{base_dir}: transformers model")
+    stats = run_calibration(backbone, blocks, windows, device, quiet)
     cache.store_layer_stats(model_key, text_key, stats,
                             {"model_ref": plan.base if len(plan.candidates) == 1 else f"merge of {plan.candidates}",
-                             "text_name": text_name, "tokens": len(ids), "windows": len(windows),
+                             "text_name": text_name, "tokens": tokens, "windows": len(windows),
                              "dtype": str(model.dtype).removeprefix("torch."), "device": str(device),
                              "seconds": time.perf_counter() - started})
     return stats, basis, False
@@ -194,24 +204,33 @@ def calibration_text(options: DlecOptions) -> tuple[str, str]:
     return text, ("the built-in calibration text" if options.calibration is None else str(path))
 
 
-def token_ids(transformers, base_dir: Path, text: str, options: DlecOptions) -> list[int]:
-    """The text's first `max_tokens` token ids, by the base model's own tokenizer."""
+def token_windows(transformers, base_dir: Path, text: str, options: DlecOptions, window: int) -> list[list[int]]:
+    """The text's first `max_tokens` token ids by the base model's own tokenizer, cut into windows of
+    at most `window` tokens, each starting with BOS when the tokenizer starts a text with one (so
+    every window reads like the start of a document, not a fragment)."""
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir, trust_remote_code=options.trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError ... for a missing tokenizer
         raise ModelError(f"{base_dir}: no tokenizer that transformers can load ({first_line(exc)}); the calibration "
-                         f"text needs one, or use {options.key('importance')}: ner") from None
+                         f"text needs one, or use {options.setting('importance', 'ner')}") from None
     ids = list(tokenizer(text, verbose=False)["input_ids"])[:options.max_tokens]
     if len(ids) < 2:
         raise ConfigError(f"{options.where}: {options.key('calibration')}: the calibration text gives "
                           f"{len(ids)} token(s); at least 2 are needed")
-    return ids
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or ids[0] != bos or window < 3:
+        return [ids[i:i + window] for i in range(0, len(ids), window)]
+    body = ids[1:]
+    return [[bos] + body[i:i + window - 1] for i in range(0, len(body), window - 1)]
 
 
 def model_digest(plan: Plan, cache: MetricCache) -> str:
-    """A digest of the model the calibration runs: the base's config.json and the content digest of
-    every tensor the plan takes, wherever it comes from."""
-    digest = hashlib.sha256((plan.sources[plan.base] / "config.json").read_bytes())
+    """A digest of the model the calibration runs: the base's config.json, its own code if it has
+    any (*.py), and the content digest of every tensor the plan takes, wherever it comes from."""
+    base_dir = plan.sources[plan.base]
+    digest = hashlib.sha256((base_dir / "config.json").read_bytes())
+    for code in sorted(base_dir.glob("*.py")):
+        digest.update(code.name.encode() + b"\0" + code.read_bytes())
     with ExitStack() as stack:
         checkpoints = {c: stack.enter_context(Checkpoint.open(plan.sources[c]))
                        for c in {e.source for e in plan.entries}}
@@ -220,7 +239,8 @@ def model_digest(plan: Plan, cache: MetricCache) -> str:
     return digest.hexdigest()
 
 
-def composite_model(transformers, plan: Plan, options: DlecOptions, device: torch.device) -> torch.nn.Module:
+def composite_model(transformers, plan: Plan, options: DlecOptions, device: torch.device,
+                    dtype: torch.dtype | str) -> torch.nn.Module:
     """The base loaded with transformers, with every tensor the plan takes from another candidate
     copied in: the model the plan describes, before any expansion. The class is the one config.json
     names (its `architectures`), so the checkpoint's tensors fit it; else the causal-LM auto class."""
@@ -229,7 +249,6 @@ def composite_model(transformers, plan: Plan, options: DlecOptions, device: torc
     named = (config.get("architectures") or [None])[0]
     classes = [getattr(transformers, named, None) if isinstance(named, str) and "auto_map" not in config else None,
                transformers.AutoModelForCausalLM, transformers.AutoModel]
-    dtype = run_dtype(plan, device)
     kwargs = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype,
               "trust_remote_code": options.trust_remote_code}
     model, error = None, None
@@ -241,22 +260,32 @@ def composite_model(transformers, plan: Plan, options: DlecOptions, device: torc
             error = error or exc
     if model is None:
         raise ModelError(f"{base_dir}: transformers {transformers.__version__} cannot load this model to run the "
-                         f"calibration text ({first_line(error)}); use {options.key('importance')}: ner")
+                         f"calibration text ({first_line(error)}); use {options.setting('importance', 'ner')}")
     state = model.state_dict()
     with ExitStack() as stack, torch.no_grad():
         checkpoints: dict[str, Checkpoint] = {}
         for entry in plan.entries:
             if entry.source == plan.base:
                 continue
-            if entry.name not in state:
+            name = state_name(entry.name, state, getattr(model, "base_model_prefix", ""))
+            if name is None:
                 raise ModelError(f"{base_dir}: the composite's tensor '{entry.name}' (from '{entry.source}') has no "
-                                 f"place in the transformers model; use {options.key('importance')}: ner")
+                                 f"place in the transformers model; use {options.setting('importance', 'ner')}")
             if entry.source not in checkpoints:
                 checkpoints[entry.source] = stack.enter_context(Checkpoint.open(plan.sources[entry.source]))
-            state[entry.name].copy_(checkpoints[entry.source].read(entry.tensor))
+            state[name].copy_(checkpoints[entry.source].read(entry.tensor))
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
     return model.to(device).eval()
+
+
+def state_name(name: str, state: dict, prefix: str) -> str | None:
+    """The model's name for a checkpoint tensor: the same, or with the base model prefix added or
+    removed (checkpoints saved without it, such as GPT-2's 'h.0...' for 'transformer.h.0...')."""
+    candidates = [name]
+    if prefix:
+        candidates += [f"{prefix}.{name}", name.removeprefix(prefix + ".")]
+    return next((n for n in candidates if n in state), None)
 
 
 def run_dtype(plan: Plan, device: torch.device | str) -> torch.dtype | str:
@@ -280,21 +309,20 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def block_modules(model: torch.nn.Module, layout: Layout, base_dir: Path) -> torch.nn.ModuleList:
-    """The model's list of transformer blocks: the module list named like the checkpoint's block
-    stack (model.layers, transformer.h, ...), or that name with a prefix added or removed (a model
-    class with or without a task head around the same blocks)."""
-    stack, found = layout.stack, []
+def block_modules(model: torch.nn.Module, stack: str, count: int, where: str) -> torch.nn.ModuleList:
+    """The model's list of `count` transformer blocks: the module list named like the checkpoint's
+    block stack (model.layers, transformer.h, ...), or that name with a prefix added or removed (a
+    model class with or without a task head around the same blocks)."""
+    found = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == layout.num_layers:
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
             if name == stack:
                 return module
             if name.endswith("." + stack) or stack.endswith("." + name):
                 found.append(module)
     if len(found) == 1:
         return found[0]
-    raise ModelError(f"{base_dir}: no single list of {layout.num_layers} blocks named like '{stack}' in the "
-                     f"transformers model {type(model).__name__}; use importance: ner")
+    raise ModelError(f"{where} {type(model).__name__} has no single list of {count} blocks named like '{stack}'")
 
 
 def run_calibration(model: torch.nn.Module, blocks: torch.nn.ModuleList, windows: list[list[int]], device: torch.device,
@@ -319,7 +347,7 @@ def run_calibration(model: torch.nn.Module, blocks: torch.nn.ModuleList, windows
             for window in tqdm(windows, desc="calibration", unit="window", disable=quiet):
                 model(input_ids=torch.tensor([window], device=device))
                 if problems:
-                    raise ModelError(f"cannot measure the activations: {problems[0]}; use importance: ner")
+                    raise ModelError(f"cannot measure the activations: {problems[0]}; use importance ner")
     finally:
         for handle in handles:
             handle.remove()

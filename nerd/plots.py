@@ -92,9 +92,10 @@ def merge_heatmap(plan: Plan, directory: Path) -> str | None:
 
 def expansion_curve(plan: Plan, directory: Path) -> str | None:
     """expansion_curve.png: importance by depth before the expansion, copied blocks ringed in red.
-    Returns the file name, or None without an expansion or without matplotlib."""
+    Returns the file name, or None without a measured expansion or without matplotlib."""
     expansion = plan.expansion
-    plt = pyplot() if expansion is not None else None
+    measured = expansion is not None and any(v is not None for v in expansion.scores)
+    plt = pyplot() if measured else None
     if plt is None:
         return None
     values = np.array([math.nan if v is None else v for v in expansion.scores], dtype=float)

@@ -94,7 +94,7 @@ def expansion_section(expansion: Expansion, curve: str | None) -> str:
     return f"""## Layer expansion (DLEC)
 
 {parameter_line(expansion)}; {len(expansion.added)} block(s) added, each right after its source.
-Importance: {IMPORTANCE_LABELS[expansion.importance]}, from {expansion.basis}.{note}
+Importance: {importance_line(expansion)}.{note}
 Initialisation: {init}.
 
 | copied block | new depth | importance |
@@ -111,8 +111,7 @@ def expansion_table(plan: Plan) -> str:
     for added in expansion.added:
         copies.setdefault(added.source, []).append(added.depth)
     lines = [f"expansion: {parameter_line(expansion)}; init: {expansion.init}",
-             f"importance: {IMPORTANCE_LABELS[expansion.importance]}, from {expansion.basis}"
-             + (" (cached)" if expansion.stats_reused else "")]
+             f"importance: {importance_line(expansion)}" + (" (cached)" if expansion.stats_reused else "")]
     if expansion.note:
         lines.append(f"note: {expansion.note}")
     lines.append(f"{'depth':<7}{'importance':<14}copied to")
@@ -121,6 +120,12 @@ def expansion_table(plan: Plan) -> str:
         lines.append(f"{depth:<7}{fmt_score(score):<14}{to}".rstrip())
     lines.append("config.json: " + "; ".join(expansion.config_changes))
     return "\n".join(lines)
+
+
+def importance_line(expansion: Expansion) -> str:
+    """'block influence (...), from the built-in calibration text, 1953 tokens in ...'."""
+    label = IMPORTANCE_LABELS[expansion.importance]
+    return label if expansion.importance == "none" else f"{label}, from {expansion.basis}"
 
 
 def parameter_line(expansion: Expansion) -> str:

@@ -14,10 +14,10 @@ import torch
 import yaml
 from helpers import reference_ner, tensors_of
 
-from examples.tiny_models import build_model
+from examples.tiny_models import build_model, build_tokenizer
 from nerd.cli import main
 from nerd.config import DlecOptions
-from nerd.dlec import expanded_config, layers_to_copy
+from nerd.dlec import RESIDUAL_WRITER, expanded_config, layers_to_copy
 from nerd.errors import ConfigError, ModelError
 from nerd.layout import layout_of
 
@@ -229,8 +229,9 @@ def test_weight_importance_without_transformers(llama, tmp_path):
     expansion = json.loads(run.stdout)["results"][0]["expansion"]
     assert expansion["importance"] == "ner" and "transformers is not installed" in expansion["note"]
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 5
-    assert "(transformers is not installed, so importance is measured on the weights (NER))" in \
-        (out / "README.md").read_text()
+    assert "config.json not checked against transformers (not installed)" in expansion["note"]
+    assert "(transformers is not installed, so importance is measured on the weights (NER); config.json not " \
+        "checked" in (out / "README.md").read_text()
     refused = run_without_transformers("expand", llama, "--out", tmp_path / "o2", "--add-layers", 1,
                                        "--importance", "heavy_tail", "--no-cache", cwd=tmp_path)
     assert refused.returncode == 2 and "transformers, which is not installed" in refused.stderr
@@ -406,3 +407,105 @@ def test_growth_picks_the_count_closest_to_the_target():
     assert layers_to_copy(scores, [10, 10, 10, 10], 100, DlecOptions(add_layers=4)) == [0, 1, 2, 3]
     with pytest.raises(ConfigError, match="less than half of one block"):
         layers_to_copy(scores, [10, 10, 10, 10], 100, DlecOptions(growth=0.04))
+
+
+def save_with_tokenizer(model, directory: Path) -> Path:
+    model.save_pretrained(directory)
+    build_tokenizer(model.config.vocab_size).save_pretrained(directory)
+    return directory
+
+
+def test_sparse_step_moe_expansion_is_refused(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2, max_position_embeddings=64, mlp_only_layers=[])
+    model = save_with_tokenizer(transformers.AutoModelForCausalLM.from_config(config), tmp_path / "moe")
+    assert expand(model, tmp_path / "out", "--layers", 0) == 3  # block 1 is sparse by the step rule
+    err = capsys.readouterr().err
+    assert "transformers would build block 1 unlike its source block 0" in err and "decoder_sparse_step" in err
+    assert not (tmp_path / "out").exists()
+    assert expand(model, tmp_path / "last", "--layers", 3, "--init", "identity") == 3  # new block 4 would be dense
+    assert "block 4 unlike its source block 3" in capsys.readouterr().err
+
+
+def test_layer_types_derived_from_a_pattern_are_written_out(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=3, max_position_embeddings=64, sliding_window_pattern=2)
+    model = save_with_tokenizer(transformers.AutoModelForCausalLM.from_config(config), tmp_path / "gemma")
+    saved = json.loads((model / "config.json").read_text())
+    saved.pop("layer_types", None)  # an older config: the sliding layers follow from the pattern alone
+    saved["sliding_window_pattern"] = 2
+    (model / "config.json").write_text(json.dumps(saved))
+    out = tmp_path / "out"
+    assert expand(model, out, "--layers", 0, "--init", "identity") == 0
+    original = transformers.AutoConfig.from_pretrained(model).layer_types
+    assert json.loads((out / "config.json").read_text())["layer_types"] == [original[0]] + original
+    ids = [1, 5, 9, 20, 33, 40, 2, 50, 60, 70, 80, 90]  # longer than the sliding window
+    assert torch.allclose(logits(out, ids), logits(model, ids), atol=1e-5, rtol=0)
+
+
+def test_merge_with_dlec_on_checkpoints_without_the_base_prefix(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    base = build_model("gpt2", tmp_path / "base", seed=1, num_layers=3)
+    tuned = build_model("gpt2", tmp_path / "tuned", seed=5, base_dir=base, noise=0.5)
+    for directory in (base, tuned):  # saved as openai-community/gpt2 is: h.0... instead of transformer.h.0...
+        weights = load_file(directory / "model.safetensors")
+        save_file({k.removeprefix("transformer."): v for k, v in weights.items()}, str(directory / "model.safetensors"),
+                  metadata={"format": "pt"})
+    config = tmp_path / "m.yaml"
+    config.write_text(yaml.safe_dump({"models": [str(base), str(tuned)], "base_model": str(base),
+                                      "output_dir": str(tmp_path / "out"), "dlec": {"add_layers": 1}}))
+    result = merge_json(capsys, config, tmp_path / "c.sqlite")
+    assert {c["winner"] for c in result["choices"]} == {str(base), str(tuned)}  # the tuned blocks were copied in
+    assert result["expansion"]["importance"] == "block_influence" and None not in result["expansion"]["scores"]
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.n_layer == 4
+
+
+def test_named_layers_need_no_calibration(llama, tmp_path, capsys):
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((llama / name).read_bytes())
+    result = expand_json(capsys, bare, tmp_path / "out", "--layers", "1,3")
+    assert result["expansion"]["importance"] == "none" and result["expansion"]["scores"] == [None] * 4
+    assert not (tmp_path / "out" / "expansion_curve.png").exists()
+    assert "not measured (the blocks to copy were named)" in (tmp_path / "out" / "README.md").read_text()
+    assert expand(bare, tmp_path / "o2", "--add-layers", 1) == 3  # ranking needs the tokenizer
+    assert "no tokenizer that transformers can load" in capsys.readouterr().err
+    assert expand(bare, tmp_path / "o3", "--add-layers", 1, "--calibration", tmp_path) == 2
+    assert "--calibration: '" + str(tmp_path) + "' is a directory, not a text file" in capsys.readouterr().err
+
+
+def test_windows_start_like_documents_when_the_tokenizer_adds_bos(llama, tmp_path, capsys):
+    from tokenizers import processors
+    model = tmp_path / "bos"
+    model.mkdir()
+    for path in llama.iterdir():
+        (model / path.name).write_bytes(path.read_bytes())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    tokenizer.save_pretrained(model)
+    ids = transformers.AutoTokenizer.from_pretrained(model)(TEXT)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id
+    windows = [[ids[0]] + ids[1:][i:i + 63] for i in range(0, len(ids) - 1, 63)]
+    text = tmp_path / "calibration.txt"
+    text.write_text(TEXT)
+    got = expand_json(capsys, model, tmp_path / "o", "--add-layers", 1, "--calibration", text, "--dry-run")
+    assert got["expansion"]["basis"].endswith(f"{sum(map(len, windows))} tokens in {len(windows)} windows of up to 64")
+    assert got["expansion"]["scores"] == pytest.approx(reference_block_stats(model, windows)[0], rel=1e-9)
+
+
+@pytest.mark.parametrize("name, writes", [
+    ("model.layers.0.self_attn.o_proj.weight", True), ("model.layers.0.mlp.down_proj.weight", True),
+    ("model.layers.0.mlp.experts.down_proj", True), ("model.layers.0.mlp.experts.down_proj_bias", True),
+    ("transformer.h.0.attn.c_proj.bias", True), ("gpt_neox.layers.0.attention.dense.weight", True),
+    ("model.layers.0.block_sparse_moe.experts.3.w2.weight", True), ("model.layers.0.mlp.up_proj.weight", False),
+    ("model.layers.0.self_attn.q_proj.weight", False), ("model.layers.0.mlp.experts.gate_up_proj", False),
+])
+def test_residual_writers_by_name(name, writes):
+    assert bool(RESIDUAL_WRITER.search(name)) is writes

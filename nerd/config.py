@@ -73,8 +73,9 @@ class Selection:
 @dataclass(frozen=True)
 class DlecOptions:
     """Layer expansion (dlec.py): how many blocks to duplicate (exactly one of `add_layers`,
-    `growth`, `layers`), how to rank them (`importance`; None: block_influence when transformers is
-    installed, else ner), the calibration text (None: the built-in one), and how copies start.
+    `growth`, `layers`), how to rank them (`importance`; None: nothing with `layers`, else
+    block_influence when transformers is installed, else ner), the calibration text (None: the
+    built-in one), and how copies start.
     `where` and `cli` say how errors name a key: 'merge.yaml: dlec.growth' or 'expand: --growth'."""
 
     add_layers: int | None = None
@@ -355,8 +356,8 @@ def dlec_options(value: Any, base_dir: Path, where: str, cli: bool = False) -> D
     given = [k for k in ("add_layers", "growth", "layers") if value.get(k) is not None]
     if len(given) != 1:
         found = " and ".join(key(k) for k in given) if given else "none"
-        raise ConfigError(f"{where}: {'' if cli else 'dlec: '}give exactly one of {key('add_layers')}, {key('growth')} or "
-                          f"{key('layers')}, found {found}")
+        raise ConfigError(f"{where}: {'' if cli else 'dlec: '}give exactly one of {key('add_layers')}, "
+                          f"{key('growth')} or {key('layers')}, found {found}")
     add_layers = value.get("add_layers")
     if add_layers is not None and (isinstance(add_layers, bool) or not isinstance(add_layers, int) or add_layers < 1):
         raise ConfigError(f"{where}: {key('add_layers')}: expected a whole number of layers >= 1, found {add_layers!r}")

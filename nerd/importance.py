@@ -3,8 +3,9 @@
 Activation importance runs a calibration text (the user's file, or the built-in calibration.txt)
 through the model with transformers, in windows of up to 512 tokens (fewer if the model's context
 is shorter), each starting like a document (with BOS when the tokenizer adds one), and hooks
-every block to see its input and output hidden states at every token position. Per block it keeps a few sums (LayerStats), stored in the metric cache's SQLite file so
-a second run with the same model and text runs nothing. The scores, higher meaning more important:
+every block to see its input and output hidden states at every token position. Per block it
+keeps a few sums (LayerStats), stored in the metric cache's SQLite file so a second run with the
+same model and text runs nothing. The scores, higher meaning more important:
 
 - block_influence: 1 - the mean over token positions of cos(block input, block output), the
   Block Influence of ShortGPT (Men et al., 2024): a block that barely turns the hidden state

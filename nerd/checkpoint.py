@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -212,8 +212,7 @@ def load_pickle(file: Path) -> dict:
                 raise
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for unsafe or bad files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{file}: refused to load pickled weights with weights_only=True: {first}") from None
+        raise ModelError(f"{file}: refused to load pickled weights with weights_only=True: {first_line(exc)}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{file}: expected a state dict of tensors")
     return state

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .metrics import METRICS
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -268,7 +268,7 @@ def model_spec(item: Any, base_dir: Path, where: str, key: str, require_config: 
         validate_repo_id(repo_id)
     except HFValidationError as exc:
         raise ConfigError(f"{where}: {key}: '{repo_id}' is not a valid hub id: "
-                          f"{str(exc).strip().splitlines()[0]}") from None
+                          f"{first_line(exc)}") from None
     revision = at_revision or revision
     return ModelSpec(ref=f"{repo_id}@{revision}" if revision else repo_id, repo_id=repo_id, revision=revision)
 

@@ -33,8 +33,8 @@ import torch
 
 from .checkpoint import numel
 from .config import DlecOptions
-from .errors import ConfigError, ModelError
-from .importance import block_modules, first_line, layer_importance
+from .errors import ConfigError, ModelError, first_line
+from .importance import block_modules, layer_importance
 from .layout import Layout, layout_of
 from .plan import AddedLayer, Expansion, Plan, PlanEntry, output_order
 
@@ -62,7 +62,8 @@ def expanded(plan: Plan, options: DlecOptions, cache, device, quiet: bool) -> Pl
     layer_map = expanded_layers(layout.num_layers, layers_to_copy(importance.scores, sizes, before, options))
     entries = expanded_entries(plan.entries, layout, layer_map, options)
     new_config, changes = expanded_config(config, layout.num_layers, layer_map, config_file)
-    unchecked = check_with_transformers(config, new_config, layer_map, layout.stack, changes, config_file)
+    unchecked = check_with_transformers(config, new_config, layout.num_layers, layer_map, layout.stack, changes,
+                                        config_file)
     added = [AddedLayer(source, depth, importance.scores[source])
              for depth, source in enumerate(layer_map) if depth and layer_map[depth - 1] == source]
     expansion = Expansion(importance=importance.kind, scores=importance.scores, added=added, init=options.init,
@@ -147,9 +148,7 @@ def identity_writers(block: list[PlanEntry], depth: int, options: DlecOptions) -
 def expanded_config(config: dict, num_layers: int, layer_map: list[int], config_file) -> tuple[dict, list[str]]:
     """config.json for the expanded model, and a list of what changed."""
     new = copy.deepcopy(config)
-    section, where = new, ""
-    if not any(k in new for k in LAYER_COUNT_KEYS) and isinstance(new.get("text_config"), dict):
-        section, where = new["text_config"], "text_config."
+    section, where = layer_section(new)
     counts = [k for k in LAYER_COUNT_KEYS if k in section]
     if not counts:
         raise ModelError(f"{config_file}: no layer count ({', '.join(LAYER_COUNT_KEYS)}) found; cannot expand "
@@ -175,8 +174,16 @@ def expanded_config(config: dict, num_layers: int, layer_map: list[int], config_
     return new, changes
 
 
-def check_with_transformers(config: dict, new_config: dict, layer_map: list[int], stack: str, changes: list[str],
-                            config_file) -> str | None:
+def layer_section(config: dict) -> tuple[dict, str]:
+    """The mapping of config.json that holds the layer settings, and its key prefix: the top level,
+    or `text_config` for a multimodal config without a layer count of its own."""
+    if not any(k in config for k in LAYER_COUNT_KEYS) and isinstance(config.get("text_config"), dict):
+        return config["text_config"], "text_config."
+    return config, ""
+
+
+def check_with_transformers(config: dict, new_config: dict, num_layers: int, layer_map: list[int], stack: str,
+                            changes: list[str], config_file) -> str | None:
     """Build the original and the expanded architecture with transformers on the meta device and
     make every output block match its source: a per-layer setting transformers derives from a rule
     is written into `new_config` as an explicit list (noted in `changes`); a block transformers
@@ -196,24 +203,27 @@ def check_with_transformers(config: dict, new_config: dict, layer_map: list[int]
             before = model_class(config_class.from_dict(config))
     except Exception as exc:  # an architecture transformers cannot build from this config as it stands
         return f"config.json not checked against transformers (it cannot build the original: {first_line(exc)})"
-    section = new_config["text_config"] if "text_config" in new_config and not any(
-        k in new_config for k in LAYER_COUNT_KEYS) else new_config
-    for key, value in old.items():
-        if isinstance(value, list) and len(value) == len(set(layer_map)) and not NOT_PER_LAYER.match(key):
-            expected = [value[source] for source in layer_map]
-            if layer_config(config_class.from_dict(new_config)).to_dict().get(key) != expected:
-                section[key] = expected
-                changes.append(f"{key}: written out per layer (transformers derived it from a rule)")
-                if layer_config(config_class.from_dict(new_config)).to_dict().get(key) != expected:
-                    raise ModelError(f"{config_file}: {key}: transformers does not keep the expanded per-layer "
-                                     f"values; this expansion of {model_type} is not supported")
+    section, where = layer_section(new_config)
+    expected = {key: [value[source] for source in layer_map] for key, value in old.items()
+                if isinstance(value, list) and len(value) == num_layers and not NOT_PER_LAYER.match(key)}
+    derived = layer_config(config_class.from_dict(new_config)).to_dict()
+    rewritten = [key for key in expected if derived.get(key) != expected[key]]
+    for key in rewritten:
+        section[key] = expected[key]
+        changes.append(f"{where}{key}: written out per layer (transformers derived it from a rule)")
+    if rewritten:
+        derived = layer_config(config_class.from_dict(new_config)).to_dict()
+        ignored = [key for key in rewritten if derived.get(key) != expected[key]]
+        if ignored:
+            raise ModelError(f"{config_file}: {where}{ignored[0]}: transformers does not keep the expanded per-layer "
+                             f"values; this expansion of {model_type} is not supported")
     try:
         with torch.device("meta"):
             after = model_class(config_class.from_dict(new_config))
     except Exception as exc:
         raise ModelError(f"{config_file}: transformers cannot build the expanded {model_type} "
                          f"({first_line(exc)}); this expansion is refused") from None
-    old_blocks = block_modules(before, stack, len(set(layer_map)), f"{config_file}:")
+    old_blocks = block_modules(before, stack, num_layers, f"{config_file}:")
     new_blocks = block_modules(after, stack, len(layer_map), f"{config_file}: expanded,")
     for depth, source in enumerate(layer_map):
         built, wanted = parameter_shapes(new_blocks[depth]), parameter_shapes(old_blocks[source])

@@ -23,6 +23,12 @@ class ModelError(MergeError):
     exit_code = 3
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class OutputError(MergeError):
     """The output cannot be written (exit code 4)."""
 

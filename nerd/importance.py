@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint, numel
 from .config import DlecOptions
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, first_line
 from .layout import Layout
 from .plan import Plan
 from .spectra import spectrum_of
@@ -177,7 +177,7 @@ def activation_stats(plan: Plan, layout: Layout, options: DlecOptions, cache: Me
     if stats is not None:
         return stats, basis, True
     started = time.perf_counter()
-    model = composite_model(transformers, plan, options, device, dtype)
+    model = composite_model(transformers, plan, config, options, device, dtype)
     backbone = getattr(model, "base_model", model)  # the blocks without the LM head
     blocks = block_modules(backbone, layout.stack, layout.num_layers, f"{base_dir}: transformers model")
     stats = run_calibration(backbone, blocks, windows, device, quiet)
@@ -240,13 +240,13 @@ def model_digest(plan: Plan, cache: MetricCache) -> str:
     return digest.hexdigest()
 
 
-def composite_model(transformers, plan: Plan, options: DlecOptions, device: torch.device,
+def composite_model(transformers, plan: Plan, config: dict, options: DlecOptions, device: torch.device,
                     dtype: torch.dtype | str) -> torch.nn.Module:
     """The base loaded with transformers, with every tensor the plan takes from another candidate
     copied in: the model the plan describes, before any expansion. The class is the one config.json
-    names (its `architectures`), so the checkpoint's tensors fit it; else the causal-LM auto class."""
+    names (its `architectures`), so the checkpoint's tensors fit it; else the causal-LM auto class.
+    `config` is the base's config.json, parsed."""
     base_dir = plan.sources[plan.base]
-    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     named = (config.get("architectures") or [None])[0]
     classes = [getattr(transformers, named, None) if isinstance(named, str) and "auto_map" not in config else None,
                transformers.AutoModelForCausalLM, transformers.AutoModel]
@@ -366,8 +366,3 @@ def add_block_sums(sums: list, x: torch.Tensor, y: torch.Tensor) -> None:
     sums[2] += int(tail.sum())
     sums[3] += y.numel()
     sums[4] += float(((y - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-30)).sum())
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -205,4 +205,4 @@ def ner_heatmap(analysis: Analysis, out: Path, labels: dict[str, str]) -> Path |
             best[depth] = int(np.nanargmax(column)) if np.isfinite(column).any() else None
     title = "mean NER per block" + ("; red boxes: best at each depth" if any(b is not None for b in best) else "")
     return plots.heatmap(out / "heatmap_ner.png", values, [labels[m] for m in analysis.models], title,
-                         "mean ner", best)
+                         "mean ner", [(r, d) for d, r in enumerate(best) if r is not None])

@@ -1,6 +1,6 @@
 """The metric cache: an SQLite file that remembers every spectrum and metric, keyed by content.
 
-Three tables. `tensors` maps (file, its size, mtime, ctime and inode, tensor name) to a digest of
+Four tables for the weights. `tensors` maps (file, its size, mtime, ctime and inode, tensor name) to a digest of
 the tensor's bytes, so an unchanged file is not even read again; a changed or replaced file no
 longer matches (ctime cannot be set back by tools that restore mtimes) and is read again.
 `spectra` maps that digest to the float64 singular values, so identical
@@ -9,6 +9,10 @@ metric can be derived again without a new decomposition. `metrics` maps (digest,
 metric definitions) to every metric of metrics.py as JSON, so a warm run recomputes nothing.
 Both carry a version (spectra.SPECTRUM_VERSION, metrics.METRICS_VERSION, the latter a digest of
 metrics.py): rows of another version are deleted when the cache is opened and recomputed on use.
+
+`tether_sums` maps a pair of digests (candidate tensor, base tensor) to the three sums its
+compatibility is computed from (tether.py), <c, b>, |c|^2 and |b|^2 (all NULL when either tensor
+has a NaN or Inf), so a warm run compares nothing again.
 
 Two more tables hold what DLEC's calibration run measured (importance.py), so a second run with the
 same model and text runs nothing: `activation_runs` (model digest, text digest, version -> who and
@@ -39,6 +43,7 @@ from .metrics import METRICS, METRICS_VERSION, metrics_of
 from .spectra import SPECTRUM_VERSION, Spectrum
 
 SCHEMA_VERSION = "4"
+TETHER_VERSION = "1"  # bump when tether.sums_of changes: cached sums are then recomputed
 META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tensors (
@@ -49,6 +54,9 @@ CREATE TABLE IF NOT EXISTS spectra (
     created REAL NOT NULL, PRIMARY KEY (digest, version));
 CREATE TABLE IF NOT EXISTS metrics (
     digest TEXT NOT NULL, version TEXT NOT NULL, metrics TEXT NOT NULL, PRIMARY KEY (digest, version));
+CREATE TABLE IF NOT EXISTS tether_sums (
+    candidate TEXT NOT NULL, base TEXT NOT NULL, version TEXT NOT NULL, dot REAL, candidate_sq REAL, base_sq REAL,
+    PRIMARY KEY (candidate, base, version));
 CREATE TABLE IF NOT EXISTS activation_runs (
     model TEXT NOT NULL, text TEXT NOT NULL, version TEXT NOT NULL, model_ref TEXT NOT NULL, text_name TEXT NOT NULL,
     tokens INTEGER NOT NULL, windows INTEGER NOT NULL, layers INTEGER NOT NULL, dtype TEXT NOT NULL,
@@ -74,6 +82,7 @@ class MetricCache:
         self.path = Path(path) if path is not None else None
         self.computed = 0
         self.reused = 0
+        self.pairs_computed = 0
         if self.path is not None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +100,7 @@ class MetricCache:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
             self.db.execute("DELETE FROM spectra WHERE version != ?", (SPECTRUM_VERSION,))
             self.db.execute("DELETE FROM metrics WHERE version != ?", (METRICS_VERSION,))
+            self.db.execute("DELETE FROM tether_sums WHERE version != ?", (TETHER_VERSION,))
             for table in ("activation_runs", "layer_stats"):
                 self.db.execute(f"DELETE FROM {table} WHERE version != ?", (ACTIVATION_VERSION,))
             self.db.commit()
@@ -153,6 +163,21 @@ class MetricCache:
             self.remember(checkpoint, name, key)
         self.db.commit()
         return result
+
+    def pair_sums(self, candidate: Checkpoint, base: Checkpoint, name: str, compute):
+        """The tether sums of one tensor of a candidate against the base's (tether.py): cached by the
+        two content digests, else `compute(candidate, base, name)` stored for next time."""
+        keys = (self.tensor_digest(candidate, name), self.tensor_digest(base, name))
+        row = self.db.execute("SELECT dot, candidate_sq, base_sq FROM tether_sums WHERE candidate=? AND base=? "
+                              "AND version=?", (*keys, TETHER_VERSION)).fetchone()
+        if row is not None:
+            return None if row[0] is None else tuple(row)
+        self.pairs_computed += 1
+        sums = compute(candidate, base, name)
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO tether_sums VALUES (?, ?, ?, ?, ?, ?)",
+                            (*keys, TETHER_VERSION, *(sums or (None, None, None))))
+        return sums
 
     def tensor_digest(self, checkpoint: Checkpoint, name: str) -> str:
         """The content digest of a tensor, remembered for next time."""

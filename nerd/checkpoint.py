@@ -85,13 +85,28 @@ class Checkpoint:
         info = self.tensors[name]
         if info.file.suffix != ".safetensors":
             return bytearray(tensor_bytes(self.read(name)))
-        buffer = bytearray(info.end - info.begin)
+        return self.read_span(info, info.begin, info.end)
+
+    def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements start..stop of the tensor flattened (row-major), read on their own: a slice of
+        a large tensor without the rest of it in memory."""
+        info = self.tensors[name]
+        if info.file.suffix != ".safetensors":
+            return self.read(name).reshape(-1)[start:stop].clone()
+        size = SAFETENSORS_DTYPES[info.dtype].itemsize
+        data = self.read_span(info, info.begin + start * size, info.begin + stop * size)
+        dtype = SAFETENSORS_DTYPES[info.dtype]
+        return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+
+    def read_span(self, info: TensorInfo, begin: int, end: int) -> bytearray:
+        """Bytes begin..end of the tensor's safetensors file."""
+        buffer = bytearray(end - begin)
         handle = self._handles.get(info.file)
         if handle is None:
             handle = self._handles[info.file] = open(info.file, "rb")
-        handle.seek(info.begin)
+        handle.seek(begin)
         if handle.readinto(buffer) != len(buffer):
-            raise ModelError(f"{info.file}: tensor '{name}' is cut short (file truncated?)")
+            raise ModelError(f"{info.file}: tensor '{info.name}' is cut short (file truncated?)")
         return buffer
 
     def close(self) -> None:

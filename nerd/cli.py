@@ -27,7 +27,7 @@ from .cache import MetricCache, default_cache_path
 from .config import DEVICES, IMPORTANCE, INITS, expand_config, index_of_each, load_config, model_spec, output_path
 from .errors import ConfigError, MergeError
 from .pipeline import plan_merge
-from .report import choice_table, expansion_table
+from .report import choice_table, expansion_table, tether_table
 from .staging import staged_dir
 from .write import write_merge
 
@@ -181,6 +181,8 @@ def run_configs(configs: list, args: argparse.Namespace) -> int:
                 plan = plan_merge(config, cache=cache, quiet=args.quiet)
                 if not args.json and (args.dry_run or not args.quiet):
                     print(plan_text(config, plan) + "\n")
+                for warning in plan.tethers.warnings if plan.tethers else []:
+                    print(f"mastermerge: warning: {config.source}: {warning}", file=sys.stderr)
                 if not args.dry_run:
                     write_merge(plan, config, quiet=args.quiet)
                     if not args.json:
@@ -236,6 +238,8 @@ def plan_text(config, plan) -> str:
     parts = [f"{config.source or 'expand ' + plan.base}:"]
     if plan.choices:
         parts.append(choice_table(plan))
+    if plan.tethers is not None:
+        parts.append(tether_table(plan))
     if plan.expansion is not None:
         parts.append(expansion_table(plan))
     return "\n".join(parts)
@@ -254,7 +258,8 @@ def summary_of(config, plan, written: bool) -> dict:
         "candidates": plan.candidates,
         "base": plan.base,
         "choices": [{"group": c.group, "depth": c.depth, "scores": c.scores, "winner": c.winner,
-                     "note": c.note} for c in plan.choices],
+                     "blend": c.blend, "note": c.note} for c in plan.choices],
+        "tethers": None if plan.tethers is None else asdict(plan.tethers),
         "expansion": None if plan.expansion is None else asdict(plan.expansion),
         "spectra_computed": plan.spectra_computed,
         "spectra_reused": plan.spectra_reused,

@@ -28,13 +28,17 @@ SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
-TOP_KEYS = ("models", "base_model", "output_dir", "selection", "dtype", "shard_size", "device", "dlec")
+TOP_KEYS = ("models", "base_model", "output_dir", "selection", "dtype", "shard_size", "device", "tether", "dlec")
 SELECTION_KEYS = ("granularity", "non_layer", "metric", "goal", "target")
 GOALS = ("max", "min", "target")
 MODEL_KEYS = ("model", "revision")
 DLEC_KEYS = ("add_layers", "growth", "layers", "importance", "calibration", "max_tokens", "init",
              "trust_remote_code")
 IMPORTANCE = ("block_influence", "heavy_tail", "ner")
+TETHER_KEYS = ("measure", "min_compatibility", "mode", "weights")
+MEASURES = ("cosine", "min_cosine", "l2")
+MODES = ("select", "blend")
+BLEND_WEIGHTS = ("equal", "score", "compatibility")
 INITS = ("copy", "identity")
 
 
@@ -68,6 +72,19 @@ class Selection:
     metric: str = "ner"
     goal: str = "max"
     target: float | None = None
+
+
+@dataclass(frozen=True)
+class TetherOptions:
+    """The compatibility gate (tether.py): how each candidate block is compared with the base block
+    at its depth (`measure`), the score below which it drifts and is not eligible there, and
+    whether the eligible candidates compete (`select`) or are averaged (`blend`, with `weights`
+    equal, proportional to the selection score, or proportional to the compatibility)."""
+
+    measure: str = "cosine"
+    min_compatibility: float = 0.5
+    mode: str = "select"
+    weights: str = "equal"
 
 
 @dataclass(frozen=True)
@@ -111,6 +128,7 @@ class MergeConfig:
     dtype: str = "keep"
     shard_size: int = 2 * 10**9
     device: str = "auto"
+    tether: TetherOptions = field(default_factory=TetherOptions)
     dlec: DlecOptions | None = None
     source: Path | None = None
     raw: dict = field(default_factory=dict)
@@ -184,6 +202,7 @@ def config_from_dict(raw: Any, *, base_dir: Path, source: Path | None = None,
 
     output_dir = output_path(raw["output_dir"], base_dir, where, models, force, writing)
     selection = selection_options(raw.get("selection") or {}, where)
+    tether = tether_options({} if raw.get("tether") is None else raw["tether"], selection, where)
     dtype = choice(raw.get("dtype", "keep"), DTYPES, where, "dtype")
     shard_size = size_in_bytes(raw.get("shard_size", "2GB"), where, "shard_size")
     device = choice(raw.get("device", "auto"), DEVICES, where, "device")
@@ -192,7 +211,8 @@ def config_from_dict(raw: Any, *, base_dir: Path, source: Path | None = None,
                           f"(torch {torch.__version__}); use auto or cpu")
     dlec = None if raw.get("dlec") is None else dlec_options(raw["dlec"], base_dir, where)
     return MergeConfig(models=models, base=base, output_dir=output_dir, selection=selection,
-                       dtype=dtype, shard_size=shard_size, device=device, dlec=dlec, source=source, raw=raw)
+                       dtype=dtype, shard_size=shard_size, device=device, tether=tether, dlec=dlec,
+                       source=source, raw=raw)
 
 
 def expand_config(model: str, out: str, options: dict, *, force: bool, writing: bool, device: str = "auto",
@@ -211,7 +231,8 @@ def expand_config(model: str, out: str, options: dict, *, force: bool, writing: 
 
 def check_keys(mapping: dict, allowed: tuple[str, ...], where: str, prefix: str) -> None:
     """Refuse keys that are not allowed, suggesting the closest one (a nested key at top level too)."""
-    nested = ({key: f"selection.{key}" for key in SELECTION_KEYS} | {key: f"dlec.{key}" for key in DLEC_KEYS}
+    nested = ({key: f"{section}.{key}" for section, keys in (("selection", SELECTION_KEYS), ("tether", TETHER_KEYS),
+                                                             ("dlec", DLEC_KEYS)) for key in keys}
               if not prefix else {})
     for key in mapping:
         if not isinstance(key, str):
@@ -343,6 +364,35 @@ def selection_options(value: Any, where: str) -> Selection:
         non_layer=choice(value.get("non_layer", "base"), NON_LAYER, where, "selection.non_layer"),
         metric=metric, goal=goal, target=target,
     )
+
+
+def tether_options(value: Any, selection: Selection, where: str) -> TetherOptions:
+    """Validate the `tether:` section."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: tether: expected a mapping (min_compatibility, mode, ...), "
+                          f"found {type_name(value)}")
+    check_keys(value, TETHER_KEYS, where, "tether.")
+    measure = choice(value.get("measure", "cosine"), MEASURES, where, "tether.measure")
+    low = -1.0 if measure != "l2" else -math.inf
+    threshold = value.get("min_compatibility", 0.5)
+    if (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
+            or not low <= threshold <= 1):
+        span = "between -1 and 1" if measure != "l2" else "at most 1"
+        raise ConfigError(f"{where}: tether.min_compatibility: expected a number {span} ({measure}; "
+                          f"{'-1' if measure != 'l2' else 'a large negative number'} lets every candidate through), "
+                          f"found {threshold!r}")
+    mode = choice(value.get("mode", "select"), MODES, where, "tether.mode")
+    weights = choice(value.get("weights", "equal"), BLEND_WEIGHTS, where, "tether.weights")
+    if "weights" in value and mode != "blend":
+        raise ConfigError(f"{where}: tether.weights: only used with tether.mode: blend (mode is {mode})")
+    if weights == "score" and selection.goal != "max":
+        raise ConfigError(f"{where}: tether.weights: score weighs candidates by their selection score, which needs "
+                          f"selection.goal: max (goal is {selection.goal}, so a lower score is better); "
+                          f"use equal or compatibility")
+    if weights == "compatibility" and threshold <= 0:
+        raise ConfigError(f"{where}: tether.weights: compatibility needs tether.min_compatibility > 0, so every "
+                          f"weight is positive (found {threshold!r}); use equal")
+    return TetherOptions(measure=measure, min_compatibility=float(threshold), mode=mode, weights=weights)
 
 
 def dlec_options(value: Any, base_dir: Path, where: str, cli: bool = False) -> DlecOptions:

@@ -39,12 +39,14 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, numel
+from .checkpoint import SAFETENSORS_DTYPES, Checkpoint, numel
 from .config import DlecOptions
 from .errors import ConfigError, ModelError, first_line
 from .layout import Layout
-from .plan import Plan
+from .metrics import metrics_of
+from .plan import Plan, PlanEntry
 from .spectra import spectrum_of
+from .tether import blended_tensor
 
 if TYPE_CHECKING:
     from .cache import MetricCache
@@ -130,15 +132,16 @@ def weight_scores(plan: Plan, layout: Layout, cache: MetricCache, device: torch.
     scores = []
     with ExitStack() as stack, tqdm(total=sum(map(len, blocks)), desc="importance", unit="matrix",
                                     disable=quiet) as bar:
-        checkpoints: dict[str, Checkpoint] = {}
+        checkpoints = OpenCheckpoints(plan, stack)
         for entries in blocks:
             values = []
             for entry in entries:
                 metrics = plan.metrics.get(entry.source, {}).get(entry.tensor)
-                if metrics is None:
-                    if entry.source not in checkpoints:
-                        checkpoints[entry.source] = stack.enter_context(Checkpoint.open(plan.sources[entry.source]))
-                    checkpoint = checkpoints[entry.source]
+                if entry.transform == "blend":  # a matrix no input has: its spectrum is computed here, uncached
+                    blend = blended_tensor(entry, checkpoints.of(entry), SAFETENSORS_DTYPES[entry.dtype])
+                    metrics = metrics_of(spectrum_of(blend, device))
+                elif metrics is None:
+                    checkpoint = checkpoints.of(entry)[entry.source]
                     if not checkpoint.tensors[entry.tensor].is_matrix:
                         bar.update()
                         continue
@@ -233,10 +236,12 @@ def model_digest(plan: Plan, cache: MetricCache) -> str:
     for code in sorted(base_dir.glob("*.py")):
         digest.update(code.name.encode() + b"\0" + code.read_bytes())
     with ExitStack() as stack:
-        checkpoints = {c: stack.enter_context(Checkpoint.open(plan.sources[c]))
-                       for c in {e.source for e in plan.entries}}
+        checkpoints = OpenCheckpoints(plan, stack)
         for entry in plan.entries:
-            digest.update(f"{entry.name}\0{cache.tensor_digest(checkpoints[entry.source], entry.tensor)}\0".encode())
+            opened = checkpoints.of(entry)
+            sources = ((c, w, cache.tensor_digest(opened[c], entry.tensor)) for c, w in entry.blend) \
+                if entry.transform == "blend" else [cache.tensor_digest(opened[entry.source], entry.tensor)]
+            digest.update(f"{entry.name}\0{entry.transform}\0{list(sources)}\0".encode())
     return digest.hexdigest()
 
 
@@ -264,20 +269,35 @@ def composite_model(transformers, plan: Plan, config: dict, options: DlecOptions
                          f"calibration text ({first_line(error)}); use {options.setting('importance', 'ner')}")
     state = model.state_dict()
     with ExitStack() as stack, torch.no_grad():
-        checkpoints: dict[str, Checkpoint] = {}
+        checkpoints = OpenCheckpoints(plan, stack)
         for entry in plan.entries:
-            if entry.source == plan.base:
+            if entry.candidates == (plan.base,):
                 continue
             name = state_name(entry.name, state, getattr(model, "base_model_prefix", ""))
             if name is None:
-                raise ModelError(f"{base_dir}: the composite's tensor '{entry.name}' (from '{entry.source}') has no "
-                                 f"place in the transformers model; use {options.setting('importance', 'ner')}")
-            if entry.source not in checkpoints:
-                checkpoints[entry.source] = stack.enter_context(Checkpoint.open(plan.sources[entry.source]))
-            state[name].copy_(checkpoints[entry.source].read(entry.tensor))
+                raise ModelError(f"{base_dir}: the composite's tensor '{entry.name}' (from "
+                                 f"{', '.join(entry.candidates)}) has no place in the transformers model; "
+                                 f"use {options.setting('importance', 'ner')}")
+            opened = checkpoints.of(entry)
+            state[name].copy_(blended_tensor(entry, opened, SAFETENSORS_DTYPES[entry.dtype])
+                              if entry.transform == "blend" else opened[entry.source].read(entry.tensor))
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
     return model.to(device).eval()
+
+
+class OpenCheckpoints:
+    """The candidates' checkpoints, each opened on first use and closed with `stack`."""
+
+    def __init__(self, plan: Plan, stack: ExitStack):
+        self.plan, self.stack, self.open = plan, stack, {}
+
+    def of(self, entry: PlanEntry) -> dict[str, Checkpoint]:
+        """Every checkpoint the entry reads, by candidate."""
+        for c in entry.candidates:
+            if c not in self.open:
+                self.open[c] = self.stack.enter_context(Checkpoint.open(self.plan.sources[c]))
+        return self.open
 
 
 def state_name(name: str, state: dict, prefix: str) -> str | None:

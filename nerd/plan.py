@@ -1,9 +1,11 @@
 """The Plan: pure data saying what the output is made of, decided before anything is written.
 
 Every output tensor names its source candidate, the source tensor, the output dtype and a
-transform (none, or `zero` for the residual-writing projections of an identity-initialised copy).
-The plan also carries the per-group choices (depth, each candidate's score, the winner), every
-matrix's metrics, and after a DLEC pass the expansion (which blocks were copied where, with their
+transform: none, `blend` (the weighted mean of the same tensor of several candidates, which it
+lists with their weights), or `zero` (the residual-writing projections of an identity-initialised
+copy). The plan also carries the per-group choices (depth, each candidate's score, the winner or
+the blend), every matrix's metrics, each candidate's compatibility with the base (tethers), and
+after a DLEC pass the expansion (which blocks were copied where, with their
 importance) and the rewritten config.json; the dry run prints it, the report records it, and the
 writer executes it.
 """
@@ -14,7 +16,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import Selection
+from .config import Selection, TetherOptions
 
 INPUT_EMBEDDING = re.compile(r"embed_tokens|embed_in|\bwte\b|\bwpe\b|embeddings\.")
 
@@ -29,18 +31,46 @@ class Choice:
     winner: str
     tensors: tuple[str, ...]
     note: str | None = None
+    blend: dict[str, float] | None = None  # tether.mode blend: candidate -> weight (the winner is the best of them)
 
 
 @dataclass(frozen=True)
 class PlanEntry:
-    """One output tensor: copied from `tensor` of candidate `source`, written as `dtype`."""
+    """One output tensor: copied from `tensor` of candidate `source`, written as `dtype`; with the
+    `blend` transform, the weighted mean of `tensor` of the candidates in `blend` instead."""
 
     name: str
     source: str
     tensor: str
     dtype: str
     shape: tuple[int, ...]
-    transform: str | None = None  # "zero": write zeros of this dtype and shape instead of the source's data
+    transform: str | None = None  # "zero": zeros of this dtype and shape; "blend": the mean over `blend`
+    blend: tuple[tuple[str, float], ...] = ()  # (candidate, weight), the weights summing to 1
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """Every candidate whose data this entry reads."""
+        return tuple(c for c, _ in self.blend) if self.transform == "blend" else (self.source,)
+
+
+@dataclass(frozen=True)
+class Tethers:
+    """Every candidate's compatibility with the base at every depth (tether.py), the options that
+    gated and blended with it, and what the gate means for the merge as a whole."""
+
+    options: TetherOptions
+    base: str
+    scores: dict[str, dict[str, float | None]]  # group ("non-layer", "0", ...) -> other candidate -> score
+    warnings: list[str] = field(default_factory=list)
+
+    def eligible(self, group: str, candidate: str) -> bool:
+        """Whether a candidate may supply this group: the base always; another candidate when its
+        compatibility there is known and at least min_compatibility (a group without scores, the
+        non-layer one when it is taken from the base, gates nobody)."""
+        if candidate == self.base or group not in self.scores:
+            return True
+        score = self.scores[group].get(candidate)
+        return score is not None and score >= self.options.min_compatibility
 
 
 @dataclass(frozen=True)
@@ -87,6 +117,7 @@ class Plan:
     spectra_computed: int = 0
     spectra_reused: int = 0
     config: dict | None = None  # config.json of the output when it differs from the base's (expansion)
+    tethers: Tethers | None = None
     expansion: Expansion | None = None
 
     def to_dict(self) -> dict:
@@ -95,8 +126,9 @@ class Plan:
             "base": self.base,
             "selection": asdict(self.selection),
             "choices": [asdict(c) | {"tensors": list(c.tensors)} for c in self.choices],
+            "tethers": None if self.tethers is None else asdict(self.tethers),
             "expansion": None if self.expansion is None else asdict(self.expansion),
-            "entries": [asdict(e) | {"shape": list(e.shape)} for e in self.entries],
+            "entries": [asdict(e) | {"shape": list(e.shape), "blend": dict(e.blend)} for e in self.entries],
         }
 
 

@@ -1,7 +1,9 @@
 """Figures (PNG, matplotlib: the optional `plots` extra) for what people would rather look at.
 
 - heatmap_<metric>.png: a score by depth x candidate, with the chosen path marked (the merge's
-  winners, or for `analyze` the best candidate at each depth).
+  winners or blends, or for `analyze` the best candidate at each depth).
+- heatmap_compatibility.png: a merge's tethers, each candidate's compatibility with the base by
+  depth x candidate, the drifting cells crossed out and the threshold on the colour bar.
 - esd/<model>/<tensor>.png: the ESD of one matrix on log-log axes, its power-law fit (red, from
   xmin) and the detX threshold (purple), as in weightwatcher's figure (seed 002): where the two
   lines meet, the SETOL volume-preserving condition holds.
@@ -42,9 +44,11 @@ def pyplot():
 
 
 def heatmap(path: Path, values: np.ndarray, candidates: list[str], title: str, label: str,
-            path_rows: list[int | None], lower_wins: bool = False) -> Path | None:
-    """values[candidate, depth] as colours (NaN: no score), the chosen candidate at each depth
-    (path_rows[depth], None for none) marked and joined into a path."""
+            boxes: list[tuple[int, int]], lower_wins: bool = False, crosses: list[tuple[int, int]] = (),
+            threshold: float | None = None) -> Path | None:
+    """values[candidate, depth] as colours (NaN: no score), with red boxes on the (row, depth)
+    cells in `boxes` (what was chosen), red crosses on those in `crosses` (what was refused), and
+    `threshold` marked on the colour bar."""
     plt = pyplot()
     if plt is None:
         return None
@@ -52,7 +56,11 @@ def heatmap(path: Path, values: np.ndarray, candidates: list[str], title: str, l
     fig, ax = plt.subplots(figsize=(min(max(6.0, 3 + 0.45 * depths), 24), 1.8 + 0.55 * rows))
     image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", interpolation="nearest",
                       cmap="viridis_r" if lower_wins else "viridis")
-    fig.colorbar(image, ax=ax, label=label + (" (lower wins)" if lower_wins else " (higher wins)"))
+    if threshold is None:
+        fig.colorbar(image, ax=ax, label=label + (" (lower wins)" if lower_wins else " (higher wins)"))
+    else:
+        fig.colorbar(image, ax=ax, label=f"{label} (eligible from the red line up)").ax.axhline(
+            threshold, color="red", linewidth=2)
     if rows * depths <= MARKED_CELLS:
         finite = values[np.isfinite(values)]
         middle = (finite.min() + finite.max()) / 2 if finite.size else 0
@@ -62,9 +70,11 @@ def heatmap(path: Path, values: np.ndarray, candidates: list[str], title: str, l
                 ax.text(d, r, f"{v:.4g}", ha="center", va="center", fontsize=7,
                         color="white" if dark else "black")
     from matplotlib.patches import Rectangle
-    for d, r in enumerate(path_rows):
-        if r is not None:
-            ax.add_patch(Rectangle((d - 0.46, r - 0.46), 0.92, 0.92, fill=False, edgecolor="red", linewidth=2.2))
+    for r, d in boxes:
+        ax.add_patch(Rectangle((d - 0.46, r - 0.46), 0.92, 0.92, fill=False, edgecolor="red", linewidth=2.2))
+    for r, d in crosses:
+        ax.plot([d - 0.4, d + 0.4], [r - 0.4, r + 0.4], color="red", linewidth=1.5)
+        ax.plot([d - 0.4, d + 0.4], [r + 0.4, r - 0.4], color="red", linewidth=1.5)
     ax.set_yticks(range(rows), candidates)
     ax.set_xticks(range(depths))
     ax.set_xlabel("depth (layer)")
@@ -72,10 +82,15 @@ def heatmap(path: Path, values: np.ndarray, candidates: list[str], title: str, l
     return save(fig, plt, path)
 
 
+def block_choices(plan: Plan) -> list:
+    """The per-depth block choices of a merge, in depth order."""
+    return [c for c in plan.choices if c.depth is not None and c.group == str(c.depth)]
+
+
 def merge_heatmap(plan: Plan, directory: Path) -> str | None:
-    """heatmap_<metric>.png of a merge: each block's score per candidate, the winners marked.
-    Returns the file name, or None without matplotlib."""
-    blocks = [c for c in plan.choices if c.depth is not None and c.group == str(c.depth)]
+    """heatmap_<metric>.png of a merge: each block's score per candidate, the winners (or the
+    blend's members) boxed. Returns the file name, or None without matplotlib."""
+    blocks = block_choices(plan)
     if not blocks:
         return None
     values = np.array([[math.nan if c.scores[m] is None else c.scores[m] for c in blocks]
@@ -85,8 +100,31 @@ def merge_heatmap(plan: Plan, directory: Path) -> str | None:
     name = f"heatmap_{plan.selection.metric}.png"
     title = f"{rule.label} per block; red boxes: chosen" + (
         " (block winners; per-matrix winners in merge_report.json)" if plan.selection.granularity == "tensor" else "")
+    boxes = [(plan.candidates.index(m), d) for d, c in enumerate(blocks) for m in (c.blend or [c.winner])]
     written = heatmap(directory / name, values, [labels[c] for c in plan.candidates], title, rule.label,
-                      [plan.candidates.index(c.winner) for c in blocks], rule.lower_wins)
+                      boxes, rule.lower_wins)
+    return name if written else None
+
+
+def compatibility_heatmap(plan: Plan, directory: Path) -> str | None:
+    """heatmap_compatibility.png: every other candidate's compatibility with the base by depth,
+    crosses where it drifts (below the threshold, marked on the colour bar), boxes where it supplies
+    the block. Returns the file name, or None without tethers or matplotlib."""
+    blocks = block_choices(plan)
+    if plan.tethers is None or not blocks:
+        return None
+    tethers, others = plan.tethers, [c for c in plan.candidates if c != plan.base]
+    values = np.array([[math.nan if tethers.scores[str(d)][m] is None else tethers.scores[str(d)][m]
+                        for d in range(len(blocks))] for m in others], dtype=float)
+    crosses = [(r, d) for r, m in enumerate(others) for d in range(len(blocks)) if not tethers.eligible(str(d), m)]
+    boxes = [(others.index(m), d) for d, c in enumerate(blocks) for m in (c.blend or [c.winner]) if m in others]
+    labels = short_names(plan.candidates)
+    name = "heatmap_compatibility.png"
+    options = tethers.options
+    written = heatmap(directory / name, values, [labels[c] for c in others],
+                      f"{options.measure} with the base '{labels[plan.base]}' per block\nred x: drifts "
+                      f"(below {options.min_compatibility:g}); red boxes: supplies the block",
+                      options.measure, boxes, crosses=crosses, threshold=options.min_compatibility)
     return name if written else None
 
 

@@ -1,5 +1,5 @@
-"""What a merge tells people: the per-depth choice table, the expansion table, the model card and
-merge_report.json."""
+"""What a merge tells people: the per-depth choice table, the tether (compatibility) table, the
+expansion table, the model card and merge_report.json."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from . import __version__
 from .config import MergeConfig, Selection
 from .importance import IMPORTANCE_LABELS
 from .metrics import METRICS
-from .plan import Expansion, Plan
+from .plan import Expansion, Plan, Tethers
 from .select import rule_of
 
 
@@ -28,7 +28,9 @@ def choice_rows(plan: Plan) -> list[list[str]]:
     rows = [["depth"] + [labels[c] for c in plan.candidates] + ["winner"]]
     for choice in plan.choices:
         cells = ["-" if choice.scores[c] is None else f"{choice.scores[c]:.6g}" for c in plan.candidates]
-        rows.append([choice.group] + cells + [labels[choice.winner] + (f"  ({choice.note})" if choice.note else "")])
+        chosen = labels[choice.winner] if not choice.blend else "blend " + " + ".join(
+            f"{labels[c]} {w:.3g}" for c, w in choice.blend.items())
+        rows.append([choice.group] + cells + [chosen + (f"  ({choice.note})" if choice.note else "")])
     return rows
 
 
@@ -40,12 +42,47 @@ def choice_table(plan: Plan) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
     wins = "lowest" if rule.lower_wins else "highest"
-    return "\n".join([f"scores: {rule.label} of each group's matrices, {wins} wins", *lines])
+    head = f"scores: {rule.label} of each group's matrices, {wins} wins"
+    if plan.tethers is not None and plan.tethers.options.mode == "blend":
+        head += "; the compatible candidates are averaged (blend: weight of each)"
+    return "\n".join([head, *lines])
 
 
-def model_card(plan: Plan, heatmap: str | None = None, curve: str | None = None) -> str:
-    """README.md of the output: what it was made from, the choice at every depth, the expansion,
-    and the figures that were drawn."""
+def tether_rows(plan: Plan) -> list[list[str]]:
+    """Header and one row per group: each other candidate's compatibility with the base, marked
+    'drifts' where it is below the threshold."""
+    tethers, labels = plan.tethers, short_names(plan.candidates)
+    others = [c for c in plan.candidates if c != plan.base]
+    rows = [["depth"] + [labels[c] for c in others]]
+    for group, scores in tethers.scores.items():
+        rows.append([group] + [fmt_score(scores[c]) + ("" if tethers.eligible(group, c) else " drifts")
+                               for c in others])
+    return rows
+
+
+def tether_line(tethers: Tethers) -> str:
+    """What the compatibility is and what it gates."""
+    options = tethers.options
+    what = {"cosine": "cosine similarity of each block's weight matrices with the base's",
+            "min_cosine": "smallest cosine similarity of a block's weight matrices with the base's",
+            "l2": "1 - |candidate - base| / |base| over each block's weight matrices"}[options.measure]
+    mode = ("compatible candidates compete" if options.mode == "select"
+            else f"compatible candidates are averaged, {options.weights} weights")
+    return (f"tethers: {what}; below {options.min_compatibility:g} a candidate drifts (not eligible there); "
+            f"mode {options.mode}: {mode}")
+
+
+def tether_table(plan: Plan) -> str:
+    """The compatibility table as aligned plain text, under the line saying what it is."""
+    rows = tether_rows(plan)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([tether_line(plan.tethers), *lines])
+
+
+def model_card(plan: Plan, heatmaps: list[str] | None = None, curve: str | None = None) -> str:
+    """README.md of the output: what it was made from, the choice at every depth, the tethers, the
+    expansion, and the figures that were drawn (`heatmaps`: the score's, then the compatibility's)."""
     base_model = f"base_model: {plan.base.split('@')[0]}\n" if plan.revisions[plan.base] else ""
     front = f"""---
 {base_model}library_name: transformers
@@ -54,7 +91,7 @@ tags:
 - mastermerge
 ---
 """
-    body = merge_section(plan, heatmap) if len(plan.candidates) > 1 else f"""# Expanded model
+    body = merge_section(plan, heatmaps or []) if len(plan.candidates) > 1 else f"""# Expanded model
 
 Made by mastermerge {__version__} from `{plan.base}` by duplicating its most important blocks (DLEC).
 """
@@ -63,25 +100,42 @@ Made by mastermerge {__version__} from `{plan.base}` by duplicating its most imp
     return front + body + "\nEvery metric and every tensor's source are in merge_report.json.\n"
 
 
-def merge_section(plan: Plan, heatmap: str | None) -> str:
+def merge_section(plan: Plan, heatmaps: list[str]) -> str:
     rows = choice_rows(plan)
-    table = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    table += ["| " + " | ".join(row) + " |" for row in rows[1:]]
     models = "\n".join(f"- `{c}`" + (" (base)" if c == plan.base else "") for c in plan.candidates)
-    heatmap = f"\n![{plan.selection.metric} by depth and candidate]({heatmap})\n" if heatmap else ""
+    figures = f"\n{' '.join(f'![{Path(h).stem.replace(chr(95), chr(32))}]({h})' for h in heatmaps)}\n" if heatmaps else ""
+    blend = plan.tethers is not None and plan.tethers.options.mode == "blend"
+    how = ("the candidates whose blocks are still compatible with the base's are averaged" if blend
+           else "the candidate whose weight matrices score best supplies the block")
     return f"""# Composite model
 
-Made by mastermerge {__version__}: at every depth, the candidate whose weight matrices score best
-supplies the block. {selection_sentence(plan.selection)} Granularity: {plan.selection.granularity}.
+Made by mastermerge {__version__}: at every depth, {how}. {selection_sentence(plan.selection)}
+Granularity: {plan.selection.granularity}.
 
 Candidates (ties go to the earlier one):
 {models}
 
-Scores are the {rule_of(plan.selection).label} over the matrices of each group; the winner
-supplies its tensors.
+Scores are the {rule_of(plan.selection).label} over the matrices of each group; the {
+"blend (each candidate's weight given)" if blend else "winner"} supplies its tensors.
 
-{chr(10).join(table)}
-{heatmap}"""
+{markdown_table(rows)}
+{figures}
+{tether_section(plan) if plan.tethers is not None else ""}"""
+
+
+def tether_section(plan: Plan) -> str:
+    warnings = "".join(f"\n**Warning:** {w}\n" for w in plan.tethers.warnings)
+    return f"""## Tethers (compatibility with the base)
+
+{tether_line(plan.tethers).removeprefix("tethers: ").capitalize()}.
+{warnings}
+{markdown_table(tether_rows(plan))}
+"""
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows[1:]])
 
 
 def expansion_section(expansion: Expansion, curve: str | None) -> str:

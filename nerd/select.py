@@ -12,6 +12,12 @@ tensors (embeddings, final norm, lm_head) are one group: taken from the base, or
 `non_layer: compete`, from the candidate with the best mean score over them, so tied embeddings
 stay tied. Ties go to the earlier candidate, base first. A candidate with a matrix that has no
 score (NaN/Inf, all zero, or a metric undefined for it) in a group cannot win that group.
+
+Tethers (tether.py) gate every group: a candidate whose compatibility with the base at that depth
+is below tether.min_compatibility drifts and cannot win it. With tether.mode blend, the group's
+eligible candidates that have a score are averaged instead (when there are two or more), with
+equal weights, weights proportional to their scores, or proportional to their compatibility; the
+choice records the weights and, as its winner, the best of them.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from dataclasses import dataclass
 
 from .checkpoint import TensorInfo
 from .config import Selection
+from .errors import ConfigError
 from .layout import Layout
-from .plan import Choice
+from .plan import Choice, Tethers
 
 Scores = dict[str, dict[str, float | None]]  # candidate -> tensor -> score
 Metrics = dict[str, dict[str, dict]]  # candidate -> tensor -> every metric and its `problem`
@@ -74,15 +81,20 @@ def group_score(scores: Scores, candidate: str, matrices: list[str]) -> float | 
 
 def group_choice(label: str, depth: int | None, tensors: list[str], matrices: list[str],
                  scores: Scores, order: list[str], rule: Rule, problems: dict[str, dict[str, str | None]],
-                 fixed: str | None = None) -> Choice:
-    """Choose one candidate for a group of tensors, by mean score unless `fixed` names it."""
+                 tethers: Tethers | None = None, fixed: str | None = None) -> Choice:
+    """Choose one candidate for a group of tensors, by mean score among those its tethers let
+    through, unless `fixed` names it; or, with tether.mode blend, average the eligible ones."""
     per_candidate = {c: group_score(scores, c, matrices) for c in order}
     if fixed is not None:
         return Choice(label, depth, per_candidate, fixed, tuple(tensors), "taken from the base")
-    winner = winner_of(per_candidate, order, rule.lower_wins)
-    note = None
+    key = "non-layer" if depth is None else str(depth)
+    drifted = [c for c in order if tethers is not None and not tethers.eligible(key, c)]
+    eligible = [c for c in order if c not in drifted]
+    winner = winner_of(per_candidate, eligible, rule.lower_wins)
+    notes = []
     if winner is None:
-        winner, note = order[0], "no candidate has a score here; taken from the base"
+        winner = order[0]
+        notes.append("no candidate has a score here; taken from the base")
     else:
         unscored = []
         for c in order:
@@ -90,8 +102,40 @@ def group_choice(label: str, depth: int | None, tensors: list[str], matrices: li
                 reasons = [why_unscored(m, problems[c][m], rule.metric) for m in matrices if scores[c][m] is None]
                 unscored.append(f"{c} ({'; '.join(reasons)})")
         if unscored and matrices:
-            note = f"not selectable, no {rule.metric}: " + "; ".join(unscored)
-    return Choice(label, depth, per_candidate, winner, tuple(tensors), note)
+            notes.append(f"not selectable, no {rule.metric}: " + "; ".join(unscored))
+    if any(per_candidate[c] is not None for c in drifted):  # those without a score are already explained
+        notes.append(drift_note(tethers, key, [c for c in drifted if per_candidate[c] is not None]))
+    members = [c for c in eligible if per_candidate[c] is not None]
+    blend = None
+    if tethers is not None and tethers.options.mode == "blend" and len(members) > 1:
+        place = "the non-layer group" if depth is None else f"depth {depth}" if label == str(depth) else label
+        blend = blend_weights(members, per_candidate, tethers, key, place, rule)
+    return Choice(label, depth, per_candidate, winner, tuple(tensors), "; ".join(notes) or None, blend)
+
+
+def drift_note(tethers: Tethers, key: str, drifted: list[str]) -> str:
+    """'drifts (cosine below 0.5): alien 0.0012'."""
+    options = tethers.options
+    found = ", ".join(f"{c} " + ("undefined" if tethers.scores[key][c] is None else f"{tethers.scores[key][c]:.4g}")
+                      for c in drifted)
+    return f"drifts ({options.measure} below {options.min_compatibility:g}): {found}"
+
+
+def blend_weights(members: list[str], per_candidate: dict[str, float | None], tethers: Tethers, key: str,
+                  place: str, rule: Rule) -> dict[str, float]:
+    """Each member's share of the average: equal, or proportional to its score or compatibility
+    (ConfigError without the config file's name, which the caller adds, if one is not positive)."""
+    kind = tethers.options.weights
+    if kind == "equal":
+        return {c: 1 / len(members) for c in members}
+    raw = {c: per_candidate[c] if kind == "score" else tethers.scores.get(key, {}).get(c, 1.0) for c in members}
+    for c, value in raw.items():
+        if value <= 0:
+            what = rule.label if kind == "score" else tethers.options.measure
+            raise ConfigError(f"tether.weights: {kind}: '{c}' has {what} {value:.4g} at {place}; weights "
+                              f"proportional to it need positive values; use tether.weights: equal")
+    total = sum(raw.values())
+    return {c: value / total for c, value in raw.items()}
 
 
 def why_unscored(tensor: str, problem: str | None, metric: str) -> str:
@@ -100,14 +144,14 @@ def why_unscored(tensor: str, problem: str | None, metric: str) -> str:
 
 
 def choices_of(layout: Layout, infos: dict[str, TensorInfo], metrics: Metrics, order: list[str],
-               selection: Selection) -> list[Choice]:
+               selection: Selection, tethers: Tethers | None = None) -> list[Choice]:
     """All selection decisions, non-layer group first, then depth by depth."""
     base, rule = order[0], rule_of(selection)
     scores = scores_of(metrics, selection)
     problems = {c: {t: m.get("problem") for t, m in per.items()} for c, per in metrics.items()}
 
     def choose(label, depth, tensors, matrices, fixed=None):
-        return group_choice(label, depth, tensors, matrices, scores, order, rule, problems, fixed)
+        return group_choice(label, depth, tensors, matrices, scores, order, rule, problems, tethers, fixed)
 
     rest = layout.non_layer()
     choices = [choose("non-layer", None, rest, [t for t in rest if infos[t].is_matrix],
@@ -122,7 +166,7 @@ def choices_of(layout: Layout, infos: dict[str, TensorInfo], metrics: Metrics, o
         followers = {t: module_matrix(t, matrices) for t in block if t not in matrices}
         leftovers = [t for t, m in followers.items() if m is None]
         choices.append(Choice(str(depth), depth, block_choice.scores, block_choice.winner,
-                              tuple(leftovers), block_choice.note))
+                              tuple(leftovers), block_choice.note, block_choice.blend))
         for matrix in matrices:
             own = [matrix] + [t for t, m in followers.items() if m == matrix]
             choices.append(choose(matrix, depth, own, [matrix]))

@@ -3,8 +3,9 @@
 Everything is built in a temporary sibling of the output directory and renamed into place at
 the end (staging.py), so an error or Ctrl-C leaves nothing half-written at the destination. Shards are
 written tensor by tensor (header first, then each tensor's bytes), so memory holds one tensor
-at a time; an unconverted tensor is copied byte for byte from its source, and every entry is
-written as data of its own (a duplicated block's copy included: no shared storage).
+at a time (a blended tensor a slice at a time); an unconverted tensor is copied byte for byte
+from its source, and every entry is written as data of its own (a duplicated block's copy
+included: no shared storage).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -23,9 +25,10 @@ from .checkpoint import SAFETENSORS_DTYPES, Checkpoint, numel, tensor_bytes
 from .config import MergeConfig
 from .errors import OutputError
 from .plan import Plan, PlanEntry
-from .plots import expansion_curve, merge_heatmap
+from .plots import compatibility_heatmap, expansion_curve, merge_heatmap
 from .report import model_card, report_of
 from .staging import staged_dir
+from .tether import blended_slices
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 NOT_COPIED = ("config.json", "README.md", "merge_report.json")
@@ -38,9 +41,9 @@ def write_merge(plan: Plan, config: MergeConfig, quiet: bool = False) -> Path:
         shards = write_shards(plan, tmp, quiet)
         write_config(plan, tmp)
         copy_side_files(plan.sources[plan.base], tmp)
-        heatmap = merge_heatmap(plan, tmp)
+        heatmaps = [h for h in (merge_heatmap(plan, tmp), compatibility_heatmap(plan, tmp)) if h]
         curve = expansion_curve(plan, tmp)
-        (tmp / "README.md").write_text(model_card(plan, heatmap, curve), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(plan, heatmaps, curve), encoding="utf-8")
         report = report_of(plan, config, shards)
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2, default=str, allow_nan=False) + "\n",
                                                encoding="utf-8")
@@ -68,7 +71,7 @@ def write_shards(plan: Plan, tmp: Path, quiet: bool) -> list[str]:
              [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)])
     with ExitStack() as stack:
         checkpoints = {c: stack.enter_context(Checkpoint.open(plan.sources[c]))
-                       for c in {e.source for e in plan.entries}}
+                       for c in {c for e in plan.entries for c in e.candidates}}
         with tqdm(total=sum(entry_bytes(e) for e in plan.entries), desc="write", unit="B",
                   unit_scale=True, disable=quiet) as bar:
             for name, group in zip(names, groups):
@@ -94,23 +97,30 @@ def write_shard(path: Path, entries: list[PlanEntry], checkpoints: dict[str, Che
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         for entry in entries:
-            data = entry_data(entry, checkpoints[entry.source])
-            if len(data) != entry_bytes(entry):
-                raise OutputError(f"{path}: tensor '{entry.name}' has {len(data)} bytes, expected {entry_bytes(entry)}")
-            handle.write(data)
-            bar.update(len(data))
+            written = 0
+            for data in entry_data(entry, checkpoints):
+                handle.write(data)
+                written += len(data)
+                bar.update(len(data))
+            if written != entry_bytes(entry):
+                raise OutputError(f"{path}: tensor '{entry.name}' has {written} bytes, expected {entry_bytes(entry)}")
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def entry_data(entry: PlanEntry, checkpoint: Checkpoint):
-    """The bytes to write: the source's own bytes, the tensor converted to the output dtype, or
-    zeros (an identity-initialised copy's residual writers)."""
+def entry_data(entry: PlanEntry, checkpoints: dict[str, Checkpoint]) -> Iterator[bytes | bytearray | memoryview]:
+    """The bytes to write, in one or more pieces: the source's own bytes, the tensor converted to
+    the output dtype, the blend of several candidates' tensors, or zeros (an identity-initialised
+    copy's residual writers)."""
     if entry.transform == "zero":
-        return bytes(entry_bytes(entry))
-    if checkpoint.tensors[entry.tensor].dtype == entry.dtype:
-        return checkpoint.read_bytes(entry.tensor)
-    return tensor_bytes(checkpoint.read(entry.tensor).to(SAFETENSORS_DTYPES[entry.dtype]))
+        yield bytes(entry_bytes(entry))
+    elif entry.transform == "blend":
+        for piece in blended_slices(entry, checkpoints, SAFETENSORS_DTYPES[entry.dtype]):
+            yield tensor_bytes(piece)
+    elif checkpoints[entry.source].tensors[entry.tensor].dtype == entry.dtype:
+        yield checkpoints[entry.source].read_bytes(entry.tensor)
+    else:
+        yield tensor_bytes(checkpoints[entry.source].read(entry.tensor).to(SAFETENSORS_DTYPES[entry.dtype]))
 
 
 def entry_bytes(entry: PlanEntry) -> int:

@@ -1,0 +1,155 @@
+"""Tethers: how compatible each candidate's blocks still are with the base's, and blended tensors.
+
+Seed 003 (DTNN) gives every layer a tether: two models' layers merge (their states are averaged)
+when their tethers are compatible, and drift apart when they are not. Here a candidate's tether
+at depth d is its block's weight matrices, compared with the base's block at the same depth:
+
+- cosine (default): the cosine similarity of the block's 2-D weight matrices, each model's
+  flattened into one vector, <c, b> / (|c| |b|). Fine-tuning moves a vector of millions of
+  entries by a small fraction of its length, so a fine-tune of the base stays close to 1; an
+  unrelated model of the same shapes (another pre-training, another random init) scores about 0,
+  since independent high-dimensional vectors are nearly orthogonal.
+- min_cosine: the smallest cosine of the block's matrices taken one at a time, so a single
+  matrix that drifted (retrained attention) gates the block where the size-weighted cosine would
+  hide it behind the larger MLP matrices. A matrix that is all zero on either side has no cosine
+  and is left out.
+- l2: 1 - |c - b| / |b| over the block's matrices: 1 for an identical block, 1 - r for a fine-tune
+  that moved the weights by the fraction r of their norm, about 1 - sqrt(2) = -0.41 for an
+  unrelated model of the same scale. Unlike the cosines it also sees a block that was rescaled.
+
+Norms and biases (1-D tensors) are left out: norm gains start at 1 in every model, so they would
+make unrelated models look alike. A score comes from three sums per pair of matrices, <c, b>,
+|c|^2 and |b|^2, accumulated in float64 a slice at a time (never a whole matrix in float64) and
+cached in the metric cache under the two tensors' content digests, so a warm run reads nothing.
+A block with a NaN or Inf, or whose base matrices are all zero, has no score.
+
+A candidate whose score at a depth is below tether.min_compatibility drifts there: it cannot
+win that depth (mode select) or join its average (mode blend). The base is always eligible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint, numel
+from .config import Selection, TetherOptions
+from .layout import Layout
+from .plan import PlanEntry
+
+if TYPE_CHECKING:
+    from .cache import MetricCache
+
+CHUNK_ELEMENTS = 2**22  # elements of each matrix converted to float64 at a time (32 MB)
+NON_LAYER = "non-layer"
+
+Sums = tuple[float, float, float]  # <c, b>, |c|^2, |b|^2
+
+
+def tether_groups(layout: Layout, matrices: set[str], selection: Selection) -> dict[str, list[str]]:
+    """The matrices compared for each group: every depth's block, and the non-layer group when
+    it competes (taken from the base, it needs no gate)."""
+    groups = {str(d): [t for t in layout.block(d) if t in matrices] for d in range(layout.num_layers)}
+    if selection.non_layer == "compete":
+        groups = {NON_LAYER: [t for t in layout.non_layer() if t in matrices]} | groups
+    return groups
+
+
+def compatibility_of(checkpoints: dict[str, Checkpoint], groups: dict[str, list[str]], base: str,
+                     others: list[str], measure: str, cache: "MetricCache",
+                     quiet: bool = False) -> dict[str, dict[str, float | None]]:
+    """Group -> candidate (other than the base) -> its compatibility with the base's group."""
+    scores: dict[str, dict[str, float | None]] = {}
+    with tqdm(total=len(others) * sum(map(len, groups.values())), desc="tethers", unit="matrix",
+              disable=quiet) as bar:
+        for group, matrices in groups.items():
+            scores[group] = {}
+            for candidate in others:
+                sums = []
+                for tensor in matrices:
+                    sums.append(cache.pair_sums(checkpoints[candidate], checkpoints[base], tensor, sums_of))
+                    bar.update()
+                scores[group][candidate] = compatibility(sums, measure)
+    return scores
+
+
+def sums_of(candidate: Checkpoint, base: Checkpoint, tensor: str) -> Sums | None:
+    """<c, b>, |c|^2 and |b|^2 of one tensor of two models, in float64, read a slice at a time;
+    None if either has a NaN or Inf."""
+    dot = c_sq = b_sq = 0.0
+    for start, stop in slices(numel(base.tensors[tensor].shape)):
+        x = candidate.read_flat(tensor, start, stop).to(torch.float64)
+        y = base.read_flat(tensor, start, stop).to(torch.float64)
+        dot += float(torch.dot(x, y))
+        c_sq += float(torch.dot(x, x))
+        b_sq += float(torch.dot(y, y))
+    return (dot, c_sq, b_sq) if all(map(math.isfinite, (dot, c_sq, b_sq))) else None
+
+
+def slices(n: int) -> list[tuple[int, int]]:
+    """start, stop of each slice of CHUNK_ELEMENTS elements (the last one shorter)."""
+    return [(start, min(start + CHUNK_ELEMENTS, n)) for start in range(0, n, CHUNK_ELEMENTS)]
+
+
+def compatibility(sums: list[Sums | None], measure: str) -> float | None:
+    """One block's score from its matrices' sums (see the module docstring), None where undefined."""
+    if not sums or any(s is None for s in sums):
+        return None
+    if measure == "min_cosine":
+        cosines = [dot / math.sqrt(c_sq * b_sq) for dot, c_sq, b_sq in sums if c_sq > 0 and b_sq > 0]
+        return min(cosines) if cosines else None
+    dot, c_sq, b_sq = (math.fsum(column) for column in zip(*sums))
+    if b_sq == 0:
+        return None
+    if measure == "l2":
+        return 1 - math.sqrt(max(c_sq + b_sq - 2 * dot, 0.0) / b_sq)
+    return dot / math.sqrt(c_sq * b_sq) if c_sq > 0 else None
+
+
+def tether_warnings(scores: dict[str, dict[str, float | None]], base: str, others: list[str],
+                    options: TetherOptions) -> list[str]:
+    """What the gate means for the merge as a whole: which candidates are compatible with the base
+    at no depth, and, when none is, that the models do not look like fine-tunes of one base."""
+    depths = [g for g in scores if g != NON_LAYER]
+
+    def best(candidate):
+        known = [scores[g][candidate] for g in depths if scores[g][candidate] is not None]
+        return max(known) if known else None
+
+    def passes(score):
+        return score is not None and score >= options.min_compatibility
+
+    far = [c for c in others if depths and not any(passes(scores[g][c]) for g in depths)]
+    if not far:
+        return []
+    if len(far) == len(others):
+        known = [b for b in map(best, far) if b is not None]
+        top = f"best {options.measure} {max(known):.3g}" if known else f"no {options.measure} could be computed"
+        return [f"no candidate is compatible with the base '{base}' at any depth ({top}, "
+                f"tether.min_compatibility {options.min_compatibility:g}): the models do not look like fine-tunes "
+                f"of one base, so every block comes from the base"]
+    return [f"'{c}' is compatible with the base at no depth ("
+            + (f"best {options.measure} {best(c):.3g}" if best(c) is not None else f"no {options.measure}")
+            + f" < {options.min_compatibility:g}): it does not look like a fine-tune of '{base}'" for c in far]
+
+
+def blended_slices(entry: PlanEntry, checkpoints: dict[str, Checkpoint], dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """The entry's blend, flattened, a slice at a time: the weighted mean of its tensor over the
+    blend's candidates, summed in float64 and rounded once to `dtype` (with equal weights, the sum
+    divided by their number: the mean as a user would compute it, not a sum of thirds)."""
+    equal = len({weight for _, weight in entry.blend}) == 1
+    for start, stop in slices(numel(entry.shape)):
+        total = torch.zeros(stop - start, dtype=torch.float64)
+        for candidate, weight in entry.blend:
+            part = checkpoints[candidate].read_flat(entry.tensor, start, stop).to(torch.float64)
+            total.add_(part, alpha=1.0 if equal else weight)
+        yield (total / len(entry.blend) if equal else total).to(dtype)
+
+
+def blended_tensor(entry: PlanEntry, checkpoints: dict[str, Checkpoint], dtype: torch.dtype) -> torch.Tensor:
+    """The whole blend of an entry, in its shape (blended_slices joined)."""
+    return torch.cat(list(blended_slices(entry, checkpoints, dtype))).reshape(entry.shape)

@@ -103,7 +103,8 @@ Made by mastermerge {__version__} from `{plan.base}` by duplicating its most imp
 def merge_section(plan: Plan, heatmaps: list[str]) -> str:
     rows = choice_rows(plan)
     models = "\n".join(f"- `{c}`" + (" (base)" if c == plan.base else "") for c in plan.candidates)
-    figures = f"\n{' '.join(f'![{Path(h).stem.replace(chr(95), chr(32))}]({h})' for h in heatmaps)}\n" if heatmaps else ""
+    images = " ".join(f"![{Path(h).stem.replace('_', ' ')}]({h})" for h in heatmaps)
+    figures = f"\n{images}\n" if heatmaps else ""
     blend = plan.tethers is not None and plan.tethers.options.mode == "blend"
     how = ("the candidates whose blocks are still compatible with the base's are averaged" if blend
            else "the candidate whose weight matrices score best supplies the block")

@@ -128,6 +128,21 @@ class MetricCache:
         self.db.commit()
         return values
 
+    def derived_metrics(self, key: str, compute) -> dict:
+        """Every metric of a matrix that no input file holds (a blend), cached under `key`, a digest
+        of what it is made from; `compute()` gives them (with `problem`) when they are not cached."""
+        row = self.db.execute("SELECT metrics FROM metrics WHERE digest=? AND version=?",
+                              (key, METRICS_VERSION)).fetchone()
+        if row is not None:
+            self.reused += 1
+            return json.loads(row[0])
+        self.computed += 1
+        values = compute()
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?)",
+                            (key, METRICS_VERSION, json.dumps(values, allow_nan=False)))
+        return values
+
     def spectrum(self, checkpoint: Checkpoint, name: str, compute) -> Spectrum:
         """The cached spectrum of one tensor, or `compute(tensor)` stored for next time."""
         key, data = self.digest(checkpoint, name)

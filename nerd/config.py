@@ -383,7 +383,7 @@ def tether_options(value: Any, selection: Selection, where: str) -> TetherOption
                           f"found {threshold!r}")
     mode = choice(value.get("mode", "select"), MODES, where, "tether.mode")
     weights = choice(value.get("weights", "equal"), BLEND_WEIGHTS, where, "tether.weights")
-    if "weights" in value and mode != "blend":
+    if weights != "equal" and mode != "blend":
         raise ConfigError(f"{where}: tether.weights: only used with tether.mode: blend (mode is {mode})")
     if weights == "score" and selection.goal != "max":
         raise ConfigError(f"{where}: tether.weights: score weighs candidates by their selection score, which needs "

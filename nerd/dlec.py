@@ -127,8 +127,8 @@ def expanded_entries(entries: list[PlanEntry], layout: Layout, layer_map: list[i
         zeroed = identity_writers(block, source, options) if is_copy and options.init == "identity" else set()
         prefix, renamed = f"{layout.stack}.{source}.", f"{layout.stack}.{depth}."
         for e in block:
-            placed.append((dataclasses.replace(e, name=renamed + e.name[len(prefix):],
-                                               transform="zero" if e.name in zeroed else e.transform), depth))
+            zero = {"transform": "zero", "blend": ()} if e.name in zeroed else {}
+            placed.append((dataclasses.replace(e, name=renamed + e.name[len(prefix):], **zero), depth))
     return [e for e, _ in sorted(placed, key=lambda p: output_order(p[0].name, p[1]))]
 
 

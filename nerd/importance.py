@@ -137,9 +137,13 @@ def weight_scores(plan: Plan, layout: Layout, cache: MetricCache, device: torch.
             values = []
             for entry in entries:
                 metrics = plan.metrics.get(entry.source, {}).get(entry.tensor)
-                if entry.transform == "blend":  # a matrix no input has: its spectrum is computed here, uncached
-                    blend = blended_tensor(entry, checkpoints.of(entry), SAFETENSORS_DTYPES[entry.dtype])
-                    metrics = metrics_of(spectrum_of(blend, device))
+                if entry.transform == "blend":  # a matrix no input file holds: cached under its blend key
+                    opened = checkpoints.of(entry)
+
+                    def compute(entry=entry, opened=opened):
+                        spectrum = spectrum_of(blended_tensor(entry, opened, SAFETENSORS_DTYPES[entry.dtype]), device)
+                        return metrics_of(spectrum) | {"problem": spectrum.problem}
+                    metrics = cache.derived_metrics(blend_key(entry, opened, cache), compute)
                 elif metrics is None:
                     checkpoint = checkpoints.of(entry)[entry.source]
                     if not checkpoint.tensors[entry.tensor].is_matrix:
@@ -239,10 +243,17 @@ def model_digest(plan: Plan, cache: MetricCache) -> str:
         checkpoints = OpenCheckpoints(plan, stack)
         for entry in plan.entries:
             opened = checkpoints.of(entry)
-            sources = ((c, w, cache.tensor_digest(opened[c], entry.tensor)) for c, w in entry.blend) \
-                if entry.transform == "blend" else [cache.tensor_digest(opened[entry.source], entry.tensor)]
-            digest.update(f"{entry.name}\0{entry.transform}\0{list(sources)}\0".encode())
+            key = blend_key(entry, opened, cache) if entry.transform == "blend" else \
+                cache.tensor_digest(opened[entry.source], entry.tensor)
+            digest.update(f"{entry.name}\0{key}\0".encode())
     return digest.hexdigest()
+
+
+def blend_key(entry: PlanEntry, opened: dict[str, Checkpoint], cache: MetricCache) -> str:
+    """A content key of a blended tensor: the digests of what it averages with their weights, its
+    dtype and shape (the candidates' names do not matter)."""
+    parts = [(cache.tensor_digest(opened[c], entry.tensor), weight) for c, weight in entry.blend]
+    return hashlib.blake2b(f"blend\0{entry.dtype}{list(entry.shape)}\0{parts}".encode(), digest_size=20).hexdigest()
 
 
 def composite_model(transformers, plan: Plan, config: dict, options: DlecOptions, device: torch.device,

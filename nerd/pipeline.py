@@ -63,7 +63,7 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
                                                               lambda w: spectrum_of(w, device))
                         bar.update()
             others = names[1:]
-            scores = compatibility_of(checkpoints, tether_groups(layout, set(matrices), config.selection), names[0],
+            scores = compatibility_of(checkpoints, tether_groups(layout, infos, config.selection), names[0],
                                       others, config.tether.measure, cache, quiet)
             tethers = Tethers(config.tether, names[0], scores,
                               tether_warnings(scores, names[0], others, config.tether))

@@ -54,16 +54,17 @@ def heatmap(path: Path, values: np.ndarray, candidates: list[str], title: str, l
         return None
     rows, depths = values.shape
     fig, ax = plt.subplots(figsize=(min(max(6.0, 3 + 0.45 * depths), 24), 1.8 + 0.55 * rows))
+    bounds = values[np.isfinite(values)].tolist() + ([threshold] if threshold is not None else [])
+    low, high = (min(bounds), max(bounds)) if bounds else (0.0, 1.0)  # the threshold's line stays on the bar
     image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", interpolation="nearest",
-                      cmap="viridis_r" if lower_wins else "viridis")
+                      cmap="viridis_r" if lower_wins else "viridis", vmin=low, vmax=high)
     if threshold is None:
         fig.colorbar(image, ax=ax, label=label + (" (lower wins)" if lower_wins else " (higher wins)"))
     else:
         fig.colorbar(image, ax=ax, label=f"{label} (eligible from the red line up)").ax.axhline(
             threshold, color="red", linewidth=2)
     if rows * depths <= MARKED_CELLS:
-        finite = values[np.isfinite(values)]
-        middle = (finite.min() + finite.max()) / 2 if finite.size else 0
+        middle = (low + high) / 2
         for (r, d), v in np.ndenumerate(values):
             if np.isfinite(v):
                 dark = (v > middle) == lower_wins

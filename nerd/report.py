@@ -55,7 +55,8 @@ def tether_rows(plan: Plan) -> list[list[str]]:
     others = [c for c in plan.candidates if c != plan.base]
     rows = [["depth"] + [labels[c] for c in others]]
     for group, scores in tethers.scores.items():
-        rows.append([group] + [fmt_score(scores[c]) + ("" if tethers.eligible(group, c) else " drifts")
+        rows.append([group] + [("-" if scores[c] is None else f"{scores[c]:.6g}")
+                               + ("" if tethers.eligible(group, c) else " drifts")
                                for c in others])
     return rows
 

@@ -94,7 +94,7 @@ def group_choice(label: str, depth: int | None, tensors: list[str], matrices: li
     notes = []
     if winner is None:
         winner = order[0]
-        notes.append("no candidate has a score here; taken from the base")
+        notes.append(f"no {'eligible ' if drifted else ''}candidate has a score here; taken from the base")
     else:
         unscored = []
         for c in order:
@@ -114,10 +114,10 @@ def group_choice(label: str, depth: int | None, tensors: list[str], matrices: li
 
 
 def drift_note(tethers: Tethers, key: str, drifted: list[str]) -> str:
-    """'drifts (cosine below 0.5): alien 0.0012'."""
+    """'drifts (cosine below 0.5): alien 0.0012', or 'alien no cosine (NaN/Inf or all-zero weights)'."""
     options = tethers.options
-    found = ", ".join(f"{c} " + ("undefined" if tethers.scores[key][c] is None else f"{tethers.scores[key][c]:.4g}")
-                      for c in drifted)
+    found = ", ".join(f"{c} " + (f"no {options.measure} (NaN/Inf or all-zero weights)" if tethers.scores[key][c] is None
+                                 else f"{tethers.scores[key][c]:.6g}") for c in drifted)
     return f"drifts ({options.measure} below {options.min_compatibility:g}): {found}"
 
 

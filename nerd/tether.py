@@ -17,11 +17,13 @@ at depth d is its block's weight matrices, compared with the base's block at the
   that moved the weights by the fraction r of their norm, about 1 - sqrt(2) = -0.41 for an
   unrelated model of the same scale. Unlike the cosines it also sees a block that was rescaled.
 
-Norms and biases (1-D tensors) are left out: norm gains start at 1 in every model, so they would
-make unrelated models look alike. A score comes from three sums per pair of matrices, <c, b>,
-|c|^2 and |b|^2, accumulated in float64 a slice at a time (never a whole matrix in float64) and
-cached in the metric cache under the two tensors' content digests, so a warm run reads nothing.
-A block with a NaN or Inf, or whose base matrices are all zero, has no score.
+Norms and biases (1-D tensors) are left out of the score: norm gains start at 1 in every model,
+so they would make unrelated models look alike. A score comes from three sums per pair of
+tensors, <c, b>, |c|^2 and |b|^2, accumulated in float64 a slice at a time (never a whole matrix
+in float64) and cached in the metric cache under the two tensors' content digests, so a warm run
+compares nothing. The sums are taken over every floating-point tensor of the group, so a NaN or
+Inf anywhere in it (a norm included) is seen: such a block has no score, and neither has one
+whose matrices are all zero on either side (min_cosine: on both sides of every matrix).
 
 A candidate whose score at a depth is below tether.min_compatibility drifts there: it cannot
 win that depth (mode select) or join its average (mode blend). The base is always eligible.
@@ -36,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, numel
+from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, numel
 from .config import Selection, TetherOptions
 from .layout import Layout
 from .plan import PlanEntry
@@ -50,12 +52,14 @@ NON_LAYER = "non-layer"
 Sums = tuple[float, float, float]  # <c, b>, |c|^2, |b|^2
 
 
-def tether_groups(layout: Layout, matrices: set[str], selection: Selection) -> dict[str, list[str]]:
-    """The matrices compared for each group: every depth's block, and the non-layer group when
-    it competes (taken from the base, it needs no gate)."""
-    groups = {str(d): [t for t in layout.block(d) if t in matrices] for d in range(layout.num_layers)}
+def tether_groups(layout: Layout, infos: dict[str, TensorInfo], selection: Selection) -> dict[str, list[str]]:
+    """The floating-point tensors compared for each group: every depth's block, and the non-layer
+    group when it competes (taken from the base, it needs no gate)."""
+    def floats(tensors):
+        return [t for t in tensors if infos[t].dtype in FLOAT_DTYPES]
+    groups = {str(d): floats(layout.block(d)) for d in range(layout.num_layers)}
     if selection.non_layer == "compete":
-        groups = {NON_LAYER: [t for t in layout.non_layer() if t in matrices]} | groups
+        groups = {NON_LAYER: floats(layout.non_layer())} | groups
     return groups
 
 
@@ -64,16 +68,18 @@ def compatibility_of(checkpoints: dict[str, Checkpoint], groups: dict[str, list[
                      quiet: bool = False) -> dict[str, dict[str, float | None]]:
     """Group -> candidate (other than the base) -> its compatibility with the base's group."""
     scores: dict[str, dict[str, float | None]] = {}
-    with tqdm(total=len(others) * sum(map(len, groups.values())), desc="tethers", unit="matrix",
+    with tqdm(total=len(others) * sum(map(len, groups.values())), desc="tethers", unit="tensor",
               disable=quiet) as bar:
-        for group, matrices in groups.items():
+        for group, tensors in groups.items():
             scores[group] = {}
             for candidate in others:
-                sums = []
-                for tensor in matrices:
-                    sums.append(cache.pair_sums(checkpoints[candidate], checkpoints[base], tensor, sums_of))
+                sums = {}
+                for tensor in tensors:
+                    sums[tensor] = cache.pair_sums(checkpoints[candidate], checkpoints[base], tensor, sums_of)
                     bar.update()
-                scores[group][candidate] = compatibility(sums, measure)
+                finite = all(s is not None for s in sums.values())
+                matrices = [s for t, s in sums.items() if checkpoints[base].tensors[t].is_matrix]
+                scores[group][candidate] = compatibility(matrices, measure) if finite else None
     return scores
 
 
@@ -95,19 +101,21 @@ def slices(n: int) -> list[tuple[int, int]]:
     return [(start, min(start + CHUNK_ELEMENTS, n)) for start in range(0, n, CHUNK_ELEMENTS)]
 
 
-def compatibility(sums: list[Sums | None], measure: str) -> float | None:
+def compatibility(sums: list[Sums], measure: str) -> float | None:
     """One block's score from its matrices' sums (see the module docstring), None where undefined."""
-    if not sums or any(s is None for s in sums):
+    if not sums:
         return None
     if measure == "min_cosine":
-        cosines = [dot / math.sqrt(c_sq * b_sq) for dot, c_sq, b_sq in sums if c_sq > 0 and b_sq > 0]
+        cosines = [dot / (math.sqrt(c_sq) * math.sqrt(b_sq)) for dot, c_sq, b_sq in sums if c_sq > 0 and b_sq > 0]
         return min(cosines) if cosines else None
     dot, c_sq, b_sq = (math.fsum(column) for column in zip(*sums))
-    if b_sq == 0:
+    if b_sq == 0 or (measure == "cosine" and c_sq == 0):
         return None
     if measure == "l2":
-        return 1 - math.sqrt(max(c_sq + b_sq - 2 * dot, 0.0) / b_sq)
-    return dot / math.sqrt(c_sq * b_sq) if c_sq > 0 else None
+        score = 1 - math.sqrt(max(c_sq + b_sq - 2 * dot, 0.0)) / math.sqrt(b_sq)
+    else:
+        score = dot / (math.sqrt(c_sq) * math.sqrt(b_sq))
+    return score if math.isfinite(score) else None
 
 
 def tether_warnings(scores: dict[str, dict[str, float | None]], base: str, others: list[str],
@@ -128,13 +136,14 @@ def tether_warnings(scores: dict[str, dict[str, float | None]], base: str, other
         return []
     if len(far) == len(others):
         known = [b for b in map(best, far) if b is not None]
-        top = f"best {options.measure} {max(known):.3g}" if known else f"no {options.measure} could be computed"
+        top = f"best {options.measure} {max(known):.4g}" if known else f"no {options.measure} could be computed"
         return [f"no candidate is compatible with the base '{base}' at any depth ({top}, "
                 f"tether.min_compatibility {options.min_compatibility:g}): the models do not look like fine-tunes "
                 f"of one base, so every block comes from the base"]
     return [f"'{c}' is compatible with the base at no depth ("
-            + (f"best {options.measure} {best(c):.3g}" if best(c) is not None else f"no {options.measure}")
-            + f" < {options.min_compatibility:g}): it does not look like a fine-tune of '{base}'" for c in far]
+            + (f"best {options.measure} {best(c):.4g} < {options.min_compatibility:g}" if best(c) is not None
+               else f"no {options.measure} could be computed")
+            + f"): it does not look like a fine-tune of '{base}'" for c in far]
 
 
 def blended_slices(entry: PlanEntry, checkpoints: dict[str, Checkpoint], dtype: torch.dtype) -> Iterator[torch.Tensor]:

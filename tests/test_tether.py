@@ -19,6 +19,7 @@ from examples.tiny_models import build_model
 from nerd import MetricCache, load_config, plan_merge
 from nerd.cli import main
 from nerd.layout import layout_of
+from nerd.spectra import spectrum_of
 
 transformers = pytest.importorskip("transformers")
 LAYERS = 3
@@ -26,8 +27,8 @@ LAYERS = 3
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory) -> dict[str, Path]:
-    """base; ft-a and ft-b, fine-tunes of it; alien, its own random init with orthogonal block matrices
-    (NER exactly 1, so it would win every depth if nothing kept it out)."""
+    """base; ft-a and ft-b, fine-tunes of it; alien, its own random init with orthogonal matrices
+    (NER exactly 1, so it would win every group if nothing kept it out)."""
     root = tmp_path_factory.mktemp("family")
     base = build_model("llama", root / "base", seed=0, num_layers=LAYERS)
     models = {"base": base,
@@ -37,7 +38,7 @@ def family(tmp_path_factory) -> dict[str, Path]:
     state = tensors_of(models["alien"])
     g = torch.Generator().manual_seed(11)
     for name, w in state.items():
-        if ".layers." in name and w.dim() == 2:
+        if w.dim() == 2:
             q = torch.nn.init.orthogonal_(torch.empty_like(w), generator=g)
             state[name] = (q * (w.norm() / q.norm())).contiguous()
     save_file(state, str(models["alien"] / "model.safetensors"), metadata={"format": "pt"})
@@ -82,7 +83,7 @@ def test_alien_is_gated_out_at_every_depth_and_fine_tunes_stay_eligible(tmp_path
         assert f"drifts (cosine below 0.5): {alien} " in choice["note"]
     assert tethers["warnings"] == [
         f"'{alien}' is compatible with the base at no depth (best cosine "
-        f"{max(tethers['scores'][str(d)][alien] for d in range(LAYERS)):.3g} < 0.5): it does not look like a "
+        f"{max(tethers['scores'][str(d)][alien] for d in range(LAYERS)):.4g} < 0.5): it does not look like a "
         f"fine-tune of '{family['base']}'"]
 
     # the gate is what keeps it out: with the gate open, the alien wins every depth
@@ -186,6 +187,9 @@ def test_tensor_granularity_and_competing_embeddings_are_gated_too(tmp_path, cap
     assert "non-layer" in result["tethers"]["scores"] and result["tethers"]["scores"]["non-layer"][alien] < 0.5
     assert len(result["choices"]) > LAYERS + 1
     assert all(c["winner"] != alien for c in result["choices"])
+    open_gate = dry_run(tmp_path, capsys, models, selection={"granularity": "tensor", "non_layer": "compete"},
+                        tether={"min_compatibility": -1})
+    assert all(c["winner"] == alien for c in open_gate["choices"])
     blended = dry_run(tmp_path, capsys, models, selection={"granularity": "tensor", "non_layer": "compete"},
                       tether={"mode": "blend"})
     assert all(c["blend"] == {str(family["base"]): 0.5, str(family["ft-a"]): 0.5} for c in blended["choices"])
@@ -193,7 +197,15 @@ def test_tensor_granularity_and_competing_embeddings_are_gated_too(tmp_path, cap
 
 def test_tether_sums_are_cached_by_content(tmp_path, family):
     cache_path = tmp_path / "c.sqlite"
-    matrices = sum(len(block_matrices(family["base"], d)) for d in range(LAYERS))
+    base = tensors_of(family["base"])
+
+    def content(tensor):
+        return tensor.dtype, tuple(tensor.shape), tensor.numpy().tobytes()
+
+    # every tensor of every block, compared once per distinct pair of contents (all norms start at 1)
+    compared = len({(content(tensors_of(family[m])[t]), content(base[t]))
+                    for m in ("ft-a", "alien") for t in base if ".layers." in t})
+    assert compared > 2 * LAYERS * 7
 
     def plan_with(models):
         config = load_config(config_file(tmp_path, models), writing=False)
@@ -201,9 +213,9 @@ def test_tether_sums_are_cached_by_content(tmp_path, family):
             return plan_merge(config, cache=cache, quiet=True), cache.pairs_computed
 
     first, computed = plan_with([family["base"], family["ft-a"], family["alien"]])
-    assert computed == 2 * matrices
+    assert computed == compared
     with closing(sqlite3.connect(cache_path)) as db:
-        assert db.execute("SELECT COUNT(*) FROM tether_sums").fetchone()[0] == 2 * matrices
+        assert db.execute("SELECT COUNT(*) FROM tether_sums").fetchone()[0] == compared
     again, computed = plan_with([family["base"], family["ft-a"], family["alien"]])
     assert computed == 0 and again.tethers == first.tethers
     # the same weights under another name are the same content: nothing is compared again
@@ -213,7 +225,7 @@ def test_tether_sums_are_cached_by_content(tmp_path, family):
     assert renamed.tethers.scores["1"][str(copy)] == first.tethers.scores["1"][str(family["ft-a"])]
 
 
-def test_blend_then_expand_copies_the_blended_block(tmp_path, family):
+def test_blend_then_expand_copies_the_blended_block(tmp_path, family, monkeypatch):
     out = tmp_path / "out"
     config = config_file(tmp_path, [family["base"], family["ft-a"]], out, tether={"mode": "blend"},
                          dlec={"layers": [1], "importance": "ner"})
@@ -230,6 +242,13 @@ def test_blend_then_expand_copies_the_blended_block(tmp_path, family):
     assert expansion["scores"][1] == pytest.approx(np.mean([reference_ner(w) for w in blended]), abs=1e-9)
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == LAYERS + 1
+    # a second run computes no spectrum, the blends' included
+    import nerd.importance
+    calls = []
+    monkeypatch.setattr(nerd.importance, "spectrum_of", lambda *a: calls.append(a) or spectrum_of(*a))
+    with closing(MetricCache(tmp_path / "c.sqlite")) as cache:
+        again = plan_merge(load_config(config, writing=False), cache=cache, quiet=True)
+    assert again.spectra_computed == 0 and not calls and again.expansion.scores == expansion["scores"]
 
 
 @pytest.mark.parametrize("tether, message", [
@@ -278,3 +297,38 @@ def test_dry_run_prints_the_tether_table(tmp_path, capsys, family):
         cells = row.split()
         assert cells[0] == str(depth) and float(cells[1]) > 0.99 and cells[3] == "drifts"
     assert math.isfinite(float(rows[1].split()[2]))
+
+
+def test_nan_in_a_norm_takes_the_candidate_out_of_the_blend(tmp_path, capsys, family):
+    broken = shutil.copytree(family["ft-a"], tmp_path / "broken")
+    state = tensors_of(broken)
+    state["model.layers.1.input_layernorm.weight"][3] = float("nan")
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    config = config_file(tmp_path, [family["base"], broken, family["ft-b"]], out, tether={"mode": "blend"})
+    assert run(config, tmp_path / "c.sqlite") == 0
+    choices = json.loads((out / "merge_report.json").read_text())["plan"]["choices"]
+    assert str(broken) in choices[1]["blend"] and str(broken) not in choices[2]["blend"]
+    assert f"drifts (cosine below 0.5): {broken} no cosine (NaN/Inf or all-zero weights)" in choices[2]["note"]
+    assert all(torch.isfinite(t).all() for t in tensors_of(out).values())
+
+
+def test_blends_and_sums_are_exact_across_slices_of_sharded_and_pickled_inputs(tmp_path, monkeypatch):
+    base = build_model("llama", tmp_path / "base", seed=0, max_shard_size="60KB")
+    ft = build_model("llama", tmp_path / "ft", seed=1, base_dir=base, noise=0.1, max_shard_size="60KB")
+    state = tensors_of(ft)
+    for file in [*ft.glob("*.safetensors"), *ft.glob("*.index.json")]:
+        file.unlink()
+    torch.save(state, ft / "pytorch_model.bin")
+    config = load_config(config_file(tmp_path, [base, ft], tmp_path / "out", tether={"mode": "blend"}))
+    whole = plan_merge(config, cache=MetricCache(), quiet=True)
+    monkeypatch.setattr("nerd.tether.CHUNK_ELEMENTS", 7)  # slices that cross rows and tensor ends
+    sliced = plan_merge(config, cache=MetricCache(), quiet=True)
+    for group, scores in whole.tethers.scores.items():
+        assert sliced.tethers.scores[group][str(ft)] == pytest.approx(scores[str(ft)], abs=1e-12)
+    from nerd import write_merge
+    write_merge(sliced, config, quiet=True)
+    written, inputs = tensors_of(tmp_path / "out"), tensors_of(base)
+    for name, tensor in written.items():
+        expected = (inputs[name].double() + state[name].double()) / 2 if ".layers." in name else inputs[name]
+        assert torch.equal(tensor, expected.float()), name

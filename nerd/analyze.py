@@ -74,15 +74,12 @@ def analyze_models(specs: list[ModelSpec], cache: MetricCache, device: str = "au
             for name in names:
                 checkpoint = checkpoints[name]
                 depths = layout_of(list(checkpoint.tensors)).depths
-                for tensor, info in checkpoint.tensors.items():
-                    if not info.is_matrix:
-                        continue
-                    metrics = cache.metrics(checkpoint, tensor, compute)
+                matrices = [t for t, info in checkpoint.tensors.items() if info.is_matrix]
+                for tensor, metrics in cache.metrics_of_all(checkpoint, matrices, run_on, bar).items():
                     if esd is not None and esd.search(tensor):
                         analysis.spectra[(name, tensor)] = cache.spectrum(checkpoint, tensor, compute).values
                     analysis.rows.append({"model": name, "tensor": tensor, "depth": depths[tensor],
-                                          "shape": list(info.shape), **metrics})
-                    bar.update()
+                                          "shape": list(checkpoint.tensors[tensor].shape), **metrics})
     analysis.spectra_computed = cache.computed - computed
     analysis.spectra_reused = len(analysis.rows) - analysis.spectra_computed
     return analysis

@@ -30,17 +30,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from .checkpoint import Checkpoint, TensorInfo, as_tensor
+from .checkpoint import Checkpoint, TensorInfo, as_tensor, numel
 from .errors import OutputError
 from .importance import ACTIVATION_VERSION, LayerStats
 from .metrics import METRICS, METRICS_VERSION, metrics_of
-from .spectra import SPECTRUM_VERSION, Spectrum
+from .spectra import BATCH_BYTES, SPECTRUM_VERSION, Spectrum, spectra_of
 
 SCHEMA_VERSION = "4"
 TETHER_VERSION = "1"  # bump when tether.sums_of changes: cached sums are then recomputed
@@ -91,6 +94,7 @@ class MetricCache:
         try:
             self.db = sqlite3.connect(str(self.path) if self.path else ":memory:", timeout=60)
             self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; only the last commits may be lost
             self.db.execute(META)
             row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None or row[0] != SCHEMA_VERSION:
@@ -112,21 +116,100 @@ class MetricCache:
         """Every metric of one tensor (metrics.py) and its `problem`, cached; the spectrum comes
         from `spectrum` (so from the cache, or `compute(tensor)`)."""
         key, data = self.digest(checkpoint, name)
-        row = self.db.execute("SELECT metrics FROM metrics WHERE digest=? AND version=?",
-                              (key, METRICS_VERSION)).fetchone()
-        cached = json.loads(row[0]) if row is not None else None
-        if cached is not None and set(cached) == set(METRICS) | {"problem"}:
+        cached = self.cached_metrics(key)
+        if cached is not None:
             self.reused += 1
             if data is not None:
                 self.remember(checkpoint, name, key)
                 self.db.commit()
             return cached
-        spectrum = self.spectrum_by_digest(checkpoint, name, key, data, compute)
+        return self.store_metrics(key, self.spectrum_by_digest(checkpoint, name, key, data, compute))
+
+    def metrics_of_all(self, checkpoint: Checkpoint, names: list[str], device: torch.device, bar=None) -> dict:
+        """Every metric of each named matrix, as `metrics` gives them, streaming: the cached ones
+        are looked up without reading; the others are read and hashed by a background thread one
+        or two tensors ahead while the spectra are computed (reading overlaps computing, and
+        memory holds a few tensors at most); on CUDA equal shapes are computed in batches."""
+        results: dict[str, dict] = {}
+        unread = []
+        for name in names:
+            file, stat = file_identity(checkpoint.tensors[name])
+            row = self.db.execute("SELECT digest FROM tensors WHERE file=? AND tensor=? AND stat=?",
+                                  (file, name, stat)).fetchone()
+            cached = None if row is None else self.known_metrics(row[0], checkpoint.tensors[name].shape)
+            if cached is None:
+                unread.append(name)
+                continue
+            self.reused += 1
+            results[name] = cached
+            if bar is not None:
+                bar.update()
+        if device.type != "cpu":  # equal shapes next to each other, so they share a batch
+            unread.sort(key=lambda n: checkpoint.tensors[n].shape)
+        batch: list[tuple[str, str, torch.Tensor]] = []
+
+        def flush():
+            for (name, key, _), spectrum in zip(batch, spectra_of([m for _, _, m in batch], device)):
+                self.computed += 1
+                self.store_spectrum(key, checkpoint.tensors[name], spectrum)
+                results[name] = self.store_metrics(key, spectrum)
+                if bar is not None:
+                    bar.update()
+            batch.clear()
+
+        for name, key, data in read_ahead(checkpoint, unread):
+            self.remember(checkpoint, name, key)
+            cached = self.known_metrics(key, checkpoint.tensors[name].shape)  # the same content met before
+            if cached is not None:
+                self.reused += 1
+                results[name] = cached
+                self.db.commit()
+                if bar is not None:
+                    bar.update()
+                continue
+            info = checkpoint.tensors[name]
+            if batch and (device.type == "cpu" or info.shape != checkpoint.tensors[batch[0][0]].shape
+                          or (len(batch) + 1) * numel(info.shape) * 8 > BATCH_BYTES):
+                flush()
+            batch.append((name, key, as_tensor(data, info)))
+            if device.type == "cpu":
+                flush()
+        flush()
+        return {name: results[name] for name in names}
+
+    def cached_metrics(self, key: str) -> dict | None:
+        """Every metric stored for this content digest, if they are all there."""
+        row = self.db.execute("SELECT metrics FROM metrics WHERE digest=? AND version=?",
+                              (key, METRICS_VERSION)).fetchone()
+        cached = json.loads(row[0]) if row is not None else None
+        return cached if cached is not None and set(cached) == set(METRICS) | {"problem"} else None
+
+    def known_metrics(self, key: str, shape: tuple[int, ...]) -> dict | None:
+        """The metrics of this content digest, stored or derived from its stored spectrum; None if
+        the spectrum was never computed."""
+        cached = self.cached_metrics(key)
+        if cached is None:
+            spectrum = self.stored_spectrum(key, shape)
+            cached = None if spectrum is None else self.store_metrics(key, spectrum)
+        return cached
+
+    def stored_spectrum(self, key: str, shape: tuple[int, ...]) -> Spectrum | None:
+        row = self.db.execute("SELECT problem, singular_values FROM spectra WHERE digest=? AND version=?",
+                              (key, SPECTRUM_VERSION)).fetchone()
+        return None if row is None else spectrum_from_row(*row, shape)
+
+    def store_metrics(self, key: str, spectrum: Spectrum) -> dict:
+        """Derive every metric from a spectrum, store them under the digest (committed), return them."""
         values = metrics_of(spectrum) | {"problem": spectrum.problem}
         self.db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?)",
                         (key, METRICS_VERSION, json.dumps(values, allow_nan=False)))
         self.db.commit()
         return values
+
+    def store_spectrum(self, key: str, info: TensorInfo, spectrum: Spectrum) -> None:
+        blob = None if spectrum.values is None else spectrum.values.astype("<f8").tobytes()
+        self.db.execute("INSERT OR REPLACE INTO spectra VALUES (?, ?, ?, ?, ?, ?)",
+                        (key, SPECTRUM_VERSION, str(list(info.shape)), spectrum.problem, blob, time.time()))
 
     def derived_metrics(self, key: str, compute) -> dict:
         """Every metric of a matrix that no input file holds (a blend), cached under `key`, a digest
@@ -162,18 +245,14 @@ class MetricCache:
     def spectrum_by_digest(self, checkpoint: Checkpoint, name: str, key: str, data: bytearray | None,
                            compute) -> Spectrum:
         info, read = checkpoint.tensors[name], data is not None
-        row = self.db.execute("SELECT problem, singular_values FROM spectra WHERE digest=? AND version=?",
-                              (key, SPECTRUM_VERSION)).fetchone()
-        if row is not None:
+        result = self.stored_spectrum(key, info.shape)
+        if result is not None:
             self.reused += 1
-            result = stored_spectrum(*row, info.shape)
         else:
             self.computed += 1
             data = checkpoint.read_bytes(name) if data is None else data
             result = compute(as_tensor(data, info))
-            blob = None if result.values is None else result.values.astype("<f8").tobytes()
-            self.db.execute("INSERT OR REPLACE INTO spectra VALUES (?, ?, ?, ?, ?, ?)",
-                            (key, SPECTRUM_VERSION, str(list(info.shape)), result.problem, blob, time.time()))
+            self.store_spectrum(key, info, result)
         if read:
             self.remember(checkpoint, name, key)
         self.db.commit()
@@ -233,7 +312,44 @@ class MetricCache:
         self.db.close()
 
 
-def stored_spectrum(problem: str | None, blob: bytes | None, shape: tuple[int, ...]) -> Spectrum:
+def read_ahead(checkpoint: Checkpoint, names: list[str], depth: int = 2):
+    """Yield (name, content digest, bytes) of each tensor, read and hashed by a background thread
+    up to `depth` tensors ahead (file reads and hashing release the GIL, so they overlap the
+    caller's computing). An error in the thread is raised here, at the tensor it happened on."""
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def reader():
+        for name in names:
+            if stop.is_set():
+                return
+            try:
+                data = checkpoint.read_bytes(name)
+                item = (name, content_key(checkpoint.tensors[name], data), data)
+            except BaseException as exc:  # handed to the caller, which raises it
+                item = (name, exc, None)
+            ahead.put(item)
+            if item[2] is None:
+                return
+
+    thread = threading.Thread(target=reader, name="mastermerge-read-ahead", daemon=True)
+    thread.start()
+    try:
+        for _ in names:
+            name, key, data = ahead.get()
+            if data is None:
+                raise key
+            yield name, key, data
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a reader waiting on a full queue, then let it end
+            try:
+                ahead.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
+
+
+def spectrum_from_row(problem: str | None, blob: bytes | None, shape: tuple[int, ...]) -> Spectrum:
     return Spectrum(None if blob is None else np.frombuffer(blob, dtype="<f8").copy(), tuple(shape), problem)
 
 

@@ -27,7 +27,7 @@ from .layout import check_same_architecture, layout_of
 from .plan import Choice, Plan, PlanEntry, Tethers, output_order
 from .select import choices_of
 from .sources import resolve_model
-from .spectra import pick_device, spectrum_of
+from .spectra import pick_device
 from .tether import compatibility_of, tether_groups, tether_warnings
 
 CAST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -58,10 +58,7 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
             matrices = [t for t, info in infos.items() if info.is_matrix]
             with tqdm(total=len(names) * len(matrices), desc="spectra", unit="matrix", disable=quiet) as bar:
                 for name in names:
-                    for tensor in matrices:
-                        metrics[name][tensor] = cache.metrics(checkpoints[name], tensor,
-                                                              lambda w: spectrum_of(w, device))
-                        bar.update()
+                    metrics[name] = cache.metrics_of_all(checkpoints[name], matrices, device, bar)
             others = names[1:]
             scores = compatibility_of(checkpoints, tether_groups(layout, infos, config.selection), names[0],
                                       others, config.tether.measure, cache, quiet)

@@ -2,15 +2,23 @@
 
 The fastest exact path on a CPU is the k x k Gram matrix (k = the shorter side) in float64
 followed by LAPACK's symmetric eigensolver; its eigenvalues are the squared singular values.
+On the CPU the Gram matrix is built with numpy in row slices of W converted to float64
+(CHUNK_ELEMENTS at a time, so a large embedding is never held whole in float64), each slice's
+C^T C a symmetric rank-k update (BLAS syrk: half the work of a general product), and the
+eigenvalues come from numpy's LAPACK; everything stays in one BLAS thread pool (mixing torch's
+and numpy's pools on two cores made the solver three times slower). On CUDA (`device` cuda) the
+same work runs on the GPU in float64 with torch, and `spectra_of` batches matrices of equal
+shape (one batched product and one batched solver call per group), keeping the data on the device.
+
 The Gram route loses relative accuracy on singular values far below the largest one (its
 eigenvalues carry an absolute error of about k * eps * lambda_max), so every Gram spectrum gets
 a worst-case bound on the NER error that error can cause, and a bound on the relative error of
 its smallest singular value; a matrix whose NER bound exceeds NER_TOLERANCE, or whose s_min is
 not known to SMIN_TOLERANCE (rank-deficient or very ill-conditioned ones), is redone with a
 float64 SVD. So every NER is exact to 1e-9, s_min to 0.1%, and a Gram spectrum is only kept
-when the matrix is certainly of full numerical rank (ranks are then exact too).
-On CUDA the same work runs on the GPU in float64. The metrics derived from a spectrum are in
-metrics.py.
+when the matrix is certainly of full numerical rank (ranks are then exact too). A NaN or Inf in
+W shows in the Gram matrix's diagonal (each entry is the sum of squares of one column), so it
+is found without a separate pass over W. The metrics derived from a spectrum are in metrics.py.
 """
 
 from __future__ import annotations
@@ -24,8 +32,9 @@ import torch
 NER_TOLERANCE = 1e-9  # the largest NER error the Gram route may cause before we use an SVD instead
 SPECTRUM_VERSION = "2"  # bump when the computation changes: cached spectra are then recomputed
 SMIN_TOLERANCE = 1e-3  # the largest relative error of s_min the Gram route may cause
-EPS = float(torch.finfo(torch.float64).eps)
-CHUNK_ELEMENTS = 2**23  # rows of W converted to float64 at a time (64 MB)
+EPS = float(np.finfo(np.float64).eps)
+CHUNK_ELEMENTS = 2**23  # elements of W converted to float64 at a time (64 MB)
+BATCH_BYTES = 2**30  # float64 bytes of equal-shape matrices stacked into one CUDA batch
 
 
 @dataclass(frozen=True)
@@ -46,59 +55,105 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 def spectrum_of(matrix: torch.Tensor, device: torch.device | str = "cpu") -> Spectrum:
     """The exact singular values of a 2-D matrix (float64), or the reason there are none."""
-    shape = tuple(matrix.shape)
-    gram = gram_matrix(matrix, device)
-    if gram is None:
+    if torch.device(device).type != "cpu":
+        return spectra_of([matrix], device)[0]
+    tall = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T
+    gram = gram_matrix(tall)
+    return spectrum_from_gram(np.linalg.eigvalsh(gram) if gram is not None else None, tuple(matrix.shape),
+                              lambda: np.linalg.svd(float64_rows(tall, 0, tall.shape[0]), compute_uv=False))
+
+
+def spectra_of(matrices: list[torch.Tensor], device: torch.device | str = "cpu") -> list[Spectrum]:
+    """The spectra of several matrices: one at a time on the CPU; on CUDA, equal shapes in batches
+    of up to BATCH_BYTES (in float64), each batch's Gram matrices and eigenvalues computed at once."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return [spectrum_of(m) for m in matrices]
+    return batched_spectra(matrices, device)
+
+
+def batched_spectra(matrices: list[torch.Tensor], device: torch.device) -> list[Spectrum]:
+    """The device path of spectra_of, with torch (it runs on the CPU too, which the tests use)."""
+    results: list[Spectrum | None] = [None] * len(matrices)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, m in enumerate(matrices):
+        by_shape.setdefault(tuple(m.shape), []).append(i)
+    for shape, members in by_shape.items():
+        per_batch = max(1, BATCH_BYTES // (8 * math.prod(shape)))
+        for start in range(0, len(members), per_batch):
+            batch = members[start:start + per_batch]
+            stacked = torch.stack([matrices[i].to(device) for i in batch]).to(torch.float64)
+            tall = stacked if shape[0] >= shape[1] else stacked.transpose(1, 2)
+            grams = tall.transpose(1, 2) @ tall
+            finite = torch.isfinite(grams.diagonal(dim1=1, dim2=2)).all(dim=1).tolist()
+            eigenvalues = torch.linalg.eigvalsh(torch.where(torch.isfinite(grams), grams, 0)).cpu().numpy()
+            for j, i in enumerate(batch):
+                results[i] = spectrum_from_gram(
+                    eigenvalues[j] if finite[j] else None, shape,
+                    lambda j=j: torch.linalg.svdvals(tall[j]).cpu().numpy())
+    return results
+
+
+def spectrum_from_gram(eigenvalues: np.ndarray | None, shape: tuple[int, ...], svd) -> Spectrum:
+    """The spectrum from the Gram matrix's eigenvalues (ascending, as LAPACK gives them; None when W
+    had a NaN or Inf), or from `svd()` when the Gram route cannot be trusted for this matrix."""
+    if eigenvalues is None:
         return Spectrum(None, shape, "contains NaN or Inf")
-    eigenvalues = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+    eigenvalues = np.clip(eigenvalues[::-1], 0, None)
     if eigenvalues[0] == 0:
         return Spectrum(np.zeros(len(eigenvalues)), shape, "all zero")
     if gram_ner_error(eigenvalues) > NER_TOLERANCE or gram_smin_error(eigenvalues) > SMIN_TOLERANCE:
-        values = torch.linalg.svdvals(matrix.to(device=device, dtype=torch.float64))
-    else:
-        values = eigenvalues.sqrt()
-    return Spectrum(values.cpu().numpy(), shape)
+        return Spectrum(np.asarray(svd(), dtype=np.float64), shape)
+    return Spectrum(np.sqrt(eigenvalues), shape)
 
 
-def gram_matrix(matrix: torch.Tensor, device: torch.device | str) -> torch.Tensor | None:
-    """The k x k Gram matrix in float64 (W^T W for a tall W, W W^T for a wide one), or None if W
-    has a NaN or Inf. Built from slices of about CHUNK_ELEMENTS, so a large embedding is never
-    held whole in float64."""
-    w = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T
-    k = w.shape[1]
-    gram = torch.zeros((k, k), dtype=torch.float64, device=device)
+def gram_matrix(tall: torch.Tensor) -> np.ndarray | None:
+    """The k x k Gram matrix W^T W of a tall (or square) W in float64, built from row slices of
+    about CHUNK_ELEMENTS; None if W has a NaN or Inf."""
+    k = tall.shape[1]
+    gram = np.zeros((k, k))
     step = max(1, CHUNK_ELEMENTS // k)
-    for start in range(0, w.shape[0], step):
-        chunk = w[start:start + step].to(device=device, dtype=torch.float64)
-        if not bool(torch.isfinite(chunk).all()):
-            return None
-        gram.addmm_(chunk.T, chunk)
-    return gram
+    for start in range(0, tall.shape[0], step):
+        chunk = float64_rows(tall, start, start + step)
+        gram += chunk.T @ chunk  # numpy sees the shared buffer and calls syrk
+    return gram if np.isfinite(np.diagonal(gram)).all() else None
 
 
-def gram_smin_error(eigenvalues: torch.Tensor) -> float:
+def float64_rows(matrix: torch.Tensor, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop of a CPU matrix (possibly a transposed view) as a C-ordered float64 array.
+    bfloat16, which numpy lacks, is widened by its bits: a bf16 is the top half of a float32."""
+    rows = matrix[start:stop]
+    if rows.dtype == torch.bfloat16:
+        bits = rows.contiguous().view(torch.int16).numpy().view(np.uint16)
+        return np.ascontiguousarray((bits.astype(np.uint32) << 16).view(np.float32), dtype=np.float64)
+    return np.ascontiguousarray(rows.detach().cpu().numpy(), dtype=np.float64)
+
+
+def gram_smin_error(eigenvalues: np.ndarray) -> float:
     """Worst-case relative error of the smallest singular value taken from these Gram eigenvalues
     (descending): an eigenvalue error d = k * eps * lambda_max moves s_min by d / (2 s_min^2)
     relatively; infinite when s_min may be zero."""
+    eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
     d = len(eigenvalues) * EPS * float(eigenvalues[0])
     smallest = float(eigenvalues[-1])
     return math.inf if smallest <= d else d / (2 * smallest)
 
 
-def gram_ner_error(eigenvalues: torch.Tensor) -> float:
+def gram_ner_error(eigenvalues: np.ndarray) -> float:
     """Worst-case NER error of singular values taken from these Gram eigenvalues (descending).
 
     Each eigenvalue may be off by d = k * eps * lambda_max, so s_i = sqrt(lambda_i) by
     d / (2 s_i), or by sqrt(d) where s_i is that small; the bound sums the first-order change
     of H = -sum p_i ln p_i over those perturbations and divides by ln k.
     """
+    eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
     k = len(eigenvalues)
     if k == 1:
         return 0.0
     d = k * EPS * eigenvalues[0]
-    s = eigenvalues.sqrt()
-    ds = torch.where(s > d.sqrt(), d / (2 * s.clamp_min(torch.finfo(s.dtype).tiny)), d.sqrt())
+    s = np.sqrt(eigenvalues)
+    ds = np.where(s > math.sqrt(d), d / (2 * np.maximum(s, np.finfo(np.float64).tiny)), math.sqrt(d))
     total = s.sum()
     p = s / total
     dp = ds / total + p * ds.sum() / total
-    return float(((torch.maximum(p, ds / total).log().abs() + 1) * dp).sum() / math.log(k))
+    return float(((np.abs(np.log(np.maximum(p, ds / total))) + 1) * dp).sum() / math.log(k))

@@ -1,0 +1,84 @@
+"""Benchmark inputs, built offline: Llama-shaped bf16 checkpoints of any size, and fine-tunes of them.
+
+A checkpoint is a directory with config.json (LlamaForCausalLM) and model.safetensors, its weights
+Gaussian with std 0.02 (norms 1). A fine-tune is the base plus Gaussian noise of `noise` times the
+std on every block matrix, so the candidates of a merge share one base, as real fine-tunes do.
+Everything is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama-shaped architecture."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+
+    def tensors(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's name and shape, in checkpoint order."""
+        head_dim = self.hidden // self.heads
+        kv = self.kv_heads * head_dim
+        shapes = {"model.embed_tokens.weight": (self.vocab, self.hidden)}
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            shapes |= {p + "input_layernorm.weight": (self.hidden,),
+                       p + "self_attn.q_proj.weight": (self.hidden, self.hidden),
+                       p + "self_attn.k_proj.weight": (kv, self.hidden),
+                       p + "self_attn.v_proj.weight": (kv, self.hidden),
+                       p + "self_attn.o_proj.weight": (self.hidden, self.hidden),
+                       p + "post_attention_layernorm.weight": (self.hidden,),
+                       p + "mlp.gate_proj.weight": (self.intermediate, self.hidden),
+                       p + "mlp.up_proj.weight": (self.intermediate, self.hidden),
+                       p + "mlp.down_proj.weight": (self.hidden, self.intermediate)}
+        return shapes | {"model.norm.weight": (self.hidden,), "lm_head.weight": (self.vocab, self.hidden)}
+
+    def parameters(self) -> int:
+        return sum(torch.Size(s).numel() for s in self.tensors().values())
+
+    def config(self) -> dict:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.hidden,
+                "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
+                "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "vocab_size": self.vocab,
+                "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+                "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
+
+
+# 0.39B parameters: the Llama-shaped checkpoint the issue measured weightwatcher on
+LLAMA_390M = Shape(layers=24, hidden=1024, intermediate=2816, vocab=32000, heads=16, kv_heads=16)
+# half as deep: the second size of the memory check
+LLAMA_200M = Shape(layers=12, hidden=1024, intermediate=2816, vocab=32000, heads=16, kv_heads=16)
+# one block of a 7B Llama (4096 x 4096 attention, 4096 x 11008 MLP), no embeddings worth the name
+LLAMA_7B_BLOCK = Shape(layers=1, hidden=4096, intermediate=11008, vocab=256, heads=32, kv_heads=32)
+
+
+def build(directory: Path, shape: Shape, seed: int = 0, base: Path | None = None, noise: float = 0.0) -> Path:
+    """Write the checkpoint (or, with `base`, a fine-tune of it) unless it is already there."""
+    if (directory / "model.safetensors").is_file():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    if base is not None:
+        from safetensors.torch import load_file
+        state = load_file(str(base / "model.safetensors"))
+        for name, w in state.items():
+            if ".layers." in name and w.dim() == 2:
+                state[name] = (w.float() + torch.randn(w.shape, generator=g) * (noise * 0.02)).to(torch.bfloat16)
+    else:
+        state = {name: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02).to(torch.bfloat16)
+                 for name, s in shape.tensors().items()}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(shape.config(), indent=2) + "\n")
+    return directory

@@ -1,5 +1,7 @@
 """Benchmark inputs, built offline: Llama-shaped bf16 checkpoints of any size, and fine-tunes of them.
 
+    python benchmarks/inputs.py WORK_DIR [--7b-block]   # builds what run.py needs, prints them as JSON
+
 A checkpoint is a directory with config.json (LlamaForCausalLM) and model.safetensors, its weights
 Gaussian with std 0.02 (norms 1). A fine-tune is the base plus Gaussian noise of `noise` times the
 std on every block matrix, so the candidates of a merge share one base, as real fine-tunes do.
@@ -82,3 +84,26 @@ def build(directory: Path, shape: Shape, seed: int = 0, base: Path | None = None
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(shape.config(), indent=2) + "\n")
     return directory
+
+
+def main() -> None:
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser()
+    parser.add_argument("work", type=Path)
+    parser.add_argument("--7b-block", dest="block", action="store_true")
+    args = parser.parse_args()
+    base = build(args.work / "llama-390m", LLAMA_390M, seed=0)
+    built = {"base": (base, LLAMA_390M),
+             "ft1": (build(args.work / "llama-390m-ft1", LLAMA_390M, seed=1, base=base, noise=0.02), LLAMA_390M),
+             "ft2": (build(args.work / "llama-390m-ft2", LLAMA_390M, seed=2, base=base, noise=0.02), LLAMA_390M),
+             "small": (build(args.work / "llama-200m", LLAMA_200M, seed=3), LLAMA_200M)}
+    if args.block:
+        built["block_7b"] = (build(args.work / "llama-7b-block", LLAMA_7B_BLOCK, seed=4), LLAMA_7B_BLOCK)
+    json.dump({name: {"path": str(path), "parameters": shape.parameters(),
+                      "largest_tensor_bytes": 2 * max(torch.Size(s).numel() for s in shape.tensors().values())}
+               for name, (path, shape) in built.items()}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -59,10 +59,8 @@ def analyze_models(specs: list[ModelSpec], cache: MetricCache, device: str = "au
     names = list(resolved)
     analysis = Analysis(names, {n: r.path for n, r in resolved.items()},
                         {n: r.revision for n, r in resolved.items()})
-    run_on = pick_device(device)
-
     def compute(matrix):
-        return spectrum_of(matrix, run_on)
+        return spectrum_of(matrix, pick_device(device))
 
     computed = cache.computed
     with ExitStack() as stack:
@@ -75,7 +73,7 @@ def analyze_models(specs: list[ModelSpec], cache: MetricCache, device: str = "au
                 checkpoint = checkpoints[name]
                 depths = layout_of(list(checkpoint.tensors)).depths
                 matrices = [t for t, info in checkpoint.tensors.items() if info.is_matrix]
-                for tensor, metrics in cache.metrics_of_all(checkpoint, matrices, run_on, bar).items():
+                for tensor, metrics in cache.metrics_of_all(checkpoint, matrices, device, bar).items():
                     if esd is not None and esd.search(tensor):
                         analysis.spectra[(name, tensor)] = cache.spectrum(checkpoint, tensor, compute).values
                     analysis.rows.append({"model": name, "tensor": tensor, "depth": depths[tensor],

@@ -34,16 +34,21 @@ import queue
 import sqlite3
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .checkpoint import Checkpoint, TensorInfo, as_tensor, numel
 from .errors import OutputError
 from .importance import ACTIVATION_VERSION, LayerStats
 from .metrics import METRICS, METRICS_VERSION, metrics_of
-from .spectra import BATCH_BYTES, SPECTRUM_VERSION, Spectrum, spectra_of
+from .spectra import BATCH_BYTES, SPECTRUM_VERSION, Spectrum, pick_device, spectra_of
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = "4"
 TETHER_VERSION = "1"  # bump when tether.sums_of changes: cached sums are then recomputed
@@ -125,11 +130,18 @@ class MetricCache:
             return cached
         return self.store_metrics(key, self.spectrum_by_digest(checkpoint, name, key, data, compute))
 
-    def metrics_of_all(self, checkpoint: Checkpoint, names: list[str], device: torch.device, bar=None) -> dict:
+    def metrics_of_all(self, checkpoint: Checkpoint, names: list[str], device: str, bar=None) -> dict:
         """Every metric of each named matrix, as `metrics` gives them, streaming: the cached ones
         are looked up without reading; the others are read and hashed by a background thread one
         or two tensors ahead while the spectra are computed (reading overlaps computing, and
-        memory holds a few tensors at most); on CUDA equal shapes are computed in batches."""
+        memory holds a few tensors at most); on CUDA equal shapes are computed in batches. `device`
+        is the config's (auto, cpu or cuda), resolved only if something is computed, so a warm run
+        does not even import torch."""
+        with ExitStack() as stack:
+            return self.metrics_streaming(checkpoint, names, device, bar, stack)
+
+    def metrics_streaming(self, checkpoint: Checkpoint, names: list[str], requested: str, bar,
+                          stack: ExitStack) -> dict:
         results: dict[str, dict] = {}
         unread = []
         for name in names:
@@ -144,18 +156,29 @@ class MetricCache:
             results[name] = cached
             if bar is not None:
                 bar.update()
-        if device.type != "cpu":  # equal shapes next to each other, so they share a batch
+        device = pick_device(requested) if unread else None
+        if unread and device.type != "cpu":  # equal shapes next to each other, so they share a batch
             unread.sort(key=lambda n: checkpoint.tensors[n].shape)
         batch: list[tuple[str, str, torch.Tensor]] = []
+        pending: list[tuple[str, str, Future]] = []  # metrics being derived while the next spectrum is computed
+        pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="mastermerge-metrics"))
+
+        def settle(keep: int) -> None:
+            while len(pending) > keep:
+                name, key, future = pending.pop(0)
+                results[name] = self.save_metrics(key, future.result())
+                if bar is not None:
+                    bar.update()
 
         def flush():
+            if not batch:
+                return
             for (name, key, _), spectrum in zip(batch, spectra_of([m for _, _, m in batch], device)):
                 self.computed += 1
                 self.store_spectrum(key, checkpoint.tensors[name], spectrum)
-                results[name] = self.store_metrics(key, spectrum)
-                if bar is not None:
-                    bar.update()
+                pending.append((name, key, pool.submit(every_metric, spectrum)))
             batch.clear()
+            settle(keep=1)
 
         for name, key, data in read_ahead(checkpoint, unread):
             self.remember(checkpoint, name, key)
@@ -175,6 +198,7 @@ class MetricCache:
             if device.type == "cpu":
                 flush()
         flush()
+        settle(keep=0)
         return {name: results[name] for name in names}
 
     def cached_metrics(self, key: str) -> dict | None:
@@ -200,7 +224,9 @@ class MetricCache:
 
     def store_metrics(self, key: str, spectrum: Spectrum) -> dict:
         """Derive every metric from a spectrum, store them under the digest (committed), return them."""
-        values = metrics_of(spectrum) | {"problem": spectrum.problem}
+        return self.save_metrics(key, every_metric(spectrum))
+
+    def save_metrics(self, key: str, values: dict) -> dict:
         self.db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?)",
                         (key, METRICS_VERSION, json.dumps(values, allow_nan=False)))
         self.db.commit()
@@ -310,6 +336,11 @@ class MetricCache:
 
     def close(self) -> None:
         self.db.close()
+
+
+def every_metric(spectrum: Spectrum) -> dict:
+    """Every metric of metrics.py and the spectrum's `problem`: what the metrics table holds."""
+    return metrics_of(spectrum) | {"problem": spectrum.problem}
 
 
 def read_ahead(checkpoint: Checkpoint, names: list[str], depth: int = 2):

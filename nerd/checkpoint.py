@@ -12,17 +12,20 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ModelError, first_line
 
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype -> torch's name for it; torch itself is imported only where tensors are made
+# (importing it takes over a second, which a warm merge or a config error should not pay)
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }
-DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 MAX_HEADER = 100 * 2**20
 
@@ -40,7 +43,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return numel(self.shape) * SAFETENSORS_DTYPES[self.dtype].itemsize
+        return numel(self.shape) * ITEMSIZES[self.dtype]
 
     @property
     def is_matrix(self) -> bool:
@@ -93,9 +96,10 @@ class Checkpoint:
         info = self.tensors[name]
         if info.file.suffix != ".safetensors":
             return self.read(name).reshape(-1)[start:stop].clone()
-        size = SAFETENSORS_DTYPES[info.dtype].itemsize
+        import torch
+        size = ITEMSIZES[info.dtype]
         data = self.read_span(info, info.begin + start * size, info.begin + stop * size)
-        dtype = SAFETENSORS_DTYPES[info.dtype]
+        dtype = torch_dtype(info.dtype)
         return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
 
     def read_span(self, info: TensorInfo, begin: int, end: int) -> bytearray:
@@ -221,6 +225,7 @@ def load_pickle(file: Path) -> dict:
     """A pickled state dict, loaded with weights_only=True (no code runs) and memory-mapped."""
     try:
         try:
+            import torch
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as exc:
             if "mmap" not in str(exc):
@@ -228,23 +233,33 @@ def load_pickle(file: Path) -> dict:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for unsafe or bad files
         raise ModelError(f"{file}: refused to load pickled weights with weights_only=True: {first_line(exc)}") from None
+    import torch
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{file}: expected a state dict of tensors")
     return state
 
 
 def pickle_header(file: Path, state: dict) -> list[TensorInfo]:
+    names = {torch_name: name for name, torch_name in SAFETENSORS_DTYPES.items()}
     infos = []
     for name, tensor in state.items():
-        if tensor.dtype not in DTYPE_NAMES:
+        dtype = names.get(str(tensor.dtype).removeprefix("torch."))
+        if dtype is None:
             raise ModelError(f"{file}: tensor '{name}': dtype {tensor.dtype} is not supported")
-        infos.append(TensorInfo(name, DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), file))
+        infos.append(TensorInfo(name, dtype, tuple(tensor.shape), file))
     return infos
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name."""
+    import torch
+    return getattr(torch, SAFETENSORS_DTYPES[name])
 
 
 def as_tensor(data: bytearray, info: TensorInfo) -> torch.Tensor:
     """A tensor over the given raw bytes (no copy), with the dtype and shape of `info`."""
-    dtype = SAFETENSORS_DTYPES[info.dtype]
+    import torch
+    dtype = torch_dtype(info.dtype)
     if not data:
         return torch.empty(info.shape, dtype=dtype)
     return torch.frombuffer(data, dtype=dtype).reshape(info.shape)
@@ -252,6 +267,7 @@ def as_tensor(data: bytearray, info: TensorInfo) -> torch.Tensor:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor (what safetensors stores)."""
+    import torch
     flat = tensor.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 

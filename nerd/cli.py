@@ -19,8 +19,6 @@ from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from . import __version__
 from .analyze import analysis_summary, analyze_models, summary_text, write_figures, write_tables
 from .cache import MetricCache, default_cache_path
@@ -28,6 +26,7 @@ from .config import DEVICES, IMPORTANCE, INITS, expand_config, index_of_each, lo
 from .errors import ConfigError, MergeError
 from .pipeline import plan_merge
 from .report import choice_table, expansion_table, tether_table
+from .spectra import cuda_available
 from .staging import staged_dir
 from .write import write_merge
 
@@ -160,7 +159,7 @@ def run_expand(args: argparse.Namespace) -> int:
                                                    "calibration", "max_tokens", "trust_remote_code")}
     config = expand_config(args.model, args.out, {k: v for k, v in options.items() if v is not None},
                            force=args.force, writing=not args.dry_run, device=args.device, shard_size=args.shard_size)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not cuda_available():
         raise ConfigError("expand: --device: 'cuda' was asked for but torch sees no CUDA device")
     return run_configs([config], args)
 
@@ -210,7 +209,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         pattern = None if args.no_plots or args.esd is None else re.compile(args.esd)
     except re.error as exc:
         raise ConfigError(f"{where}: --esd: '{args.esd}' is not a valid regular expression ({exc})") from None
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not cuda_available():
         raise ConfigError(f"{where}: --device: 'cuda' was asked for but torch sees no CUDA device")
     with closing(cache_of(args)) as cache:
         analysis = analyze_models(specs, cache, args.device, args.quiet, esd=pattern)

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from .errors import ConfigError, first_line
 from .metrics import METRICS
+from .spectra import cuda_available
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 DTYPES = ("keep", "float32", "float16", "bfloat16")
@@ -206,9 +206,9 @@ def config_from_dict(raw: Any, *, base_dir: Path, source: Path | None = None,
     dtype = choice(raw.get("dtype", "keep"), DTYPES, where, "dtype")
     shard_size = size_in_bytes(raw.get("shard_size", "2GB"), where, "shard_size")
     device = choice(raw.get("device", "auto"), DEVICES, where, "device")
-    if device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not cuda_available():
         raise ConfigError(f"{where}: device: 'cuda' was asked for but torch sees no CUDA device "
-                          f"(torch {torch.__version__}); use auto or cpu")
+                          f"(is a CUDA build of torch installed?); use auto or cpu")
     dlec = None if raw.get("dlec") is None else dlec_options(raw["dlec"], base_dir, where)
     return MergeConfig(models=models, base=base, output_dir=output_dir, selection=selection,
                        dtype=dtype, shard_size=shard_size, device=device, tether=tether, dlec=dlec,

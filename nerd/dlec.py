@@ -28,8 +28,7 @@ import copy
 import dataclasses
 import json
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from .checkpoint import numel
 from .config import DlecOptions
@@ -37,6 +36,9 @@ from .errors import ConfigError, ModelError, first_line
 from .importance import block_modules, layer_importance
 from .layout import Layout, layout_of
 from .plan import AddedLayer, Expansion, Plan, PlanEntry, output_order
+
+if TYPE_CHECKING:
+    import torch
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 INDEX_LIST_KEYS = ("mlp_only_layers", "moe_layers")
@@ -188,6 +190,7 @@ def check_with_transformers(config: dict, new_config: dict, num_layers: int, lay
     make every output block match its source: a per-layer setting transformers derives from a rule
     is written into `new_config` as an explicit list (noted in `changes`); a block transformers
     would build differently is refused. Returns why the check could not run, or None."""
+    import torch
     try:
         import transformers
     except ImportError:

@@ -36,10 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from tqdm import tqdm
 
-from .checkpoint import SAFETENSORS_DTYPES, Checkpoint, numel
+from .checkpoint import Checkpoint, numel, torch_dtype
 from .config import DlecOptions
 from .errors import ConfigError, ModelError, first_line
 from .layout import Layout
@@ -49,6 +48,8 @@ from .spectra import spectrum_of
 from .tether import blended_tensor
 
 if TYPE_CHECKING:
+    import torch
+
     from .cache import MetricCache
 
 ACTIVATION_VERSION = "1"  # of the statistics below: a change makes the cache measure again
@@ -141,7 +142,7 @@ def weight_scores(plan: Plan, layout: Layout, cache: MetricCache, device: torch.
                     opened = checkpoints.of(entry)
 
                     def compute(entry=entry, opened=opened):
-                        spectrum = spectrum_of(blended_tensor(entry, opened, SAFETENSORS_DTYPES[entry.dtype]), device)
+                        spectrum = spectrum_of(blended_tensor(entry, opened, torch_dtype(entry.dtype)), device)
                         return metrics_of(spectrum) | {"problem": spectrum.problem}
                     metrics = cache.derived_metrics(blend_key(entry, opened, cache), compute)
                 elif metrics is None:
@@ -160,6 +161,7 @@ def activation_stats(plan: Plan, layout: Layout, options: DlecOptions, cache: Me
                      quiet: bool) -> tuple[list[LayerStats], str, bool]:
     """The LayerStats of every block on the calibration text, from the cache or from a run; with a
     sentence saying what they were computed from, and whether they came from the cache."""
+    import torch
     import transformers
 
     if quiet:
@@ -262,6 +264,7 @@ def composite_model(transformers, plan: Plan, config: dict, options: DlecOptions
     copied in: the model the plan describes, before any expansion. The class is the one config.json
     names (its `architectures`), so the checkpoint's tensors fit it; else the causal-LM auto class.
     `config` is the base's config.json, parsed."""
+    import torch
     base_dir = plan.sources[plan.base]
     named = (config.get("architectures") or [None])[0]
     classes = [getattr(transformers, named, None) if isinstance(named, str) and "auto_map" not in config else None,
@@ -290,7 +293,7 @@ def composite_model(transformers, plan: Plan, config: dict, options: DlecOptions
                                  f"{', '.join(entry.candidates)}) has no place in the transformers model; "
                                  f"use {options.setting('importance', 'ner')}")
             opened = checkpoints.of(entry)
-            state[name].copy_(blended_tensor(entry, opened, SAFETENSORS_DTYPES[entry.dtype])
+            state[name].copy_(blended_tensor(entry, opened, torch_dtype(entry.dtype))
                               if entry.transform == "blend" else opened[entry.source].read(entry.tensor))
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
@@ -323,6 +326,7 @@ def state_name(name: str, state: dict, prefix: str) -> str | None:
 def run_dtype(plan: Plan, device: torch.device | str) -> torch.dtype | str:
     """float32 on a CPU when 4 bytes per parameter fit in half the available memory, else the
     stored dtype ("auto")."""
+    import torch
     if torch.device(device).type != "cpu":
         return "auto"
     params = sum(numel(e.shape) for e in plan.entries)
@@ -345,6 +349,7 @@ def block_modules(model: torch.nn.Module, stack: str, count: int, where: str) ->
     """The model's list of `count` transformer blocks: the module list named like the checkpoint's
     block stack (model.layers, transformer.h, ...), or that name with a prefix added or removed (a
     model class with or without a task head around the same blocks)."""
+    import torch
     found = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
@@ -360,6 +365,7 @@ def block_modules(model: torch.nn.Module, stack: str, count: int, where: str) ->
 def run_calibration(model: torch.nn.Module, blocks: torch.nn.ModuleList, windows: list[list[int]], device: torch.device,
                     quiet: bool) -> list[LayerStats]:
     """Run every window through the model and sum each block's statistics over every token position."""
+    import torch
     sums = [[0, 0.0, 0, 0, 0.0] for _ in blocks]
     problems: list[str] = []
 
@@ -388,6 +394,7 @@ def run_calibration(model: torch.nn.Module, blocks: torch.nn.ModuleList, windows
 
 def add_block_sums(sums: list, x: torch.Tensor, y: torch.Tensor) -> None:
     """Add one window's positions (rows of x: block input, y: block output) to a block's sums."""
+    import torch
     x, y = x.double(), y.double()
     centred = y - y.mean(dim=1, keepdim=True)
     spread = centred.pow(2).mean(dim=1, keepdim=True).sqrt()

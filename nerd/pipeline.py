@@ -45,7 +45,6 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
             return plan_merge(config, cache=own, quiet=quiet)
     names = [spec.ref for spec in config.candidates]
     resolved = {spec.ref: resolve_model(spec) for spec in config.candidates}
-    device = pick_device(config.device)
     computed, reused = cache.computed, cache.reused
     with ExitStack() as stack:
         checkpoints = {name: stack.enter_context(Checkpoint.open(resolved[name].path)) for name in names}
@@ -58,7 +57,7 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
             matrices = [t for t, info in infos.items() if info.is_matrix]
             with tqdm(total=len(names) * len(matrices), desc="spectra", unit="matrix", disable=quiet) as bar:
                 for name in names:
-                    metrics[name] = cache.metrics_of_all(checkpoints[name], matrices, device, bar)
+                    metrics[name] = cache.metrics_of_all(checkpoints[name], matrices, config.device, bar)
             others = names[1:]
             scores = compatibility_of(checkpoints, tether_groups(layout, infos, config.selection), names[0],
                                       others, config.tether.measure, cache, quiet)
@@ -76,7 +75,7 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
                 output_dir=config.output_dir, shard_size=config.shard_size, entries=entries,
                 choices=choices, metrics=metrics, selection=config.selection, tethers=tethers)
     if config.dlec is not None:
-        plan = expanded(plan, config.dlec, cache, device, quiet)
+        plan = expanded(plan, config.dlec, cache, pick_device(config.device), quiet)
     plan.spectra_computed, plan.spectra_reused = cache.computed - computed, cache.reused - reused
     return plan
 

@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 NER_TOLERANCE = 1e-9  # the largest NER error the Gram route may cause before we use an SVD instead
 SPECTRUM_VERSION = "2"  # bump when the computation changes: cached spectra are then recomputed
@@ -46,8 +49,15 @@ class Spectrum:
     problem: str | None = None
 
 
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device (the first call imports torch)."""
+    import torch
+    return torch.cuda.is_available()
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     """cuda when asked for or available (auto), else cpu."""
+    import torch
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
@@ -55,6 +65,7 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 def spectrum_of(matrix: torch.Tensor, device: torch.device | str = "cpu") -> Spectrum:
     """The exact singular values of a 2-D matrix (float64), or the reason there are none."""
+    import torch
     if torch.device(device).type != "cpu":
         return spectra_of([matrix], device)[0]
     tall = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T
@@ -66,6 +77,7 @@ def spectrum_of(matrix: torch.Tensor, device: torch.device | str = "cpu") -> Spe
 def spectra_of(matrices: list[torch.Tensor], device: torch.device | str = "cpu") -> list[Spectrum]:
     """The spectra of several matrices: one at a time on the CPU; on CUDA, equal shapes in batches
     of up to BATCH_BYTES (in float64), each batch's Gram matrices and eigenvalues computed at once."""
+    import torch
     device = torch.device(device)
     if device.type == "cpu":
         return [spectrum_of(m) for m in matrices]
@@ -74,6 +86,7 @@ def spectra_of(matrices: list[torch.Tensor], device: torch.device | str = "cpu")
 
 def batched_spectra(matrices: list[torch.Tensor], device: torch.device) -> list[Spectrum]:
     """The device path of spectra_of, with torch (it runs on the CPU too, which the tests use)."""
+    import torch
     results: list[Spectrum | None] = [None] * len(matrices)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, m in enumerate(matrices):
@@ -122,10 +135,12 @@ def gram_matrix(tall: torch.Tensor) -> np.ndarray | None:
 def float64_rows(matrix: torch.Tensor, start: int, stop: int) -> np.ndarray:
     """Rows start..stop of a CPU matrix (possibly a transposed view) as a C-ordered float64 array.
     bfloat16, which numpy lacks, is widened by its bits: a bf16 is the top half of a float32."""
+    import torch
     rows = matrix[start:stop]
     if rows.dtype == torch.bfloat16:
         bits = rows.contiguous().view(torch.int16).numpy().view(np.uint16)
-        return np.ascontiguousarray((bits.astype(np.uint32) << 16).view(np.float32), dtype=np.float64)
+        with np.errstate(invalid="ignore"):  # a NaN stays a NaN; it is reported from the Gram matrix
+            return np.ascontiguousarray((bits.astype(np.uint32) << 16).view(np.float32), dtype=np.float64)
     return np.ascontiguousarray(rows.detach().cpu().numpy(), dtype=np.float64)
 
 

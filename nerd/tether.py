@@ -35,7 +35,6 @@ import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import torch
 from tqdm import tqdm
 
 from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, numel
@@ -44,6 +43,8 @@ from .layout import Layout
 from .plan import PlanEntry
 
 if TYPE_CHECKING:
+    import torch
+
     from .cache import MetricCache
 
 CHUNK_ELEMENTS = 2**22  # elements of each matrix converted to float64 at a time (32 MB)
@@ -86,6 +87,7 @@ def compatibility_of(checkpoints: dict[str, Checkpoint], groups: dict[str, list[
 def sums_of(candidate: Checkpoint, base: Checkpoint, tensor: str) -> Sums | None:
     """<c, b>, |c|^2 and |b|^2 of one tensor of two models, in float64, read a slice at a time;
     None if either has a NaN or Inf."""
+    import torch
     dot = c_sq = b_sq = 0.0
     for start, stop in slices(numel(base.tensors[tensor].shape)):
         x = candidate.read_flat(tensor, start, stop).to(torch.float64)
@@ -150,6 +152,7 @@ def blended_slices(entry: PlanEntry, checkpoints: dict[str, Checkpoint], dtype: 
     """The entry's blend, flattened, a slice at a time: the weighted mean of its tensor over the
     blend's candidates, summed in float64 and rounded once to `dtype` (with equal weights, the sum
     divided by their number: the mean as a user would compute it, not a sum of thirds)."""
+    import torch
     equal = len({weight for _, weight in entry.blend}) == 1
     for start, stop in slices(numel(entry.shape)):
         total = torch.zeros(stop - start, dtype=torch.float64)
@@ -161,4 +164,5 @@ def blended_slices(entry: PlanEntry, checkpoints: dict[str, Checkpoint], dtype: 
 
 def blended_tensor(entry: PlanEntry, checkpoints: dict[str, Checkpoint], dtype: torch.dtype) -> torch.Tensor:
     """The whole blend of an entry, in its shape (blended_slices joined)."""
+    import torch
     return torch.cat(list(blended_slices(entry, checkpoints, dtype))).reshape(entry.shape)

@@ -16,14 +16,15 @@ import os
 import shutil
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .checkpoint import SAFETENSORS_DTYPES, Checkpoint, numel, tensor_bytes
+from .checkpoint import FLOAT_DTYPES, ITEMSIZES, SAFETENSORS_DTYPES, Checkpoint, numel, tensor_bytes, torch_dtype
 from .config import MergeConfig
-from .errors import OutputError
+from .errors import ModelError, OutputError
 from .plan import Plan, PlanEntry
 from .plots import compatibility_heatmap, expansion_curve, merge_heatmap
 from .report import model_card, report_of
@@ -32,22 +33,26 @@ from .tether import blended_slices
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 NOT_COPIED = ("config.json", "README.md", "merge_report.json")
-TORCH_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 def write_merge(plan: Plan, config: MergeConfig, quiet: bool = False) -> Path:
     """Write the plan's output directory; return its path."""
-    with staged_dir(plan.output_dir) as tmp:
+    with staged_dir(plan.output_dir) as tmp, ThreadPoolExecutor(1, thread_name_prefix="mastermerge-figures") as pool:
+        figures = pool.submit(draw_figures, plan, tmp)  # drawn while the shards are written (I/O-bound)
         shards = write_shards(plan, tmp, quiet)
         write_config(plan, tmp)
         copy_side_files(plan.sources[plan.base], tmp)
-        heatmaps = [h for h in (merge_heatmap(plan, tmp), compatibility_heatmap(plan, tmp)) if h]
-        curve = expansion_curve(plan, tmp)
+        heatmaps, curve = figures.result()
         (tmp / "README.md").write_text(model_card(plan, heatmaps, curve), encoding="utf-8")
         report = report_of(plan, config, shards)
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2, default=str, allow_nan=False) + "\n",
                                                encoding="utf-8")
     return plan.output_dir
+
+
+def draw_figures(plan: Plan, tmp: Path) -> tuple[list[str], str | None]:
+    """The heatmaps (score, then compatibility) and the expansion curve that could be drawn."""
+    return [h for h in (merge_heatmap(plan, tmp), compatibility_heatmap(plan, tmp)) if h], expansion_curve(plan, tmp)
 
 
 def shard_groups(entries: list[PlanEntry], shard_size: int) -> list[list[PlanEntry]]:
@@ -97,15 +102,53 @@ def write_shard(path: Path, entries: list[PlanEntry], checkpoints: dict[str, Che
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         for entry in entries:
-            written = 0
-            for data in entry_data(entry, checkpoints):
-                handle.write(data)
-                written += len(data)
-                bar.update(len(data))
+            written = copied_in_kernel(handle, entry, checkpoints[entry.source]) if entry.transform is None else None
+            if written is not None:
+                bar.update(written)
+            else:
+                written = 0
+                for data in entry_data(entry, checkpoints):
+                    handle.write(data)
+                    written += len(data)
+                    bar.update(len(data))
             if written != entry_bytes(entry):
                 raise OutputError(f"{path}: tensor '{entry.name}' has {written} bytes, expected {entry_bytes(entry)}")
+            start_writeback(handle)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def start_writeback(handle) -> None:
+    """Ask the kernel to start writing what is written so far to disk now (Linux starts the
+    writeback of dirty pages on POSIX_FADV_DONTNEED without waiting), so the disk works while
+    the next tensors are copied and the final fsync has little left to wait for."""
+    if hasattr(os, "posix_fadvise"):
+        handle.flush()
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def copied_in_kernel(handle, entry: PlanEntry, checkpoint: Checkpoint) -> int | None:
+    """Copy an unconverted safetensors tensor from its file to the output file inside the kernel
+    (copy_file_range: no trip through user memory) and return the bytes copied; None when that
+    cannot be done here (a conversion, a pickled source, or a system without it)."""
+    info = checkpoint.tensors[entry.tensor]
+    if info.dtype != entry.dtype or info.file.suffix != ".safetensors" or not hasattr(os, "copy_file_range"):
+        return None
+    handle.flush()
+    with open(info.file, "rb") as source:
+        copied = 0
+        while copied < info.end - info.begin:
+            try:
+                n = os.copy_file_range(source.fileno(), handle.fileno(), info.end - info.begin - copied,
+                                       info.begin + copied)
+            except OSError:  # not supported between these files: the caller copies through memory
+                if copied:
+                    raise
+                return None
+            if n == 0:
+                raise ModelError(f"{info.file}: tensor '{entry.tensor}' is cut short (file truncated?)")
+            copied += n
+    return copied
 
 
 def entry_data(entry: PlanEntry, checkpoints: dict[str, Checkpoint]) -> Iterator[bytes | bytearray | memoryview]:
@@ -115,16 +158,16 @@ def entry_data(entry: PlanEntry, checkpoints: dict[str, Checkpoint]) -> Iterator
     if entry.transform == "zero":
         yield bytes(entry_bytes(entry))
     elif entry.transform == "blend":
-        for piece in blended_slices(entry, checkpoints, SAFETENSORS_DTYPES[entry.dtype]):
+        for piece in blended_slices(entry, checkpoints, torch_dtype(entry.dtype)):
             yield tensor_bytes(piece)
     elif checkpoints[entry.source].tensors[entry.tensor].dtype == entry.dtype:
         yield checkpoints[entry.source].read_bytes(entry.tensor)
     else:
-        yield tensor_bytes(checkpoints[entry.source].read(entry.tensor).to(SAFETENSORS_DTYPES[entry.dtype]))
+        yield tensor_bytes(checkpoints[entry.source].read(entry.tensor).to(torch_dtype(entry.dtype)))
 
 
 def entry_bytes(entry: PlanEntry) -> int:
-    return numel(entry.shape) * SAFETENSORS_DTYPES[entry.dtype].itemsize
+    return numel(entry.shape) * ITEMSIZES[entry.dtype]
 
 
 def write_config(plan: Plan, tmp: Path) -> None:
@@ -134,9 +177,9 @@ def write_config(plan: Plan, tmp: Path) -> None:
         config = copy.deepcopy(plan.config)
     else:
         config = json.loads((plan.sources[plan.base] / "config.json").read_text(encoding="utf-8"))
-    dtypes = {e.dtype for e in plan.entries if e.dtype in TORCH_DTYPE_NAMES}
+    dtypes = {e.dtype for e in plan.entries if e.dtype in FLOAT_DTYPES}
     if len(dtypes) == 1:
-        dtype = TORCH_DTYPE_NAMES[dtypes.pop()]
+        dtype = SAFETENSORS_DTYPES[dtypes.pop()]
         for key in ("torch_dtype", "dtype"):
             if key in config:
                 config[key] = dtype

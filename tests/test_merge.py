@@ -247,14 +247,17 @@ def test_failure_mid_write_leaves_no_output(tmp_path, monkeypatch, capsys, fault
     config = write_config(tmp_path / "m.yaml", models, out, shard_size="20KB")
     calls = []
 
-    def failing(entry, checkpoint):
-        calls.append(entry.name)
-        if len(calls) == 12:
-            raise fault
-        return real(entry, checkpoint)
+    def failing(real):
+        def write(*args):
+            calls.append(args)
+            if len(calls) == 12:
+                raise fault
+            return real(*args)
+        return write
 
-    real = nerd.write.entry_data
-    monkeypatch.setattr(nerd.write, "entry_data", failing)
+    # every tensor goes through one of these: a copy inside the kernel, or through memory
+    monkeypatch.setattr(nerd.write, "copied_in_kernel", failing(nerd.write.copied_in_kernel))
+    monkeypatch.setattr(nerd.write, "entry_data", failing(nerd.write.entry_data))
     code = merge(config, tmp_path / "c.sqlite")
     assert code == (4 if isinstance(fault, OSError) else 130)
     assert "mastermerge:" in capsys.readouterr().err

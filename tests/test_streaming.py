@@ -1,0 +1,124 @@
+"""The fast paths against the plain ones: bf16 widened by its bits, the batched device path (run
+on the CPU here), and metrics_of_all's read-ahead (same results, bounded, errors surfaced,
+nothing read when warm)."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from examples.tiny_models import build_model
+from nerd.cache import MetricCache, read_ahead
+from nerd.checkpoint import Checkpoint
+from nerd.errors import ModelError
+from nerd.spectra import batched_spectra, float64_rows, spectra_of, spectrum_of
+
+
+def test_bf16_widened_by_its_bits_equals_torch():
+    bits = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)  # every bf16 value, NaN and Inf included
+    w = bits.view(torch.bfloat16).reshape(256, 256)
+    got = float64_rows(w.T, 0, 256)  # a transposed view, as for a wide matrix
+    expected = w.T.to(torch.float64).numpy()
+    assert got.flags.c_contiguous
+    np.testing.assert_array_equal(got, expected)  # NaN == NaN here
+
+
+def matrices() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64, generator=g))
+    ill = u[:, :40] @ torch.diag(torch.logspace(0, -7, 40, dtype=torch.float64)) @ u[:40, :40].T
+    nan = torch.randn(30, 20, generator=g)
+    nan[3, 4] = float("nan")
+    return [torch.randn(30, 20, generator=g), torch.randn(30, 20, generator=g).to(torch.bfloat16),
+            torch.randn(20, 30, generator=g), nan, torch.zeros(30, 20), ill,
+            torch.randn(30, 20, generator=g).to(torch.bfloat16), torch.randn(64, 64, generator=g)]
+
+
+def test_batched_device_path_equals_one_at_a_time(monkeypatch):
+    import nerd.spectra
+    monkeypatch.setattr(nerd.spectra, "BATCH_BYTES", 2 * 30 * 20 * 8)  # two 30 x 20 matrices per batch
+    ms = matrices()
+    batched = batched_spectra(ms, torch.device("cpu"))
+    for m, got in zip(ms, batched):
+        one = spectrum_of(m)
+        assert got.shape == one.shape and got.problem == one.problem
+        if one.values is not None:
+            np.testing.assert_allclose(got.values, one.values, rtol=1e-9, atol=1e-12 * one.values[0])
+    assert [s.problem for s in spectra_of(ms, "cpu")] == [s.problem for s in batched]
+
+
+@pytest.fixture()
+def model(tmp_path):
+    return build_model("llama", tmp_path / "m", seed=0, num_layers=3)
+
+
+def test_metrics_of_all_equals_one_by_one_and_reads_nothing_when_warm(model, tmp_path, monkeypatch):
+    with Checkpoint.open(model) as ckpt:
+        names = [n for n, i in ckpt.tensors.items() if i.is_matrix]
+        alone = {n: MetricCache().metrics(ckpt, n, spectrum_of) for n in names}
+        cache = MetricCache(tmp_path / "c.sqlite")
+        assert cache.metrics_of_all(ckpt, names, "cpu") == alone
+        assert cache.computed == len(names) and cache.reused == 0
+
+    def no_reading(*args):
+        raise AssertionError("a warm run read a tensor")
+    monkeypatch.setattr(Checkpoint, "read_bytes", no_reading)
+    with Checkpoint.open(model) as ckpt:
+        assert cache.metrics_of_all(ckpt, names, "cpu") == alone
+    assert cache.reused == len(names)
+    cache.close()
+
+
+def test_read_ahead_stays_a_few_tensors_ahead_and_raises_where_it_failed(model):
+    with Checkpoint.open(model) as ckpt:
+        names = list(ckpt.tensors)
+        read = []
+        original = ckpt.read_bytes
+        ckpt.read_bytes = lambda name: read.append(name) or original(name)
+        items = read_ahead(ckpt, names, depth=2)
+        first = next(items)
+        time.sleep(0.2)  # the reader has had all the time it needs to run ahead
+        assert first[0] == names[0] and len(read) <= 1 + 2 + 1  # the one taken, the queue, the one waiting
+        assert [n for n, _, _ in items] == names[1:]
+
+        def broken(name):
+            if name == names[2]:
+                raise ModelError(f"{name}: cut short")
+            return original(name)
+        ckpt.read_bytes = broken
+        got = []
+        with pytest.raises(ModelError, match="cut short"):
+            for name, _, _ in read_ahead(ckpt, names):
+                got.append(name)
+        assert got == names[:2]
+    assert not [t for t in threading.enumerate() if t.name == "mastermerge-read-ahead"]
+
+
+@pytest.mark.parametrize("kernel_copy", ["works", "refused", "missing"])
+def test_shards_are_the_same_with_or_without_kernel_copies(tmp_path, monkeypatch, kernel_copy):
+    import os
+
+    import yaml
+
+    from nerd.cli import main
+    base = build_model("llama", tmp_path / "base", seed=0)
+    ft = build_model("llama", tmp_path / "ft", seed=1, base_dir=base, noise=0.1)
+    if kernel_copy == "refused":
+        def refuse(*args):
+            raise OSError(18, "Invalid cross-device link")
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    elif kernel_copy == "missing":
+        monkeypatch.delattr(os, "copy_file_range")
+    config = tmp_path / "m.yaml"
+    config.write_text(yaml.safe_dump({"models": [str(base), str(ft)], "base_model": str(base),
+                                      "output_dir": str(tmp_path / "out"), "shard_size": "100KB"}))
+    assert main(["--config", str(config), "--no-cache", "--quiet"]) == 0
+    from helpers import tensors_of
+    written, inputs = tensors_of(tmp_path / "out"), {**tensors_of(ft), **tensors_of(base)}
+    report = __import__("json").loads((tmp_path / "out" / "merge_report.json").read_text())
+    sources = {str(base): tensors_of(base), str(ft): tensors_of(ft)}
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) > 1 and len(written) == len(inputs)
+    for entry in report["plan"]["entries"]:
+        assert torch.equal(written[entry["name"]], sources[entry["source"]][entry["tensor"]])

@@ -122,3 +122,36 @@ def test_shards_are_the_same_with_or_without_kernel_copies(tmp_path, monkeypatch
     assert len(list((tmp_path / "out").glob("*.safetensors"))) > 1 and len(written) == len(inputs)
     for entry in report["plan"]["entries"]:
         assert torch.equal(written[entry["name"]], sources[entry["source"]][entry["tensor"]])
+
+
+def test_a_warm_merge_does_not_import_torch(tmp_path):
+    """torch takes over a second to import; a merge whose spectra are all cached never needs it."""
+    import subprocess
+    import sys
+
+    import yaml
+    base = build_model("llama", tmp_path / "base", seed=0)
+    ft = build_model("llama", tmp_path / "ft", seed=1, base_dir=base, noise=0.1)
+    config = tmp_path / "m.yaml"
+    config.write_text(yaml.safe_dump({"models": [str(base), str(ft)], "base_model": str(base),
+                                      "output_dir": str(tmp_path / "out")}))
+    script = ("import sys; from nerd.cli import main; code = main(sys.argv[1:]); "
+              "print(code, 'torch' in sys.modules)")
+    args = [sys.executable, "-c", script, "--config", str(config), "--cache", str(tmp_path / "c.sqlite"), "--quiet"]
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    cold = subprocess.run(args, capture_output=True, text=True, cwd=root)
+    assert cold.stdout.split()[-2:] == ["0", "True"], cold.stderr  # spectra computed: torch was needed
+    warm = subprocess.run(args + ["--force"], capture_output=True, text=True, cwd=root)
+    assert warm.stdout.split()[-2:] == ["0", "False"], warm.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_large_matrices_take_the_other_eigensolver_with_the_same_result(monkeypatch):
+    import nerd.spectra
+    w = torch.randn(90, 40, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    small = spectrum_of(w)
+    monkeypatch.setattr(nerd.spectra, "LARGE_K", 8)  # torch's solver from k = 8 on
+    large = spectrum_of(w)
+    reference = np.linalg.svd(w.double().numpy(), compute_uv=False)
+    np.testing.assert_allclose(large.values, reference, rtol=1e-9)
+    np.testing.assert_allclose(small.values, reference, rtol=1e-9)

@@ -2,18 +2,22 @@
 
     python benchmarks/spectrum_paths.py [--shapes 2048x2048 4096x4096 11008x4096]
 
-Each time is the best of two runs. Prints a markdown table and writes benchmarks/results/spectrum_paths.json. Not part of the tests.
+Each time is the best of two runs. Prints a markdown table and writes
+benchmarks/results/spectrum_paths.json. Not part of the tests.
 """
 
 import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nerd.metrics import metrics_of
 from nerd.spectra import spectrum_of

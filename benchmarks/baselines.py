@@ -6,8 +6,9 @@
     python benchmarks/baselines.py svdvals MODEL_DIR    # torch.linalg.svdvals per matrix (float32)
 
 Each prints one JSON line: the seconds of the work itself (weights already in memory, so reading
-is not counted) and the nominal float64 work of every 2-D matrix, 2 m k^2 for the Gram matrix
-plus 4/3 k^3 for the eigenvalues (k the shorter side).
+is not counted), the nominal float64 work of every 2-D matrix, 2 m k^2 for the Gram matrix as a
+general product plus 4/3 k^3 for the eigenvalues (k the shorter side), and the work actually
+executed with a symmetric rank-k update, m k^2 + 4/3 k^3.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def nominal_flops(shapes: list[tuple[int, int]]) -> float:
     return sum(2 * m * k * k + 4 / 3 * k**3 for m, k in shapes)
 
 
+def syrk_flops(shapes: list[tuple[int, int]]) -> float:
+    return sum(m * k * k + 4 / 3 * k**3 for m, k in shapes)
+
+
 def gemm_rate() -> float:
     """Best GFLOP/s of a 4096 x 4096 float64 product, torch or numpy, best of three each."""
     a = torch.randn(4096, 4096, dtype=torch.float64)
@@ -64,7 +69,8 @@ def run(kind: str, directory: Path) -> dict:
         elif kind == "svdvals":
             torch.linalg.svdvals(w.to(torch.float32))
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "matrices": len(ws), "flops": nominal_flops([tuple(w.shape) for w in ws])}
+    shapes = [tuple(w.shape) for w in ws]
+    return {"seconds": seconds, "matrices": len(ws), "flops": nominal_flops(shapes), "syrk_flops": syrk_flops(shapes)}
 
 
 if __name__ == "__main__":

@@ -45,10 +45,10 @@ from .checkpoint import Checkpoint, TensorInfo, as_tensor, numel
 from .errors import OutputError
 from .importance import ACTIVATION_VERSION, LayerStats
 from .metrics import METRICS, METRICS_VERSION, metrics_of
-from .spectra import BATCH_BYTES, SPECTRUM_VERSION, Spectrum, pick_device, spectra_of
+from .spectra import BATCH_BYTES, SPECTRUM_VERSION, Spectrum, numpy_matrix, pick_device, spectra_of
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 SCHEMA_VERSION = "4"
 TETHER_VERSION = "1"  # bump when tether.sums_of changes: cached sums are then recomputed
@@ -157,9 +157,9 @@ class MetricCache:
             if bar is not None:
                 bar.update()
         device = pick_device(requested) if unread else None
-        if unread and device.type != "cpu":  # equal shapes next to each other, so they share a batch
+        if unread and device != "cpu":  # equal shapes next to each other, so they share a batch
             unread.sort(key=lambda n: checkpoint.tensors[n].shape)
-        batch: list[tuple[str, str, torch.Tensor]] = []
+        batch: list[tuple[str, str, np.ndarray]] = []
         pending: list[tuple[str, str, Future]] = []  # metrics being derived while the next spectrum is computed
         pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="mastermerge-metrics"))
 
@@ -191,11 +191,11 @@ class MetricCache:
                     bar.update()
                 continue
             info = checkpoint.tensors[name]
-            if batch and (device.type == "cpu" or info.shape != checkpoint.tensors[batch[0][0]].shape
+            if batch and (device == "cpu" or info.shape != checkpoint.tensors[batch[0][0]].shape
                           or (len(batch) + 1) * numel(info.shape) * 8 > BATCH_BYTES):
                 flush()
-            batch.append((name, key, as_tensor(data, info)))
-            if device.type == "cpu":
+            batch.append((name, key, numpy_matrix(data, info.dtype, info.shape)))
+            if device == "cpu":
                 flush()
         flush()
         settle(keep=0)

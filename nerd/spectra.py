@@ -25,6 +25,8 @@ is found without a separate pass over W. The metrics derived from a spectrum are
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,39 +53,42 @@ class Spectrum:
     problem: str | None = None
 
 
+GPU_DEVICE_FILES = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL
+
+
 def cuda_available() -> bool:
-    """Whether torch sees a CUDA device (the first call imports torch)."""
+    """Whether torch sees a CUDA device. On Linux without any GPU driver's device files the answer
+    is no without importing torch (over a second); otherwise torch is asked."""
+    if sys.platform == "linux" and not any(os.path.exists(p) for p in GPU_DEVICE_FILES):
+        return False
     import torch
     return torch.cuda.is_available()
 
 
-def pick_device(requested: str = "auto") -> torch.device:
-    """cuda when asked for or available (auto), else cpu."""
-    import torch
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
+def pick_device(requested: str = "auto") -> str:
+    """'cuda' when asked for or available (auto), else 'cpu'."""
+    return "cuda" if requested == "cuda" or (requested == "auto" and cuda_available()) else "cpu"
 
 
-def spectrum_of(matrix: torch.Tensor, device: torch.device | str = "cpu") -> Spectrum:
-    """The exact singular values of a 2-D matrix (float64), or the reason there are none."""
-    import torch
-    if torch.device(device).type != "cpu":
+def spectrum_of(matrix: torch.Tensor | np.ndarray, device: torch.device | str = "cpu") -> Spectrum:
+    """The exact singular values of a 2-D matrix (float64), or the reason there are none. The
+    matrix is a torch tensor or a numpy array (a uint16 array holding bfloat16 bits, as
+    `numpy_matrix` makes it); on the CPU the work is numpy's, so torch need not even be imported."""
+    if str(device) != "cpu":
         return spectra_of([matrix], device)[0]
+    matrix = as_numpy(matrix)
     tall = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T
     gram = gram_matrix(tall)
     return spectrum_from_gram(eigenvalues_of(gram) if gram is not None else None, tuple(matrix.shape),
                               lambda: np.linalg.svd(float64_rows(tall, 0, tall.shape[0]), compute_uv=False))
 
 
-def spectra_of(matrices: list[torch.Tensor], device: torch.device | str = "cpu") -> list[Spectrum]:
+def spectra_of(matrices: list[torch.Tensor | np.ndarray], device: torch.device | str = "cpu") -> list[Spectrum]:
     """The spectra of several matrices: one at a time on the CPU; on CUDA, equal shapes in batches
     of up to BATCH_BYTES (in float64), each batch's Gram matrices and eigenvalues computed at once."""
-    import torch
-    device = torch.device(device)
-    if device.type == "cpu":
+    if str(device) == "cpu":
         return [spectrum_of(m) for m in matrices]
-    return batched_spectra(matrices, device)
+    return batched_spectra([as_torch(m) for m in matrices], device)
 
 
 def batched_spectra(matrices: list[torch.Tensor], device: torch.device) -> list[Spectrum]:
@@ -122,7 +127,7 @@ def spectrum_from_gram(eigenvalues: np.ndarray | None, shape: tuple[int, ...], s
     return Spectrum(np.sqrt(eigenvalues), shape)
 
 
-def gram_matrix(tall: torch.Tensor) -> np.ndarray | None:
+def gram_matrix(tall: np.ndarray) -> np.ndarray | None:
     """The k x k Gram matrix W^T W of a tall (or square) W in float64, built from row slices of
     about CHUNK_ELEMENTS (at least k rows each); None if W has a NaN or Inf."""
     k = tall.shape[1]
@@ -144,16 +149,44 @@ def eigenvalues_of(gram: np.ndarray) -> np.ndarray:
     return torch.linalg.eigvalsh(torch.from_numpy(gram)).numpy()
 
 
-def float64_rows(matrix: torch.Tensor, start: int, stop: int) -> np.ndarray:
-    """Rows start..stop of a CPU matrix (possibly a transposed view) as a C-ordered float64 array.
-    bfloat16, which numpy lacks, is widened by its bits: a bf16 is the top half of a float32."""
-    import torch
+def float64_rows(matrix: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop of a matrix (possibly a transposed view) as a C-ordered float64 array.
+    A uint16 matrix holds bfloat16 bits (numpy has no bfloat16): a bf16 is the top half of a
+    float32, so it is widened by shifting its bits."""
     rows = matrix[start:stop]
-    if rows.dtype == torch.bfloat16:
-        bits = rows.contiguous().view(torch.int16).numpy().view(np.uint16)
+    if rows.dtype == np.uint16:
         with np.errstate(invalid="ignore"):  # a NaN stays a NaN; it is reported from the Gram matrix
-            return np.ascontiguousarray((bits.astype(np.uint32) << 16).view(np.float32), dtype=np.float64)
-    return np.ascontiguousarray(rows.detach().cpu().numpy(), dtype=np.float64)
+            return np.ascontiguousarray((rows.astype(np.uint32) << 16).view(np.float32), dtype=np.float64)
+    return np.ascontiguousarray(rows, dtype=np.float64)
+
+
+NUMPY_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
+
+
+def numpy_matrix(data: bytearray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A matrix over a tensor's raw safetensors bytes (no copy): bf16 as its uint16 bits."""
+    return np.frombuffer(data, dtype=NUMPY_DTYPES[dtype]).reshape(shape)
+
+
+def as_numpy(matrix) -> np.ndarray:
+    """A numpy view of a CPU tensor (bf16 as uint16 bits), or the numpy array itself."""
+    if isinstance(matrix, np.ndarray):
+        return matrix
+    import torch
+    matrix = matrix.detach().cpu()
+    if matrix.dtype == torch.bfloat16:
+        return matrix.contiguous().view(torch.int16).numpy().view(np.uint16)
+    return matrix.numpy()
+
+
+def as_torch(matrix) -> torch.Tensor:
+    """A tensor of a numpy matrix (uint16: bfloat16 bits), or the tensor itself."""
+    import torch
+    if not isinstance(matrix, np.ndarray):
+        return matrix
+    if matrix.dtype == np.uint16:
+        return torch.from_numpy(matrix.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(matrix)
 
 
 def gram_smin_error(eigenvalues: np.ndarray) -> float:

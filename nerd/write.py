@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import struct
 from collections.abc import Iterator
@@ -33,15 +34,16 @@ from .tether import blended_slices
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 NOT_COPIED = ("config.json", "README.md", "merge_report.json")
+OUR_FIGURES = re.compile(r"(heatmap_[\w.-]+|expansion_curve)\.png")
 
 
 def write_merge(plan: Plan, config: MergeConfig, quiet: bool = False) -> Path:
     """Write the plan's output directory; return its path."""
     with staged_dir(plan.output_dir) as tmp, ThreadPoolExecutor(1, thread_name_prefix="mastermerge-figures") as pool:
-        figures = pool.submit(draw_figures, plan, tmp)  # drawn while the shards are written (I/O-bound)
-        shards = write_shards(plan, tmp, quiet)
         write_config(plan, tmp)
         copy_side_files(plan.sources[plan.base], tmp)
+        figures = pool.submit(draw_figures, plan, tmp)  # drawn while the shards are written (I/O-bound)
+        shards = write_shards(plan, tmp, quiet)
         heatmaps, curve = figures.result()
         (tmp / "README.md").write_text(model_card(plan, heatmaps, curve), encoding="utf-8")
         report = report_of(plan, config, shards)
@@ -124,7 +126,10 @@ def start_writeback(handle) -> None:
     the next tensors are copied and the final fsync has little left to wait for."""
     if hasattr(os, "posix_fadvise"):
         handle.flush()
-        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:  # only a hint: without it the final fsync waits longer
+            pass
 
 
 def copied_in_kernel(handle, entry: PlanEntry, checkpoint: Checkpoint) -> int | None:
@@ -146,6 +151,8 @@ def copied_in_kernel(handle, entry: PlanEntry, checkpoint: Checkpoint) -> int | 
                     raise
                 return None
             if n == 0:
+                if not copied:  # some file systems copy nothing this way: copy through memory instead
+                    return None
                 raise ModelError(f"{info.file}: tensor '{entry.tensor}' is cut short (file truncated?)")
             copied += n
     return copied
@@ -187,9 +194,11 @@ def write_config(plan: Plan, tmp: Path) -> None:
 
 
 def copy_side_files(base: Path, tmp: Path) -> None:
-    """Every top-level file of the base except weights, config.json and README.md: tokenizer
-    files, generation_config.json, chat templates, license, custom code."""
+    """Every top-level file of the base except weights, config.json, README.md and the figures of
+    an earlier merge (a base that is itself our output): tokenizer files, generation_config.json,
+    chat templates, license, custom code."""
     for path in sorted(base.iterdir()):
         if (path.is_file() and not path.name.startswith(".") and path.suffix not in WEIGHT_SUFFIXES
-                and not path.name.endswith(".index.json") and path.name not in NOT_COPIED):
+                and not path.name.endswith(".index.json") and path.name not in NOT_COPIED
+                and not OUR_FIGURES.match(path.name)):
             shutil.copyfile(path, tmp / path.name)

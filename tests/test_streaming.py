@@ -13,13 +13,13 @@ from examples.tiny_models import build_model
 from nerd.cache import MetricCache, read_ahead
 from nerd.checkpoint import Checkpoint
 from nerd.errors import ModelError
-from nerd.spectra import batched_spectra, float64_rows, spectra_of, spectrum_of
+from nerd.spectra import as_numpy, batched_spectra, float64_rows, spectra_of, spectrum_of
 
 
 def test_bf16_widened_by_its_bits_equals_torch():
     bits = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)  # every bf16 value, NaN and Inf included
     w = bits.view(torch.bfloat16).reshape(256, 256)
-    got = float64_rows(w.T, 0, 256)  # a transposed view, as for a wide matrix
+    got = float64_rows(as_numpy(w).T, 0, 256)  # a transposed view, as for a wide matrix
     expected = w.T.to(torch.float64).numpy()
     assert got.flags.c_contiguous
     np.testing.assert_array_equal(got, expected)  # NaN == NaN here
@@ -155,3 +155,22 @@ def test_large_matrices_take_the_other_eigensolver_with_the_same_result(monkeypa
     reference = np.linalg.svd(w.double().numpy(), compute_uv=False)
     np.testing.assert_allclose(large.values, reference, rtol=1e-9)
     np.testing.assert_allclose(small.values, reference, rtol=1e-9)
+
+
+def test_figures_of_an_earlier_merge_in_the_base_are_not_carried_over(tmp_path):
+    import yaml
+
+    from nerd.cli import main
+    base = build_model("llama", tmp_path / "base", seed=0)
+    ft = build_model("llama", tmp_path / "ft", seed=1, base_dir=base, noise=0.1)
+    for name in ("heatmap_ner.png", "heatmap_compatibility.png", "expansion_curve.png"):
+        (base / name).write_bytes(b"stale figure of another merge")
+    config = tmp_path / "m.yaml"
+    config.write_text(yaml.safe_dump({"models": [str(base), str(ft)], "base_model": str(base),
+                                      "output_dir": str(tmp_path / "out")}))
+    assert main(["--config", str(config), "--no-cache", "--quiet"]) == 0
+    out = tmp_path / "out"
+    for name in ("heatmap_ner.png", "heatmap_compatibility.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
+    assert not (out / "expansion_curve.png").exists()
+    assert (out / "tokenizer.json").is_file()

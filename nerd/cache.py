@@ -134,7 +134,8 @@ class MetricCache:
         """Every metric of each named matrix, as `metrics` gives them, streaming: the cached ones
         are looked up without reading; the others are read and hashed by a background thread one
         or two tensors ahead while the spectra are computed (reading overlaps computing, and
-        memory holds a few tensors at most); on CUDA equal shapes are computed in batches. `device`
+        memory holds a few tensors at most); on CUDA equal shapes are computed in batches (of up
+        to BATCH_BYTES in float64). `device`
         is the config's (auto, cpu or cuda), resolved only if something is computed, so a warm run
         does not even import torch."""
         with ExitStack() as stack:

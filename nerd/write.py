@@ -4,8 +4,9 @@ Everything is built in a temporary sibling of the output directory and renamed i
 the end (staging.py), so an error or Ctrl-C leaves nothing half-written at the destination. Shards are
 written tensor by tensor (header first, then each tensor's bytes), so memory holds one tensor
 at a time (a blended tensor a slice at a time); an unconverted tensor is copied byte for byte
-from its source, and every entry is written as data of its own (a duplicated block's copy
-included: no shared storage).
+from its source, inside the kernel where it can be, and every entry is written as data of its
+own (a duplicated block's copy included: no shared storage). The figures are drawn in a second
+thread while the shards are written.
 """
 
 from __future__ import annotations

@@ -135,14 +135,14 @@ class MetricCache:
         are looked up without reading; the others are read and hashed by a background thread one
         or two tensors ahead while the spectra are computed (reading overlaps computing, and
         memory holds a few tensors at most); on CUDA equal shapes are computed in batches (of up
-        to BATCH_BYTES in float64). `device`
-        is the config's (auto, cpu or cuda), resolved only if something is computed, so a warm run
-        does not even import torch."""
+        to BATCH_BYTES in float64). `device` is the config's (auto, cpu or cuda), resolved only if
+        something is computed, so a warm run does not even import torch."""
         with ExitStack() as stack:
             return self.metrics_streaming(checkpoint, names, device, bar, stack)
 
     def metrics_streaming(self, checkpoint: Checkpoint, names: list[str], requested: str, bar,
                           stack: ExitStack) -> dict:
+        """metrics_of_all's work; `stack` closes the metrics thread on the way out."""
         results: dict[str, dict] = {}
         unread = []
         for name in names:

@@ -144,19 +144,21 @@ class MetricCache:
                           stack: ExitStack) -> dict:
         """metrics_of_all's work; `stack` closes the metrics thread on the way out."""
         results: dict[str, dict] = {}
-        unread = []
-        for name in names:
-            file, stat = file_identity(checkpoint.tensors[name])
-            row = self.db.execute("SELECT digest FROM tensors WHERE file=? AND tensor=? AND stat=?",
-                                  (file, name, stat)).fetchone()
-            cached = None if row is None else self.known_metrics(row[0], checkpoint.tensors[name].shape)
-            if cached is None:
-                unread.append(name)
-                continue
-            self.reused += 1
-            results[name] = cached
+
+        def done(name: str, metrics: dict) -> None:
+            results[name] = metrics
             if bar is not None:
                 bar.update()
+
+        unread = []
+        for name in names:
+            key = self.remembered_digest(checkpoint, name)
+            cached = None if key is None else self.known_metrics(key, checkpoint.tensors[name].shape)
+            if cached is None:
+                unread.append(name)
+            else:
+                self.reused += 1
+                done(name, cached)
         device = pick_device(requested) if unread else None
         if unread and device != "cpu":  # equal shapes next to each other, so they share a batch
             unread.sort(key=lambda n: checkpoint.tensors[n].shape)
@@ -167,9 +169,7 @@ class MetricCache:
         def settle(keep: int) -> None:
             while len(pending) > keep:
                 name, key, future = pending.pop(0)
-                results[name] = self.save_metrics(key, future.result())
-                if bar is not None:
-                    bar.update()
+                done(name, self.save_metrics(key, future.result()))
 
         def flush():
             if not batch:
@@ -186,10 +186,8 @@ class MetricCache:
             cached = self.known_metrics(key, checkpoint.tensors[name].shape)  # the same content met before
             if cached is not None:
                 self.reused += 1
-                results[name] = cached
                 self.db.commit()
-                if bar is not None:
-                    bar.update()
+                done(name, cached)
                 continue
             info = checkpoint.tensors[name]
             if batch and (device == "cpu" or info.shape != checkpoint.tensors[batch[0][0]].shape
@@ -261,11 +259,9 @@ class MetricCache:
     def digest(self, checkpoint: Checkpoint, name: str) -> tuple[str, bytearray | None]:
         """The content digest of a tensor: remembered for an unchanged file, else read and computed
         (then the bytes read come with it, so nothing is read twice)."""
-        file, stat = file_identity(checkpoint.tensors[name])
-        row = self.db.execute("SELECT digest FROM tensors WHERE file=? AND tensor=? AND stat=?",
-                              (file, name, stat)).fetchone()
-        if row is not None:
-            return row[0], None
+        key = self.remembered_digest(checkpoint, name)
+        if key is not None:
+            return key, None
         data = checkpoint.read_bytes(name)
         return content_key(checkpoint.tensors[name], data), data
 
@@ -299,6 +295,13 @@ class MetricCache:
             self.db.execute("INSERT OR REPLACE INTO tether_sums VALUES (?, ?, ?, ?, ?, ?)",
                             (*keys, TETHER_VERSION, *(sums or (None, None, None))))
         return sums
+
+    def remembered_digest(self, checkpoint: Checkpoint, name: str) -> str | None:
+        """The digest recorded for this tensor of this file, if the file is unchanged since."""
+        file, stat = file_identity(checkpoint.tensors[name])
+        row = self.db.execute("SELECT digest FROM tensors WHERE file=? AND tensor=? AND stat=?",
+                              (file, name, stat)).fetchone()
+        return None if row is None else row[0]
 
     def tensor_digest(self, checkpoint: Checkpoint, name: str) -> str:
         """The content digest of a tensor, remembered for next time."""

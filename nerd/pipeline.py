@@ -14,6 +14,7 @@ plan copies the model, and the DLEC pass expands it.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import ExitStack, closing
 
 from tqdm import tqdm
@@ -61,8 +62,8 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
             others = names[1:]
             scores = compatibility_of(checkpoints, tether_groups(layout, infos, config.selection), names[0],
                                       others, config.tether.measure, cache, quiet)
-            tethers = Tethers(config.tether, names[0], scores,
-                              tether_warnings(scores, names[0], others, config.tether))
+            tethers = Tethers(config.tether, names[0], scores)
+            tethers = dataclasses.replace(tethers, warnings=tether_warnings(tethers, others))
             try:
                 choices = choices_of(layout, infos, metrics, names, config.selection, tethers)
             except ConfigError as exc:

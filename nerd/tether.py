@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, numel
-from .config import Selection, TetherOptions
+from .config import Selection
 from .layout import Layout
-from .plan import PlanEntry
+from .plan import PlanEntry, Tethers
 
 if TYPE_CHECKING:
     import torch
@@ -120,20 +120,17 @@ def compatibility(sums: list[Sums], measure: str) -> float | None:
     return score if math.isfinite(score) else None
 
 
-def tether_warnings(scores: dict[str, dict[str, float | None]], base: str, others: list[str],
-                    options: TetherOptions) -> list[str]:
+def tether_warnings(tethers: Tethers, others: list[str]) -> list[str]:
     """What the gate means for the merge as a whole: which candidates are compatible with the base
     at no depth, and, when none is, that the models do not look like fine-tunes of one base."""
+    scores, options, base = tethers.scores, tethers.options, tethers.base
     depths = [g for g in scores if g != NON_LAYER]
 
     def best(candidate):
         known = [scores[g][candidate] for g in depths if scores[g][candidate] is not None]
         return max(known) if known else None
 
-    def passes(score):
-        return score is not None and score >= options.min_compatibility
-
-    far = [c for c in others if depths and not any(passes(scores[g][c]) for g in depths)]
+    far = [c for c in others if depths and not any(tethers.eligible(g, c) for g in depths)]
     if not far:
         return []
     if len(far) == len(others):

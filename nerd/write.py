@@ -116,19 +116,19 @@ def write_shard(path: Path, entries: list[PlanEntry], checkpoints: dict[str, Che
                     bar.update(len(data))
             if written != entry_bytes(entry):
                 raise OutputError(f"{path}: tensor '{entry.name}' has {written} bytes, expected {entry_bytes(entry)}")
-            start_writeback(handle)
+            start_writeback(handle, written)
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def start_writeback(handle) -> None:
-    """Ask the kernel to start writing what is written so far to disk now (Linux starts the
+def start_writeback(handle, size: int) -> None:
+    """Ask the kernel to start writing the last `size` bytes written to disk now (Linux starts the
     writeback of dirty pages on POSIX_FADV_DONTNEED without waiting), so the disk works while
     the next tensors are copied and the final fsync has little left to wait for."""
     if hasattr(os, "posix_fadvise"):
         handle.flush()
         try:
-            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(handle.fileno(), handle.tell() - size, size, os.POSIX_FADV_DONTNEED)
         except OSError:  # only a hint: without it the final fsync waits longer
             pass
 

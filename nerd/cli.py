@@ -5,7 +5,7 @@ expand MODEL --out DIR --add-layers N` duplicates a model's most important block
 Every config is validated before any model is downloaded; the configs then run in order and
 share one metric cache. Exit codes: 0 success, 1 internal error (a bug: please report it),
 2 bad config or arguments, 3 a model cannot be resolved, read or matched to the others,
-4 the output cannot be written, 130 interrupted.
+4 the output cannot be written, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .analyze import analysis_summary, analyze_models, summary_text, write_figur
 from .cache import MetricCache, default_cache_path
 from .config import DEVICES, IMPORTANCE, INITS, expand_config, index_of_each, load_config, model_spec, output_path
 from .errors import ConfigError, MergeError
+from .interrupts import exit_code, interrupts_raised
 from .pipeline import plan_merge
 from .report import choice_table, expansion_table, tether_table
 from .spectra import cuda_available
@@ -39,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
                     "Spectral diagnostics without merging: mastermerge analyze --help; layer expansion of "
                     "one model: mastermerge expand --help.",
         epilog="Exit codes: 0 ok, 1 internal error, 2 bad config/arguments, 3 bad or unreachable model, "
-               "4 output not writable, 130 interrupted.")
+               "4 output not writable, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).")
     p.add_argument("--config", nargs="+", required=True, metavar="YAML", type=Path,
                    help="one or more merge configs; all are validated first, then run in order")
     p.add_argument("--dry-run", action="store_true", help="print the per-depth choices, write nothing")
@@ -135,10 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         from huggingface_hub.utils import disable_progress_bars
         disable_progress_bars()
     try:
-        return action(args)
-    except KeyboardInterrupt:
-        print("mastermerge: interrupted; the output being written was removed", file=sys.stderr)
-        return 130
+        with interrupts_raised():
+            return action(args)
+    except KeyboardInterrupt as exc:
+        what = "; ".join(getattr(exc, "__notes__", ())) or "no output was being written"
+        print(f"mastermerge: interrupted ({exc.args[0] if exc.args else 'SIGINT'}); {what}", file=sys.stderr)
+        return exit_code(exc)
     except MergeError as exc:
         if args.debug:
             traceback.print_exc()
@@ -190,6 +193,11 @@ def run_configs(configs: list, args: argparse.Namespace) -> int:
             except MergeError as exc:
                 results.append({"config": str(config.source) if config.source else None, "error": str(exc),
                                 "exit_code": exc.exit_code})
+                raise
+            except KeyboardInterrupt as exc:
+                finished = [r["output_dir"] for r in results if r["written"]]
+                if finished:
+                    exc.add_note(f"written before it: {', '.join(finished)}")
                 raise
     finally:
         cache.close()

@@ -18,6 +18,7 @@ import yaml
 from .errors import ConfigError, first_line
 from .metrics import METRICS
 from .spectra import cuda_available
+from .staging import clean_leftovers
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 DTYPES = ("keep", "float32", "float16", "bfloat16")
@@ -333,6 +334,8 @@ def output_path(value: Any, base_dir: Path, where: str, models: tuple[ModelSpec,
                               f"give the output a directory of its own")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{where}: {key}: '{value}' exists and is a file, not a directory")
+    if writing and path.parent.is_dir():
+        clean_leftovers(path)  # a killed run's earlier output is put back before it is judged
     if writing and path.is_dir() and any(path.iterdir()):
         if not replace:
             raise ConfigError(f"{where}: {key}: '{value}' exists and is not empty "

@@ -4,15 +4,22 @@ Safetensors files (single or sharded with an index json) are parsed here, header
 the file, and each tensor is read with one positioned read into memory that belongs to it, so
 a merge holds a few tensors at most. Pickled .bin files load only with torch's weights_only=True
 and are memory-mapped.
+
+Checkpoints are untrusted input: a truncated file, a malformed or lying header (wrong types,
+duplicate names, offsets outside the data or overlapping), an index naming shards outside the
+model directory or tensors its shards lack, an unsupported dtype, or a quantized checkpoint
+(int8/fp8 weights, bitsandbytes/GPTQ/AWQ/fp8 tensor names, a quantization_config in config.json)
+is a ModelError of one line naming the file, the tensor or key, what was expected and what was found.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable, NoReturn
 
 from .errors import ModelError, first_line
 
@@ -20,14 +27,26 @@ if TYPE_CHECKING:
     import torch
 
 # safetensors dtype -> torch's name for it; torch itself is imported only where tensors are made
-# (importing it takes over a second, which a warm merge or a config error should not pay)
+# (importing it takes over a second, which a warm merge or a config error should not pay).
+# Integer and bool tensors are buffers (position_ids, masks); int8 weights mean a quantized checkpoint.
 SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "I64": "int64", "I32": "int32", "I16": "int16", "U8": "uint8", "BOOL": "bool",
 }
-ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "U8": 1, "BOOL": 1}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+QUANTIZED_DTYPES = ("I8", "int8", "qint8", "quint8", "qint32", "quint4x2", "quint2x4")  # safetensors and torch names
 MAX_HEADER = 100 * 2**20
+WEIGHT_LAYOUTS = (("model.safetensors.index.json", "model.safetensors"),
+                  ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+# the last part of a tensor name -> the quantization that writes such tensors
+QUANTIZED_NAMES = {
+    "SCB": "bitsandbytes int8", "weight_format": "bitsandbytes int8",
+    "absmax": "bitsandbytes 4-bit", "quant_map": "bitsandbytes 4-bit", "nested_absmax": "bitsandbytes 4-bit",
+    "nested_quant_map": "bitsandbytes 4-bit",
+    "qweight": "GPTQ/AWQ", "qzeros": "GPTQ/AWQ", "scales": "GPTQ/AWQ", "g_idx": "GPTQ/AWQ",
+    "weight_scale": "fp8", "input_scale": "fp8",
+}
 
 
 @dataclass(frozen=True)
@@ -61,17 +80,22 @@ class Checkpoint:
 
     @classmethod
     def open(cls, directory: str | Path) -> "Checkpoint":
+        """The checkpoint of a model directory: every weight file found and checked (safetensors headers
+        parsed, pickles loaded), no safetensors data read yet."""
         directory = Path(directory)
-        files = weight_files(directory)
+        refuse_quantized_config(directory / "config.json")
+        index, files = weight_files(directory)
         tensors: dict[str, TensorInfo] = {}
         pickles = {file: load_pickle(file) for file in files if file.suffix != ".safetensors"}
         for file in files:
             infos = safetensors_header(file) if file not in pickles else pickle_header(file, pickles[file])
             for info in infos:
                 if info.name in tensors:
-                    raise ModelError(f"{file}: tensor '{info.name}' is also in {tensors[info.name].file.name}")
+                    raise ModelError(f"{file}: tensor '{info.name}' is also in {tensors[info.name].file.name}; "
+                                     f"expected each tensor in one file")
                 tensors[info.name] = info
-        check_index(directory, tensors)
+        if index is not None:
+            check_index(directory, index, tensors)
         checkpoint = cls(directory, tensors)
         checkpoint._handles.update(pickles)
         return checkpoint
@@ -105,12 +129,17 @@ class Checkpoint:
     def read_span(self, info: TensorInfo, begin: int, end: int) -> bytearray:
         """Bytes begin..end of the tensor's safetensors file."""
         buffer = bytearray(end - begin)
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = open(info.file, "rb")
-        handle.seek(begin)
-        if handle.readinto(buffer) != len(buffer):
-            raise ModelError(f"{info.file}: tensor '{info.name}' is cut short (file truncated?)")
+        try:
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = self._handles[info.file] = open(info.file, "rb")
+            handle.seek(begin)
+            count = handle.readinto(buffer)
+        except OSError as exc:
+            raise ModelError(f"{info.file}: tensor '{info.name}' cannot be read ({exc.strerror or exc})") from None
+        if count != len(buffer):
+            raise ModelError(f"{info.file}: tensor '{info.name}' is cut short: expected {len(buffer)} bytes at "
+                             f"offset {begin}, found {count} (file truncated?)")
         return buffer
 
     def close(self) -> None:
@@ -126,94 +155,179 @@ class Checkpoint:
         self.close()
 
 
-def weight_files(directory: Path) -> list[Path]:
-    """The weight files of a model directory: safetensors preferred, pickled .bin otherwise."""
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+def weight_files(directory: Path) -> tuple[Path | None, list[Path]]:
+    """The index json (None without one) and the weight files of a model directory: safetensors
+    preferred, pickled .bin otherwise."""
+    for index_name, single in WEIGHT_LAYOUTS:
         index = directory / index_name
         if index.is_file():
-            return [shard_path(directory, index, shard) for shard in sorted(set(index_map(index).values()))]
+            return index, [shard_path(directory, index, shard) for shard in sorted(set(index_map(index).values()))]
         if (directory / single).is_file():
-            return [directory / single]
+            return None, [directory / single]
         pattern = "*" + Path(single).suffix
         found = sorted(p for p in directory.glob(pattern) if p.is_file())
         if found:
-            return found
+            return None, found
     raise ModelError(f"{directory}: no weight files (*.safetensors or *.bin) found")
 
 
 def index_map(index: Path) -> dict[str, str]:
+    """The weight_map of an index json: tensor name -> shard file."""
     try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{index}: not a valid index json ({exc})") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise ModelError(f"{index}: expected a 'weight_map' of tensor name -> shard file")
+        data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
+    except DuplicateKey as exc:
+        raise ModelError(f"{index}: '{exc.key}' appears twice; expected each tensor name once") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelError(f"{index}: not a valid index json ({first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{index}: expected a JSON object with a 'weight_map', found {type_name(data)}")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        found = "an empty one" if isinstance(weight_map, dict) else type_name(weight_map)
+        raise ModelError(f"{index}: expected a 'weight_map' object of tensor name -> shard file, found {found}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise ModelError(f"{index}: weight_map: tensor '{name}': expected a shard file name, found {shard!r}")
     return weight_map
 
 
 def shard_path(directory: Path, index: Path, shard: str) -> Path:
-    """A shard named by an index, refused if it points outside the model directory."""
+    """A shard named by an index, refused if it is absolute or climbs out with '..' (a symlinked
+    shard, as in the hub cache, is followed)."""
     if Path(shard).is_absolute() or ".." in Path(shard).parts:
-        raise ModelError(f"{index}: shard '{shard}' points outside the model directory; refused")
+        raise ModelError(f"{index}: shard '{shard}' points outside the model directory; refused "
+                         f"(expected a file inside {directory})")
     path = directory / shard
     if not path.is_file():
         raise ModelError(f"{index}: shard '{shard}' is missing")
     return path
 
 
-def check_index(directory: Path, tensors: dict[str, TensorInfo]) -> None:
+def check_index(directory: Path, index: Path, tensors: dict[str, TensorInfo]) -> None:
     """Every tensor the index names must be in the shard it names."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = directory / index_name
-        if not index.is_file():
-            continue
-        for name, shard in index_map(index).items():
-            info = tensors.get(name)
-            if info is None or info.file.name != Path(shard).name:
-                raise ModelError(f"{index}: tensor '{name}' is not in shard '{shard}'")
+    for name, shard in index_map(index).items():
+        info = tensors.get(name)
+        if info is None or info.file != directory / shard:
+            found = "in no shard" if info is None else f"in '{info.file.name}'"
+            raise ModelError(f"{index}: tensor '{name}' is not in shard '{shard}' (found {found})")
+
+
+def refuse_quantized_config(config: Path) -> None:
+    """A quantization_config in config.json means quantized weights: refused. A config.json that is
+    missing or unreadable is left to the code that uses it (weights alone can be analyzed)."""
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return
+    quantization = data.get("quantization_config") if isinstance(data, dict) else None
+    if isinstance(quantization, dict):
+        method = quantization.get("quant_method")
+        method = method if isinstance(method, str) else "unknown method"
+        raise ModelError(f"{config}: quantized checkpoint ({method}) is not supported; dequantize it first")
+
+
+def refuse_quantized_names(file: Path, names: Iterable[str]) -> None:
+    """Tensor names that only quantized checkpoints have (scales, packed weights, quant states): refused."""
+    for name in names:
+        parts = name.split(".")
+        method = "bitsandbytes 4-bit" if "quant_state" in parts else QUANTIZED_NAMES.get(parts[-1])
+        if method is not None:
+            raise ModelError(f"{file}: tensor '{name}': quantized checkpoint ({method}) is not supported; "
+                             f"dequantize it first")
+
+
+def refuse_dtype(file: Path, name: str, dtype: object, supported: Iterable[str]) -> NoReturn:
+    """A dtype mastermerge does not read, int8 and quantized ones with their own message."""
+    if dtype in QUANTIZED_DTYPES:
+        raise ModelError(f"{file}: tensor '{name}': dtype {dtype} means an integer-quantized checkpoint; quantized "
+                         f"checkpoints are not supported (dequantize it first)")
+    raise ModelError(f"{file}: tensor '{name}': dtype {dtype} is not supported "
+                     f"(expected one of {', '.join(supported)})")
+
+
+class DuplicateKey(ValueError):
+    """A JSON object names one key twice (json.loads would silently keep the last)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads' object_pairs_hook: the object as a dict, refused if a key repeats."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise DuplicateKey(key)
+        result[key] = value
+    return result
 
 
 def safetensors_header(file: Path) -> list[TensorInfo]:
     """Parse and check a safetensors header; tensors in file order."""
-    size = file.stat().st_size
-    with open(file, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise ModelError(f"{file}: truncated safetensors file ({size} bytes)")
-        (length,) = struct.unpack("<Q", head)
-        if length > size - 8 or length > MAX_HEADER:
-            raise ModelError(f"{file}: safetensors header length {length} is larger than the file ({size} bytes)")
-        try:
-            header = json.loads(handle.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelError(f"{file}: safetensors header is not valid JSON ({exc})") from None
+    size, text = header_text(file)
+    header = header_json(file, text)
+    names = [name for name in header if name != "__metadata__"]
+    refuse_quantized_names(file, names)
+    data_start = 8 + len(text)
+    infos = [tensor_info(file, name, header[name], data_start, size - data_start) for name in names]
+    infos.sort(key=lambda info: (info.begin, info.end))
+    refuse_overlaps(file, infos, data_start)
+    return infos
+
+
+def header_text(file: Path) -> tuple[int, bytes]:
+    """The file's size and its header bytes, the length checked against the file and MAX_HEADER."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise ModelError(f"{file}: truncated safetensors file: {size} bytes, expected at least 8 "
+                                 f"(the header length)")
+            (length,) = struct.unpack("<Q", head)
+            if length > size - 8:
+                raise ModelError(f"{file}: safetensors header length {length} is larger than the file ({size} bytes; "
+                                 f"truncated, or not a safetensors file?)")
+            if length > MAX_HEADER:
+                raise ModelError(f"{file}: safetensors header length {length} is above the {MAX_HEADER}-byte limit "
+                                 f"(not a safetensors file?)")
+            return size, handle.read(length)
+    except OSError as exc:
+        raise ModelError(f"{file}: cannot read ({exc.strerror or exc})") from None
+
+
+def header_json(file: Path, text: bytes) -> dict:
+    """The header parsed: a JSON object whose keys (tensor names, entry fields) are unique."""
+    try:
+        header = json.loads(text, object_pairs_hook=unique_keys)
+    except DuplicateKey as exc:
+        raise ModelError(f"{file}: safetensors header names '{exc.key}' twice; expected each tensor name "
+                         f"(and each field of an entry) once") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelError(f"{file}: safetensors header is not valid JSON ({first_line(exc)})") from None
     if not isinstance(header, dict):
-        raise ModelError(f"{file}: safetensors header is not a JSON object")
-    data_start, data_size = 8 + length, size - 8 - length
-    infos = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        infos.append(tensor_info(file, name, entry, data_start, data_size))
-    return sorted(infos, key=lambda info: info.begin)
+        raise ModelError(f"{file}: safetensors header is a JSON {type_name(header)}, expected an object")
+    return header
 
 
 def tensor_info(file: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
+    """One header entry checked: its dtype, its shape, and its byte range inside the data."""
     if not isinstance(entry, dict):
-        raise ModelError(f"{file}: tensor '{name}': header entry is not an object")
+        raise ModelError(f"{file}: tensor '{name}': header entry is {type_name(entry)}, expected an object "
+                         f"with dtype, shape and data_offsets")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in SAFETENSORS_DTYPES:
-        raise ModelError(f"{file}: tensor '{name}': dtype {dtype} is not supported "
-                         f"(supported: {', '.join(SAFETENSORS_DTYPES)}; quantized formats are not)")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise ModelError(f"{file}: tensor '{name}': invalid shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= data_size):
-        raise ModelError(f"{file}: tensor '{name}': data offsets {offsets!r} lie outside the data "
-                         f"({data_size} bytes)")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        refuse_dtype(file, name, dtype, SAFETENSORS_DTYPES)
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise ModelError(f"{file}: tensor '{name}': shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise ModelError(f"{file}: tensor '{name}': data_offsets {offsets!r} is not a list of two integers")
+    if offsets[0] > offsets[1]:
+        raise ModelError(f"{file}: tensor '{name}': data offsets {offsets} end before they begin")
+    if offsets[0] < 0 or offsets[1] > data_size:
+        raise ModelError(f"{file}: tensor '{name}': data offsets {offsets} lie outside the data "
+                         f"({data_size} bytes; file truncated?)")
     info = TensorInfo(name, dtype, tuple(shape), file, data_start + offsets[0], data_start + offsets[1])
     if info.end - info.begin != info.nbytes:
         raise ModelError(f"{file}: tensor '{name}': {info.end - info.begin} bytes for shape {shape} "
@@ -221,33 +335,89 @@ def tensor_info(file: Path, name: str, entry: object, data_start: int, data_size
     return info
 
 
+def refuse_overlaps(file: Path, infos: list[TensorInfo], data_start: int) -> None:
+    """Tensors (sorted by offset) must not share bytes: one tensor's data aliased by another is refused."""
+    last = None
+    for info in infos:
+        if last is not None and info.begin < last.end and info.begin < info.end:
+            raise ModelError(f"{file}: tensors '{last.name}' (data offsets {offsets_of(last, data_start)}) and "
+                             f"'{info.name}' (data offsets {offsets_of(info, data_start)}) overlap; "
+                             f"expected disjoint byte ranges")
+        if last is None or info.end > last.end:
+            last = info
+
+
+def offsets_of(info: TensorInfo, data_start: int) -> list[int]:
+    """The tensor's data_offsets as its header wrote them."""
+    return [info.begin - data_start, info.end - data_start]
+
+
 def load_pickle(file: Path) -> dict:
     """A pickled state dict, loaded with weights_only=True (no code runs) and memory-mapped."""
-    try:
-        try:
-            import torch
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for unsafe or bad files
-        raise ModelError(f"{file}: refused to load pickled weights with weights_only=True: {first_line(exc)}") from None
     import torch
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"{file}: expected a state dict of tensors")
+    try:
+        state = torch_load(file)
+    except pickle.UnpicklingError as exc:
+        raise ModelError(f"{file}: refused to load pickled weights with weights_only=True: "
+                         f"{unpickling_reason(exc)}") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError, ... for files that are not checkpoints
+        raise ModelError(f"{file}: not a readable PyTorch checkpoint, damaged or truncated? "
+                         f"({error_summary(exc)})") from None
+    if not isinstance(state, dict):
+        raise ModelError(f"{file}: expected a state dict of tensor name -> tensor, found {type_name(state)}")
+    for name, tensor in state.items():
+        if not isinstance(name, str):
+            raise ModelError(f"{file}: key {name!r}: expected a tensor name (a string), found {type_name(name)}")
+        if not isinstance(tensor, torch.Tensor):
+            raise ModelError(f"{file}: entry '{name}': expected a tensor, found {type_name(tensor)}")
     return state
 
 
+def torch_load(file: Path) -> object:
+    """torch.load with weights_only=True, memory-mapped where the file allows it (torch.save's zip format)."""
+    import torch
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise
+    except Exception:  # a legacy pickle, a damaged zip, no mmap here: read it whole (and say why that fails)
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def error_summary(exc: Exception) -> str:
+    """An exception as 'Type: first sentence of its message' (torch's messages go on with advice)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {first_line(exc).split('. ')[0]}" if text else type(exc).__name__
+
+
+def unpickling_reason(exc: Exception) -> str:
+    """What torch's weights_only unpickler refused (a global, an opcode), without its boilerplate."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    reasons = [line for line in lines if not line.startswith(boilerplate)]
+    return (reasons or [first_line(exc)])[0]
+
+
 def pickle_header(file: Path, state: dict) -> list[TensorInfo]:
+    """The TensorInfo of every tensor of a pickled state dict, dtypes and layouts checked."""
+    import torch
+    refuse_quantized_names(file, state)
     names = {torch_name: name for name, torch_name in SAFETENSORS_DTYPES.items()}
     infos = []
     for name, tensor in state.items():
-        dtype = names.get(str(tensor.dtype).removeprefix("torch."))
-        if dtype is None:
-            raise ModelError(f"{file}: tensor '{name}': dtype {tensor.dtype} is not supported")
-        infos.append(TensorInfo(name, dtype, tuple(tensor.shape), file))
+        torch_name = str(tensor.dtype).removeprefix("torch.")
+        if torch_name not in names or tensor.is_quantized:
+            refuse_dtype(file, name, torch_name, names)
+        if tensor.layout != torch.strided:
+            raise ModelError(f"{file}: tensor '{name}': layout {tensor.layout} is not supported "
+                             f"(expected a dense, strided tensor)")
+        infos.append(TensorInfo(name, names[torch_name], tuple(tensor.shape), file))
     return infos
+
+
+def type_name(value: object) -> str:
+    """How a JSON or pickled value is described in a message: its type, or null."""
+    return "null" if value is None else type(value).__name__
 
 
 def torch_dtype(name: str) -> torch.dtype:

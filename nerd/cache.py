@@ -23,6 +23,21 @@ window length.
 
 Default location: $MASTERMERGE_CACHE, else $XDG_CACHE_HOME/mastermerge/metrics.sqlite, else
 ~/.cache/mastermerge/metrics.sqlite. Delete the file to clear it.
+
+Several processes may share one file at once (WAL). The connection is in autocommit mode: every
+write is its own short transaction (several rows that belong together: one BEGIN IMMEDIATE
+transaction), reads are fully stepped, so no read snapshot is ever upgraded to a write (which
+would fail with SQLITE_BUSY_SNAPSHOT) and no write lock is held while something is computed. A
+statement that finds the write lock taken is retried for up to BUSY_SECONDS; schema setup runs
+in one BEGIN IMMEDIATE transaction, so processes opening a new file together do not interleave.
+Only the thread that opened the connection uses it (sqlite3's check_same_thread stays on): the
+read-ahead and metrics threads of metrics_of_all never touch it.
+
+A corrupt file (not a database, or PRAGMA quick_check failing when it is opened, or an SQLite
+"malformed" error on a later query) is moved aside to NAME.corrupt-<time> with its -wal and -shm
+files, a fresh one is created and the run goes on, with one warning line on stderr. A cache that
+cannot be used for any other reason (a read-only folder, a full disk, a lock held for over
+BUSY_SECONDS) is replaced by an in-memory one for the rest of the run, also with one warning.
 """
 
 from __future__ import annotations
@@ -32,23 +47,24 @@ import json
 import os
 import queue
 import sqlite3
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Callable, TypeVar
 
 import numpy as np
 
 from .checkpoint import Checkpoint, TensorInfo, as_tensor, numel
-from .errors import OutputError
+from .errors import first_line
 from .importance import ACTIVATION_VERSION, LayerStats
 from .metrics import METRICS, METRICS_VERSION, metrics_of
 from .spectra import BATCH_BYTES, SPECTRUM_VERSION, Spectrum, numpy_matrix, pick_device, spectra_of
 
-if TYPE_CHECKING:
-    pass
+T = TypeVar("T")
 
 SCHEMA_VERSION = "4"
 TETHER_VERSION = "1"  # bump when tether.sums_of changes: cached sums are then recomputed
@@ -74,6 +90,14 @@ CREATE TABLE IF NOT EXISTS layer_stats (
     tokens INTEGER NOT NULL, cos_sum REAL NOT NULL, tail_count INTEGER NOT NULL, entries INTEGER NOT NULL,
     update_sum REAL NOT NULL, PRIMARY KEY (model, text, version, layer));
 """
+SCHEMA_TABLES = ("tensors", "spectra", "metrics")  # dropped when the schema version changes
+BUSY_SECONDS = 60.0  # how long a statement waits, in all, for another process's write lock
+LOCK_POLL = 0.25  # SQLite's own busy wait per try; between tries Ctrl-C and SIGTERM are handled
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_CORRUPT, SQLITE_NOTADB = 5, 6, 11, 26  # primary result codes
+
+
+class CorruptCache(Exception):
+    """PRAGMA quick_check found the cache file damaged; the message says how."""
 
 
 def default_cache_path() -> Path:
@@ -91,31 +115,120 @@ class MetricCache:
         self.computed = 0
         self.reused = 0
         self.pairs_computed = 0
-        if self.path is not None:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise OutputError(f"{self.path}: cannot create the metric cache folder ({exc.strerror})") from None
+        self.inode: int | None = None  # of the file the connection opened, None in memory
+        self.db = self.open() if self.path is not None else connect_memory()
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether this cache lives in memory only (asked for, or since the file could not be used)."""
+        return self.inode is None
+
+    def open(self) -> sqlite3.Connection:
+        """A connection to the cache file, checked and set up: a corrupt file is moved aside and
+        replaced by a fresh one; a file that cannot be used otherwise gives an in-memory cache.
+        Either prints one warning line."""
         try:
-            self.db = sqlite3.connect(str(self.path) if self.path else ":memory:", timeout=60)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; only the last commits may be lost
-            self.db.execute(META)
-            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None or row[0] != SCHEMA_VERSION:
-                self.db.executescript("DROP TABLE IF EXISTS tensors; DROP TABLE IF EXISTS spectra; "
-                                      "DROP TABLE IF EXISTS metrics;")
-            self.db.executescript(SCHEMA)
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-            self.db.execute("DELETE FROM spectra WHERE version != ?", (SPECTRUM_VERSION,))
-            self.db.execute("DELETE FROM metrics WHERE version != ?", (METRICS_VERSION,))
-            self.db.execute("DELETE FROM tether_sums WHERE version != ?", (TETHER_VERSION,))
-            for table in ("activation_runs", "layer_stats"):
-                self.db.execute(f"DELETE FROM {table} WHERE version != ?", (ACTIVATION_VERSION,))
-            self.db.commit()
-        except sqlite3.Error as exc:
-            raise OutputError(f"{self.path}: cannot use this file as the metric cache ({exc}); "
-                              f"delete it or pass --cache with another path") from None
+            return retry_busy(self.open_file)
+        except (CorruptCache, sqlite3.Error) as exc:
+            if not is_corrupt(exc):
+                return self.fall_back(exc)
+            try:
+                self.set_aside(exc)
+                return retry_busy(self.open_file)
+            except (CorruptCache, sqlite3.Error, OSError) as again:
+                return self.fall_back(again)
+        except OSError as exc:  # the folder cannot be created
+            return self.fall_back(exc)
+
+    def open_file(self) -> sqlite3.Connection:
+        """Connect to the file (its folder created), check it with PRAGMA quick_check, switch it to
+        WAL and set up the tables; raises CorruptCache or sqlite3.Error on any problem."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(self.path), timeout=LOCK_POLL, isolation_level=None)
+        try:
+            self.inode = os.stat(self.path).st_ino
+            check_integrity(db)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent; only the last commits may be lost
+            set_up(db)
+            return db
+        except BaseException:
+            self.inode = None
+            db.close()
+            raise
+
+    def set_aside(self, reason: BaseException) -> None:
+        """Move the corrupt cache file and its -wal and -shm files to NAME.corrupt-<time>, unless
+        another process already did (the file at the path is then not the one found corrupt), and
+        say so in one warning line."""
+        found, self.inode = self.inode, None
+        try:
+            current = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current is None or (found is not None and current != found):
+            warn(f"metric cache {self.path} is corrupt ({first_line(reason)}); another run already moved it "
+                 f"aside; going on with the new file")
+            return
+        aside = unused_name(self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"))
+        for suffix in ("-wal", "-shm", ""):  # the main file last: a new file never meets the old -wal
+            if os.path.exists(f"{self.path}{suffix}"):
+                os.rename(f"{self.path}{suffix}", f"{aside}{suffix}")
+        warn(f"metric cache {self.path} is corrupt ({first_line(reason)}); moved to {aside}; rebuilding")
+
+    def fall_back(self, reason: BaseException) -> sqlite3.Connection:
+        """An in-memory cache for the rest of the run, with one warning line saying why."""
+        self.inode = None
+        why = describe(reason)
+        folder = self.path.parent
+        if folder.is_dir() and not os.access(folder, os.W_OK):
+            why += f"; {folder} is not writable"
+        warn(f"metric cache {self.path} cannot be used ({why}); keeping spectra in memory for this run")
+        return connect_memory()
+
+    def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work(connection)`, one statement or transaction: retried while another process holds the
+        write lock (up to BUSY_SECONDS); if the file turns out corrupt, retried on a fresh one;
+        after any other SQLite error, retried on an in-memory cache. Errors of the calls themselves
+        (ProgrammingError, IntegrityError) are bugs and raised."""
+        for attempt in range(3):
+            try:
+                return retry_busy(lambda: work(self.db))
+            except sqlite3.Error as exc:
+                if attempt == 2 or self.in_memory or isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError,
+                                                                       sqlite3.IntegrityError)):
+                    raise
+                close_quietly(self.db)
+                if is_corrupt(exc) and attempt == 0:
+                    try:
+                        self.set_aside(exc)
+                        self.db = self.open()
+                    except OSError as failed:
+                        self.db = self.fall_back(failed)
+                else:
+                    self.db = self.fall_back(exc)
+        raise AssertionError("unreachable")
+
+    def read(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Every row of a query, stepped to the end (no read transaction is left open)."""
+        return self.run(lambda db: db.execute(sql, params).fetchall())
+
+    def read_one(self, sql: str, params: tuple = ()) -> tuple | None:
+        rows = self.read(sql, params)
+        return rows[0] if rows else None
+
+    def write(self, sql: str, params: tuple = ()) -> None:
+        """One statement, committed on its own."""
+        self.run(lambda db: db.execute(sql, params))
+
+    def write_together(self, statements: list[tuple[str, list[tuple]]]) -> None:
+        """Several statements, each with its rows, committed at once (BEGIN IMMEDIATE: the write lock
+        is taken first, so no read snapshot has to be upgraded)."""
+        def work(db: sqlite3.Connection) -> None:
+            with immediate(db):
+                for sql, rows in statements:
+                    db.executemany(sql, rows)
+        self.run(work)
 
     def metrics(self, checkpoint: Checkpoint, name: str, compute) -> dict:
         """Every metric of one tensor (metrics.py) and its `problem`, cached; the spectrum comes
@@ -126,7 +239,6 @@ class MetricCache:
             self.reused += 1
             if data is not None:
                 self.remember(checkpoint, name, key)
-                self.db.commit()
             return cached
         return self.store_metrics(key, self.spectrum_by_digest(checkpoint, name, key, data, compute))
 
@@ -186,7 +298,6 @@ class MetricCache:
             cached = self.known_metrics(key, checkpoint.tensors[name].shape)  # the same content met before
             if cached is not None:
                 self.reused += 1
-                self.db.commit()
                 done(name, cached)
                 continue
             info = checkpoint.tensors[name]
@@ -202,9 +313,8 @@ class MetricCache:
 
     def cached_metrics(self, key: str) -> dict | None:
         """Every metric stored for this content digest, if they are all there."""
-        row = self.db.execute("SELECT metrics FROM metrics WHERE digest=? AND version=?",
-                              (key, METRICS_VERSION)).fetchone()
-        cached = json.loads(row[0]) if row is not None else None
+        row = self.read_one("SELECT metrics FROM metrics WHERE digest=? AND version=?", (key, METRICS_VERSION))
+        cached = None if row is None else parsed(row[0])
         return cached if cached is not None and set(cached) == set(METRICS) | {"problem"} else None
 
     def known_metrics(self, key: str, shape: tuple[int, ...]) -> dict | None:
@@ -217,8 +327,8 @@ class MetricCache:
         return cached
 
     def stored_spectrum(self, key: str, shape: tuple[int, ...]) -> Spectrum | None:
-        row = self.db.execute("SELECT problem, singular_values FROM spectra WHERE digest=? AND version=?",
-                              (key, SPECTRUM_VERSION)).fetchone()
+        row = self.read_one("SELECT problem, singular_values FROM spectra WHERE digest=? AND version=?",
+                            (key, SPECTRUM_VERSION))
         return None if row is None else spectrum_from_row(*row, shape)
 
     def store_metrics(self, key: str, spectrum: Spectrum) -> dict:
@@ -226,30 +336,27 @@ class MetricCache:
         return self.save_metrics(key, every_metric(spectrum))
 
     def save_metrics(self, key: str, values: dict) -> dict:
-        self.db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?)",
-                        (key, METRICS_VERSION, json.dumps(values, allow_nan=False)))
-        self.db.commit()
+        """Store every metric of a content digest (committed) and return them."""
+        self.write("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?)",
+                   (key, METRICS_VERSION, json.dumps(values, allow_nan=False)))
         return values
 
     def store_spectrum(self, key: str, info: TensorInfo, spectrum: Spectrum) -> None:
+        """Store the spectrum of a content digest (committed)."""
         blob = None if spectrum.values is None else spectrum.values.astype("<f8").tobytes()
-        self.db.execute("INSERT OR REPLACE INTO spectra VALUES (?, ?, ?, ?, ?, ?)",
-                        (key, SPECTRUM_VERSION, str(list(info.shape)), spectrum.problem, blob, time.time()))
+        self.write("INSERT OR REPLACE INTO spectra VALUES (?, ?, ?, ?, ?, ?)",
+                   (key, SPECTRUM_VERSION, str(list(info.shape)), spectrum.problem, blob, time.time()))
 
     def derived_metrics(self, key: str, compute) -> dict:
         """Every metric of a matrix that no input file holds (a blend), cached under `key`, a digest
         of what it is made from; `compute()` gives them (with `problem`) when they are not cached."""
-        row = self.db.execute("SELECT metrics FROM metrics WHERE digest=? AND version=?",
-                              (key, METRICS_VERSION)).fetchone()
-        if row is not None:
+        row = self.read_one("SELECT metrics FROM metrics WHERE digest=? AND version=?", (key, METRICS_VERSION))
+        cached = None if row is None else parsed(row[0])
+        if cached is not None:
             self.reused += 1
-            return json.loads(row[0])
+            return cached
         self.computed += 1
-        values = compute()
-        with self.db:
-            self.db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?)",
-                            (key, METRICS_VERSION, json.dumps(values, allow_nan=False)))
-        return values
+        return self.save_metrics(key, compute())
 
     def spectrum(self, checkpoint: Checkpoint, name: str, compute) -> Spectrum:
         """The cached spectrum of one tensor, or `compute(tensor)` stored for next time."""
@@ -278,29 +385,26 @@ class MetricCache:
             self.store_spectrum(key, info, result)
         if read:
             self.remember(checkpoint, name, key)
-        self.db.commit()
         return result
 
     def pair_sums(self, candidate: Checkpoint, base: Checkpoint, name: str, compute):
         """The tether sums of one tensor of a candidate against the base's (tether.py): cached by the
         two content digests, else `compute(candidate, base, name)` stored for next time."""
         keys = (self.tensor_digest(candidate, name), self.tensor_digest(base, name))
-        row = self.db.execute("SELECT dot, candidate_sq, base_sq FROM tether_sums WHERE candidate=? AND base=? "
-                              "AND version=?", (*keys, TETHER_VERSION)).fetchone()
+        row = self.read_one("SELECT dot, candidate_sq, base_sq FROM tether_sums WHERE candidate=? AND base=? "
+                            "AND version=?", (*keys, TETHER_VERSION))
         if row is not None:
             return None if row[0] is None else tuple(row)
         self.pairs_computed += 1
         sums = compute(candidate, base, name)
-        with self.db:
-            self.db.execute("INSERT OR REPLACE INTO tether_sums VALUES (?, ?, ?, ?, ?, ?)",
-                            (*keys, TETHER_VERSION, *(sums or (None, None, None))))
+        self.write("INSERT OR REPLACE INTO tether_sums VALUES (?, ?, ?, ?, ?, ?)",
+                   (*keys, TETHER_VERSION, *(sums or (None, None, None))))
         return sums
 
     def remembered_digest(self, checkpoint: Checkpoint, name: str) -> str | None:
         """The digest recorded for this tensor of this file, if the file is unchanged since."""
         file, stat = file_identity(checkpoint.tensors[name])
-        row = self.db.execute("SELECT digest FROM tensors WHERE file=? AND tensor=? AND stat=?",
-                              (file, name, stat)).fetchone()
+        row = self.read_one("SELECT digest FROM tensors WHERE file=? AND tensor=? AND stat=?", (file, name, stat))
         return None if row is None else row[0]
 
     def tensor_digest(self, checkpoint: Checkpoint, name: str) -> str:
@@ -308,38 +412,160 @@ class MetricCache:
         key, data = self.digest(checkpoint, name)
         if data is not None:
             self.remember(checkpoint, name, key)
-            self.db.commit()
         return key
 
     def layer_stats(self, model: str, text: str) -> list[LayerStats] | None:
         """The statistics of an earlier calibration run of this model on this text, layer by layer."""
-        run = self.db.execute("SELECT layers FROM activation_runs WHERE model=? AND text=? AND version=?",
-                              (model, text, ACTIVATION_VERSION)).fetchone()
+        run = self.read_one("SELECT layers FROM activation_runs WHERE model=? AND text=? AND version=?",
+                            (model, text, ACTIVATION_VERSION))
         if run is None:
             return None
-        rows = self.db.execute("SELECT tokens, cos_sum, tail_count, entries, update_sum FROM layer_stats "
-                               "WHERE model=? AND text=? AND version=? ORDER BY layer",
-                               (model, text, ACTIVATION_VERSION)).fetchall()
+        rows = self.read("SELECT tokens, cos_sum, tail_count, entries, update_sum FROM layer_stats "
+                         "WHERE model=? AND text=? AND version=? ORDER BY layer", (model, text, ACTIVATION_VERSION))
         return [LayerStats(*row) for row in rows] if len(rows) == run[0] else None
 
     def store_layer_stats(self, model: str, text: str, stats: list[LayerStats], run: dict) -> None:
         """Record one calibration run: `run` has model_ref, text_name, tokens, windows, dtype, device
         and seconds."""
-        with self.db:
-            self.db.execute("INSERT OR REPLACE INTO activation_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (model, text, ACTIVATION_VERSION, run["model_ref"], run["text_name"], run["tokens"],
-                             run["windows"], len(stats), run["dtype"], run["device"], run["seconds"], time.time()))
-            self.db.executemany("INSERT OR REPLACE INTO layer_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                [(model, text, ACTIVATION_VERSION, layer, s.tokens, s.cos_sum, s.tail_count,
-                                  s.entries, s.update_sum) for layer, s in enumerate(stats)])
+        self.write_together([
+            ("INSERT OR REPLACE INTO activation_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             [(model, text, ACTIVATION_VERSION, run["model_ref"], run["text_name"], run["tokens"], run["windows"],
+               len(stats), run["dtype"], run["device"], run["seconds"], time.time())]),
+            ("INSERT OR REPLACE INTO layer_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             [(model, text, ACTIVATION_VERSION, layer, s.tokens, s.cos_sum, s.tail_count, s.entries, s.update_sum)
+              for layer, s in enumerate(stats)])])
 
     def remember(self, checkpoint: Checkpoint, name: str, key: str) -> None:
-        """Record which digest this tensor of this (unchanged) file has."""
+        """Record which digest this tensor of this (unchanged) file has (committed)."""
         file, stat = file_identity(checkpoint.tensors[name])
-        self.db.execute("INSERT OR REPLACE INTO tensors VALUES (?, ?, ?, ?)", (file, stat, name, key))
+        self.write("INSERT OR REPLACE INTO tensors VALUES (?, ?, ?, ?)", (file, stat, name, key))
 
     def close(self) -> None:
         self.db.close()
+
+
+def connect_memory() -> sqlite3.Connection:
+    """An in-memory cache, set up."""
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    set_up(db)
+    return db
+
+
+def check_integrity(db: sqlite3.Connection) -> None:
+    """Raise CorruptCache with the first problem PRAGMA quick_check finds (it reads every page: about
+    30 ms for a 100 MB cache of 3000 spectra), or the sqlite3 error that reading the file gives."""
+    rows = db.execute("PRAGMA quick_check").fetchall()
+    if rows != [("ok",)]:
+        problems = [line for row in rows for line in str(row[0]).splitlines() if line and not line.startswith("***")]
+        raise CorruptCache(f"quick_check: {problems[0] if problems else 'failed'}")
+
+
+def set_up(db: sqlite3.Connection) -> None:
+    """Create the tables (those of another schema version dropped first) and delete the rows of
+    other versions, in one BEGIN IMMEDIATE transaction: a process opening the same file at the same
+    time waits for it to finish, then finds the tables and the schema version in place."""
+    with immediate(db):
+        db.execute(META)
+        row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchall()
+        if row != [(SCHEMA_VERSION,)]:
+            for table in SCHEMA_TABLES:
+                db.execute(f"DROP TABLE IF EXISTS {table}")
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        for table, version in (("spectra", SPECTRUM_VERSION), ("metrics", METRICS_VERSION),
+                               ("tether_sums", TETHER_VERSION), ("activation_runs", ACTIVATION_VERSION),
+                               ("layer_stats", ACTIVATION_VERSION)):
+            db.execute(f"DELETE FROM {table} WHERE version != ?", (version,))
+
+
+@contextmanager
+def immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction taken with BEGIN IMMEDIATE (the write lock first, so no read snapshot has
+    to be upgraded): committed at the end, rolled back on an error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the error being raised says more
+        raise
+
+
+def retry_busy(work: Callable[[], T]) -> T:
+    """`work()`, tried again while SQLite reports the database busy or locked (another process
+    writing), for up to BUSY_SECONDS in all. SQLite waits up to LOCK_POLL itself on each try; the
+    short pause between tries lets Python handle Ctrl-C and SIGTERM."""
+    deadline = time.monotonic() + BUSY_SECONDS
+    while True:
+        try:
+            return work()
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def primary_code(exc: BaseException) -> int | None:
+    """The SQLite primary result code of an sqlite3 error (Python 3.11+), else None."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+def is_busy(exc: BaseException) -> bool:
+    code = primary_code(exc)
+    return code in (SQLITE_BUSY, SQLITE_LOCKED) if code is not None else "locked" in str(exc)
+
+
+def is_corrupt(exc: BaseException) -> bool:
+    """Whether an error means the file is damaged (not a database, or malformed)."""
+    if isinstance(exc, CorruptCache):
+        return True
+    code = primary_code(exc)
+    if code is not None:
+        return code in (SQLITE_CORRUPT, SQLITE_NOTADB)
+    return isinstance(exc, sqlite3.DatabaseError) and ("malformed" in str(exc) or "not a database" in str(exc))
+
+
+def describe(exc: BaseException) -> str:
+    """An error in a few words, for a warning line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return first_line(exc)
+
+
+def unused_name(path: Path) -> Path:
+    """`path`, or with -2, -3 ... appended when a file of that name (or its -wal) exists."""
+    candidate, n = path, 1
+    while candidate.exists() or Path(f"{candidate}-wal").exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def close_quietly(db: sqlite3.Connection) -> None:
+    try:
+        db.close()
+    except sqlite3.Error:
+        pass
+
+
+def warn(message: str) -> None:
+    print(f"mastermerge: warning: {message}", file=sys.stderr)
+
+
+def parsed(text: str) -> dict | None:
+    """The metrics stored as JSON, or None if the text is not a JSON object (a damaged row)."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def every_metric(spectrum: Spectrum) -> dict:
@@ -384,7 +610,10 @@ def read_ahead(checkpoint: Checkpoint, names: list[str], depth: int = 2):
                 thread.join(0.01)
 
 
-def spectrum_from_row(problem: str | None, blob: bytes | None, shape: tuple[int, ...]) -> Spectrum:
+def spectrum_from_row(problem: str | None, blob: bytes | None, shape: tuple[int, ...]) -> Spectrum | None:
+    """The stored spectrum; None if the row is damaged (not a whole number of float64 values)."""
+    if blob is not None and (not isinstance(blob, bytes) or len(blob) % 8):
+        return None
     return Spectrum(None if blob is None else np.frombuffer(blob, dtype="<f8").copy(), tuple(shape), problem)
 
 

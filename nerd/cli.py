@@ -1,11 +1,13 @@
 """The command line: `mastermerge --config a.yaml [b.yaml ...]` merges, `mastermerge analyze
 MODEL [MODEL ...] --out DIR` writes every metric of every matrix (analyze.py), and `mastermerge
-expand MODEL --out DIR --add-layers N` duplicates a model's most important blocks (dlec.py).
+expand MODEL --out DIR --add-layers N` duplicates a model's most important blocks (dlec.py), and
+`mastermerge verify DIR` checks a written output against its merge_report.json (verify.py).
 
 Every config is validated before any model is downloaded; the configs then run in order and
 share one metric cache. Exit codes: 0 success, 1 internal error (a bug: please report it),
 2 bad config or arguments, 3 a model cannot be resolved, read or matched to the others,
-4 the output cannot be written, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+4 the output cannot be written, 5 `verify` found the output damaged or not matching its report,
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from . import __version__
 from .analyze import analysis_summary, analyze_models, summary_text, write_figures, write_tables
 from .cache import MetricCache, default_cache_path
 from .config import DEVICES, IMPORTANCE, INITS, expand_config, index_of_each, load_config, model_spec, output_path
-from .errors import ConfigError, MergeError
+from .errors import ConfigError, IntegrityError, MergeError
 from .interrupts import exit_code, interrupts_raised
 from .pipeline import plan_merge
 from .report import choice_table, expansion_table, tether_table
 from .spectra import cuda_available
 from .staging import staged_dir
+from .verify import verify_output
 from .write import write_merge
 
 
@@ -38,9 +41,9 @@ def parser() -> argparse.ArgumentParser:
         description="Merge fine-tunes layer by layer: at every depth, keep the candidate whose weight "
                     "matrices have the highest Normalized Effective Rank (or another metric). "
                     "Spectral diagnostics without merging: mastermerge analyze --help; layer expansion of "
-                    "one model: mastermerge expand --help.",
+                    "one model: mastermerge expand --help; checking a written output: mastermerge verify --help.",
         epilog="Exit codes: 0 ok, 1 internal error, 2 bad config/arguments, 3 bad or unreachable model, "
-               "4 output not writable, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).")
+               "4 output not writable, 5 verify found a problem, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).")
     p.add_argument("--config", nargs="+", required=True, metavar="YAML", type=Path,
                    help="one or more merge configs; all are validated first, then run in order")
     p.add_argument("--dry-run", action="store_true", help="print the per-depth choices, write nothing")
@@ -103,6 +106,22 @@ def expand_parser() -> argparse.ArgumentParser:
     return p
 
 
+def verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mastermerge verify",
+        description="Check a directory written by mastermerge against its merge_report.json: every shard and the "
+                    "index json exist with their recorded sizes and SHA-256, no weight file was added, the "
+                    "safetensors headers and the index are valid and agree, and config.json's layer count and "
+                    "hidden size match the weights. One line per problem.",
+        epilog="Exit codes: 0 everything matches, 5 a problem was found, 3 not a directory or no merge_report.json.")
+    p.add_argument("directory", metavar="DIR", type=Path, help="a mastermerge output directory")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary (problems still shown)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"mastermerge {__version__}")
+    return p
+
+
 def layer_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
@@ -126,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         args, action = analyze_parser().parse_args(argv[1:]), run_analyze
     elif argv[:1] == ["expand"]:
         args, action = expand_parser().parse_args(argv[1:]), run_expand
-    elif "analyze" in argv or "expand" in argv:
-        command = "analyze" if "analyze" in argv else "expand"
-        parser().error(f"'{command}' must come first: mastermerge analyze MODEL [MODEL ...] --out DIR, or "
-                       f"mastermerge expand MODEL --out DIR [options]")
+    elif argv[:1] == ["verify"]:
+        args, action = verify_parser().parse_args(argv[1:]), run_verify
+    elif "analyze" in argv or "expand" in argv or "verify" in argv:
+        command = next(c for c in ("analyze", "expand", "verify") if c in argv)
+        parser().error(f"'{command}' must come first: mastermerge analyze MODEL [MODEL ...] --out DIR, "
+                       f"mastermerge expand MODEL --out DIR [options], or mastermerge verify DIR")
     else:
         args, action = parser().parse_args(argv), run
     if args.quiet:
@@ -183,7 +204,7 @@ def run_configs(configs: list, args: argparse.Namespace) -> int:
                 plan = plan_merge(config, cache=cache, quiet=args.quiet)
                 if not args.json and (args.dry_run or not args.quiet):
                     print(plan_text(config, plan) + "\n")
-                for warning in plan.tethers.warnings if plan.tethers else []:
+                for warning in plan.warnings + (plan.tethers.warnings if plan.tethers else []):
                     print(f"mastermerge: warning: {config.source}: {warning}", file=sys.stderr)
                 if not args.dry_run:
                     write_merge(plan, config, quiet=args.quiet)
@@ -237,6 +258,21 @@ def run_analyze(args: argparse.Namespace) -> int:
         if not args.no_plots and not figures:
             print("no figures: matplotlib is not installed (pip install 'mastermerge[plots]')", file=sys.stderr)
         print(f"\nwrote {out}: metrics.csv, metrics.json" + (f" and {len(figures)} figures" if figures else ""))
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Print one line per problem (stderr) and the summary (stdout), or the JSON; a problem raises
+    IntegrityError (exit code 5) after them."""
+    result = verify_output(args.directory, quiet=args.quiet)
+    for problem in result.problems:
+        print(problem.line(), file=sys.stderr)
+    if args.json:
+        print(json.dumps({"mastermerge_version": __version__, **result.to_dict()}, indent=2))
+    elif result.ok and not args.quiet:
+        print(result.summary())
+    if not result.ok:
+        raise IntegrityError(result.summary())
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 TOP_KEYS = ("models", "base_model", "output_dir", "selection", "dtype", "shard_size", "device", "tether", "dlec")
-SELECTION_KEYS = ("granularity", "non_layer", "metric", "goal", "target")
+SELECTION_KEYS = ("granularity", "non_layer", "metric", "goal", "target", "zero_matrices")
+ZERO_MATRICES = ("exclude", "allow")
 GOALS = ("max", "min", "target")
 MODEL_KEYS = ("model", "revision")
 DLEC_KEYS = ("add_layers", "growth", "layers", "importance", "calibration", "max_tokens", "init",
@@ -66,13 +68,16 @@ class ModelSpec:
 @dataclass(frozen=True)
 class Selection:
     """How winners are chosen: by the mean of `metric` over a group's matrices, highest (max),
-    lowest (min), or closest to `target` (the mean distance |metric - target|, lowest wins)."""
+    lowest (min), or closest to `target` (the mean distance |metric - target|, lowest wins).
+    `zero_matrices`: a group with an all-zero matrix is not selectable (exclude), or is scored
+    on its other matrices (allow: the zero residual projections of an identity-initialised copy)."""
 
     granularity: str = "block"
     non_layer: str = "base"
     metric: str = "ner"
     goal: str = "max"
     target: float | None = None
+    zero_matrices: str = "exclude"
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,8 @@ class StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         keys = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<: *anchor' merges a mapping; its keys may be overridden
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, str):
                 continue  # check_keys reports non-string keys with their place in the config
@@ -153,6 +160,27 @@ class StrictLoader(yaml.SafeLoader):
                                                         key_node.start_mark)
             keys.add(key)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_object(self, node, deep=False):
+        """A value its tag cannot hold (!!int abc, 2001-02-30, !!bool maybe) is a YAML error at its place."""
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+            text = f"{node.value[:40]!r} " if isinstance(node, yaml.ScalarNode) else ""
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            why = f" ({first_line(exc)})" if isinstance(exc, (ValueError, OverflowError)) else ""
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read {text}as {tag}{why}",
+                                                    node.start_mark) from None
+
+    def construct_yaml_int(self, node):
+        """An integer beyond any float is refused: no setting needs one, and Python may not even print it."""
+        value = super().construct_yaml_int(node) if len(node.value) <= 1000 else None
+        if value is None or abs(value).bit_length() > 1024:
+            raise ValueError("too large for any setting")
+        return value
+
+
+StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
 
 
 def load_config(path: str | Path, *, force: bool = False, writing: bool = True) -> MergeConfig:
@@ -169,7 +197,8 @@ def load_config(path: str | Path, *, force: bool = False, writing: bool = True) 
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        reason = getattr(exc, "problem", None) or type(exc).__name__
+        reason = getattr(exc, "problem", None) or ("nested too deeply" if isinstance(exc, RecursionError)
+                                                   else first_line(exc))
         raise ConfigError(f"{path}: not valid YAML{at}: {reason}") from None
     return config_from_dict(raw, base_dir=path.resolve().parent, source=path, force=force, writing=writing)
 
@@ -242,7 +271,7 @@ def check_keys(mapping: dict, allowed: tuple[str, ...], where: str, prefix: str)
             close = difflib.get_close_matches(key, list(allowed) + list(nested), n=1)
             hint = (f"; did you mean '{nested.get(close[0], close[0])}'?" if close
                     else f"; known keys: {', '.join(allowed)}")
-            raise ConfigError(f"{where}: {prefix}{key}: unknown key{hint}")
+            raise ConfigError(f"{where}: {prefix}{key if key.isprintable() and key else repr(key)}: unknown key{hint}")
 
 
 def model_spec(item: Any, base_dir: Path, where: str, key: str, require_config: bool = True) -> ModelSpec:
@@ -257,26 +286,27 @@ def model_spec(item: Any, base_dir: Path, where: str, key: str, require_config: 
         if isinstance(revision, (int, float)) and not isinstance(revision, bool):
             raise ConfigError(f"{where}: {key}.revision: found the number {revision!r}; quote it "
                               f"(revision: '{revision}') so YAML keeps it as written")
-        if revision is not None and not (isinstance(revision, str) and revision.strip()):
+        if revision is not None and not (isinstance(revision, str) and revision.strip() and revision.isprintable()):
             raise ConfigError(f"{where}: {key}.revision: expected a branch, tag or commit, found {revision!r}")
         item = item["model"]
         key = f"{key}.model"
-    if not isinstance(item, str) or not item.strip() or "\0" in item:
+    if not isinstance(item, str) or not item.strip() or not item.strip().isprintable():
         raise ConfigError(f"{where}: {key}: expected a local directory or a hub id (org/name[@revision]), "
                           f"found {item!r}")
     ref = item.strip()
-    local = Path(ref).expanduser()
-    local = local if local.is_absolute() else base_dir / local
-    if looks_local(ref, local, base_dir):
-        if revision is not None:
-            raise ConfigError(f"{where}: {key}: '{ref}' is a local directory; 'revision' applies to hub ids only")
-        if not local.is_dir():
-            hint = f"; for the hub repo, write '{ref}@main'" if HUB_ID.match(ref) else ""
-            raise ConfigError(f"{where}: {key}: local model directory '{ref}' does not exist "
-                              f"(looked at {local}){hint}")
-        if require_config and not (local / "config.json").is_file():
-            raise ConfigError(f"{where}: {key}: '{ref}' has no config.json; is it a transformers model directory?")
-        return ModelSpec(ref=ref, path=local.resolve())
+    with os_errors(where, key, ref):
+        local = Path(ref).expanduser()
+        local = local if local.is_absolute() else base_dir / local
+        if looks_local(ref, local, base_dir):
+            if revision is not None:
+                raise ConfigError(f"{where}: {key}: '{ref}' is a local directory; 'revision' applies to hub ids only")
+            if not local.is_dir():
+                hint = f"; for the hub repo, write '{ref}@main'" if HUB_ID.match(ref) else ""
+                raise ConfigError(f"{where}: {key}: local model directory '{ref}' does not exist "
+                                  f"(looked at {local}){hint}")
+            if require_config and not (local / "config.json").is_file():
+                raise ConfigError(f"{where}: {key}: '{ref}' has no config.json; is it a transformers model directory?")
+            return ModelSpec(ref=ref, path=local.resolve())
     repo_id, _, at_revision = ref.partition("@")
     if at_revision and revision is not None:
         raise ConfigError(f"{where}: {key}: revision given twice ('{ref}' and revision: {revision})")
@@ -316,7 +346,14 @@ def output_path(value: Any, base_dir: Path, where: str, models: tuple[ModelSpec,
                 replace: bool, writing: bool, marker: str = "merge_report.json", key: str = "output_dir") -> Path:
     """The output directory, refused where writing it could destroy something the user has; with
     `replace` (--force) a non-empty one is accepted only if it holds `marker` (our own output)."""
-    if not isinstance(value, str) or not value.strip() or "\0" in value:
+    with os_errors(where, key, value):
+        return checked_output_path(value, base_dir, where, models, replace, writing, marker, key)
+
+
+def checked_output_path(value: Any, base_dir: Path, where: str, models: tuple[ModelSpec, ...],
+                        replace: bool, writing: bool, marker: str, key: str) -> Path:
+    """output_path without the translation of OS errors (a name too long, no permission) into ConfigError."""
+    if not isinstance(value, str) or not value.strip() or not value.isprintable():
         raise ConfigError(f"{where}: {key}: expected a directory path, found {value!r}")
     path = Path(value).expanduser()
     path = (path if path.is_absolute() else base_dir / path).resolve()
@@ -357,7 +394,7 @@ def selection_options(value: Any, where: str) -> Selection:
     goal = choice(value.get("goal", "max"), GOALS, where, "selection.goal")
     target = value.get("target")
     if goal == "target":
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target):
+        if not finite_number(target):
             raise ConfigError(f"{where}: selection.target: goal: target needs a finite number, found {target!r}")
         target = float(target)
     elif target is not None:
@@ -366,6 +403,7 @@ def selection_options(value: Any, where: str) -> Selection:
         granularity=choice(value.get("granularity", "block"), GRANULARITIES, where, "selection.granularity"),
         non_layer=choice(value.get("non_layer", "base"), NON_LAYER, where, "selection.non_layer"),
         metric=metric, goal=goal, target=target,
+        zero_matrices=choice(value.get("zero_matrices", "exclude"), ZERO_MATRICES, where, "selection.zero_matrices"),
     )
 
 
@@ -378,8 +416,7 @@ def tether_options(value: Any, selection: Selection, where: str) -> TetherOption
     measure = choice(value.get("measure", "cosine"), MEASURES, where, "tether.measure")
     low = -1.0 if measure != "l2" else -math.inf
     threshold = value.get("min_compatibility", 0.5)
-    if (isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold)
-            or not low <= threshold <= 1):
+    if not finite_number(threshold) or not low <= threshold <= 1:
         span = "between -1 and 1" if measure != "l2" else "at most 1"
         raise ConfigError(f"{where}: tether.min_compatibility: expected a number {span} ({measure}; "
                           f"{'-1' if measure != 'l2' else 'a large negative number'} lets every candidate through), "
@@ -432,19 +469,21 @@ def dlec_options(value: Any, base_dir: Path, where: str, cli: bool = False) -> D
         importance = choice(importance, IMPORTANCE, where, key("importance"))
     calibration = value.get("calibration")
     if calibration is not None:
-        if not isinstance(calibration, str) or not calibration.strip() or "\0" in calibration:
+        if not isinstance(calibration, str) or not calibration.strip() or not calibration.isprintable():
             raise ConfigError(f"{where}: {key('calibration')}: expected the path of a text file, found {calibration!r}")
-        path = Path(calibration).expanduser()
-        path = path if path.is_absolute() else base_dir / path
-        if path.is_dir():
-            raise ConfigError(f"{where}: {key('calibration')}: '{calibration}' is a directory, not a text file")
-        if not path.is_file():
-            raise ConfigError(f"{where}: {key('calibration')}: calibration text '{calibration}' not found "
-                              f"(looked at {path})")
+        with os_errors(where, key("calibration"), calibration):
+            path = Path(calibration).expanduser()
+            path = path if path.is_absolute() else base_dir / path
+            if path.is_dir():
+                raise ConfigError(f"{where}: {key('calibration')}: '{calibration}' is a directory, not a text file")
+            if not path.is_file():
+                raise ConfigError(f"{where}: {key('calibration')}: calibration text '{calibration}' not found "
+                                  f"(looked at {path})")
         if importance == "ner":
             raise ConfigError(f"{where}: {key('calibration')}: not used with {blank.setting('importance', 'ner')} "
                               f"(importance from the weights needs no text)")
-        calibration = path.resolve()
+        with os_errors(where, key("calibration"), calibration):
+            calibration = path.resolve()
     max_tokens = value.get("max_tokens", 4096)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
         raise ConfigError(f"{where}: {key('max_tokens')}: expected a number of tokens >= 2, found {max_tokens!r}")
@@ -467,16 +506,40 @@ def choice(value: Any, allowed: tuple[str, ...], where: str, key: str) -> str:
 
 def size_in_bytes(value: Any, where: str, key: str) -> int:
     """Parse 5000000, '500MB', '2GB' or '1.5GiB' into bytes."""
-    if isinstance(value, bool):
-        match = None
-    elif isinstance(value, int):
-        match = SIZE.match(str(value))
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
     else:
         match = SIZE.match(value) if isinstance(value, str) else None
-    size = int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()]) if match else 0
+        size = float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()] if match else 0
+        if size == math.inf:
+            raise ConfigError(f"{where}: {key}: {value!r} is too large for a size in bytes")
+        size = int(size)
     if size <= 0:
         raise ConfigError(f"{where}: {key}: expected a positive size such as 2GB or 500MB, found {value!r}")
     return size
+
+
+def finite_number(value: Any) -> bool:
+    """A finite int or float, not true/false (an int too large for a float is not finite)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+@contextmanager
+def os_errors(where: str, key: str, value: str):
+    """A path the system refuses to look at (a name too long, ~user unknown, no permission, a symlink
+    loop) becomes a one-line ConfigError naming the key."""
+    try:
+        yield
+    except RecursionError:
+        raise
+    except (OSError, RuntimeError) as exc:
+        reason = getattr(exc, "strerror", None) or first_line(exc)
+        raise ConfigError(f"{where}: {key}: cannot use {value!r} as a path: {reason}") from None
 
 
 def type_name(value: Any) -> str:

@@ -33,3 +33,10 @@ class OutputError(MergeError):
     """The output cannot be written (exit code 4)."""
 
     exit_code = 4
+
+
+class IntegrityError(MergeError):
+    """A written output does not match its merge_report.json, or is not a valid checkpoint
+    (`mastermerge verify`; exit code 5)."""
+
+    exit_code = 5

@@ -5,8 +5,8 @@ half-written temporary directory would stay behind. Under `interrupts_raised()` 
 raises Interrupted (a KeyboardInterrupt) instead, so the same cleanup runs as for Ctrl-C, and
 the command line exits with 128 + the signal number (130, 143, 129), as a shell reports it.
 `deferred()` holds a signal back over a step that must not be cut in two (moving the finished
-output into place) and raises it right after. A handler is installed only in the main thread, and a signal the process was started ignoring
-(nohup's SIGHUP) stays ignored.
+output into place) and raises it right after. A handler is installed only in the main thread,
+and a signal the process was started ignoring (nohup's SIGHUP) stays ignored.
 """
 
 from __future__ import annotations

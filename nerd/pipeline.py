@@ -23,12 +23,12 @@ from .cache import MetricCache, default_cache_path
 from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo
 from .config import MergeConfig
 from .dlec import expanded
-from .errors import ConfigError
-from .layout import check_same_architecture, layout_of
+from .errors import ConfigError, ModelError
+from .layout import Layout, check_same_architecture, layout_of
 from .plan import Choice, Plan, PlanEntry, Tethers, output_order
-from .select import choices_of
+from .select import Health, choices_of, health_of
 from .sources import resolve_model
-from .spectra import pick_device
+from .spectra import NOT_FINITE, finite_problem, pick_device
 from .tether import compatibility_of, tether_groups, tether_warnings
 
 CAST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -53,28 +53,32 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
         infos = checkpoints[config.base.ref].tensors
         layout = layout_of(list(infos))
         metrics: dict[str, dict[str, dict]] = {name: {} for name in names}
-        tethers, choices = None, []
+        tethers, choices, warnings = None, [], []
         if len(names) > 1:
             matrices = [t for t, info in infos.items() if info.is_matrix]
             with tqdm(total=len(names) * len(matrices), desc="spectra", unit="matrix", disable=quiet) as bar:
                 for name in names:
                     metrics[name] = cache.metrics_of_all(checkpoints[name], matrices, config.device, bar)
             others = names[1:]
-            scores = compatibility_of(checkpoints, tether_groups(layout, infos, config.selection), names[0],
-                                      others, config.tether.measure, cache, quiet)
-            tethers = Tethers(config.tether, names[0], scores)
+            health = health_of(metrics, {n: nonfinite_tensors(checkpoints[n]) for n in names}, config.selection)
+            groups = tether_groups(layout, infos, config.selection)
+            scores = compatibility_of(checkpoints, groups, names[0], others, config.tether.measure, cache, quiet)
+            base_nonfinite = {t for t, why in health.unusable[names[0]].items() if why == NOT_FINITE}
+            unmeasured = tuple(g for g, tensors in groups.items() if base_nonfinite.intersection(tensors))
+            tethers = Tethers(config.tether, names[0], scores, unmeasured=unmeasured)
             tethers = dataclasses.replace(tethers, warnings=tether_warnings(tethers, others))
+            warnings = unusable_warnings(health, layout)
             try:
-                choices = choices_of(layout, infos, metrics, names, config.selection, tethers)
-            except ConfigError as exc:
-                raise ConfigError(f"{config.source or 'config'}: {exc}") from None
+                choices = choices_of(layout, infos, metrics, names, config.selection, tethers, health)
+            except (ConfigError, ModelError) as exc:
+                raise type(exc)(f"{config.source or 'config'}: {exc}") from None
     chosen = {t: c for c in choices for t in c.tensors}
     entries = [plan_entry(t, infos[t], chosen.get(t), config)
                for t in sorted(infos, key=lambda t: output_order(t, layout.depths[t]))]
     plan = Plan(candidates=names, sources={n: r.path for n, r in resolved.items()},
                 revisions={n: r.revision for n, r in resolved.items()}, base=config.base.ref,
                 output_dir=config.output_dir, shard_size=config.shard_size, entries=entries,
-                choices=choices, metrics=metrics, selection=config.selection, tethers=tethers)
+                choices=choices, metrics=metrics, selection=config.selection, tethers=tethers, warnings=warnings)
     if config.dlec is not None:
         plan = expanded(plan, config.dlec, cache, pick_device(config.device), quiet)
     plan.spectra_computed, plan.spectra_reused = cache.computed - computed, cache.reused - reused
@@ -89,6 +93,28 @@ def plan_entry(name: str, info: TensorInfo, choice: Choice | None, config: Merge
     if choice is not None and choice.blend and info.dtype in FLOAT_DTYPES:
         return PlanEntry(name, source, name, dtype, info.shape, "blend", tuple(choice.blend.items()))
     return PlanEntry(name, source, name, dtype, info.shape)
+
+
+def nonfinite_tensors(checkpoint: Checkpoint) -> dict[str, str]:
+    """The floating-point tensors other than matrices (norms, biases) that hold a NaN or Inf; the
+    matrices' own come with their spectra."""
+    return {name: NOT_FINITE for name, info in checkpoint.tensors.items()
+            if info.dtype in FLOAT_DTYPES and not info.is_matrix
+            and finite_problem(checkpoint.read_bytes(name), info.dtype) is not None}
+
+
+def unusable_warnings(health: Health, layout: Layout) -> list[str]:
+    """One line per candidate with unusable tensors: which (the first three) and where."""
+    lines = []
+    for candidate, tensors in health.unusable.items():
+        if tensors:
+            shown = "; ".join(f"{t} {why}" for t, why in list(tensors.items())[:3])
+            more = f" and {len(tensors) - 3} more" if len(tensors) > 3 else ""
+            depths = sorted({layout.depths[t] for t in tensors if layout.depths[t] is not None})
+            where = ", ".join(["the non-layer group"] * any(layout.depths[t] is None for t in tensors)
+                              + [f"depth {d}" for d in depths])
+            lines.append(f"'{candidate}': {shown}{more}: it cannot supply {where}")
+    return lines
 
 
 def output_dtype(dtype: str, requested: str) -> str:

@@ -62,13 +62,20 @@ class Tethers:
     base: str
     scores: dict[str, dict[str, float | None]]  # group ("non-layer", "0", ...) -> other candidate -> score
     warnings: list[str] = field(default_factory=list)
+    unmeasured: tuple[str, ...] = ()  # groups where the base has a NaN or Inf: nothing to compare with
 
     def eligible(self, group: str, candidate: str) -> bool:
         """Whether a candidate may supply this group: the base always; another candidate when its
         compatibility there is known and at least min_compatibility (a group without scores, the
-        non-layer one when it is taken from the base, gates nobody)."""
+        non-layer one when it is taken from the base, gates nobody); where the base's own group
+        has a NaN or Inf, when the candidate is compatible with the base at another group."""
         if candidate == self.base or group not in self.scores:
             return True
+        if group in self.unmeasured:
+            return any(self.compatible(g, candidate) for g in self.scores if g not in self.unmeasured)
+        return self.compatible(group, candidate)
+
+    def compatible(self, group: str, candidate: str) -> bool:
         score = self.scores[group].get(candidate)
         return score is not None and score >= self.options.min_compatibility
 
@@ -119,6 +126,7 @@ class Plan:
     config: dict | None = None  # config.json of the output when it differs from the base's (expansion)
     tethers: Tethers | None = None
     expansion: Expansion | None = None
+    warnings: list[str] = field(default_factory=list)  # tensors that cannot be used (NaN/Inf, all zero)
 
     def to_dict(self) -> dict:
         return {
@@ -128,6 +136,7 @@ class Plan:
             "choices": [asdict(c) | {"tensors": list(c.tensors)} for c in self.choices],
             "tethers": None if self.tethers is None else asdict(self.tethers),
             "expansion": None if self.expansion is None else asdict(self.expansion),
+            "warnings": self.warnings,
             "entries": [asdict(e) | {"shape": list(e.shape), "blend": dict(e.blend)} for e in self.entries],
         }
 

@@ -116,7 +116,7 @@ Granularity: {plan.selection.granularity}.
 
 Candidates (ties go to the earlier one):
 {models}
-
+{"".join(f"{chr(10)}**Warning:** {w}{chr(10)}" for w in plan.warnings)}
 Scores are the {rule_of(plan.selection).label} over the matrices of each group; the {
 "blend (each candidate's weight given)" if blend else "winner"} supplies its tensors.
 
@@ -210,8 +210,10 @@ def selection_sentence(selection: Selection) -> str:
     return f"Score: the mean {what}; the {'highest' if selection.goal == 'max' else 'lowest'} wins."
 
 
-def report_of(plan: Plan, config: MergeConfig, shards: list[str]) -> dict:
-    """merge_report.json: version, inputs with revisions, config, every score, and the plan."""
+def report_of(plan: Plan, config: MergeConfig, files: dict[str, dict]) -> dict:
+    """merge_report.json: version, inputs with revisions, config, every score, the plan, the
+    weight files (`shards`, in order) and, for each of them and the index json, its size and
+    SHA-256 (`files`: name -> {"bytes", "sha256"}, what `mastermerge verify` checks)."""
     return {
         "mastermerge_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -222,5 +224,6 @@ def report_of(plan: Plan, config: MergeConfig, shards: list[str]) -> dict:
         "selection": asdict(plan.selection),
         "metrics": plan.metrics,
         "plan": plan.to_dict(),
-        "shards": shards,
+        "shards": [name for name in files if name.endswith(".safetensors")],
+        "files": files,
     }

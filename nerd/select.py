@@ -11,7 +11,10 @@ matrix, the block's other tensors (norms) follow the block's mean-score winner. 
 tensors (embeddings, final norm, lm_head) are one group: taken from the base, or, with
 `non_layer: compete`, from the candidate with the best mean score over them, so tied embeddings
 stay tied. Ties go to the earlier candidate, base first. A candidate with a matrix that has no
-score (NaN/Inf, all zero, or a metric undefined for it) in a group cannot win that group.
+score (a metric undefined for it) in a group cannot win that group, nor can one with an unusable
+tensor there (Health: a NaN or Inf in any floating-point tensor, an all-zero matrix unless
+selection.zero_matrices is allow, which leaves such matrices out of the mean instead). A group
+that nothing usable can supply is a ModelError.
 
 Tethers (tether.py) gate every group: a candidate whose compatibility with the base at that depth
 is below tether.min_compatibility drifts and cannot win it. With tether.mode blend, the group's
@@ -26,9 +29,10 @@ from dataclasses import dataclass
 
 from .checkpoint import TensorInfo
 from .config import Selection
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .layout import Layout
 from .plan import Choice, Tethers
+from .spectra import ALL_ZERO
 
 Scores = dict[str, dict[str, float | None]]  # candidate -> tensor -> score
 Metrics = dict[str, dict[str, dict]]  # candidate -> tensor -> every metric and its `problem`
@@ -79,36 +83,77 @@ def group_score(scores: Scores, candidate: str, matrices: list[str]) -> float | 
     return sum(values) / len(values)
 
 
+@dataclass(frozen=True)
+class Health:
+    """What cannot be used: candidate -> tensor -> why (NaN/Inf in any floating-point tensor, an
+    all-zero matrix unless selection.zero_matrices is allow), and the all-zero matrices that are
+    allowed and so left out of their group's mean score."""
+
+    unusable: dict[str, dict[str, str]]
+    zeros: dict[str, set[str]]
+
+    def of(self, candidate: str, tensors: list[str]) -> list[str]:
+        """'tensor: why' for each unusable tensor of the group."""
+        return [f"{t}: {self.unusable[candidate][t]}" for t in tensors if t in self.unusable[candidate]]
+
+
+def health_of(metrics: Metrics, vector_problems: dict[str, dict[str, str]], selection: Selection) -> Health:
+    """The Health of every candidate from its matrices' spectra and its other tensors' values."""
+    allow = selection.zero_matrices == "allow"
+    unusable, zeros = {}, {}
+    for c, per in metrics.items():
+        problems = {t: m["problem"] for t, m in per.items() if m.get("problem")}
+        zeros[c] = {t for t, p in problems.items() if p == ALL_ZERO} if allow else set()
+        unusable[c] = {t: p for t, p in problems.items() if t not in zeros[c]} | vector_problems.get(c, {})
+    return Health(unusable, zeros)
+
+
 def group_choice(label: str, depth: int | None, tensors: list[str], matrices: list[str],
                  scores: Scores, order: list[str], rule: Rule, problems: dict[str, dict[str, str | None]],
-                 tethers: Tethers | None = None, fixed: str | None = None) -> Choice:
+                 health: Health, tethers: Tethers | None = None, fixed: str | None = None) -> Choice:
     """Choose one candidate for a group of tensors, by mean score among those its tethers let
-    through, unless `fixed` names it; or, with tether.mode blend, average the eligible ones."""
-    per_candidate = {c: group_score(scores, c, matrices) for c in order}
+    through and that have no unusable tensor in it, unless `fixed` names it; or, with tether.mode
+    blend, average the eligible ones. ModelError when nothing usable can supply the group."""
+    place = "the non-layer group" if depth is None else f"depth {depth}" if label == str(depth) else label
+    broken = {c: health.of(c, tensors) for c in order}
+    per_candidate = {c: None if broken[c] else group_score(scores, c, [m for m in matrices if m not in health.zeros[c]])
+                     for c in order}
     if fixed is not None:
+        if broken[fixed]:
+            raise ModelError(f"{place}: the base '{fixed}' cannot supply it ({'; '.join(broken[fixed])}) and "
+                             f"selection.non_layer is base; set selection.non_layer: compete to take it from "
+                             f"another candidate")
         return Choice(label, depth, per_candidate, fixed, tuple(tensors), "taken from the base")
     key = "non-layer" if depth is None else str(depth)
     drifted = [c for c in order if tethers is not None and not tethers.eligible(key, c)]
     eligible = [c for c in order if c not in drifted]
     winner = winner_of(per_candidate, eligible, rule.lower_wins)
     notes = []
+    if any(broken.values()):
+        notes.append("not selectable: " + "; ".join(f"{c} ({'; '.join(b)})" for c, b in broken.items() if b))
     if winner is None:
+        if broken[order[0]]:
+            raise ModelError(f"{place}: no candidate can supply it: "
+                             + "; ".join(f"'{c}' " + ("; ".join(broken[c]) if broken[c] else "drifts from the base")
+                                         for c in order) + "; nothing written")
         winner = order[0]
         notes.append(f"no {'eligible ' if drifted else ''}candidate has a score here; taken from the base")
     else:
         unscored = []
         for c in order:
-            if per_candidate[c] is None:
+            if per_candidate[c] is None and not broken[c]:
                 reasons = [why_unscored(m, problems[c][m], rule.metric) for m in matrices if scores[c][m] is None]
                 unscored.append(f"{c} ({'; '.join(reasons)})")
         if unscored and matrices:
             notes.append(f"not selectable, no {rule.metric}: " + "; ".join(unscored))
-    if any(per_candidate[c] is not None for c in drifted):  # those without a score are already explained
+    if tethers is not None and key in tethers.unmeasured:
+        notes.append(f"the base's block has a NaN or Inf, so no {tethers.options.measure} was measured here; "
+                     f"candidates compatible with the base at other depths are eligible")
+    elif any(per_candidate[c] is not None for c in drifted):  # those without a score are already explained
         notes.append(drift_note(tethers, key, [c for c in drifted if per_candidate[c] is not None]))
     members = [c for c in eligible if per_candidate[c] is not None]
     blend = None
     if tethers is not None and tethers.options.mode == "blend" and len(members) > 1:
-        place = "the non-layer group" if depth is None else f"depth {depth}" if label == str(depth) else label
         blend = blend_weights(members, per_candidate, tethers, key, place, rule)
     return Choice(label, depth, per_candidate, winner, tuple(tensors), "; ".join(notes) or None, blend)
 
@@ -128,6 +173,8 @@ def blend_weights(members: list[str], per_candidate: dict[str, float | None], te
     kind = tethers.options.weights
     if kind == "equal":
         return {c: 1 / len(members) for c in members}
+    if kind == "compatibility" and key in tethers.unmeasured:  # no compatibility was measured here
+        return {c: 1 / len(members) for c in members}
     raw = {c: per_candidate[c] if kind == "score" else tethers.scores.get(key, {}).get(c, 1.0) for c in members}
     for c, value in raw.items():
         if value <= 0:
@@ -144,14 +191,14 @@ def why_unscored(tensor: str, problem: str | None, metric: str) -> str:
 
 
 def choices_of(layout: Layout, infos: dict[str, TensorInfo], metrics: Metrics, order: list[str],
-               selection: Selection, tethers: Tethers | None = None) -> list[Choice]:
+               selection: Selection, tethers: Tethers, health: Health) -> list[Choice]:
     """All selection decisions, non-layer group first, then depth by depth."""
     base, rule = order[0], rule_of(selection)
     scores = scores_of(metrics, selection)
     problems = {c: {t: m.get("problem") for t, m in per.items()} for c, per in metrics.items()}
 
     def choose(label, depth, tensors, matrices, fixed=None):
-        return group_choice(label, depth, tensors, matrices, scores, order, rule, problems, tethers, fixed)
+        return group_choice(label, depth, tensors, matrices, scores, order, rule, problems, health, tethers, fixed)
 
     rest = layout.non_layer()
     choices = [choose("non-layer", None, rest, [t for t in rest if infos[t].is_matrix],

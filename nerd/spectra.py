@@ -118,10 +118,10 @@ def spectrum_from_gram(eigenvalues: np.ndarray | None, shape: tuple[int, ...], s
     """The spectrum from the Gram matrix's eigenvalues (ascending, as LAPACK gives them; None when W
     had a NaN or Inf), or from `svd()` when the Gram route cannot be trusted for this matrix."""
     if eigenvalues is None:
-        return Spectrum(None, shape, "contains NaN or Inf")
+        return Spectrum(None, shape, NOT_FINITE)
     eigenvalues = np.clip(eigenvalues[::-1], 0, None)
     if eigenvalues[0] == 0:
-        return Spectrum(np.zeros(len(eigenvalues)), shape, "all zero")
+        return Spectrum(np.zeros(len(eigenvalues)), shape, ALL_ZERO)
     if gram_ner_error(eigenvalues) > NER_TOLERANCE or gram_smin_error(eigenvalues) > SMIN_TOLERANCE:
         return Spectrum(np.asarray(svd(), dtype=np.float64), shape)
     return Spectrum(np.sqrt(eigenvalues), shape)
@@ -161,6 +161,13 @@ def float64_rows(matrix: np.ndarray, start: int, stop: int) -> np.ndarray:
 
 
 NUMPY_DTYPES = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
+NOT_FINITE, ALL_ZERO = "contains NaN or Inf", "all zero"  # a Spectrum's problems
+
+
+def finite_problem(data: bytearray, dtype: str) -> str | None:
+    """NOT_FINITE if a floating-point tensor's raw bytes (any shape) hold a NaN or an Inf."""
+    flat = numpy_matrix(data, dtype, (1, len(data) // np.dtype(NUMPY_DTYPES[dtype]).itemsize))
+    return None if np.isfinite(float64_rows(flat, 0, 1)).all() else NOT_FINITE
 
 
 def numpy_matrix(data: bytearray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:

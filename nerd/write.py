@@ -12,13 +12,14 @@ thread while the shards are written.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
 import shutil
 import struct
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -36,18 +37,23 @@ from .tether import blended_slices
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 NOT_COPIED = ("config.json", "README.md", "merge_report.json")
 OUR_FIGURES = re.compile(r"(heatmap_[\w.-]+|expansion_curve)\.png")
+INDEX = "model.safetensors.index.json"
+HASH_CHUNK = 8 * 2**20  # bytes read back and hashed at a time
+HASH_BATCH = 2**20  # new bytes handed to the hasher at once, at least (not every layer norm)
 
 
 def write_merge(plan: Plan, config: MergeConfig, quiet: bool = False) -> Path:
     """Write the plan's output directory; return its path."""
-    with staged_dir(plan.output_dir) as tmp, ThreadPoolExecutor(1, thread_name_prefix="mastermerge-figures") as pool:
+    needed = sum(map(entry_bytes, plan.entries))
+    with staged_dir(plan.output_dir, needed) as tmp, \
+            ThreadPoolExecutor(1, thread_name_prefix="mastermerge-figures") as pool:
         write_config(plan, tmp)
         copy_side_files(plan.sources[plan.base], tmp)
         figures = pool.submit(draw_figures, plan, tmp)  # drawn while the shards are written (I/O-bound)
-        shards = write_shards(plan, tmp, quiet)
+        files = write_shards(plan, tmp, quiet)
         heatmaps, curve = figures.result()
         (tmp / "README.md").write_text(model_card(plan, heatmaps, curve), encoding="utf-8")
-        report = report_of(plan, config, shards)
+        report = report_of(plan, config, files)
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2, default=str, allow_nan=False) + "\n",
                                                encoding="utf-8")
     return plan.output_dir
@@ -72,27 +78,32 @@ def shard_groups(entries: list[PlanEntry], shard_size: int) -> list[list[PlanEnt
     return groups
 
 
-def write_shards(plan: Plan, tmp: Path, quiet: bool) -> list[str]:
-    """The weight files plus, when there is more than one, the standard index json."""
+def write_shards(plan: Plan, tmp: Path, quiet: bool) -> dict[str, dict]:
+    """The weight files plus, when there is more than one, the standard index json; returns each
+    file's name -> {"bytes": its size, "sha256": its SHA-256 in hex}, the shards in order, then the index."""
     groups = shard_groups(plan.entries, plan.shard_size)
     names = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)])
+    files = {}
     with ExitStack() as stack:
         checkpoints = {c: stack.enter_context(Checkpoint.open(plan.sources[c]))
                        for c in {c for e in plan.entries for c in e.candidates}}
         with tqdm(total=sum(entry_bytes(e) for e in plan.entries), desc="write", unit="B",
                   unit_scale=True, disable=quiet) as bar:
             for name, group in zip(names, groups):
-                write_shard(tmp / name, group, checkpoints, bar)
+                files[name] = write_shard(tmp / name, group, checkpoints, bar)
     if len(groups) > 1:
         index = {"metadata": {"total_size": sum(entry_bytes(e) for e in plan.entries)},
                  "weight_map": {e.name: name for name, group in zip(names, groups) for e in group}}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return names
+        data = (json.dumps(index, indent=2) + "\n").encode()
+        (tmp / INDEX).write_bytes(data)
+        files[INDEX] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return files
 
 
-def write_shard(path: Path, entries: list[PlanEntry], checkpoints: dict[str, Checkpoint], bar) -> None:
-    """One safetensors file, written header first and then tensor by tensor."""
+def write_shard(path: Path, entries: list[PlanEntry], checkpoints: dict[str, Checkpoint], bar) -> dict:
+    """One safetensors file, written header first and then tensor by tensor; returns its size and
+    SHA-256 (hashed from the file itself while it is written, see ShardHasher)."""
     header, offset = {}, 0
     for entry in entries:
         n = entry_bytes(entry)
@@ -101,7 +112,7 @@ def write_shard(path: Path, entries: list[PlanEntry], checkpoints: dict[str, Che
     header["__metadata__"] = {"format": "pt"}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as handle:
+    with open(path, "wb") as handle, ShardHasher(path) as hasher:
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         for entry in entries:
@@ -116,21 +127,93 @@ def write_shard(path: Path, entries: list[PlanEntry], checkpoints: dict[str, Che
                     bar.update(len(data))
             if written != entry_bytes(entry):
                 raise OutputError(f"{path}: tensor '{entry.name}' has {written} bytes, expected {entry_bytes(entry)}")
-            start_writeback(handle, written)
+            start_writeback(handle, hasher)
         handle.flush()
+        size = handle.tell()
+        if size != 8 + len(encoded) + offset:
+            raise OutputError(f"{path}: {size} bytes written, expected {8 + len(encoded) + offset}")
+        hasher.hash_to(size, last=True)
         os.fsync(handle.fileno())
+        return {"bytes": size, "sha256": hasher.hexdigest()}
 
 
-def start_writeback(handle, size: int) -> None:
-    """Ask the kernel to start writing the last `size` bytes written to disk now (Linux starts the
-    writeback of dirty pages on POSIX_FADV_DONTNEED without waiting), so the disk works while
-    the next tensors are copied and the final fsync has little left to wait for."""
+def start_writeback(handle, hasher: ShardHasher) -> None:
+    """The tensor just written is complete: flush it to the kernel and hand it to the hasher, which
+    reads it back, hashes it and then asks the kernel to start writing it to disk."""
+    handle.flush()
+    hasher.hash_to(handle.tell())
+
+
+def writeback_hint(fd: int, offset: int, size: int) -> None:
+    """Ask the kernel to start writing bytes offset..offset + size of the file to disk now (Linux
+    starts the writeback of dirty pages on POSIX_FADV_DONTNEED without waiting), so the disk works
+    while the next tensors are copied and the final fsync has little left to wait for."""
     if hasattr(os, "posix_fadvise"):
-        handle.flush()
         try:
-            os.posix_fadvise(handle.fileno(), handle.tell() - size, size, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
         except OSError:  # only a hint: without it the final fsync waits longer
             pass
+
+
+class ShardHasher:
+    """The SHA-256 of a file being written, computed in a background thread from the file itself.
+
+    The writer calls hash_to(end) once the bytes up to `end` are in the file (flushed to the
+    kernel, by write() or by copy_file_range); the thread reads the new bytes back in order, from
+    the page cache where they were just written, hashes them, and only then gives the writeback
+    hint for them (given earlier, it could drop pages the thread has yet to read). Reads and
+    hashlib release the GIL on large buffers, so the hash runs on another core while the next
+    tensors are copied, and what is hashed is exactly what the file holds, whether the bytes went
+    through memory or were copied inside the kernel. Fewer than HASH_BATCH new bytes wait for
+    the next tensors; an error of the thread is raised in the writer's at its next call.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sha = hashlib.sha256()
+        self.queued = 0  # bytes handed to the thread so far
+        self.reader = open(path, "rb", buffering=0)
+        self.buffer = bytearray(HASH_CHUNK)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="mastermerge-hash")
+        self.pending: list[Future] = []
+        self.stopped = False
+
+    def hash_to(self, end: int, last: bool = False) -> None:
+        """Hash the file's bytes up to `end`: now if `last`, else once HASH_BATCH new bytes wait."""
+        for future in [f for f in self.pending if f.done()]:
+            future.result()  # the thread's error, raised here
+            self.pending.remove(future)
+        if end - self.queued >= (1 if last else HASH_BATCH):
+            self.pending.append(self.pool.submit(self.hash_range, self.queued, end))
+            self.queued = end
+
+    def hash_range(self, begin: int, end: int) -> None:
+        """In the thread: read bytes begin..end back, hash them, give the writeback hint for them."""
+        view = memoryview(self.buffer)
+        self.reader.seek(begin)
+        position = begin
+        while position < end and not self.stopped:
+            count = self.reader.readinto(view[:min(len(view), end - position)])
+            if not count:
+                raise OutputError(f"{self.path}: ends at byte {position} while being hashed, expected {end}")
+            self.sha.update(view[:count])
+            writeback_hint(self.reader.fileno(), position, count)
+            position += count
+
+    def hexdigest(self) -> str:
+        """The SHA-256 of every byte handed to hash_to, once the thread has hashed them."""
+        for future in self.pending:
+            future.result()
+        self.pending.clear()
+        return self.sha.hexdigest()
+
+    def __enter__(self) -> "ShardHasher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped = exc[0] is not None  # an error or Ctrl-C in the writer: the thread stops at once
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.reader.close()
 
 
 def copied_in_kernel(handle, entry: PlanEntry, checkpoint: Checkpoint) -> int | None:

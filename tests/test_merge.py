@@ -301,7 +301,7 @@ def test_nan_candidate_block_is_not_selectable(tmp_path, capsys):
     assert merge(config, tmp_path / "c.sqlite", "--dry-run", "--json") == 0
     depth0 = json.loads(capsys.readouterr().out)["results"][0]["choices"][1]
     assert depth0["scores"][str(models[1])] is None and depth0["winner"] != str(models[1])
-    assert depth0["note"] == (f"not selectable, no ner: {models[1]} "
+    assert depth0["note"] == (f"not selectable: {models[1]} "
                               f"(model.layers.0.mlp.up_proj.weight: contains NaN or Inf)")
 
 

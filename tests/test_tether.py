@@ -309,7 +309,10 @@ def test_nan_in_a_norm_takes_the_candidate_out_of_the_blend(tmp_path, capsys, fa
     assert run(config, tmp_path / "c.sqlite") == 0
     choices = json.loads((out / "merge_report.json").read_text())["plan"]["choices"]
     assert str(broken) in choices[1]["blend"] and str(broken) not in choices[2]["blend"]
-    assert f"drifts (cosine below 0.5): {broken} no cosine (NaN/Inf or all-zero weights)" in choices[2]["note"]
+    assert choices[2]["note"] == (f"not selectable: {broken} "
+                                  f"(model.layers.1.input_layernorm.weight: contains NaN or Inf)")
+    assert "model.layers.1.input_layernorm.weight contains NaN or Inf: it cannot supply depth 1" in \
+        capsys.readouterr().err
     assert all(torch.isfinite(t).all() for t in tensors_of(out).values())
 
 

@@ -1,0 +1,425 @@
+"""`mastermerge verify DIR`: check a written model against its merge_report.json.
+
+A merge records in merge_report.json the size and SHA-256 of every file that holds its weights
+(`files`: the shards and the index json). verify reads the directory back and runs these checks,
+one function each:
+
+- check_files: every file the report records exists, with its size and SHA-256 (a truncated,
+  extended or altered file is named), and every weight or index file in the directory is one
+  the report records (an extra shard is named);
+- check_headers: each shard's safetensors header is valid (the checks nerd.checkpoint makes of
+  every input: JSON, dtypes, shapes, offsets inside the data, no overlaps), its tensors cover its
+  data exactly, as the safetensors library requires, and no tensor is in two shards;
+- check_index: the index json maps every tensor to a shard of this output, inside the directory,
+  that holds it; every tensor of every shard is listed; metadata.total_size is the tensors' bytes;
+- check_plan: the shards hold the tensors the report's plan lists, with their dtypes and shapes;
+- check_config: config.json parses, its layer count (num_hidden_layers, n_layer, ...) equals the
+  number of blocks in the tensor names (nerd.layout), and its hidden size is the width of the
+  embedding matrix;
+- check_loads: when nothing else is wrong, nerd.checkpoint.Checkpoint.open reads the directory as
+  a merge reads its inputs.
+
+verify_output runs them all and returns every Problem (a file and what is wrong with it) with
+what was checked; the command line prints one line per problem and exits with IntegrityError's
+code (5) when there is any. A directory that does not exist or has no merge_report.json is a
+ModelError (3): there is nothing to verify against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint, TensorInfo, safetensors_header
+from .dlec import LAYER_COUNT_KEYS, layer_section
+from .errors import ModelError, first_line
+from .layout import layout_of
+
+REPORT = "merge_report.json"
+INDEX = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+HASH_CHUNK = 8 * 2**20
+SHA256 = re.compile(r"[0-9a-f]{64}")
+EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.weight$")
+WIDTH_KEYS = ("embedding_size", "word_embed_proj_dim", "hidden_size", "n_embd", "d_model")  # first found wins
+NAMED = 3  # tensor names shown in a line about several tensors
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the output: the file it concerns and what is wrong, in one line."""
+
+    file: Path
+    message: str
+
+    def line(self) -> str:
+        return f"mastermerge: verify: {self.file}: {self.message}"
+
+
+@dataclass
+class Verification:
+    """What verify_output found: every problem, and what was checked."""
+
+    directory: Path
+    problems: list[Problem] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    tensors: int = 0
+    layers: int | None = None
+    files_hashed: int = 0
+    bytes_hashed: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        if not self.ok:
+            return f"{self.directory}: verification failed: {len(self.problems)} problem(s)"
+        layers = f", {self.layers} layers" if self.layers is not None else ""
+        return (f"{self.directory}: ok: {len(self.shards)} shard(s), {self.tensors} tensors{layers}; "
+                f"{self.files_hashed} file(s), {self.bytes_hashed:,} bytes, match the sizes and SHA-256 of {REPORT}")
+
+    def to_dict(self) -> dict:
+        return {"directory": str(self.directory), "ok": self.ok,
+                "problems": [{"file": str(p.file), "problem": p.message} for p in self.problems],
+                "shards": self.shards, "tensors": self.tensors, "layers": self.layers,
+                "files_hashed": self.files_hashed, "bytes_hashed": self.bytes_hashed}
+
+
+@dataclass
+class Report:
+    """What merge_report.json says the directory holds (as far as it could be read)."""
+
+    shards: list[str] | None = None  # None: the report does not say
+    files: dict[str, dict] = field(default_factory=dict)  # name -> {"bytes", "sha256"}
+    entries: list[dict] | None = None  # the plan's output tensors
+
+
+def verify_output(directory: str | Path, quiet: bool = False) -> Verification:
+    """Run every check on a mastermerge output directory (see the module docstring)."""
+    directory = Path(directory)
+    report_path = check_directory(directory)
+    result = Verification(directory)
+    report, problems = read_report(report_path)
+    result.problems += problems
+    shards = report.shards if report.shards is not None else shards_on_disk(directory)
+    result.shards = shards
+    problems, result.files_hashed, result.bytes_hashed = check_files(directory, report, shards, quiet)
+    result.problems += problems
+    problems, headers = check_headers(directory, shards)
+    result.problems += problems
+    result.tensors = sum(len(infos) for infos in headers.values())
+    complete = len(headers) == len(shards)  # every shard's header was read
+    result.problems += check_index(directory, shards, headers, expected=INDEX in report.files or len(shards) > 1)
+    if complete and report.entries is not None:
+        result.problems += check_plan(report_path, report.entries, headers)
+    problems, result.layers = check_config(directory, headers, complete)
+    result.problems += problems
+    if not result.problems:
+        result.problems += check_loads(directory)
+    return result
+
+
+def check_directory(directory: Path) -> Path:
+    """merge_report.json of the directory; a ModelError (one line) if there is none to check against."""
+    if not directory.exists():
+        raise ModelError(f"{directory}: no such directory")
+    if not directory.is_dir():
+        raise ModelError(f"{directory}: not a directory; expected a mastermerge output directory")
+    report = directory / REPORT
+    if not report.is_file():
+        raise ModelError(f"{directory}: no {REPORT}; not a mastermerge output, so there is nothing to verify against")
+    return report
+
+
+def read_report(path: Path) -> tuple[Report, list[Problem]]:
+    """The shards, the recorded sizes and hashes, and the plan's tensors that merge_report.json lists."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return Report(), [Problem(path, f"not valid JSON ({first_line(exc)}); nothing to compare the files with")]
+    if not isinstance(data, dict):
+        return Report(), [Problem(path, "not a JSON object; nothing to compare the files with")]
+    report, problems = Report(), []
+    shards = data.get("shards")
+    if isinstance(shards, list) and shards and all(isinstance(s, str) for s in shards):
+        report.shards = shards
+    else:
+        problems.append(Problem(path, f"'shards' is {shards!r}, expected a list of file names"))
+    files = data.get("files")
+    if files is None:
+        problems.append(Problem(path, "records no sizes or SHA-256 hashes of the weight files (written by an "
+                                      "earlier mastermerge); their content cannot be checked"))
+    elif not isinstance(files, dict):
+        problems.append(Problem(path, f"'files' is {type(files).__name__}, expected an object of file name -> "
+                                      "{bytes, sha256}"))
+    else:
+        for name, record in files.items():
+            if (isinstance(record, dict) and type(record.get("bytes")) is int and record["bytes"] >= 0
+                    and isinstance(record.get("sha256"), str) and SHA256.fullmatch(record["sha256"])):
+                report.files[name] = record
+            else:
+                problems.append(Problem(path, f"files: '{name}': {record!r} is not {{\"bytes\": size, "
+                                              "\"sha256\": 64 hex digits}"))
+    plan = data.get("plan")
+    entries = plan.get("entries") if isinstance(plan, dict) else None
+    if isinstance(entries, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in entries):
+        report.entries = entries
+    else:
+        problems.append(Problem(path, "plan.entries is missing or malformed; the tensors cannot be compared with it"))
+    return report, problems
+
+
+def shards_on_disk(directory: Path) -> list[str]:
+    """The shards when the report does not list them: the index's, else the safetensors files."""
+    try:
+        weight_map = json.loads((directory / INDEX).read_text(encoding="utf-8"))["weight_map"]
+        return sorted({s for s in weight_map.values() if isinstance(s, str) and is_plain_name(s)})
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
+        return sorted(p.name for p in directory.glob("*.safetensors") if p.is_file())
+
+
+def check_files(directory: Path, report: Report, shards: list[str], quiet: bool) -> tuple[list[Problem], int, int]:
+    """Every recorded file (and every listed shard) exists with its recorded size and SHA-256, and
+    the directory holds no weight or index file beyond them. Returns the problems, and the files
+    and bytes hashed."""
+    problems, to_hash = [], []
+    for name in [*report.files, *(s for s in shards if s not in report.files)]:
+        record, path = report.files.get(name), directory / name
+        if not is_plain_name(name):
+            problems.append(Problem(directory / REPORT, f"records '{name}', which is not a file of this directory"))
+        elif path.is_symlink():
+            problems.append(Problem(path, f"a symbolic link to {os.readlink(path)}, not the file the merge wrote"))
+        elif not path.exists():
+            recorded = f" ({REPORT} records {record['bytes']:,} bytes)" if record else ""
+            problems.append(Problem(path, f"missing{recorded}"))
+        elif not path.is_file():
+            problems.append(Problem(path, "not a regular file"))
+        elif record is not None:
+            size = path.stat().st_size
+            if size != record["bytes"]:
+                how = "truncated or changed" if size < record["bytes"] else "appended to or changed"
+                problems.append(Problem(path, f"{size:,} bytes, {REPORT} records {record['bytes']:,} ({how})"))
+            else:
+                to_hash.append((path, record))
+    with tqdm(total=sum(r["bytes"] for _, r in to_hash), desc="verify", unit="B", unit_scale=True,
+              disable=quiet) as bar:
+        for path, record in to_hash:
+            try:
+                digest = sha256_of(path, bar)
+            except OSError as exc:
+                problems.append(Problem(path, f"cannot be read ({exc.strerror or exc})"))
+                continue
+            if digest != record["sha256"]:
+                problems.append(Problem(path, f"SHA-256 {digest} differs from the {record['sha256']} that {REPORT} "
+                                              f"records (the content changed)"))
+    known = set(report.files) | set(shards) | ({INDEX} if len(shards) > 1 else set())
+    for path in sorted(directory.iterdir()):
+        if (path.name not in known and (path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json"))
+                and (path.is_file() or path.is_symlink())):
+            problems.append(Problem(path, f"a weight file that {REPORT} does not record (not written by this merge)"))
+    return problems, len(to_hash), sum(r["bytes"] for _, r in to_hash)
+
+
+def sha256_of(path: Path, bar) -> str:
+    """The SHA-256 of a file, read in large chunks; the kernel is asked to read each next chunk
+    ahead (POSIX_FADV_WILLNEED) while this one is hashed, so a file not in the page cache costs
+    about the longer of its read and its hash, not their sum."""
+    sha, view = hashlib.sha256(), memoryview(bytearray(HASH_CHUNK))
+    with open(path, "rb", buffering=0) as handle:
+        position = 0
+        while True:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(handle.fileno(), position + HASH_CHUNK, HASH_CHUNK, os.POSIX_FADV_WILLNEED)
+            count = handle.readinto(view)
+            if not count:
+                return sha.hexdigest()
+            sha.update(view[:count])
+            bar.update(count)
+            position += count
+
+
+def check_headers(directory: Path, shards: list[str]) -> tuple[list[Problem], dict[str, list[TensorInfo]]]:
+    """Each shard's header is valid and its tensors cover its data exactly; no tensor is in two
+    shards. Returns the problems and the tensors of every shard whose header could be read."""
+    problems, headers, seen = [], {}, {}
+    for name in shards:
+        path = directory / name
+        if not is_plain_name(name) or not path.is_file():
+            continue  # check_files names it
+        try:
+            infos = safetensors_header(path)
+        except ModelError as exc:
+            problems.append(Problem(path, str(exc).removeprefix(f"{path}: ")))
+            continue
+        problems += coverage_problems(path, infos)
+        headers[name] = infos
+        for info in infos:
+            if info.name in seen:
+                problems.append(Problem(path, f"tensor '{info.name}' is also in '{seen[info.name]}'"))
+            seen.setdefault(info.name, name)
+    return problems, headers
+
+
+def coverage_problems(path: Path, infos: list[TensorInfo]) -> list[Problem]:
+    """Bytes of the data that belong to no tensor (a gap, or bytes after the last tensor)."""
+    with open(path, "rb") as handle:
+        data_start = 8 + int.from_bytes(handle.read(8), "little")
+    size, problems, covered = path.stat().st_size, [], data_start
+    for info in sorted(infos, key=lambda i: (i.begin, i.end)):
+        if info.begin > covered:
+            problems.append(Problem(path, f"data bytes {covered - data_start}..{info.begin - data_start} before "
+                                          f"tensor '{info.name}' belong to no tensor"))
+        covered = max(covered, info.end)
+    if size > covered:
+        problems.append(Problem(path, f"{size - covered:,} bytes after the last tensor's data belong to no tensor "
+                                      f"(the file is longer than its header says)"))
+    return problems
+
+
+def check_index(directory: Path, shards: list[str], headers: dict[str, list[TensorInfo]],
+                expected: bool) -> list[Problem]:
+    """The index json (when the output has one): every tensor maps to a shard of this output that
+    holds it, every tensor of every shard is listed, and metadata.total_size is their bytes."""
+    index = directory / INDEX
+    if not expected:
+        return []
+    if not index.is_file():
+        return [Problem(index, f"missing (the output has {len(shards)} shards)")]
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
+    except RepeatedKey as exc:
+        return [Problem(index, f"tensor '{exc.key}' is listed twice")]
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return [Problem(index, f"not valid JSON ({first_line(exc)})")]
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        return [Problem(index, "has no 'weight_map' object of tensor name -> shard file")]
+    problems = []
+    holder = {info.name: name for name, infos in headers.items() for info in infos}
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            problems.append(Problem(index, f"tensor '{tensor}' maps to {shard!r}, expected a shard file name"))
+        elif not is_plain_name(shard) and (Path(shard).is_absolute() or ".." in Path(shard).parts):
+            problems.append(Problem(index, f"tensor '{tensor}' points to '{shard}', outside the directory"))
+        elif shard not in shards:
+            what = "which is not a shard of this output" if (directory / shard).exists() else "which does not exist"
+            problems.append(Problem(index, f"tensor '{tensor}' points to '{shard}', {what}"))
+        elif shard in headers and holder.get(tensor) != shard:
+            found = f"it is in '{holder[tensor]}'" if tensor in holder else "no shard holds it"
+            problems.append(Problem(index, f"tensor '{tensor}' points to '{shard}', which does not hold it ({found})"))
+    for shard, infos in headers.items():
+        unlisted = [info.name for info in infos if info.name not in weight_map]
+        if unlisted:
+            problems.append(Problem(index, f"{len(unlisted)} tensor(s) of '{shard}' are not listed: {names(unlisted)}"))
+    metadata = data.get("metadata")
+    total = metadata.get("total_size") if isinstance(metadata, dict) else None
+    if len(headers) == len(shards):
+        size = sum(info.nbytes for infos in headers.values() for info in infos)
+        if total is None:
+            problems.append(Problem(index, f"has no metadata.total_size (the tensors hold {size:,} bytes)"))
+        elif total != size:
+            problems.append(Problem(index, f"metadata.total_size is {total!r}, the tensors hold {size:,} bytes"))
+    return problems
+
+
+def check_plan(report_path: Path, entries: list[dict], headers: dict[str, list[TensorInfo]]) -> list[Problem]:
+    """The shards hold exactly the plan's tensors, each with the plan's dtype and shape."""
+    written = {info.name: info for infos in headers.values() for info in infos}
+    planned = {entry["name"]: entry for entry in entries}
+    problems = []
+    missing = [name for name in planned if name not in written]
+    if missing:
+        problems.append(Problem(report_path, f"{len(missing)} tensor(s) of the plan are in no shard: {names(missing)}"))
+    for name, info in written.items():
+        entry = planned.get(name)
+        if entry is None:
+            problems.append(Problem(info.file, f"tensor '{name}' is not in the plan of {REPORT}"))
+        elif (info.dtype, list(info.shape)) != (entry.get("dtype"), entry.get("shape")):
+            problems.append(Problem(info.file, f"tensor '{name}' is {info.dtype} {list(info.shape)}, the plan has "
+                                               f"{entry.get('dtype')} {entry.get('shape')}"))
+    return problems
+
+
+def check_config(directory: Path, headers: dict[str, list[TensorInfo]],
+                 complete: bool = True) -> tuple[list[Problem], int | None]:
+    """config.json parses, its layer count is the number of blocks in the tensor names, and its
+    hidden size is the embedding matrix's width (compared only when every shard's header could be
+    read: `complete`). Returns the problems and the layers found."""
+    path = directory / "config.json"
+    infos = {info.name: info for shard in headers.values() for info in shard}
+    layout = layout_of(list(infos))
+    layers = layout.num_layers if layout.stack is not None else None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return [Problem(path, "missing")], layers
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return [Problem(path, f"not valid JSON ({first_line(exc)})")], layers
+    if not isinstance(config, dict):
+        return [Problem(path, f"a JSON {type(config).__name__}, expected an object")], layers
+    if not complete:
+        return [], None
+    section, prefix = layer_section(config)
+    problems = []
+    key = next((k for k in LAYER_COUNT_KEYS if k in section), None)
+    if key is not None and layers is not None:
+        value = section[key]
+        if type(value) is not int:
+            problems.append(Problem(path, f"{prefix}{key} is {value!r}, expected an integer ({layers} in the weights)"))
+        elif value != layers:
+            problems.append(Problem(path, f"{prefix}{key} is {value}, the weights have {layers} layers "
+                                          f"({layout.stack}.0 to {layout.stack}.{layers - 1})"))
+    width_key = next((k for k in WIDTH_KEYS if k in section), None)
+    embeddings = [info for name, info in infos.items()
+                  if layout.depths.get(name) is None and EMBEDDING.search(name) and len(info.shape) == 2]
+    if width_key is not None and len({info.shape[1] for info in embeddings}) == 1:
+        value, embedding = section[width_key], embeddings[0]
+        if value != embedding.shape[1]:
+            problems.append(Problem(path, f"{prefix}{width_key} is {value!r}, the embedding matrix '{embedding.name}' "
+                                          f"is {list(embedding.shape)} (width {embedding.shape[1]})"))
+    return problems, layers
+
+
+def check_loads(directory: Path) -> list[Problem]:
+    """The directory opens as a checkpoint the way a merge reads its inputs (nerd.checkpoint)."""
+    try:
+        Checkpoint.open(directory).close()
+    except ModelError as exc:
+        return [Problem(directory, first_line(exc))]
+    return []
+
+
+def is_plain_name(name: str) -> bool:
+    """A file name of the directory itself: no folder, no '..', not absolute."""
+    return bool(name) and Path(name).name == name and name not in (".", "..")
+
+
+def names(items: list[str]) -> str:
+    """The first NAMED names, quoted, and how many more."""
+    more = f" and {len(items) - NAMED} more" if len(items) > NAMED else ""
+    return ", ".join(f"'{n}'" for n in items[:NAMED]) + more
+
+
+class RepeatedKey(ValueError):
+    """A JSON object names one key twice (json.loads would keep the last silently)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads' object_pairs_hook: the object as a dict, refused if a key repeats."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise RepeatedKey(key)
+        result[key] = value
+    return result

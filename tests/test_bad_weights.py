@@ -1,0 +1,139 @@
+"""Numerical bad input: NaN, Inf and all-zero weights are named, their groups cannot be chosen
+from that candidate (the base included), and a group nobody can supply stops the run with
+nothing written."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import reference_ner, tensors_of
+from safetensors.torch import save_file
+
+from examples.tiny_models import build_model
+from nerd.cli import main
+
+UP = "model.layers.{}.mlp.up_proj.weight"
+NORM = "model.layers.{}.input_layernorm.weight"
+DOWN = "model.layers.{}.mlp.down_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("family")
+    base = build_model("llama", root / "base", seed=0, num_layers=3)
+    return {"base": base,
+            "ft-a": build_model("llama", root / "ft-a", seed=1, base_dir=base, noise=0.05, num_layers=3),
+            "ft-b": build_model("llama", root / "ft-b", seed=2, base_dir=base, noise=0.3, num_layers=3),
+            "alien": build_model("llama", root / "alien", seed=7, num_layers=3)}
+
+
+def spoiled(family, tmp_path, name: str, changes: dict) -> str:
+    """A copy of a family member with some tensors' values changed: tensor -> function(tensor)."""
+    copy = shutil.copytree(family[name], tmp_path / f"{name}-spoiled")
+    state = tensors_of(copy)
+    for tensor, change in changes.items():
+        state[tensor] = change(state[tensor].clone())
+    save_file(state, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    return str(copy)
+
+
+def nan_at(t):
+    t.view(-1)[3] = float("nan")
+    return t
+
+
+def inf_at(t):
+    t.view(-1)[0] = float("-inf")
+    return t
+
+
+def merge(tmp_path, capsys, models, *extra, **options):
+    config = tmp_path / "m.yaml"
+    config.write_text(yaml.safe_dump({"models": models, "base_model": models[0],
+                                      "output_dir": str(tmp_path / "out"), **options}))
+    code = main(["--config", str(config), "--cache", str(tmp_path / "c.sqlite"), "--quiet", "--json", *extra])
+    captured = capsys.readouterr()
+    return code, (json.loads(captured.out)["results"][0] if captured.out else None), captured.err
+
+
+@pytest.mark.parametrize("tensor, change, problem", [(UP.format(1), inf_at, "contains NaN or Inf"),
+                                                     (NORM.format(1), nan_at, "contains NaN or Inf"),
+                                                     (DOWN.format(1), torch.zeros_like, "all zero")])
+def test_a_candidate_with_bad_weights_cannot_supply_that_block(tmp_path, capsys, family, tensor, change, problem):
+    bad = spoiled(family, tmp_path, "ft-b", {tensor: change})
+    code, result, err = merge(tmp_path, capsys, [str(family["base"]), str(family["ft-a"]), bad])
+    assert code == 0
+    depth1 = result["choices"][2]
+    assert depth1["scores"][bad] is None and depth1["winner"] != bad
+    assert depth1["note"].startswith(f"not selectable: {bad} ({tensor}: {problem})")
+    assert f"'{bad}': {tensor} {problem}: it cannot supply depth 1" in err
+    assert any(c["winner"] == bad for c in result["choices"][1:] if c["depth"] != 1)  # elsewhere it competes
+    assert all(torch.isfinite(t).all() for t in tensors_of(tmp_path / "out").values())
+
+
+def test_all_zero_matrices_can_be_allowed(tmp_path, capsys, family):
+    """With zero_matrices: allow (an identity-initialised copy has zero residual projections) the
+    block is scored on its other matrices."""
+    bad = spoiled(family, tmp_path, "ft-b", {DOWN.format(1): torch.zeros_like})
+    models = [str(family["base"]), str(family["ft-a"]), bad]
+    code, result, err = merge(tmp_path, capsys, models, "--dry-run", selection={"zero_matrices": "allow"})
+    assert code == 0 and "cannot supply" not in err
+    state = tensors_of(Path(bad))
+    others = [t for t in state if t.startswith("model.layers.1.") and state[t].ndim == 2 and t != DOWN.format(1)]
+    expected = sum(reference_ner(state[t]) for t in others) / len(others)
+    assert result["choices"][2]["scores"][bad] == pytest.approx(expected, abs=1e-9)
+
+
+def test_a_base_block_with_nan_is_replaced_by_a_compatible_candidate(tmp_path, capsys, family):
+    base = spoiled(family, tmp_path, "base", {NORM.format(2): nan_at})
+    models = [base, str(family["ft-a"]), str(family["alien"])]
+    code, result, err = merge(tmp_path, capsys, models, selection={"granularity": "block"})
+    assert code == 0, err
+    depth2 = result["choices"][3]
+    assert depth2["winner"] == str(family["ft-a"])  # the alien is compatible nowhere, so not here either
+    assert "the base's block has a NaN or Inf, so no cosine was measured here" in depth2["note"]
+    assert f"'{base}': {NORM.format(2)} contains NaN or Inf: it cannot supply depth 2" in err
+    assert 2 in [int(d) for d in map(str, result["tethers"]["unmeasured"])]
+    written = tensors_of(tmp_path / "out")
+    assert all(torch.isfinite(t).all() for t in written.values())
+    assert torch.equal(written[NORM.format(2)], tensors_of(family["ft-a"])[NORM.format(2)])
+
+
+def test_compatibility_weights_where_the_base_is_broken_fall_back_to_equal(tmp_path, capsys, family):
+    base = spoiled(family, tmp_path, "base", {UP.format(0): nan_at})
+    models = [base, str(family["ft-a"]), str(family["ft-b"])]
+    code, result, err = merge(tmp_path, capsys, models, "--dry-run",
+                              tether={"mode": "blend", "weights": "compatibility"})
+    assert code == 0, err
+    depth0 = result["choices"][1]
+    assert depth0["blend"] == {models[1]: 0.5, models[2]: 0.5}
+    assert base not in depth0["blend"]
+
+
+def test_a_block_nobody_can_supply_stops_the_run(tmp_path, capsys, family):
+    base = spoiled(family, tmp_path, "base", {UP.format(1): nan_at})
+    bad = spoiled(family, tmp_path, "ft-a", {NORM.format(1): inf_at})
+    code, result, err = merge(tmp_path, capsys, [base, bad])
+    assert code == 3 and "Traceback" not in err
+    line, = [e for e in err.splitlines() if e.startswith("mastermerge: error:")]
+    assert f"depth 1: no candidate can supply it: '{base}' {UP.format(1)}: contains NaN or Inf; '{bad}' " \
+           f"{NORM.format(1)}: contains NaN or Inf; nothing written" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_broken_base_embedding_needs_non_layer_compete(tmp_path, capsys, family):
+    embed = "model.embed_tokens.weight"
+    base = spoiled(family, tmp_path, "base", {embed: nan_at})
+    models = [base, str(family["ft-a"])]
+    code, _, err = merge(tmp_path, capsys, models)
+    assert code == 3 and "set selection.non_layer: compete to take it from another candidate" in err
+    assert f"the non-layer group: the base '{base}' cannot supply it ({embed}: contains NaN or Inf)" in err
+    assert not (tmp_path / "out").exists()
+
+    code, result, err = merge(tmp_path, capsys, models, selection={"non_layer": "compete"})
+    assert code == 0, err
+    assert result["choices"][0]["winner"] == models[1]
+    assert torch.isfinite(tensors_of(tmp_path / "out")[embed]).all()

@@ -6,16 +6,18 @@ The Python API (the CLI uses the same calls):
     config = load_config("my.yaml")
     plan = plan_merge(config, cache=MetricCache())   # nothing written yet
     write_merge(plan, config)                         # the composite checkpoint
+    verify_output("merged/composite").problems        # [] when every shard, the index and config check out
 """
 
 __version__ = "0.1.0"
 
 from .cache import MetricCache, default_cache_path  # noqa: E402
 from .config import MergeConfig, load_config  # noqa: E402
-from .errors import ConfigError, MergeError, ModelError, OutputError  # noqa: E402
+from .errors import ConfigError, IntegrityError, MergeError, ModelError, OutputError  # noqa: E402
 from .pipeline import plan_merge  # noqa: E402
 from .plan import Plan  # noqa: E402
+from .verify import verify_output  # noqa: E402
 from .write import write_merge  # noqa: E402
 
-__all__ = ["ConfigError", "MergeConfig", "MergeError", "MetricCache", "ModelError", "OutputError", "Plan",
-           "default_cache_path", "load_config", "plan_merge", "write_merge", "__version__"]
+__all__ = ["ConfigError", "IntegrityError", "MergeConfig", "MergeError", "MetricCache", "ModelError", "OutputError",
+           "Plan", "default_cache_path", "load_config", "plan_merge", "verify_output", "write_merge", "__version__"]

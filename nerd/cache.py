@@ -42,6 +42,7 @@ BUSY_SECONDS) is replaced by an in-memory one for the rest of the run, also with
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -143,7 +144,10 @@ class MetricCache:
     def open_file(self) -> sqlite3.Connection:
         """Connect to the file (its folder created), check it with PRAGMA quick_check, switch it to
         WAL and set up the tables; raises CorruptCache or sqlite3.Error on any problem."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # what mkdir says of a file where the folder should be
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.path.parent)) from None
         db = sqlite3.connect(str(self.path), timeout=LOCK_POLL, isolation_level=None)
         try:
             self.inode = os.stat(self.path).st_ino

@@ -149,7 +149,7 @@ class StrictLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node, deep=False):
         keys = set()
-        for key_node, _ in node.value:
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():  # !!map x: refused below
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # '<<: *anchor' merges a mapping; its keys may be overridden
             key = self.construct_object(key_node, deep=True)
@@ -231,7 +231,7 @@ def config_from_dict(raw: Any, *, base_dir: Path, source: Path | None = None,
     base = models[seen[base.identity]]
 
     output_dir = output_path(raw["output_dir"], base_dir, where, models, force, writing)
-    selection = selection_options(raw.get("selection") or {}, where)
+    selection = selection_options({} if raw.get("selection") is None else raw["selection"], where)
     tether = tether_options({} if raw.get("tether") is None else raw["tether"], selection, where)
     dtype = choice(raw.get("dtype", "keep"), DTYPES, where, "dtype")
     shard_size = size_in_bytes(raw.get("shard_size", "2GB"), where, "shard_size")

@@ -116,7 +116,7 @@ def verify_output(directory: str | Path, quiet: bool = False) -> Verification:
     result.problems += problems
     result.tensors = sum(len(infos) for infos in headers.values())
     complete = len(headers) == len(shards)  # every shard's header was read
-    result.problems += check_index(directory, shards, headers, expected=INDEX in report.files or len(shards) > 1)
+    result.problems += check_index(directory, shards, headers, recorded=INDEX in report.files)
     if complete and report.entries is not None:
         result.problems += check_plan(report_path, report.entries, headers)
     problems, result.layers = check_config(directory, headers, complete)
@@ -142,7 +142,9 @@ def read_report(path: Path) -> tuple[Report, list[Problem]]:
     """The shards, the recorded sizes and hashes, and the plan's tensors that merge_report.json lists."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+    except OSError as exc:
+        return Report(), [Problem(path, f"cannot be read ({exc.strerror or exc}); nothing to compare the files with")]
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         return Report(), [Problem(path, f"not valid JSON ({first_line(exc)}); nothing to compare the files with")]
     if not isinstance(data, dict):
         return Report(), [Problem(path, "not a JSON object; nothing to compare the files with")]
@@ -235,14 +237,22 @@ def sha256_of(path: Path, bar) -> str:
     with open(path, "rb", buffering=0) as handle:
         position = 0
         while True:
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(handle.fileno(), position + HASH_CHUNK, HASH_CHUNK, os.POSIX_FADV_WILLNEED)
+            read_ahead(handle.fileno(), position + HASH_CHUNK, HASH_CHUNK)
             count = handle.readinto(view)
             if not count:
                 return sha.hexdigest()
             sha.update(view[:count])
             bar.update(count)
             position += count
+
+
+def read_ahead(fd: int, offset: int, size: int) -> None:
+    """Ask the kernel to start reading bytes offset..offset + size into the page cache (only a hint)."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, offset, size, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
 
 
 def check_headers(directory: Path, shards: list[str]) -> tuple[list[Problem], dict[str, list[TensorInfo]]]:
@@ -284,36 +294,42 @@ def coverage_problems(path: Path, infos: list[TensorInfo]) -> list[Problem]:
 
 
 def check_index(directory: Path, shards: list[str], headers: dict[str, list[TensorInfo]],
-                expected: bool) -> list[Problem]:
-    """The index json (when the output has one): every tensor maps to a shard of this output that
-    holds it, every tensor of every shard is listed, and metadata.total_size is their bytes."""
+                recorded: bool) -> list[Problem]:
+    """The index json (when merge_report.json records one, or there are several shards): every
+    tensor maps to a shard of this output that holds it, every tensor of every shard is listed,
+    and metadata.total_size is their bytes."""
     index = directory / INDEX
-    if not expected:
-        return []
+    if not (recorded or len(shards) > 1):
+        return []  # a single file needs none (an index beside it is an extra file for check_files)
     if not index.is_file():
-        return [Problem(index, f"missing (the output has {len(shards)} shards)")]
+        return [] if recorded else [Problem(index, f"missing (the output has {len(shards)} shards)")]
     try:
         data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
     except RepeatedKey as exc:
         return [Problem(index, f"tensor '{exc.key}' is listed twice")]
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+    except OSError as exc:
+        return [Problem(index, f"cannot be read ({exc.strerror or exc})")]
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         return [Problem(index, f"not valid JSON ({first_line(exc)})")]
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         return [Problem(index, "has no 'weight_map' object of tensor name -> shard file")]
-    problems = []
+    problems, wrong = [], {}  # (shard named, what is wrong with it) -> the tensors pointing there
     holder = {info.name: name for name, infos in headers.items() for info in infos}
     for tensor, shard in weight_map.items():
         if not isinstance(shard, str):
             problems.append(Problem(index, f"tensor '{tensor}' maps to {shard!r}, expected a shard file name"))
         elif not is_plain_name(shard) and (Path(shard).is_absolute() or ".." in Path(shard).parts):
-            problems.append(Problem(index, f"tensor '{tensor}' points to '{shard}', outside the directory"))
+            wrong.setdefault((shard, "outside the directory"), []).append(tensor)
         elif shard not in shards:
             what = "which is not a shard of this output" if (directory / shard).exists() else "which does not exist"
-            problems.append(Problem(index, f"tensor '{tensor}' points to '{shard}', {what}"))
+            wrong.setdefault((shard, what), []).append(tensor)
         elif shard in headers and holder.get(tensor) != shard:
             found = f"it is in '{holder[tensor]}'" if tensor in holder else "no shard holds it"
-            problems.append(Problem(index, f"tensor '{tensor}' points to '{shard}', which does not hold it ({found})"))
+            wrong.setdefault((shard, f"which does not hold it ({found})"), []).append(tensor)
+    for (shard, what), tensors in wrong.items():
+        who = f"tensor '{tensors[0]}' points" if len(tensors) == 1 else f"{len(tensors)} tensors point"
+        problems.append(Problem(index, f"{who} to '{shard}', {what}" + (f": {names(tensors)}" if tensors[1:] else "")))
     for shard, infos in headers.items():
         unlisted = [info.name for info in infos if info.name not in weight_map]
         if unlisted:
@@ -360,7 +376,9 @@ def check_config(directory: Path, headers: dict[str, list[TensorInfo]],
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return [Problem(path, "missing")], layers
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+    except OSError as exc:
+        return [Problem(path, f"cannot be read ({exc.strerror or exc})")], layers
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         return [Problem(path, f"not valid JSON ({first_line(exc)})")], layers
     if not isinstance(config, dict):
         return [Problem(path, f"a JSON {type(config).__name__}, expected an object")], layers

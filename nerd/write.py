@@ -91,7 +91,10 @@ def write_shards(plan: Plan, tmp: Path, quiet: bool) -> dict[str, dict]:
         with tqdm(total=sum(entry_bytes(e) for e in plan.entries), desc="write", unit="B",
                   unit_scale=True, disable=quiet) as bar:
             for name, group in zip(names, groups):
-                files[name] = write_shard(tmp / name, group, checkpoints, bar)
+                try:
+                    files[name] = write_shard(tmp / name, group, checkpoints, bar)
+                except OSError as exc:  # a failed write() names no file: name the shard
+                    raise OSError(exc.errno, exc.strerror, exc.filename or str(plan.output_dir / name)) from None
     if len(groups) > 1:
         index = {"metadata": {"total_size": sum(entry_bytes(e) for e in plan.entries)},
                  "weight_map": {e.name: name for name, group in zip(names, groups) for e in group}}
@@ -188,7 +191,8 @@ class ShardHasher:
             self.queued = end
 
     def hash_range(self, begin: int, end: int) -> None:
-        """In the thread: read bytes begin..end back, hash them, give the writeback hint for them."""
+        """In the thread: read bytes begin..end back (from the page cache), hash them, and give the
+        writeback hint for them."""
         view = memoryview(self.buffer)
         self.reader.seek(begin)
         position = begin
@@ -211,7 +215,7 @@ class ShardHasher:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stopped = exc[0] is not None  # an error or Ctrl-C in the writer: the thread stops at once
+        self.stopped = True  # after hexdigest() nothing is left; after an error or Ctrl-C, stop at once
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.reader.close()
 

@@ -5,10 +5,12 @@ Three generators: (a) arbitrary bytes and YAML-ish token soup (invalid UTF-8, ta
 huge numbers, deep nesting), (b) random Python structures written with yaml.safe_dump, and (c) the
 most effective one, a valid config mutated at random key paths (values replaced, keys deleted or
 added, types changed), which reaches the deep checks of every section. Nothing is ever written:
-configs are loaded with writing=False and the CLI test stubs out the merge itself.
+configs are loaded with writing=False and the CLI test stubs out the merge itself. Each crash the
+fuzzing found is also kept as a plain regression case (test_found_crashes_stay_fixed).
 """
 
 import contextlib
+import copy
 import io
 import math
 from pathlib import Path
@@ -26,13 +28,15 @@ from nerd.errors import ConfigError, MergeError
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None, print_blob=False,
-                suppress_health_check=list(HealthCheck))
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example,
+                                       HealthCheck.filter_too_much])
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     """A directory with the config file, the tiny example models linked by relative names, a calibration
-    text, and outputs of every kind (a file, a non-empty directory, an earlier mastermerge output)."""
+    text, and outputs of every kind (a file, a non-empty directory, an earlier mastermerge output, a symlink
+    loop)."""
     root = tmp_path_factory.mktemp("fuzz")
     for name in ("tiny-base", "tiny-chat", "tiny-code"):
         (root / name).symlink_to(EXAMPLES / name, target_is_directory=True)
@@ -44,6 +48,7 @@ def root(tmp_path_factory) -> Path:
     (root / "ours").mkdir()
     (root / "ours" / "merge_report.json").write_text("{}")
     (root / "empty").mkdir()
+    (root / "loop").symlink_to(root / "loop")  # a symlink loop
     return root
 
 
@@ -85,6 +90,76 @@ def check_load(path: Path, force: bool = False) -> MergeConfig | None:
     return config
 
 
+# ---- what the fuzzing found, kept as plain regression cases -------------------------------------------------
+
+HEAD = f"models: [{EXAMPLES / 'tiny-base'}, {EXAMPLES / 'tiny-chat'}]\nbase_model: {EXAMPLES / 'tiny-base'}\n"
+HUGE = 2**1024 - 1  # an int YAML keeps (309 digits) that no float can hold
+BIG = str(HUGE)
+FOUND = [
+    ("dtype: 2001-02-30", "line 4, column 8: cannot read '2001-02-30' as !!timestamp (day is out of range for month)"),
+    ("dtype: !!int abc", "cannot read 'abc' as !!int (invalid literal for int() with base 10: 'abc')"),
+    ("dtype: !!int", "cannot read '' as !!int"),
+    ("dtype: !!bool maybe", "cannot read 'maybe' as !!bool"),
+    ("dtype: !!timestamp foo", "cannot read 'foo' as !!timestamp"),
+    ("dtype: !!float abc", "cannot read 'abc' as !!float"),
+    ("dtype: !!map x", "line 4, column 8: expected a mapping node, but found scalar"),
+    ("dtype: !!set [x]", "expected a mapping node, but found sequence"),
+    ("dtype: 0x" + "f" * 4000, "as !!int (too large for any setting)"),
+    ("dtype: " + "9" * 5000, "as !!int (too large for any setting)"),
+    ("dtype: 1" + ":59" * 3000, "as !!int (too large for any setting)"),
+    ("selection: {metric: alpha, goal: target, target: " + BIG + "}",
+     "selection.target: goal: target needs a finite number, found " + BIG),
+    ("tether: {min_compatibility: -" + BIG + "}", "tether.min_compatibility: expected a number between -1 and 1"),
+    ("shard_size: '" + "9" * 400 + "GB'", "shard_size: '" + "9" * 400 + "GB' is too large for a size in bytes"),
+    ('"a\\nb": 1', "yaml: 'a\\nb': unknown key"),
+    ('"": 1', "yaml: '': unknown key"),
+    ('selection: {"\\t": 1}', "selection.'\\t': unknown key"),
+    ('dlec: {layers: [1], calibration: "a\\tb"}', "dlec.calibration: expected the path of a text file, found 'a\\tb'"),
+    ('dlec: {layers: [1], calibration: ' + "a" * 300 + "}", "dlec.calibration: cannot use 'aaa"),
+    ("dlec: {layers: [1], calibration: ~nosuchuser9/c.txt}", "dlec.calibration: cannot use '~nosuchuser9/c.txt'"),
+]
+OUTPUT = [
+    ('"o\\ud800"', "output_dir: expected a directory path, found 'o\\ud800'"),
+    ('"out\\n"', "output_dir: expected a directory path, found 'out\\n'"),
+    ("a" * 300, "output_dir: cannot use 'aaa"),
+    ("~nosuchuser9/out", "output_dir: cannot use '~nosuchuser9/out' as a path: "),
+    ("loop/out", "output_dir: cannot use 'loop/out' as a path: "),
+]
+MODELS = [
+    ('"org/a\\nb"', "models[1]: expected a local directory or a hub id (org/name[@revision]), found 'org/a\\nb'"),
+    ('"org/a\\ud800"', "found 'org/a\\ud800'"),
+    ('{model: org/a, revision: "v\\u2028"}', "models[1].revision: expected a branch, tag or commit, found 'v\\u2028'"),
+    ("a" * 300, "models[1]: cannot use 'aaa"),
+    ("/" + "a" * 300, "models[1]: cannot use '/aaa"),
+    ("~nosuchuser9/m", "models[1]: cannot use '~nosuchuser9/m' as a path: "),
+]
+CASES = ([(HEAD + "output_dir: out\n" + text + "\n", message) for text, message in FOUND]
+         + [(HEAD + f"output_dir: {text}\n", message) for text, message in OUTPUT]
+         + [(f"models: [{EXAMPLES / 'tiny-base'}, {text}]\nbase_model: {EXAMPLES / 'tiny-base'}\noutput_dir: out\n",
+             message) for text, message in MODELS]
+         + [("a: " + "[" * 1000 + "\n", "not valid YAML: nested too deeply"),
+            (b"models: [\xff]\n", "not valid YAML: 'utf-8' codec can't decode byte 0xff in position 9")])
+
+
+@pytest.mark.parametrize("text, message", CASES, ids=[f"{i}-{c[1][:30]}" for i, c in enumerate(CASES)])
+def test_found_crashes_stay_fixed(root, text, message):
+    path = root / "found.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, writing=False)
+    assert message in str(caught.value)
+    assert check_load(path) is None  # one printable line naming the file
+
+
+def test_yaml_merge_keys_are_read(root):
+    """'<<' merges a mapping into another (keys written beside it win); it is not a key given twice."""
+    path = root / "merge-keys.yaml"
+    path.write_text(HEAD + "output_dir: out\nselection: {<<: {granularity: tensor, goal: min}, goal: max}\n"
+                    "tether: {<<: &t {mode: blend, weights: equal}, mode: blend}\n")
+    config = load_config(path, writing=False)
+    assert (config.selection.granularity, config.selection.goal, config.tether.mode) == ("tensor", "max", "blend")
+
+
 # ---- (a) arbitrary text --------------------------------------------------------------------------------------
 
 def nested_block(depth: int) -> bytes:
@@ -105,11 +180,10 @@ TOKENS = [
     b"out", b"ours", b"nonempty", b"afile.txt", b"~nosuchuser9/x", b"/" + b"a" * 300, b"a" * 300,
     b'"\\ud800"', b'"\\n"', b'"a\\x00b"', b'"\\u2028"', b'"\\x85"', b"\x00", b"\x1b", b"\x7f", b"\xff", b"\xc3\x28",
     b"\xed\xa0\x80", b"\xef\xbb\xbf", b"\xff\xfe", b"\xc2\x85", b"\xe2\x80\xa8", "é".encode(), "数".encode(),
-    b"[" * 400 + b"]" * 400, b"[" * 3000, b"{a: " * 300, b"- " * 300 + b"x", nested_block(150), nested_block(600),
+    b"[" * 400 + b"]" * 400, b"[" * 1000, b"{a: " * 300, b"- " * 300 + b"x", nested_block(150), nested_block(600),
 ]
 
-VALID_HEAD = (f"models: [{EXAMPLES / 'tiny-base'}, {EXAMPLES / 'tiny-chat'}]\n"
-              f"base_model: {EXAMPLES / 'tiny-base'}\n").encode()
+VALID_HEAD = HEAD.encode()
 
 yaml_bytes = st.one_of(
     st.binary(max_size=200),
@@ -168,21 +242,40 @@ def test_random_structures(root, data, force):
 
 # ---- (c) mutations of valid configs --------------------------------------------------------------------------
 
-INTERESTING = [
-    None, True, False, 0, 1, -1, 2, 3, 0.5, -1.0, 1.0, 1.5, 1e308, 10**400, 2**64, math.nan, math.inf, -math.inf,
-    "", " ", "\t", "keep", "float32", "float16", "bfloat16", "auto", "cpu", "cuda", "block", "tensor", "base",
-    "compete", "ner", "alpha", "erank", "max", "min", "target", "cosine", "min_cosine", "l2", "select", "blend",
-    "equal", "score", "compatibility", "copy", "identity", "block_influence", "heavy_tail",
-    "2GB", "1.5GiB", "0B", "-1MB", "9" * 400 + "GB", "1e9", "500 mb",
-    str(EXAMPLES / "tiny-base"), "tiny-base", "tiny-chat", "./tiny-code", "tiny-base/", "models/x", "org/x",
-    "org/x@main", "org/x@", "org/x-", "gpt2", "@main", "org/a/b", "x" * 100 + "/y", ".", "..", "/", "~", "~/",
-    "~nosuchuser9/x", "/" + "a" * 300, "a" * 300, "out\nx", "out\r", "a\x00b", "a\tb", "\u2028", "\x85x", "\x1b[31m",
-    "calib.txt", "afile.txt", "nonempty", "ours", "empty", "out", "tiny-base/out",
-    [], [0], [3, 7, 7], [-1], [True], [1.5], ["a"], [[1]], {}, {"model": "org/x"}, {"model": "org/x", "revision": 1},
-    {"model": "org/x", "revision": "v1"}, {"model": None}, {"revision": "v1"}, {"model": str(EXAMPLES / "tiny-base")},
-]
+PATHS = [str(EXAMPLES / "tiny-base"), "tiny-base", "./tiny-chat", "tiny-code", "tiny-base/", "models/x", "no/such",
+         "org/x", "org/x@main", "org/x@", "org/x-", "org/a/b", "@main", "gpt2", "tiny-base@main", "x" * 100 + "/y",
+         "calib.txt", "empty", "loop", "./loop", ".", "..", "/", "~", "~/", "~nosuchuser9/x", "/" + "a" * 300,
+         "a" * 300, "a\x00b", "out\nx", "a\tb", "\u2028", "\x85x", "\x1b[31m", "org/\u00e9t\u00e9",
+         {"model": "org/y", "revision": "v2"}, {"model": "tiny-chat", "revision": "v1"},
+         {"model": "org/y@v1", "revision": "v2"}, {"model": "org/y", "revision": 1.0}, {"model": None},
+         {"revision": "v1"}, {"model": "org/y", "revison": "v"}]
+OUTPUTS = ["out", "ours", "nonempty", "empty", "afile.txt", "afile.txt/sub", "tiny-base", "tiny-base/sub", ".", "..",
+           "/", "~", "~/", "sub/dir", "loop", "loop/x", str(Path.home() / ".cache" / "huggingface" / "hub"),
+           "~nosuchuser9/o", "a" * 300, "/" + "a" * 300, "out\n", "o\x00", " ", ""]
+NUMBERS = [None, True, False, 0, 1, -1, 2, 3, 0.5, -0.5, 0.16, 1.0, 1.0001, -1.0, -1.0001, -5, 1e308, -1e308, 5e-324,
+           2**63, 2**64, HUGE, -HUGE, math.nan, math.inf, -math.inf, "1", "0.5", "", [], [0], [1, 1], [-1], [True],
+           [1.5], ["a"], [[1]], {}]
+SIZES = ["2GB", "1.5GiB", "500 mb", "1KB", "0B", "0", "-1MB", "1e9", "1.5", "9" * 400 + "GB", "9" * 400, "GB", 5000,
+         0, -1, 1.5, HUGE, True]
+CHOICES = ["keep", "float32", "float16", "bfloat16", "fp16", "auto", "cpu", "cuda", "gpu", "block", "tensor", "layer",
+           "base", "compete", "ner", "alpha", "erank", "stable_rank", "alfa", "max", "min", "target", "cosine",
+           "min_cosine", "l2", "select", "blend", "equal", "score", "compatibility", "copy", "identity",
+           "block_influence", "heavy_tail", "exclude", "allow", "MAX", " max", "max\n"]
+RELEVANT = {"models": [PATHS[:4], PATHS[1:3], [PATHS[0]], PATHS[5:9]] + PATHS, "base_model": PATHS, "model": PATHS,
+            "revision": ["v1", "main", "", " ", 1, 1.0, True, None, "a\nb", "x" * 300],
+            "output_dir": OUTPUTS, "calibration": OUTPUTS + ["calib.txt", "nope.txt", "tiny-base/config.json"],
+            "shard_size": SIZES, "layers": [[0], [0, 0, 3], [], [-1], [1.0], [True], [HUGE], "1,2", 3, None]}
+INTERESTING = NUMBERS + SIZES + CHOICES + PATHS + OUTPUTS
 values = st.one_of(st.sampled_from(INTERESTING), structures, st.text(max_size=20),
                    st.integers(min_value=-10**6, max_value=10**6), st.floats())
+
+
+def value_for(path: tuple) -> st.SearchStrategy:
+    """Mostly values that make sense for the key at the end of `path` (its section's names), else anything."""
+    names = [k for k in path if isinstance(k, str)]
+    relevant = RELEVANT.get(names[-1] if names else "", NUMBERS + CHOICES)
+    return st.one_of(st.sampled_from(relevant), st.sampled_from(relevant), st.sampled_from(relevant),
+                     st.sampled_from(INTERESTING), values).map(copy.deepcopy)  # the edits must not change the pools
 
 
 def paths_of(node, prefix=()):
@@ -210,24 +303,36 @@ def at(node, path):
     return node
 
 
+SECTION_KEYS = {"selection": ["granularity", "non_layer", "metric", "goal", "target", "zero_matrices"],
+                "tether": ["measure", "min_compatibility", "mode", "weights"],
+                "dlec": ["add_layers", "growth", "layers", "importance", "calibration", "max_tokens", "init",
+                         "trust_remote_code"]}
+
+
 def mutate(config: dict, data) -> dict:
-    """Apply 1 to 4 random edits to `config` (a deep copy of it): replace, delete, add, retype, duplicate."""
-    config = yaml.safe_load(yaml.safe_dump(config))  # a deep copy
-    for _ in range(data.draw(st.integers(1, 4), label="edits")):
-        paths = paths_of(config)
-        op = data.draw(st.sampled_from(["replace", "replace", "replace", "delete", "add", "retype", "duplicate"]),
-                       label="op")
+    """Apply 1 (mostly) to 3 random edits to a copy of `config`: replace a value, delete a key, add a key (one of the
+    section's, a misspelt one, one of another section's, or any), change a value's type, repeat it."""
+    config = copy.deepcopy(config)
+    for _ in range(data.draw(st.sampled_from([1, 1, 1, 2, 3]), label="edits")):
+        # one top-level key at a time, so that every section is edited about as often as the others
+        top = data.draw(st.sampled_from(KNOWN_KEYS[:9]), label="section")
+        paths = [p for p in paths_of(config) if p[0] == top]
+        op = data.draw(st.sampled_from(["replace", "replace", "replace", "add", "add", "delete", "retype",
+                                        "duplicate"]), label="op")
         if op == "add" or not paths:
-            where = at(config, data.draw(st.sampled_from(containers_of(config)), label="mapping"))
-            key = data.draw(st.one_of(st.sampled_from(KNOWN_KEYS), keys,
-                                      st.sampled_from(KNOWN_KEYS).map(lambda k: k[:-1]), st.text(max_size=8)),
+            places = [p for p in containers_of(config) if p[:1] == (top,)] or [()]
+            place = data.draw(st.sampled_from(places), label="mapping")
+            section = SECTION_KEYS.get(place[-1] if place else "", [k for k in KNOWN_KEYS[:9]])
+            key = data.draw(st.one_of(st.sampled_from(section), st.sampled_from(section),
+                                      st.sampled_from(section).map(lambda k: k[:-1] or "x"),
+                                      st.sampled_from(KNOWN_KEYS), st.sampled_from(KNOWN_KEYS), keys),
                             label="new key")
-            where[key] = data.draw(values, label="value")
+            at(config, place)[key] = data.draw(value_for(place + (key,)), label="value")
             continue
         path = data.draw(st.sampled_from(paths), label="path")
         parent, key = at(config, path[:-1]), path[-1]
         if op == "replace":
-            parent[key] = data.draw(values, label="value")
+            parent[key] = data.draw(value_for(path), label="value")
         elif op == "delete":
             del parent[key]
         elif op == "retype":
@@ -248,7 +353,7 @@ def test_the_seeds_are_valid(root):
         assert check_load(path) is not None, config
 
 
-@settings(FUZZ, max_examples=400)
+@settings(FUZZ, max_examples=300)
 @given(data=st.data(), force=st.booleans())
 def test_mutated_valid_configs(root, data, force):
     seeds = valid_configs(root)

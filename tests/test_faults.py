@@ -201,6 +201,6 @@ def test_a_write_that_fails_midway_removes_the_partial_output(tmp_path, models):
         resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
 
     result = run(tmp_path, config, preexec=limited)
-    assert_one_clean_line(result, 4, "cannot write the output (File too large)", "was not created")
+    assert_one_clean_line(result, 4, "model-00001-of-", "cannot write the output (File too large)", "was not created")
     assert not out.exists() and leftovers(out) == []
     assert summary(run(tmp_path, config))["spectra_computed"] == 0

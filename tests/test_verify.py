@@ -100,9 +100,7 @@ def test_hashes_equal_the_files_whichever_way_the_bytes_went(models, tmp_path, m
     """Tensors copied through memory (no copy_file_range) and converted ones (streamed from torch)."""
     if path == "kernel copy refused":
         monkeypatch.delattr(os, "copy_file_range", raising=False)
-        out = merge(models, tmp_path / "out", shard_size="100KB")
-    else:
-        out = merge(models, tmp_path / "out", shard_size="100KB", dtype="bfloat16")
+    out = merge(models, tmp_path / "out", shard_size="100KB", **({"dtype": "bfloat16"} if path == "converted" else {}))
     assert_recorded_hashes_are_the_files(out)
     assert verify(out, capsys, "--quiet")[0] == 0
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, TensorInfo, safetensors_header
+from .checkpoint import Checkpoint, DuplicateKey, TensorInfo, safetensors_header, unique_keys
 from .dlec import LAYER_COUNT_KEYS, layer_section
 from .errors import ModelError, first_line
 from .layout import layout_of
@@ -305,7 +305,7 @@ def check_index(directory: Path, shards: list[str], headers: dict[str, list[Tens
         return [] if recorded else [Problem(index, f"missing (the output has {len(shards)} shards)")]
     try:
         data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
-    except RepeatedKey as exc:
+    except DuplicateKey as exc:
         return [Problem(index, f"tensor '{exc.key}' is listed twice")]
     except OSError as exc:
         return [Problem(index, f"cannot be read ({exc.strerror or exc})")]
@@ -423,21 +423,3 @@ def names(items: list[str]) -> str:
     """The first NAMED names, quoted, and how many more."""
     more = f" and {len(items) - NAMED} more" if len(items) > NAMED else ""
     return ", ".join(f"'{n}'" for n in items[:NAMED]) + more
-
-
-class RepeatedKey(ValueError):
-    """A JSON object names one key twice (json.loads would keep the last silently)."""
-
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
-
-
-def unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """json.loads' object_pairs_hook: the object as a dict, refused if a key repeats."""
-    result = {}
-    for key, value in pairs:
-        if key in result:
-            raise RepeatedKey(key)
-        result[key] = value
-    return result

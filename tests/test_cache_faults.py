@@ -62,7 +62,8 @@ for r in range(rounds):
     barrier = os.path.join(folder, f"barrier-{r}")
     os.makedirs(barrier, exist_ok=True)
     open(os.path.join(barrier, me), "w").close()
-    while len(os.listdir(barrier)) < count:
+    deadline = time.monotonic() + 60  # a worker that failed never comes
+    while len(os.listdir(barrier)) < count and time.monotonic() < deadline:
         time.sleep(0.001)
     cache = MetricCache(os.path.join(folder, f"{r}.sqlite"))
     for i in range(10):
@@ -146,11 +147,17 @@ def start_together(tmp_path: Path, runs: list[list[str]]) -> list[subprocess.Com
     procs = [subprocess.Popen([sys.executable, str(script), str(barrier), str(len(runs)), "--", *argv],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(),
                               cwd=tmp_path) for argv in runs]
-    results = []
-    for proc, argv in zip(procs, runs):
+    return [subprocess.CompletedProcess(argv, *finished(proc)) for proc, argv in zip(procs, runs)]
+
+
+def finished(proc: subprocess.Popen) -> tuple:
+    """The exit code, stdout and stderr of a process, killed if it has not ended in 300 s."""
+    try:
         out, err = proc.communicate(timeout=300)
-        results.append(subprocess.CompletedProcess(argv, proc.returncode, out, err))
-    return results
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return proc.returncode, out, err
 
 
 # -- several processes on one cache ---------------------------------------------------------------
@@ -214,9 +221,9 @@ def test_processes_opening_and_writing_one_file_at_once_lose_nothing(tmp_path, s
     procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), str(workers), f"w{i}", str(rounds)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
              for i in range(workers)]
-    for proc in procs:
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0 and err == "", err
+    results = [finished(proc) for proc in procs]
+    for code, _, err in results:
+        assert code == 0 and err == "", err
     for r in range(rounds):
         with closing(sqlite3.connect(tmp_path / f"{r}.sqlite")) as db:
             assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]

@@ -90,6 +90,14 @@ def snapshot(directory: Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+def written_once(tmp_path: Path, models) -> tuple[Path, Path, dict[str, str]]:
+    """An output written by a complete run: its directory, its config and its snapshot."""
+    out = tmp_path / "out"
+    config = config_of(tmp_path, models, out)
+    summary(run(tmp_path, config))
+    return out, config, snapshot(out)
+
+
 def leftovers(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if ".mastermerge-" in p.name)
 
@@ -142,10 +150,7 @@ def test_signal_while_scoring_keeps_what_was_computed(tmp_path, models):
 
 
 def test_kill_mid_write_is_cleaned_up_by_the_next_run(tmp_path, models):
-    out = tmp_path / "out"
-    config = config_of(tmp_path, models, out)
-    summary(run(tmp_path, config))
-    before = snapshot(out)
+    out, config, before = written_once(tmp_path, models)
     result = run(tmp_path, config, "--force", point="tensor", signum=signal.SIGKILL, n=5)
     assert result.returncode == -signal.SIGKILL
     assert snapshot(out) == before
@@ -160,10 +165,7 @@ def test_kill_mid_write_is_cleaned_up_by_the_next_run(tmp_path, models):
 def test_kill_between_the_two_renames_puts_the_earlier_output_back(tmp_path, models):
     """Replacing an output takes two renames (old aside, new in). A run killed between them has
     moved the user's output aside; the next run puts it back before deciding anything."""
-    out = tmp_path / "out"
-    config = config_of(tmp_path, models, out)
-    summary(run(tmp_path, config))
-    before = snapshot(out)
+    out, config, before = written_once(tmp_path, models)
     result = run(tmp_path, config, "--force", point="rename", signum=signal.SIGKILL, n=1)
     assert result.returncode == -signal.SIGKILL
     assert not out.exists() and sorted(p[-4:] for p in leftovers(out)) == [".old", ".tmp"]

@@ -319,16 +319,6 @@ def test_dtype_conversion_leaves_integer_tensors_alone(tmp_path):
     assert dtypes.pop("model.position_ids") == "I64" and set(dtypes.values()) == {"F16"}
 
 
-def test_unusable_cache_file_is_one_line(tmp_path, capsys):
-    models = make_family(tmp_path, "llama")
-    bad = tmp_path / "not-a-db.sqlite"
-    bad.write_text("hello, I am a text file, not SQLite" * 100)
-    code = merge(write_config(tmp_path / "m.yaml", models, tmp_path / "out"), bad)
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 4 and err.startswith(f"mastermerge: error: {bad}: cannot use this file as the metric cache")
-    assert not (tmp_path / "out").exists()
-
-
 def test_json_summary_survives_a_failing_config(tmp_path, capsys):
     models = make_family(tmp_path, "llama")
     good = write_config(tmp_path / "good.yaml", models, tmp_path / "out1")

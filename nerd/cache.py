@@ -117,6 +117,7 @@ class MetricCache:
         self.reused = 0
         self.pairs_computed = 0
         self.inode: int | None = None  # of the file the connection opened, None in memory
+        self.failed_inode: int | None = None  # of the file that failed its check on opening
         self.db = self.open() if self.path is not None else connect_memory()
 
     @property
@@ -157,7 +158,7 @@ class MetricCache:
             set_up(db)
             return db
         except BaseException:
-            self.inode = None
+            self.failed_inode, self.inode = self.inode, None  # set_aside moves only the file found bad
             db.close()
             raise
 
@@ -165,7 +166,8 @@ class MetricCache:
         """Move the corrupt cache file and its -wal and -shm files to NAME.corrupt-<time>, unless
         another process already did (the file at the path is then not the one found corrupt), and
         say so in one warning line."""
-        found, self.inode = self.inode, None
+        found = self.inode if self.inode is not None else self.failed_inode
+        self.inode = None
         try:
             current = os.stat(self.path).st_ino
         except FileNotFoundError:

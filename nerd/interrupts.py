@@ -5,7 +5,8 @@ half-written temporary directory would stay behind. Under `interrupts_raised()` 
 raises Interrupted (a KeyboardInterrupt) instead, so the same cleanup runs as for Ctrl-C, and
 the command line exits with 128 + the signal number (130, 143, 129), as a shell reports it.
 `deferred()` holds a signal back over a step that must not be cut in two (moving the finished
-output into place) and raises it right after. A handler is installed only in the main thread,
+output into place) and raises it right after, installing its own handlers for the while when
+none are (the Python API). A handler is installed only in the main thread,
 and a signal the process was started ignoring (nohup's SIGHUP) stays ignored.
 """
 
@@ -60,10 +61,17 @@ def deferred() -> Iterator[None]:
     global _held
     outer = _held
     _held = [] if outer is None else outer
+    own = {}  # outside interrupts_raised() (the Python API), the block holds the signals itself
+    if outer is None and threading.current_thread() is threading.main_thread():
+        own = {s: signal.getsignal(s) for s in SIGNALS if signal.getsignal(s) not in (_raise, signal.SIG_IGN, None)}
+        for s in own:
+            signal.signal(s, _raise)
     try:
         yield
     finally:
         held, _held = _held, outer
+        for s, handler in own.items():
+            signal.signal(s, handler)
     if outer is None and held:  # only when the block finished: an error inside it goes first
         raise Interrupted(held[0])
 

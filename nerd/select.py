@@ -110,7 +110,7 @@ def health_of(metrics: Metrics, vector_problems: dict[str, dict[str, str]], sele
 
 def group_choice(label: str, depth: int | None, tensors: list[str], matrices: list[str],
                  scores: Scores, order: list[str], rule: Rule, problems: dict[str, dict[str, str | None]],
-                 health: Health, tethers: Tethers | None = None, fixed: str | None = None) -> Choice:
+                 health: Health, tethers: Tethers, fixed: str | None = None) -> Choice:
     """Choose one candidate for a group of tensors, by mean score among those its tethers let
     through and that have no unusable tensor in it, unless `fixed` names it; or, with tether.mode
     blend, average the eligible ones. ModelError when nothing usable can supply the group."""
@@ -125,35 +125,38 @@ def group_choice(label: str, depth: int | None, tensors: list[str], matrices: li
                              f"another candidate")
         return Choice(label, depth, per_candidate, fixed, tuple(tensors), "taken from the base")
     key = "non-layer" if depth is None else str(depth)
-    drifted = [c for c in order if tethers is not None and not tethers.eligible(key, c)]
+    drifted = [c for c in order if not tethers.eligible(key, c)]
     eligible = [c for c in order if c not in drifted]
     winner = winner_of(per_candidate, eligible, rule.lower_wins)
     notes = []
     if any(broken.values()):
         notes.append("not selectable: " + "; ".join(f"{c} ({'; '.join(b)})" for c, b in broken.items() if b))
     if winner is None:
-        if broken[order[0]]:
+        usable = [c for c in eligible if not broken[c]]
+        if not usable:
             raise ModelError(f"{place}: no candidate can supply it: "
                              + "; ".join(f"'{c}' " + ("; ".join(broken[c]) if broken[c] else "drifts from the base")
                                          for c in order) + "; nothing written")
-        winner = order[0]
-        notes.append(f"no {'eligible ' if drifted else ''}candidate has a score here; taken from the base")
+        winner = usable[0]
+        notes.append(f"no {'eligible ' if drifted else ''}candidate has a score here; taken from "
+                     + ("the base" if winner == order[0] else f"{winner}, the first usable one"))
     else:
         unscored = []
         for c in order:
             if per_candidate[c] is None and not broken[c]:
-                reasons = [why_unscored(m, problems[c][m], rule.metric) for m in matrices if scores[c][m] is None]
+                reasons = [why_unscored(m, problems[c][m], rule.metric) for m in matrices
+                           if scores[c][m] is None and m not in health.zeros[c]]
                 unscored.append(f"{c} ({'; '.join(reasons)})")
         if unscored and matrices:
             notes.append(f"not selectable, no {rule.metric}: " + "; ".join(unscored))
-    if tethers is not None and key in tethers.unmeasured:
+    if key in tethers.unmeasured:
         notes.append(f"the base's block has a NaN or Inf, so no {tethers.options.measure} was measured here; "
                      f"candidates compatible with the base at other depths are eligible")
     elif any(per_candidate[c] is not None for c in drifted):  # those without a score are already explained
         notes.append(drift_note(tethers, key, [c for c in drifted if per_candidate[c] is not None]))
     members = [c for c in eligible if per_candidate[c] is not None]
     blend = None
-    if tethers is not None and tethers.options.mode == "blend" and len(members) > 1:
+    if tethers.options.mode == "blend" and len(members) > 1:
         blend = blend_weights(members, per_candidate, tethers, key, place, rule)
     return Choice(label, depth, per_candidate, winner, tuple(tensors), "; ".join(notes) or None, blend)
 
@@ -206,14 +209,12 @@ def choices_of(layout: Layout, infos: dict[str, TensorInfo], metrics: Metrics, o
     for depth in range(layout.num_layers):
         block = layout.block(depth)
         matrices = [t for t in block if infos[t].is_matrix]
-        block_choice = choose(str(depth), depth, block, matrices)
         if selection.granularity == "block":
-            choices.append(block_choice)
+            choices.append(choose(str(depth), depth, block, matrices))
             continue
         followers = {t: module_matrix(t, matrices) for t in block if t not in matrices}
-        leftovers = [t for t, m in followers.items() if m is None]
-        choices.append(Choice(str(depth), depth, block_choice.scores, block_choice.winner,
-                              tuple(leftovers), block_choice.note, block_choice.blend))
+        leftovers = [t for t, m in followers.items() if m is None]  # norms: the block's winner, by mean score
+        choices.append(choose(str(depth), depth, leftovers, matrices))
         for matrix in matrices:
             own = [matrix] + [t for t, m in followers.items() if m == matrix]
             choices.append(choose(matrix, depth, own, [matrix]))

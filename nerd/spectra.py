@@ -166,8 +166,10 @@ NOT_FINITE, ALL_ZERO = "contains NaN or Inf", "all zero"  # a Spectrum's problem
 
 def finite_problem(data: bytearray, dtype: str) -> str | None:
     """NOT_FINITE if a floating-point tensor's raw bytes (any shape) hold a NaN or an Inf."""
-    flat = numpy_matrix(data, dtype, (1, len(data) // np.dtype(NUMPY_DTYPES[dtype]).itemsize))
-    return None if np.isfinite(float64_rows(flat, 0, 1)).all() else NOT_FINITE
+    n = len(data) // np.dtype(NUMPY_DTYPES[dtype]).itemsize
+    column = numpy_matrix(data, dtype, (n, 1))  # widened a slice of 4M elements at a time
+    finite = all(np.isfinite(float64_rows(column, start, start + 2**22)).all() for start in range(0, n, 2**22))
+    return None if finite else NOT_FINITE
 
 
 def numpy_matrix(data: bytearray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:

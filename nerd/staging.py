@@ -34,7 +34,7 @@ def staged_dir(out: Path, needed: int = 0) -> Iterator[Path]:
     failure it is removed (an OSError becomes an OutputError naming the file). `needed` is the
     number of bytes about to be written, refused up front if the file system has less free."""
     tmp = out.parent / f".{out.name}.mastermerge-{os.getpid()}.tmp"
-    existed = out.exists()
+    existed, filled = out.exists(), out.is_dir() and any(out.iterdir())
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         clean_leftovers(out)
@@ -54,13 +54,20 @@ def staged_dir(out: Path, needed: int = 0) -> Iterator[Path]:
         raise
     try:
         with deferred():
+            if not filled and out.is_dir() and any(out.iterdir()):
+                raise OutputError(f"{out}: something else filled it while this run was writing; not replaced "
+                                  f"without --force (the new output was discarded; a rerun reuses the metric cache)")
             replace_dir(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(f"{exc.filename or out}: cannot move the output into place ({exc.strerror or exc}); "
                           f"{untouched(out, existed)}") from None
-    except KeyboardInterrupt as exc:
-        exc.add_note(f"{out} had been written completely")
+    except BaseException as exc:
+        moved = not tmp.exists()  # a signal may land just before the renames: then nothing was moved
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, KeyboardInterrupt):
+            exc.add_note(f"{out} had been written completely" if moved
+                         else f"the partial output was removed; {untouched(out, existed)}")
         raise
 
 
@@ -108,8 +115,10 @@ def clean_leftovers(out: Path) -> None:
         match = LEFT_BY_A_RUN.fullmatch(path.name)
         if match is None or match["name"] != out.name or process_alive(int(match["pid"])):
             continue
-        if match["kind"] == "old" and not out.exists():
+        if match["kind"] == "old" and (not out.exists() or empty_dir(out)):
             try:
+                if out.exists():
+                    out.rmdir()  # an empty directory made since (mkdir -p): the earlier output goes first
                 os.rename(path, out)
             except OSError as exc:
                 print(f"mastermerge: warning: {out}: the earlier output is in {path} (a killed run moved it "
@@ -129,9 +138,13 @@ def process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError, ValueError):  # another user's, or no pid at all: left alone
         return True
     return True
+
+
+def empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
 
 
 def glob_escape(name: str) -> str:

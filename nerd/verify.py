@@ -40,11 +40,9 @@ from .checkpoint import Checkpoint, DuplicateKey, TensorInfo, safetensors_header
 from .dlec import LAYER_COUNT_KEYS, layer_section
 from .errors import ModelError, first_line
 from .layout import layout_of
+from .write import HASH_CHUNK, INDEX, WEIGHT_SUFFIXES
 
 REPORT = "merge_report.json"
-INDEX = "model.safetensors.index.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-HASH_CHUNK = 8 * 2**20
 SHA256 = re.compile(r"[0-9a-f]{64}")
 EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.weight$")
 WIDTH_KEYS = ("embedding_size", "word_embed_proj_dim", "hidden_size", "n_embd", "d_model")  # first found wins
@@ -203,7 +201,10 @@ def check_files(directory: Path, report: Report, shards: list[str], quiet: bool)
             problems.append(Problem(path, f"missing{recorded}"))
         elif not path.is_file():
             problems.append(Problem(path, "not a regular file"))
-        elif record is not None:
+        elif record is None:
+            if report.files:  # the report records files, but not this one
+                problems.append(Problem(path, f"has no size or SHA-256 in {REPORT}"))
+        else:
             size = path.stat().st_size
             if size != record["bytes"]:
                 how = "truncated or changed" if size < record["bytes"] else "appended to or changed"
@@ -221,6 +222,8 @@ def check_files(directory: Path, report: Report, shards: list[str], quiet: bool)
             if digest != record["sha256"]:
                 problems.append(Problem(path, f"SHA-256 {digest} differs from the {record['sha256']} that {REPORT} "
                                               f"records (the content changed)"))
+    if report.files and len(shards) > 1 and INDEX not in report.files:
+        problems.append(Problem(directory / INDEX, f"has no size or SHA-256 in {REPORT}"))
     known = set(report.files) | set(shards) | ({INDEX} if len(shards) > 1 else set())
     for path in sorted(directory.iterdir()):
         if (path.name not in known and (path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json"))

@@ -137,3 +137,18 @@ def test_a_broken_base_embedding_needs_non_layer_compete(tmp_path, capsys, famil
     assert code == 0, err
     assert result["choices"][0]["winner"] == models[1]
     assert torch.isfinite(tensors_of(tmp_path / "out")[embed]).all()
+
+
+def test_tensor_granularity_takes_each_matrix_from_whoever_has_it_intact(tmp_path, capsys, family):
+    """The base's q_proj and the fine-tune's k_proj are broken at depth 0: each matrix still has an
+    intact supplier, and the norms, whose block-level scores are both undefined, come from the base."""
+    q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+    base = spoiled(family, tmp_path, "base", {q: nan_at})
+    fine = spoiled(family, tmp_path, "ft-a", {k: nan_at})
+    code, result, err = merge(tmp_path, capsys, [base, fine], selection={"granularity": "tensor"})
+    assert code == 0, err
+    winners = {c["group"]: c["winner"] for c in result["choices"]}
+    assert winners[q] == fine and winners[k] == base and winners["0"] == base
+    written = tensors_of(tmp_path / "out")
+    assert all(torch.isfinite(t).all() for t in written.values())
+    assert torch.equal(written[NORM.format(0)], tensors_of(Path(base))[NORM.format(0)])

@@ -358,6 +358,24 @@ def test_a_corrupt_cache_is_set_aside_and_rebuilt(tmp_path, models, reference, c
     assert code == 0 and warnings == [] and again["spectra_computed"] == 0
 
 
+def test_two_runs_finding_one_corrupt_cache_set_it_aside_once(tmp_path, capsys):
+    """Run B finds the file corrupt; before it moves the file aside, run A has already done so and
+    built a fresh cache. B must leave A's healthy file where it is."""
+    cache = tmp_path / "metrics.sqlite"
+    cache.write_bytes(random.Random(2).randbytes(64 * 1024))  # not a database
+    late = MetricCache.__new__(MetricCache)
+    late.path, late.inode, late.failed_inode = cache, None, None
+    with pytest.raises(sqlite3.DatabaseError) as found:
+        late.open_file()
+    with closing(MetricCache(cache)):  # run A: sets the corrupt file aside and builds a fresh one
+        pass
+    fresh = cache.read_bytes()
+    late.set_aside(found.value)
+    err = capsys.readouterr().err
+    assert "another run already moved it aside" in err
+    assert cache.read_bytes() == fresh and len(list(tmp_path.glob("metrics.sqlite.corrupt-*"))) == 1
+
+
 @pytest.mark.parametrize("case", ["zero-length file", "garbage -wal"])
 def test_files_sqlite_reads_as_sound_need_no_rebuild(tmp_path, models, reference, capsys, case):
     """An empty file is an empty database; a -wal whose header is not valid is ignored by SQLite

@@ -36,8 +36,11 @@ def fault(original):
     def wrapped(*args, **kwargs):
         result = original(*args, **kwargs)
         calls[0] += 1
-        if calls[0] == n:
+        if calls[0] == n and signum:
             os.kill(os.getpid(), signum)
+        elif calls[0] == n:  # no signal: another program fills the output directory meanwhile
+            os.makedirs(os.environ["FILL"], exist_ok=True)
+            open(os.path.join(os.environ["FILL"], "theirs.txt"), "w").close()
         return result
     return wrapped
 
@@ -77,7 +80,7 @@ def run(tmp_path: Path, config: Path, *extra, point=None, signum=0, n=0, preexec
         harness = tmp_path / "harness.py"
         harness.write_text(HARNESS)
         command = [sys.executable, str(harness), point, str(int(signum)), str(n), "--", *argv]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", FILL=str(tmp_path / "out"))
     return subprocess.run([*prefix, *command], capture_output=True, text=True, env=env, cwd=tmp_path,
                           preexec_fn=preexec, timeout=300)
 
@@ -176,6 +179,24 @@ def test_kill_between_the_two_renames_puts_the_earlier_output_back(tmp_path, mod
     assert snapshot(out) == before and leftovers(out) == []
 
 
+def test_an_output_filled_by_something_else_meanwhile_is_not_replaced(tmp_path, models):
+    out = tmp_path / "out"
+    config = config_of(tmp_path, models, out)
+    result = run(tmp_path, config, point="tensor", signum=0, n=3)
+    assert_one_clean_line(result, 4, "something else filled it while this run was writing",
+                          "not replaced without --force")
+    assert snapshot(out) == {"theirs.txt": hashlib.sha256(b"").hexdigest()} and leftovers(out) == []
+
+
+def test_an_empty_directory_made_after_a_kill_does_not_lose_the_earlier_output(tmp_path, models):
+    out, config, before = written_once(tmp_path, models)
+    run(tmp_path, config, "--force", point="rename", signum=signal.SIGKILL, n=1)
+    out.mkdir()  # a job script's `mkdir -p out`
+    refused = run(tmp_path, config)
+    assert refused.returncode == 2 and "put back the earlier output" in refused.stderr
+    assert snapshot(out) == before and leftovers(out) == []
+
+
 def test_full_disk_is_refused_before_writing(tmp_path, models):
     """A real full file system: a 1 MB tmpfs in a private mount namespace, so nothing is mounted
     for anyone else. The run refuses up front and leaves the file system as it was."""
@@ -183,7 +204,6 @@ def test_full_disk_is_refused_before_writing(tmp_path, models):
         pytest.skip("mount namespaces are not available here; the size-limit test covers a failing write")
     disk = tmp_path / "disk"
     disk.mkdir()
-    (disk / "earlier.txt").write_text("the user's file\n")
     out = disk / "out"
     config = config_of(tmp_path, models, out)
     mount = ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size=1m tmpfs "{disk}" && exec "$@"', "sh"]
@@ -206,3 +226,19 @@ def test_a_write_that_fails_midway_removes_the_partial_output(tmp_path, models):
     assert_one_clean_line(result, 4, "model-00001-of-", "cannot write the output (File too large)", "was not created")
     assert not out.exists() and leftovers(out) == []
     assert summary(run(tmp_path, config))["spectra_computed"] == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_renames_is_raised_after_them(signum):
+    """deferred() holds a signal over the two renames, also for the Python API (no handler set by
+    the command line), and raises it as Interrupted once they are done."""
+    from nerd.interrupts import Interrupted, deferred
+    before = signal.getsignal(signum)
+    steps = []
+    with pytest.raises(Interrupted) as raised:
+        with deferred():
+            os.kill(os.getpid(), signum)
+            steps.append("first rename")
+            steps.append("second rename")
+    assert steps == ["first rename", "second rename"] and raised.value.signum == signum
+    assert signal.getsignal(signum) == before

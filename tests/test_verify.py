@@ -189,6 +189,9 @@ TAMPERING = {
     "index points outside": (
         lambda out: edit_json(out, INDEX, lambda d: d["weight_map"].update({other(out): "../elsewhere.safetensors"})),
         INDEX, "tensor '{other}' points to '../elsewhere.safetensors', outside the directory"),
+    "a shard's record removed": (
+        lambda out: edit_json(out, "merge_report.json", lambda d: d["files"].pop(shard(1).format(total=count(out)))),
+        shard(1), "has no size or SHA-256 in merge_report.json"),
     "index total_size": (lambda out: edit_json(out, INDEX, lambda d: d["metadata"].update(total_size=12)),
                          INDEX, "metadata.total_size is 12, the tensors hold {total_size:,} bytes"),
     "num_hidden_layers": (lambda out: edit_json(out, "config.json", lambda d: d.update(num_hidden_layers=5)),

@@ -194,13 +194,18 @@ def index_map(index: Path) -> dict[str, str]:
 def shard_path(directory: Path, index: Path, shard: str) -> Path:
     """A shard named by an index, refused if it is absolute or climbs out with '..' (a symlinked
     shard, as in the hub cache, is followed)."""
-    if Path(shard).is_absolute() or ".." in Path(shard).parts:
+    if outside_directory(shard):
         raise ModelError(f"{index}: shard '{shard}' points outside the model directory; refused "
                          f"(expected a file inside {directory})")
     path = directory / shard
     if not path.is_file():
         raise ModelError(f"{index}: shard '{shard}' is missing")
     return path
+
+
+def outside_directory(shard: str) -> bool:
+    """Whether an index's shard name is absolute or climbs out with '..'."""
+    return Path(shard).is_absolute() or ".." in Path(shard).parts
 
 
 def check_index(directory: Path, index: Path, tensors: dict[str, TensorInfo]) -> None:

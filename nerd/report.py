@@ -116,7 +116,7 @@ Granularity: {plan.selection.granularity}.
 
 Candidates (ties go to the earlier one):
 {models}
-{"".join(f"{chr(10)}**Warning:** {w}{chr(10)}" for w in plan.warnings)}
+{warning_lines(plan.warnings)}
 Scores are the {rule_of(plan.selection).label} over the matrices of each group; the {
 "blend (each candidate's weight given)" if blend else "winner"} supplies its tensors.
 
@@ -126,13 +126,17 @@ Scores are the {rule_of(plan.selection).label} over the matrices of each group; 
 
 
 def tether_section(plan: Plan) -> str:
-    warnings = "".join(f"\n**Warning:** {w}\n" for w in plan.tethers.warnings)
     return f"""## Tethers (compatibility with the base)
 
 {tether_line(plan.tethers).removeprefix("tethers: ").capitalize()}.
-{warnings}
+{warning_lines(plan.tethers.warnings)}
 {markdown_table(tether_rows(plan))}
 """
+
+
+def warning_lines(warnings: list[str]) -> str:
+    """Each warning as a bold-labelled paragraph of the card."""
+    return "".join(f"\n**Warning:** {w}\n" for w in warnings)
 
 
 def markdown_table(rows: list[list[str]]) -> str:

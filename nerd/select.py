@@ -109,7 +109,7 @@ def health_of(metrics: Metrics, vector_problems: dict[str, dict[str, str]], sele
 
 
 def group_choice(label: str, depth: int | None, tensors: list[str], matrices: list[str],
-                 scores: Scores, order: list[str], rule: Rule, problems: dict[str, dict[str, str | None]],
+                 scores: Scores, order: list[str], rule: Rule,
                  health: Health, tethers: Tethers, fixed: str | None = None) -> Choice:
     """Choose one candidate for a group of tensors, by mean score among those its tethers let
     through and that have no unusable tensor in it, unless `fixed` names it; or, with tether.mode
@@ -144,7 +144,7 @@ def group_choice(label: str, depth: int | None, tensors: list[str], matrices: li
         unscored = []
         for c in order:
             if per_candidate[c] is None and not broken[c]:
-                reasons = [why_unscored(m, problems[c][m], rule.metric) for m in matrices
+                reasons = [f"{m}: {rule.metric} undefined" for m in matrices
                            if scores[c][m] is None and m not in health.zeros[c]]
                 unscored.append(f"{c} ({'; '.join(reasons)})")
         if unscored and matrices:
@@ -188,20 +188,14 @@ def blend_weights(members: list[str], per_candidate: dict[str, float | None], te
     return {c: value / total for c, value in raw.items()}
 
 
-def why_unscored(tensor: str, problem: str | None, metric: str) -> str:
-    """'model.layers.0.mlp.up_proj.weight: all zero', or '...: alpha undefined'."""
-    return f"{tensor}: {problem or metric + ' undefined'}"
-
-
 def choices_of(layout: Layout, infos: dict[str, TensorInfo], metrics: Metrics, order: list[str],
                selection: Selection, tethers: Tethers, health: Health) -> list[Choice]:
     """All selection decisions, non-layer group first, then depth by depth."""
     base, rule = order[0], rule_of(selection)
     scores = scores_of(metrics, selection)
-    problems = {c: {t: m.get("problem") for t, m in per.items()} for c, per in metrics.items()}
 
     def choose(label, depth, tensors, matrices, fixed=None):
-        return group_choice(label, depth, tensors, matrices, scores, order, rule, problems, health, tethers, fixed)
+        return group_choice(label, depth, tensors, matrices, scores, order, rule, health, tethers, fixed)
 
     rest = layout.non_layer()
     choices = [choose("non-layer", None, rest, [t for t in rest if infos[t].is_matrix],

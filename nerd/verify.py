@@ -36,15 +36,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, DuplicateKey, TensorInfo, safetensors_header, unique_keys
+from .checkpoint import Checkpoint, DuplicateKey, TensorInfo, outside_directory, safetensors_header, unique_keys
 from .dlec import LAYER_COUNT_KEYS, layer_section
 from .errors import ModelError, first_line
 from .layout import layout_of
+from .plan import INPUT_EMBEDDING
 from .write import HASH_CHUNK, INDEX, WEIGHT_SUFFIXES
 
 REPORT = "merge_report.json"
 SHA256 = re.compile(r"[0-9a-f]{64}")
-EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.weight$")
 WIDTH_KEYS = ("embedding_size", "word_embed_proj_dim", "hidden_size", "n_embd", "d_model")  # first found wins
 NAMED = 3  # tensor names shown in a line about several tensors
 
@@ -322,7 +322,7 @@ def check_index(directory: Path, shards: list[str], headers: dict[str, list[Tens
     for tensor, shard in weight_map.items():
         if not isinstance(shard, str):
             problems.append(Problem(index, f"tensor '{tensor}' maps to {shard!r}, expected a shard file name"))
-        elif not is_plain_name(shard) and (Path(shard).is_absolute() or ".." in Path(shard).parts):
+        elif outside_directory(shard):
             wrong.setdefault((shard, "outside the directory"), []).append(tensor)
         elif shard not in shards:
             what = "which is not a shard of this output" if (directory / shard).exists() else "which does not exist"
@@ -399,7 +399,7 @@ def check_config(directory: Path, headers: dict[str, list[TensorInfo]],
                                           f"({layout.stack}.0 to {layout.stack}.{layers - 1})"))
     width_key = next((k for k in WIDTH_KEYS if k in section), None)
     embeddings = [info for name, info in infos.items()
-                  if layout.depths.get(name) is None and EMBEDDING.search(name) and len(info.shape) == 2]
+                  if layout.depths.get(name) is None and INPUT_EMBEDDING.search(name) and len(info.shape) == 2]
     if width_key is not None and len({info.shape[1] for info in embeddings}) == 1:
         value, embedding = section[width_key], embeddings[0]
         if value != embedding.shape[1]:

@@ -25,7 +25,7 @@ from .cache import MetricCache
 from .checkpoint import Checkpoint
 from .config import ModelSpec
 from .layout import layout_of
-from .metrics import METRICS
+from .metrics import METRICS, path_counts
 from .report import short_names
 from .sources import resolve_model
 from .spectra import pick_device, spectrum_of
@@ -101,6 +101,7 @@ def analysis_summary(analysis: Analysis) -> dict[str, dict]:
             "alpha_above_6": [r["tensor"] for r in rows if r["alpha"] is not None and r["alpha"] > ALPHA_HIGH],
             "rank_loss": {r["tensor"]: r["rank_loss"] for r in rows if r["rank_loss"]},
             "no_spectrum": {r["tensor"]: r["problem"] for r in rows if r["problem"]},
+            "spectrum_paths": path_counts(rows),
         }
     return summary
 
@@ -118,6 +119,8 @@ def summary_text(analysis: Analysis, summary: dict[str, dict]) -> str:
             lines.append(f"  {metric.ljust(width)}  " + "  ".join(c.rjust(11) for c in cells))
         lines.append(f"  alpha < {ALPHA_LOW:g} (very heavy tail, possibly over-fit): {listing(s['alpha_below_2'])}")
         lines.append(f"  alpha > {ALPHA_HIGH:g} (close to random, under-trained): {listing(s['alpha_above_6'])}")
+        lines.append("  spectra: " + ", ".join(f"{n} {path}" for path, n in s["spectrum_paths"].items())
+                     + " (gram: exact from the Gram matrix; refined: smallest values recomputed; svd: float64 SVD)")
         lines.append("  rank loss: " + listing([f"{t} (-{n})" for t, n in s["rank_loss"].items()]))
         if s["no_spectrum"]:
             lines.append("  no spectrum: " + listing([f"{t} ({p})" for t, p in s["no_spectrum"].items()]))
@@ -134,7 +137,7 @@ def listing(items: list[str]) -> str:
 
 def write_tables(analysis: Analysis, summary: dict, out: Path) -> None:
     """metrics.csv and metrics.json."""
-    columns = ["model", "tensor", "depth", "shape", *METRICS, "problem"]
+    columns = ["model", "tensor", "depth", "shape", *METRICS, "problem", "path"]
     with open(out / "metrics.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)

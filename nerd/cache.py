@@ -62,12 +62,12 @@ import numpy as np
 from .checkpoint import Checkpoint, TensorInfo, as_tensor, numel
 from .errors import first_line
 from .importance import ACTIVATION_VERSION, LayerStats
-from .metrics import METRICS, METRICS_VERSION, metrics_of
-from .spectra import BATCH_BYTES, SPECTRUM_VERSION, Spectrum, numpy_matrix, pick_device, spectra_of
+from .metrics import METRICS, METRICS_VERSION, every_metric
+from .spectra import BATCH_BYTES, PATHS, SPECTRUM_VERSION, Spectrum, numpy_matrix, pick_device, spectra_of
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = "4"
+SCHEMA_VERSION = "5"
 TETHER_VERSION = "1"  # bump when tether.sums_of changes: cached sums are then recomputed
 META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 SCHEMA = """
@@ -76,7 +76,7 @@ CREATE TABLE IF NOT EXISTS tensors (
     PRIMARY KEY (file, tensor));
 CREATE TABLE IF NOT EXISTS spectra (
     digest TEXT NOT NULL, version TEXT NOT NULL, shape TEXT NOT NULL, problem TEXT, singular_values BLOB,
-    created REAL NOT NULL, PRIMARY KEY (digest, version));
+    path TEXT, created REAL NOT NULL, PRIMARY KEY (digest, version));
 CREATE TABLE IF NOT EXISTS metrics (
     digest TEXT NOT NULL, version TEXT NOT NULL, metrics TEXT NOT NULL, PRIMARY KEY (digest, version));
 CREATE TABLE IF NOT EXISTS tether_sums (
@@ -321,7 +321,7 @@ class MetricCache:
         """Every metric stored for this content digest, if they are all there."""
         row = self.read_one("SELECT metrics FROM metrics WHERE digest=? AND version=?", (key, METRICS_VERSION))
         cached = None if row is None else parsed(row[0])
-        return cached if cached is not None and set(cached) == set(METRICS) | {"problem"} else None
+        return cached if cached is not None and set(cached) == set(METRICS) | {"problem", "path"} else None
 
     def known_metrics(self, key: str, shape: tuple[int, ...]) -> dict | None:
         """The metrics of this content digest, stored or derived from its stored spectrum; None if
@@ -333,7 +333,7 @@ class MetricCache:
         return cached
 
     def stored_spectrum(self, key: str, shape: tuple[int, ...]) -> Spectrum | None:
-        row = self.read_one("SELECT problem, singular_values FROM spectra WHERE digest=? AND version=?",
+        row = self.read_one("SELECT problem, singular_values, path FROM spectra WHERE digest=? AND version=?",
                             (key, SPECTRUM_VERSION))
         return None if row is None else spectrum_from_row(*row, shape)
 
@@ -350,8 +350,8 @@ class MetricCache:
     def store_spectrum(self, key: str, info: TensorInfo, spectrum: Spectrum) -> None:
         """Store the spectrum of a content digest (committed)."""
         blob = None if spectrum.values is None else spectrum.values.astype("<f8").tobytes()
-        self.write("INSERT OR REPLACE INTO spectra VALUES (?, ?, ?, ?, ?, ?)",
-                   (key, SPECTRUM_VERSION, str(list(info.shape)), spectrum.problem, blob, time.time()))
+        self.write("INSERT OR REPLACE INTO spectra VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (key, SPECTRUM_VERSION, str(list(info.shape)), spectrum.problem, blob, spectrum.path, time.time()))
 
     def derived_metrics(self, key: str, compute) -> dict:
         """Every metric of a matrix that no input file holds (a blend), cached under `key`, a digest
@@ -574,11 +574,6 @@ def parsed(text: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def every_metric(spectrum: Spectrum) -> dict:
-    """Every metric of metrics.py and the spectrum's `problem`: what the metrics table holds."""
-    return metrics_of(spectrum) | {"problem": spectrum.problem}
-
-
 def read_ahead(checkpoint: Checkpoint, names: list[str], depth: int = 2):
     """Yield (name, content digest, bytes) of each tensor, read and hashed by a background thread
     up to `depth` tensors ahead (file reads and hashing release the GIL, so they overlap the
@@ -616,11 +611,13 @@ def read_ahead(checkpoint: Checkpoint, names: list[str], depth: int = 2):
                 thread.join(0.01)
 
 
-def spectrum_from_row(problem: str | None, blob: bytes | None, shape: tuple[int, ...]) -> Spectrum | None:
-    """The stored spectrum; None if the row is damaged (not a whole number of float64 values)."""
-    if blob is not None and (not isinstance(blob, bytes) or len(blob) % 8):
+def spectrum_from_row(problem: str | None, blob: bytes | None, path: str | None,
+                      shape: tuple[int, ...]) -> Spectrum | None:
+    """The stored spectrum; None if the row is damaged (not a whole number of float64 values, or an
+    unknown path)."""
+    if blob is not None and (not isinstance(blob, bytes) or len(blob) % 8) or path not in (*PATHS, None):
         return None
-    return Spectrum(None if blob is None else np.frombuffer(blob, dtype="<f8").copy(), tuple(shape), problem)
+    return Spectrum(None if blob is None else np.frombuffer(blob, dtype="<f8").copy(), tuple(shape), problem, path)
 
 
 def file_identity(info: TensorInfo) -> tuple[str, str]:

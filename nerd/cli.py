@@ -28,7 +28,7 @@ from .config import DEVICES, IMPORTANCE, INITS, expand_config, index_of_each, lo
 from .errors import ConfigError, IntegrityError, MergeError
 from .interrupts import exit_code, interrupts_raised
 from .pipeline import plan_merge
-from .report import choice_table, expansion_table, tether_table
+from .report import choice_table, expansion_table, spectrum_paths, tether_table
 from .spectra import cuda_available
 from .staging import staged_dir
 from .verify import verify_output
@@ -206,6 +206,8 @@ def run_configs(configs: list, args: argparse.Namespace) -> int:
                     print(plan_text(config, plan) + "\n")
                 for warning in plan.warnings + (plan.tethers.warnings if plan.tethers else []):
                     print(f"mastermerge: warning: {config.source}: {warning}", file=sys.stderr)
+                for note in plan.notes if not args.quiet else ():
+                    print(f"mastermerge: note: {config.source or 'expand ' + plan.base}: {note}", file=sys.stderr)
                 if not args.dry_run:
                     write_merge(plan, config, quiet=args.quiet)
                     if not args.json:
@@ -305,6 +307,7 @@ def summary_of(config, plan, written: bool) -> dict:
         "tethers": None if plan.tethers is None else asdict(plan.tethers),
         "expansion": None if plan.expansion is None else asdict(plan.expansion),
         "spectra_computed": plan.spectra_computed,
+        "spectrum_paths": spectrum_paths(plan),
         "spectra_reused": plan.spectra_reused,
     }
 

@@ -42,7 +42,7 @@ from .checkpoint import Checkpoint, numel, torch_dtype
 from .config import DlecOptions
 from .errors import ConfigError, ModelError, first_line
 from .layout import Layout
-from .metrics import metrics_of
+from .metrics import every_metric
 from .plan import Plan, PlanEntry
 from .spectra import spectrum_of
 from .tether import blended_tensor
@@ -143,7 +143,7 @@ def weight_scores(plan: Plan, layout: Layout, cache: MetricCache, device: torch.
 
                     def compute(entry=entry, opened=opened):
                         spectrum = spectrum_of(blended_tensor(entry, opened, torch_dtype(entry.dtype)), device)
-                        return metrics_of(spectrum) | {"problem": spectrum.problem}
+                        return every_metric(spectrum)
                     metrics = cache.derived_metrics(blend_key(entry, opened, cache), compute)
                 elif metrics is None:
                     checkpoint = checkpoints.of(entry)[entry.source]
@@ -288,6 +288,8 @@ def composite_model(transformers, plan: Plan, config: dict, options: DlecOptions
             if entry.candidates == (plan.base,):
                 continue
             name = state_name(entry.name, state, getattr(model, "base_model_prefix", ""))
+            if name is None and entry.optional:  # a buffer this version of transformers does not keep
+                continue
             if name is None:
                 raise ModelError(f"{base_dir}: the composite's tensor '{entry.name}' (from "
                                  f"{', '.join(entry.candidates)}) has no place in the transformers model; "

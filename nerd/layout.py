@@ -3,19 +3,58 @@
 Works by name for the common families: model.layers.N (Llama, Mistral, Qwen2/3, Gemma, Phi-3),
 transformer.h.N (GPT-2, GPT-J, Falcon), gpt_neox.layers.N (Pythia), encoder.layer.N (BERT,
 RoBERTa), model.decoder.layers.N (OPT) and blocks.N. Also checks that candidates agree on
-every tensor name, shape and dtype before any spectrum is computed.
+every tensor name, shape and dtype before any spectrum is computed, except for the optional
+tensors: those that carry nothing learned (buffers, a head tied to the embedding) and that one
+transformers version saves where another does not, so some candidates may lack them.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass
 
-from .checkpoint import Checkpoint
+from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, numel
 from .errors import ModelError
 
 LAYER_NAME = re.compile(r"^(?P<stack>(?:.*?\.)?(?:layers|layer|h|blocks|block))\.(?P<depth>\d+)\.")
+
+OPTIONAL_TENSORS = (
+    re.compile(r"(?:^|\.)position_ids$"),
+    re.compile(r"(?:^|\.)token_type_ids$"),
+    re.compile(r"(?:^|\.)inv_freq$"),
+    re.compile(r"(?:^|\.)(?:attn|attention)\.(?:bias|masked_bias)$"),
+)
+"""Names of buffers that carry nothing learned and that some checkpoints hold and others do not
+(transformers made them non-persistent at some version, so a model re-saved since lacks them):
+
+- position_ids: the arange(max_position_embeddings) of BERT-family embeddings, a persistent
+  int64 buffer in older transformers, so in many checkpoints on the hub;
+- token_type_ids: the all-zero buffer beside it;
+- inv_freq: a rotary embedding's frequencies, 1 / rope_theta^(2i/d), computed from config.json
+  (rotary_emb.inv_freq in older Llama, GPT-NeoX and Falcon checkpoints);
+- attn.bias and attn.masked_bias (attention.* in GPT-NeoX): the causal mask and its fill value of
+  GPT-2, GPT-J, GPT-Neo and GPT-NeoX, saved by older versions (GPT-2 on the hub has them).
+
+Integer and bool tensors are optional whatever their names (nothing learns through them), and so
+is a head tied to the input embedding (TIED_HEAD)."""
+TIED_HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out)\.weight$|^cls\.predictions\.decoder\.weight$")
+WORD_EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|embed_in|wte|word_embeddings)\.weight$")
+COMPARED_ELEMENTS = 2**22  # elements of a head and its embedding compared at a time
+
+
+@dataclass(frozen=True)
+class OptionalTensor:
+    """A tensor that some candidates lack and that carries nothing learned: why it is optional, the
+    candidates that have it (in candidate order, so the first is the base when it has it), and for
+    a tied head the input embedding it is tied to."""
+
+    name: str
+    why: str
+    holders: tuple[str, ...]
+    missing_from: tuple[str, ...]
+    tied_to: str | None = None
 
 
 @dataclass(frozen=True)
@@ -48,19 +87,39 @@ def layout_of(names: list[str]) -> Layout:
     return Layout(stack=stack, depths=depths)
 
 
-def check_same_architecture(checkpoints: dict[str, Checkpoint], *, same_dtype: bool = True) -> None:
-    """Every candidate must have the same tensor names and shapes (and dtypes if asked) as the first."""
+def check_same_architecture(checkpoints: dict[str, Checkpoint], *,
+                            same_dtype: bool = True) -> dict[str, OptionalTensor]:
+    """Every candidate must have the same tensor names and shapes (and dtypes if asked) as the
+    first, except that an optional tensor may be missing from some (its shape must still agree
+    wherever it is present). Returns the optional tensors that some candidate lacks, by name."""
+    names = list(checkpoints)
+    holders: dict[str, list[str]] = {}
+    for name in names:
+        for tensor in checkpoints[name].tensors:
+            holders.setdefault(tensor, []).append(name)
+    optional = {}
+    for tensor, who in holders.items():
+        if len(who) < len(names):
+            found = optional_tensor(tensor, who, checkpoints)
+            if found is not None:
+                optional[tensor] = OptionalTensor(tensor, found[0], tuple(who),
+                                                  tuple(n for n in names if n not in who), found[1])
     (first_name, first), *others = checkpoints.items()
     for name, other in others:
         problems = []
         for tensor in sorted(set(first.tensors) | set(other.tensors)):
             a, b = first.tensors.get(tensor), other.tensors.get(tensor)
-            if a is None or b is None:
-                missing_from = name if b is None else first_name
-                problems.append(f"{tensor} missing from '{missing_from}'")
+            if tensor in optional and b is not None and a is None:  # compared with the first that has it
+                a = checkpoints[holders[tensor][0]].tensors[tensor]
+                if a.shape != b.shape:
+                    problems.append(f"{tensor} {list(a.shape)} in '{holders[tensor][0]}' vs {list(b.shape)}")
+            elif a is None or b is None:
+                if tensor not in optional:
+                    missing_from = name if b is None else first_name
+                    problems.append(f"{tensor} missing from '{missing_from}'")
             elif a.shape != b.shape:
                 problems.append(f"{tensor} {list(a.shape)} vs {list(b.shape)}")
-            elif same_dtype and a.dtype != b.dtype:
+            elif same_dtype and a.dtype != b.dtype and tensor not in optional:  # copied from one: never mixed
                 problems.append(f"{tensor} {a.dtype} vs {b.dtype} (set dtype: in the config to cast both)")
         if problems:
             shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
@@ -68,3 +127,53 @@ def check_same_architecture(checkpoints: dict[str, Checkpoint], *, same_dtype: b
     if layout_of(list(first.tensors)).stack is None:
         raise ModelError(f"model '{first_name}': no numbered transformer blocks found in the tensor names "
                          f"(e.g. model.layers.0...); this architecture is not supported")
+    return optional
+
+
+def optional_tensor(tensor: str, holders: list[str],
+                    checkpoints: dict[str, Checkpoint]) -> tuple[str, str | None] | None:
+    """Why a tensor that some candidates lack carries nothing learned, and the embedding a tied
+    head is tied to; None for a learned weight."""
+    info = checkpoints[holders[0]].tensors[tensor]
+    if all(checkpoints[h].tensors[tensor].dtype not in FLOAT_DTYPES for h in holders):
+        return ("a bool buffer" if info.dtype == "BOOL" else "an integer buffer"), None
+    if any(pattern.search(tensor) for pattern in OPTIONAL_TENSORS):
+        return "a buffer transformers computes", None
+    if TIED_HEAD.search(tensor):
+        embedding = tied_embedding(info, checkpoints[holders[0]].tensors)
+        if embedding is not None and (says_tied(next(iter(checkpoints.values())))
+                                      or all(same_values(checkpoints[h], tensor, embedding) for h in holders)):
+            return f"a head tied to {embedding}", embedding
+    return None
+
+
+def tied_embedding(head: TensorInfo, tensors: dict[str, TensorInfo]) -> str | None:
+    """The one input embedding of the head's shape and dtype, if there is one."""
+    found = [t for t, info in tensors.items()
+             if WORD_EMBEDDING.search(t) and (info.shape, info.dtype) == (head.shape, head.dtype)]
+    return found[0] if len(found) == 1 else None
+
+
+def says_tied(checkpoint: Checkpoint) -> bool:
+    """Whether the model's config.json says tie_word_embeddings: true (at the top or in text_config)."""
+    try:
+        config = json.loads((checkpoint.directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    sections = [config, config.get("text_config")] if isinstance(config, dict) else []
+    return any(isinstance(s, dict) and s.get("tie_word_embeddings") is True for s in sections)
+
+
+def same_values(checkpoint: Checkpoint, a: str, b: str) -> bool:
+    """Whether two tensors of a checkpoint hold the same bytes (compared a slice at a time)."""
+    import torch
+    infos = [checkpoint.tensors.get(a), checkpoint.tensors.get(b)]
+    if None in infos or (infos[0].shape, infos[0].dtype) != (infos[1].shape, infos[1].dtype):
+        return False
+    n = numel(checkpoint.tensors[a].shape)
+    for start in range(0, n, COMPARED_ELEMENTS):
+        stop = min(start + COMPARED_ELEMENTS, n)
+        x, y = checkpoint.read_flat(a, start, stop), checkpoint.read_flat(b, start, stop)
+        if not torch.equal(x.view(torch.uint8), y.view(torch.uint8)):
+            return False
+    return True

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .spectra import Spectrum
+from .spectra import PATHS, Spectrum
 
 # Cached metrics are keyed by this file's content: any change to a definition recomputes them
 # (from the cached spectra, which is cheap).
@@ -107,6 +107,18 @@ def metrics_of(spectrum: Spectrum) -> dict[str, float | int | None]:
         result.update(alpha=fit.alpha, alpha_xmin=fit.xmin, alpha_ks=fit.ks, alpha_tail=fit.tail,
                       alpha_std_err=fit.std_err, alpha_hat=fit.alpha * math.log10(top))
     return {key: None if isinstance(v, float) and not math.isfinite(v) else v for key, v in result.items()}
+
+
+def every_metric(spectrum: Spectrum) -> dict:
+    """Every metric, the spectrum's `problem` and the `path` it was computed by (spectra.PATHS):
+    what the metric cache stores for a matrix."""
+    return metrics_of(spectrum) | {"problem": spectrum.problem, "path": spectrum.path}
+
+
+def path_counts(rows) -> dict[str, int]:
+    """How many of these metric rows' spectra took each path (spectra.PATHS)."""
+    paths = [row.get("path") for row in rows]
+    return {path: paths.count(path) for path in PATHS}
 
 
 def entropy(values: np.ndarray) -> float:

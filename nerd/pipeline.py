@@ -10,6 +10,11 @@ The Python API, stage by stage (the CLI is a thin layer over it):
 
 A config with one model (`mastermerge expand`, config.expand_config) has nothing to choose: its
 plan copies the model, and the DLEC pass expands it.
+
+Optional tensors (layout.OPTIONAL_TENSORS: buffers, a head tied to the embedding) that some
+candidates lack are left out of the scores, the tethers and the choices; each comes from the
+first candidate that has it (a tied head: as a copy of the output's embedding), and the plan's
+notes say so.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo
 from .config import MergeConfig
 from .dlec import expanded
 from .errors import ConfigError, ModelError
-from .layout import Layout, check_same_architecture, layout_of
+from .layout import Layout, OptionalTensor, check_same_architecture, layout_of
 from .plan import Choice, Plan, PlanEntry, Tethers, output_order
 from .select import Health, choices_of, health_of
+from .sidefiles import module_notes
 from .sources import resolve_model
 from .spectra import NOT_FINITE, finite_problem, pick_device
 from .tether import compatibility_of, tether_groups, tether_warnings
@@ -46,22 +52,28 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
             return plan_merge(config, cache=own, quiet=quiet)
     names = [spec.ref for spec in config.candidates]
     resolved = {spec.ref: resolve_model(spec) for spec in config.candidates}
+    notes = module_notes(resolved[config.base.ref].path)  # a modules.json path outside the base is refused here
     computed, reused = cache.computed, cache.reused
     with ExitStack() as stack:
         checkpoints = {name: stack.enter_context(Checkpoint.open(resolved[name].path)) for name in names}
-        check_same_architecture(checkpoints, same_dtype=config.dtype == "keep")
-        infos = checkpoints[config.base.ref].tensors
+        optional = check_same_architecture(checkpoints, same_dtype=config.dtype == "keep")
+        infos = dict(checkpoints[config.base.ref].tensors)
+        infos |= {t: checkpoints[o.holders[0]].tensors[t] for t, o in optional.items() if t not in infos}
         layout = layout_of(list(infos))
+        # what is scored, tethered and chosen: the tensors every candidate has
+        shared = Layout(layout.stack, {t: d for t, d in layout.depths.items() if t not in optional})
+        shared_infos = {t: info for t, info in infos.items() if t not in optional}
         metrics: dict[str, dict[str, dict]] = {name: {} for name in names}
         tethers, choices, warnings = None, [], []
         if len(names) > 1:
-            matrices = [t for t, info in infos.items() if info.is_matrix]
+            matrices = [t for t, info in shared_infos.items() if info.is_matrix]
             with tqdm(total=len(names) * len(matrices), desc="spectra", unit="matrix", disable=quiet) as bar:
                 for name in names:
                     metrics[name] = cache.metrics_of_all(checkpoints[name], matrices, config.device, bar)
             others = names[1:]
-            health = health_of(metrics, {n: nonfinite_tensors(checkpoints[n]) for n in names}, config.selection)
-            groups = tether_groups(layout, infos, config.selection)
+            health = health_of(metrics, {n: nonfinite_tensors(checkpoints[n], optional) for n in names},
+                               config.selection)
+            groups = tether_groups(shared, shared_infos, config.selection)
             scores = compatibility_of(checkpoints, groups, names[0], others, config.tether.measure, cache, quiet)
             base_nonfinite = {t for t, why in health.unusable[names[0]].items() if why == NOT_FINITE}
             unmeasured = tuple(g for g, tensors in groups.items() if base_nonfinite.intersection(tensors))
@@ -69,16 +81,19 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
             tethers = dataclasses.replace(tethers, warnings=tether_warnings(tethers, others))
             warnings = unusable_warnings(health, layout)
             try:
-                choices = choices_of(layout, infos, metrics, names, config.selection, tethers, health)
+                choices = choices_of(shared, shared_infos, metrics, names, config.selection, tethers, health)
             except (ConfigError, ModelError) as exc:
                 raise type(exc)(f"{config.source or 'config'}: {exc}") from None
     chosen = {t: c for c in choices for t in c.tensors}
-    entries = [plan_entry(t, infos[t], chosen.get(t), config)
-               for t in sorted(infos, key=lambda t: output_order(t, layout.depths[t]))]
+    by_name = {t: plan_entry(t, info, chosen.get(t), config) for t, info in shared_infos.items()}
+    for t, tensor in optional.items():  # after the others: a tied head copies its embedding's entry
+        by_name[t] = optional_entry(tensor, infos[t], by_name, config)
+    entries = [by_name[t] for t in sorted(by_name, key=lambda t: output_order(t, layout.depths[t]))]
     plan = Plan(candidates=names, sources={n: r.path for n, r in resolved.items()},
                 revisions={n: r.revision for n, r in resolved.items()}, base=config.base.ref,
                 output_dir=config.output_dir, shard_size=config.shard_size, entries=entries,
-                choices=choices, metrics=metrics, selection=config.selection, tethers=tethers, warnings=warnings)
+                choices=choices, metrics=metrics, selection=config.selection, tethers=tethers, warnings=warnings,
+                notes=optional_notes(optional, by_name) + notes)
     if config.dlec is not None:
         plan = expanded(plan, config.dlec, cache, pick_device(config.device), quiet)
     plan.spectra_computed, plan.spectra_reused = cache.computed - computed, cache.reused - reused
@@ -95,11 +110,46 @@ def plan_entry(name: str, info: TensorInfo, choice: Choice | None, config: Merge
     return PlanEntry(name, source, name, dtype, info.shape)
 
 
-def nonfinite_tensors(checkpoint: Checkpoint) -> dict[str, str]:
-    """The floating-point tensors other than matrices (norms, biases) that hold a NaN or Inf; the
-    matrices' own come with their spectra."""
+def optional_entry(tensor: OptionalTensor, info: TensorInfo, entries: dict[str, PlanEntry],
+                   config: MergeConfig) -> PlanEntry:
+    """An optional tensor, never chosen by score: a tied head is a copy of the output's embedding
+    entry (so the two stay equal, whichever candidate supplies the embedding); anything else comes
+    as is from the first candidate that has it, the base when it does."""
+    why = f"{tensor.why}, missing from {quoted(tensor.missing_from)}"
+    if tensor.tied_to is not None:
+        return dataclasses.replace(entries[tensor.tied_to], name=tensor.name, optional=why)
+    return PlanEntry(tensor.name, tensor.holders[0], tensor.name, output_dtype(info.dtype, config.dtype),
+                     info.shape, optional=why)
+
+
+def optional_notes(optional: dict[str, OptionalTensor], entries: dict[str, PlanEntry]) -> list[str]:
+    """One line per kind of optional tensor, the candidates that lack it and where it came from:
+    'embeddings.position_ids: an integer buffer (nothing learned), missing from 'a': taken from 'base''."""
+    groups: dict[tuple[str, tuple[str, ...], str], list[str]] = {}
+    for name, tensor in optional.items():
+        entry = entries[name]
+        source = (f"a blend of {quoted(entry.candidates)}" if entry.transform == "blend"
+                  else quoted([entry.source]))
+        how = (f"written as a copy of the output's {tensor.tied_to} (from {source})" if tensor.tied_to
+               else f"taken from {source}")
+        groups.setdefault((tensor.why, tensor.missing_from, how), []).append(name)
+    lines = []
+    for (why, missing, how), names in groups.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        lines.append(f"{shown}: {why} (nothing learned), missing from {quoted(missing)}: {how}")
+    return lines
+
+
+def quoted(names) -> str:
+    return ", ".join(f"'{n}'" for n in names)
+
+
+def nonfinite_tensors(checkpoint: Checkpoint, skip=()) -> dict[str, str]:
+    """The floating-point tensors other than matrices (norms, biases) that hold a NaN or Inf, except
+    those in `skip` (optional tensors: a mask buffer may hold -inf); the matrices' own come with
+    their spectra."""
     return {name: NOT_FINITE for name, info in checkpoint.tensors.items()
-            if info.dtype in FLOAT_DTYPES and not info.is_matrix
+            if info.dtype in FLOAT_DTYPES and not info.is_matrix and name not in skip
             and finite_problem(checkpoint.read_bytes(name), info.dtype) is not None}
 
 

@@ -7,7 +7,8 @@ copy). The plan also carries the per-group choices (depth, each candidate's scor
 the blend), every matrix's metrics, each candidate's compatibility with the base (tethers), and
 after a DLEC pass the expansion (which blocks were copied where, with their
 importance) and the rewritten config.json; the dry run prints it, the report records it, and the
-writer executes it.
+writer executes it. An optional tensor (layout.OPTIONAL_TENSORS: a buffer, a tied head) that some
+candidates lack is an entry like any other, marked with why it is optional and which lack it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class PlanEntry:
     shape: tuple[int, ...]
     transform: str | None = None  # "zero": zeros of this dtype and shape; "blend": the mean over `blend`
     blend: tuple[tuple[str, float], ...] = ()  # (candidate, weight), the weights summing to 1
+    optional: str | None = None  # a tensor some candidates lack (nothing learned): why, and which lack it
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -127,6 +129,7 @@ class Plan:
     tethers: Tethers | None = None
     expansion: Expansion | None = None
     warnings: list[str] = field(default_factory=list)  # tensors that cannot be used (NaN/Inf, all zero)
+    notes: list[str] = field(default_factory=list)  # optional tensors' sources, module folders copied as is
 
     def to_dict(self) -> dict:
         return {
@@ -137,6 +140,7 @@ class Plan:
             "tethers": None if self.tethers is None else asdict(self.tethers),
             "expansion": None if self.expansion is None else asdict(self.expansion),
             "warnings": self.warnings,
+            "notes": self.notes,
             "entries": [asdict(e) | {"shape": list(e.shape), "blend": dict(e.blend)} for e in self.entries],
         }
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from . import __version__
 from .config import MergeConfig, Selection
 from .importance import IMPORTANCE_LABELS
-from .metrics import METRICS
+from .metrics import METRICS, path_counts
 from .plan import Expansion, Plan, Tethers
 from .select import rule_of
 
@@ -98,6 +98,8 @@ Made by mastermerge {__version__} from `{plan.base}` by duplicating its most imp
 """
     if plan.expansion is not None:
         body += "\n" + expansion_section(plan.expansion, curve)
+    if plan.notes:
+        body += "\n## Notes\n" + "".join(f"\n- {note}" for note in plan.notes) + "\n"
     return front + body + "\nEvery metric and every tensor's source are in merge_report.json.\n"
 
 
@@ -214,6 +216,11 @@ def selection_sentence(selection: Selection) -> str:
     return f"Score: the mean {what}; the {'highest' if selection.goal == 'max' else 'lowest'} wins."
 
 
+def spectrum_paths(plan: Plan) -> dict[str, dict[str, int]]:
+    """Per candidate, how many of its matrices' spectra took each path (spectra.PATHS)."""
+    return {candidate: path_counts(metrics.values()) for candidate, metrics in plan.metrics.items()}
+
+
 def report_of(plan: Plan, config: MergeConfig, files: dict[str, dict]) -> dict:
     """merge_report.json: version, inputs with revisions, config, every score, the plan, the
     weight files (`shards`, in order) and, for each of them and the index json, its size and
@@ -227,6 +234,7 @@ def report_of(plan: Plan, config: MergeConfig, files: dict[str, dict]) -> dict:
                     "base": c == plan.base} for c in plan.candidates],
         "selection": asdict(plan.selection),
         "metrics": plan.metrics,
+        "spectrum_paths": spectrum_paths(plan),
         "plan": plan.to_dict(),
         "shards": [name for name in files if name.endswith(".safetensors")],
         "files": files,

@@ -3,7 +3,8 @@
 Hub models go through huggingface_hub, so HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and tokens
 (HF_TOKEN or `hf auth login`) work the standard way. Only what a merge needs is downloaded:
 the safetensors weights, the json files and the tokenizer files; pickled .bin weights only when
-the repo has no safetensors.
+the repo has no safetensors; and the module folders a sentence-transformers modules.json names
+(a Dense layer's weights among them), which the output keeps (sidefiles.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from .config import ModelSpec
 from .errors import ModelError
+from .sidefiles import MODULES, module_folders
 
 SIDE_FILES = ["*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt", "vocab.json",
               "spiece.model", "sentencepiece.bpe.model", "*.jinja"]
@@ -48,7 +50,7 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
             try:
                 info = HfApi().model_info(spec.repo_id, revision=revision)  # one request, no retries
                 files = [sibling.rfilename for sibling in info.siblings or []]
-                patterns = weight_patterns(files, spec.ref) + SIDE_FILES
+                patterns = weight_patterns(files, spec.ref) + SIDE_FILES + module_patterns(spec, revision, files)
             except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError, ModelError):
                 raise
             except Exception:  # the hub is unreachable: use what the local cache holds
@@ -68,6 +70,15 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
                else f"the hub cannot be reached and it is not in the local cache ({type(exc).__name__})")
         raise ModelError(f"model '{spec.ref}': cannot download: {why}") from None
     return ResolvedModel(spec=spec, path=folder, revision=folder.name)
+
+
+def module_patterns(spec: ModelSpec, revision: str, files: list[str]) -> list[str]:
+    """Everything under the module folders of the repo's modules.json (downloaded first to read them)."""
+    if MODULES not in files:
+        return []
+    from huggingface_hub import hf_hub_download
+    folder = Path(hf_hub_download(spec.repo_id, MODULES, revision=revision)).parent
+    return [f"{module}/*" for module in module_folders(folder)]
 
 
 def weight_patterns(files: list[str], ref: str) -> list[str]:

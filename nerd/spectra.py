@@ -1,4 +1,4 @@
-"""Exact singular-value spectra of weight matrices and the Normalized Effective Rank (NER).
+"""Exact singular-value spectra of weight matrices, and which path each one took.
 
 The fastest exact path on a CPU is the k x k Gram matrix (k = the shorter side) in float64
 followed by LAPACK's symmetric eigensolver; its eigenvalues are the squared singular values.
@@ -6,20 +6,31 @@ On the CPU the Gram matrix is built with numpy in row slices of W converted to f
 (CHUNK_ELEMENTS, or k rows if more, at a time, so a large embedding is never held whole in
 float64), each slice's C^T C a symmetric rank-k update (BLAS syrk: half the work of a general
 product); the eigenvalues come from numpy's LAPACK, or torch's for k >= LARGE_K, whichever we
-measured faster at the size. (The earlier all-torch path interleaved torch's thread pool with
-its own LAPACK calls and ran three times slower on two cores.) On CUDA (`device` cuda) the
-same work runs on the GPU in float64 with torch, and `spectra_of` batches matrices of equal
-shape (one batched product and one batched solver call per group), keeping the data on the device.
+measured faster at the size. On CUDA (`device` cuda) the same work runs on the GPU in float64
+with torch, and `spectra_of` batches matrices of equal shape (one batched product and one
+batched solver call per group), keeping the data on the device.
 
-The Gram route loses relative accuracy on singular values far below the largest one (its
-eigenvalues carry an absolute error of about k * eps * lambda_max), so every Gram spectrum gets
-a worst-case bound on the NER error that error can cause, and a bound on the relative error of
-its smallest singular value; a matrix whose NER bound exceeds NER_TOLERANCE, or whose s_min is
-not known to SMIN_TOLERANCE (rank-deficient or very ill-conditioned ones), is redone with a
-float64 SVD. So every NER is exact to 1e-9, s_min to 0.1%, and a Gram spectrum is only kept
-when the matrix is certainly of full numerical rank (ranks are then exact too). A NaN or Inf in
-W shows in the Gram matrix's diagonal (each entry is the sum of squares of one column), so it
-is found without a separate pass over W. The metrics derived from a spectrum are in metrics.py.
+Exactness is proven per matrix, not assumed. Every eigenvalue of the computed Gram matrix is
+taken to be off by at most delta = (sqrt(k) + sqrt(m)) * eps * lambda_max (LAPACK's documented
+bound for the symmetric eigensolver, p(k) eps ||G||, with p(k) = sqrt(k), plus sqrt(m) for the
+m-term sums that form G), which bounds each singular value's error; `ner_error_bound` turns
+those per-value bounds into a rigorous bound on the NER error (mean value theorem with the exact
+derivative dH/ds_i = -(ln p_i + H) / S, its variation over the error box included). Three paths:
+
+- `gram`: the bound is within NER_TOLERANCE, s_min is known to SMIN_TOLERANCE and the matrix is
+  certainly of full numerical rank. Trained matrices with condition numbers up to about 1e4
+  (power-law spectra) stay here.
+- `refined`: the bound is not met, but only because of the smallest singular values (at most
+  REFINE_SHARE of them): the eigenvectors of the Gram matrix's smallest eigenvalues span an
+  approximate subspace V; the singular values of W V (Rayleigh-Ritz) replace them, each with the
+  error bound ||W^T U - V' S|| / sqrt(2) (Kahan's residual theorem on [[0, W], [W^T, 0]]) plus
+  rounding, and the bound is checked again.
+- `svd`: a float64 SVD (LAPACK gesdd), the last resort: rank-deficient or extremely
+  ill-conditioned matrices.
+
+A NaN or Inf in W shows in the Gram matrix's diagonal (each entry is the sum of squares of one
+column), so it is found without a separate pass over W. The metrics derived from a spectrum are
+in metrics.py.
 """
 
 from __future__ import annotations
@@ -32,25 +43,28 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .bounds import gram_errors, proven, ritz_errors, tail_to_refine
+
 if TYPE_CHECKING:
     import torch
 
-NER_TOLERANCE = 1e-9  # the largest NER error the Gram route may cause before we use an SVD instead
-SPECTRUM_VERSION = "2"  # bump when the computation changes: cached spectra are then recomputed
-SMIN_TOLERANCE = 1e-3  # the largest relative error of s_min the Gram route may cause
-EPS = float(np.finfo(np.float64).eps)
+SPECTRUM_VERSION = "3"  # bump when the computation changes: cached spectra are then recomputed
 CHUNK_ELEMENTS = 2**23  # elements of W converted to float64 at a time (64 MB), but at least k rows
 LARGE_K = 2048  # from this size on, torch's LAPACK (MKL) solves the eigenproblem faster than numpy's
 BATCH_BYTES = 2**30  # float64 bytes of equal-shape matrices stacked into one CUDA batch
+GRAM, REFINED, SVD = "gram", "refined", "svd"  # a Spectrum's paths
+PATHS = (GRAM, REFINED, SVD)
 
 
 @dataclass(frozen=True)
 class Spectrum:
-    """Singular values of one matrix (of `shape`) in float64, descending, or why there are none."""
+    """Singular values of one matrix (of `shape`) in float64, descending, or why there are none;
+    `path` says how they were computed (GRAM, REFINED or SVD; None without values)."""
 
     values: np.ndarray | None
     shape: tuple[int, ...]
     problem: str | None = None
+    path: str | None = None
 
 
 GPU_DEVICE_FILES = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL
@@ -80,7 +94,8 @@ def spectrum_of(matrix: torch.Tensor | np.ndarray, device: torch.device | str = 
     tall = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T
     gram = gram_matrix(tall)
     return spectrum_from_gram(eigenvalues_of(gram) if gram is not None else None, tuple(matrix.shape),
-                              lambda: np.linalg.svd(float64_rows(tall, 0, tall.shape[0]), compute_uv=False))
+                              lambda: np.linalg.svd(float64_rows(tall, 0, tall.shape[0]), compute_uv=False),
+                              lambda count, s_max: refined_tail(tall, gram, count, s_max))
 
 
 def spectra_of(matrices: list[torch.Tensor | np.ndarray], device: torch.device | str = "cpu") -> list[Spectrum]:
@@ -92,7 +107,9 @@ def spectra_of(matrices: list[torch.Tensor | np.ndarray], device: torch.device |
 
 
 def batched_spectra(matrices: list[torch.Tensor], device: torch.device) -> list[Spectrum]:
-    """The device path of spectra_of, with torch (it runs on the CPU too, which the tests use)."""
+    """The device path of spectra_of, with torch (it runs on the CPU too, which the tests use).
+    A matrix the Gram route cannot resolve goes to torch's float64 SVD on the device (no refined
+    path there: the SVD of one matrix on a GPU costs little next to moving it)."""
     import torch
     results: list[Spectrum | None] = [None] * len(matrices)
     by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -114,17 +131,48 @@ def batched_spectra(matrices: list[torch.Tensor], device: torch.device) -> list[
     return results
 
 
-def spectrum_from_gram(eigenvalues: np.ndarray | None, shape: tuple[int, ...], svd) -> Spectrum:
+def spectrum_from_gram(eigenvalues: np.ndarray | None, shape: tuple[int, ...], svd, refine=None) -> Spectrum:
     """The spectrum from the Gram matrix's eigenvalues (ascending, as LAPACK gives them; None when W
-    had a NaN or Inf), or from `svd()` when the Gram route cannot be trusted for this matrix."""
+    had a NaN or Inf) when they are proven exact enough; else from `refine(count)` (the `count`
+    smallest singular values again, with their error bounds) when that proves them; else `svd()`."""
     if eigenvalues is None:
         return Spectrum(None, shape, NOT_FINITE)
-    eigenvalues = np.clip(eigenvalues[::-1], 0, None)
+    eigenvalues = np.clip(np.asarray(eigenvalues, dtype=np.float64)[::-1], 0, None)
     if eigenvalues[0] == 0:
-        return Spectrum(np.zeros(len(eigenvalues)), shape, ALL_ZERO)
-    if gram_ner_error(eigenvalues) > NER_TOLERANCE or gram_smin_error(eigenvalues) > SMIN_TOLERANCE:
-        return Spectrum(np.asarray(svd(), dtype=np.float64), shape)
-    return Spectrum(np.sqrt(eigenvalues), shape)
+        return Spectrum(np.zeros(len(eigenvalues)), shape, ALL_ZERO, GRAM)
+    values, errors = np.sqrt(eigenvalues), gram_errors(eigenvalues)
+    if proven(values, errors, shape):
+        return Spectrum(values, shape, path=GRAM)
+    count = tail_to_refine(values, errors) if refine is not None else None
+    if count is not None:
+        tail, tail_errors = refine(count, values[0] + errors[0])
+        if tail_errors is not None:
+            values, errors = np.concatenate([values[:-count], tail]), np.concatenate([errors[:-count], tail_errors])
+            if proven(values, errors, shape):
+                return Spectrum(values, shape, path=REFINED)
+    return Spectrum(np.asarray(svd(), dtype=np.float64), shape, path=SVD)
+
+
+def refined_tail(tall: np.ndarray, gram: np.ndarray, count: int, s_max: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """The `count` smallest singular values of a tall W again (descending) with their error bounds
+    (bounds.ritz_errors; None when they cannot be proven), by Rayleigh-Ritz: V = the Gram matrix's
+    eigenvectors of its `count` smallest eigenvalues (LAPACK syevr on that subset), the singular
+    values of Y = W V, whose condition number is only that of the tail, and the residual
+    W^T Y - V Y^T Y of the subspace (`s_max` bounds the largest singular value)."""
+    from scipy.linalg import eigh
+    eigenvalues, basis = eigh(gram, subset_by_index=[0, count], driver="evr", check_finite=False)
+    basis = np.ascontiguousarray(basis[:, :count])  # the last one only gives the next eigenvalue
+    m = tall.shape[0]
+    step = max(tall.shape[1], CHUNK_ELEMENTS // tall.shape[1])
+    rows = [(start, min(start + step, m)) for start in range(0, m, step)]
+    projected = np.empty((m, count))
+    for start, stop in rows:
+        projected[start:stop] = float64_rows(tall, start, stop) @ basis
+    residual = -basis @ (projected.T @ projected)
+    for start, stop in rows:
+        residual += float64_rows(tall, start, stop).T @ projected[start:stop]
+    values = np.linalg.svd(projected, compute_uv=False)
+    return values, ritz_errors(values, float(np.linalg.norm(residual)), float(eigenvalues[count]), s_max, tall.shape)
 
 
 def gram_matrix(tall: np.ndarray) -> np.ndarray | None:
@@ -196,33 +244,3 @@ def as_torch(matrix) -> torch.Tensor:
     if matrix.dtype == np.uint16:
         return torch.from_numpy(matrix.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(matrix)
-
-
-def gram_smin_error(eigenvalues: np.ndarray) -> float:
-    """Worst-case relative error of the smallest singular value taken from these Gram eigenvalues
-    (descending): an eigenvalue error d = k * eps * lambda_max moves s_min by d / (2 s_min^2)
-    relatively; infinite when s_min may be zero."""
-    eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
-    d = len(eigenvalues) * EPS * float(eigenvalues[0])
-    smallest = float(eigenvalues[-1])
-    return math.inf if smallest <= d else d / (2 * smallest)
-
-
-def gram_ner_error(eigenvalues: np.ndarray) -> float:
-    """Worst-case NER error of singular values taken from these Gram eigenvalues (descending).
-
-    Each eigenvalue may be off by d = k * eps * lambda_max, so s_i = sqrt(lambda_i) by
-    d / (2 s_i), or by sqrt(d) where s_i is that small; the bound sums the first-order change
-    of H = -sum p_i ln p_i over those perturbations and divides by ln k.
-    """
-    eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
-    k = len(eigenvalues)
-    if k == 1:
-        return 0.0
-    d = k * EPS * eigenvalues[0]
-    s = np.sqrt(eigenvalues)
-    ds = np.where(s > math.sqrt(d), d / (2 * np.maximum(s, np.finfo(np.float64).tiny)), math.sqrt(d))
-    total = s.sum()
-    p = s / total
-    dp = ds / total + p * ds.sum() / total
-    return float(((np.abs(np.log(np.maximum(p, ds / total))) + 1) * dp).sum() / math.log(k))

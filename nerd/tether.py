@@ -55,7 +55,8 @@ Sums = tuple[float, float, float]  # <c, b>, |c|^2, |b|^2
 
 def tether_groups(layout: Layout, infos: dict[str, TensorInfo], selection: Selection) -> dict[str, list[str]]:
     """The floating-point tensors compared for each group: every depth's block, and the non-layer
-    group when it competes (taken from the base, it needs no gate)."""
+    group when it competes (taken from the base, it needs no gate). The layout holds the tensors
+    every candidate has: optional ones that some lack (buffers, a tied head) are not compared."""
     def floats(tensors):
         return [t for t in tensors if infos[t].dtype in FLOAT_DTYPES]
     groups = {str(d): floats(layout.block(d)) for d in range(layout.num_layers)}

@@ -41,7 +41,8 @@ from .dlec import LAYER_COUNT_KEYS, layer_section
 from .errors import ModelError, first_line
 from .layout import layout_of
 from .plan import INPUT_EMBEDDING
-from .write import HASH_CHUNK, INDEX, WEIGHT_SUFFIXES
+from .sidefiles import WEIGHT_SUFFIXES
+from .write import HASH_CHUNK, INDEX
 
 REPORT = "merge_report.json"
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -399,7 +400,7 @@ def check_config(directory: Path, headers: dict[str, list[TensorInfo]],
                                           f"({layout.stack}.0 to {layout.stack}.{layers - 1})"))
     width_key = next((k for k in WIDTH_KEYS if k in section), None)
     embeddings = [info for name, info in infos.items()
-                  if layout.depths.get(name) is None and INPUT_EMBEDDING.search(name) and len(info.shape) == 2]
+                  if layout.depths.get(name) is None and INPUT_EMBEDDING.search(name) and info.is_matrix]
     if width_key is not None and len({info.shape[1] for info in embeddings}) == 1:
         value, embedding = section[width_key], embeddings[0]
         if value != embedding.shape[1]:

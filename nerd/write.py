@@ -15,8 +15,6 @@ import copy
 import hashlib
 import json
 import os
-import re
-import shutil
 import struct
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,12 +29,10 @@ from .errors import ModelError, OutputError
 from .plan import Plan, PlanEntry
 from .plots import compatibility_heatmap, expansion_curve, merge_heatmap
 from .report import model_card, report_of
+from .sidefiles import copy_side_files
 from .staging import staged_dir
 from .tether import blended_slices
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-NOT_COPIED = ("config.json", "README.md", "merge_report.json")
-OUR_FIGURES = re.compile(r"(heatmap_[\w.-]+|expansion_curve)\.png")
 INDEX = "model.safetensors.index.json"
 HASH_CHUNK = 8 * 2**20  # bytes read back and hashed at a time
 HASH_BATCH = 2**20  # new bytes handed to the hasher at once, at least (not every layer norm)
@@ -279,14 +275,3 @@ def write_config(plan: Plan, tmp: Path) -> None:
             if key in config:
                 config[key] = dtype
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-
-
-def copy_side_files(base: Path, tmp: Path) -> None:
-    """Every top-level file of the base except weights, config.json, README.md and the figures of
-    an earlier merge (a base that is itself our output): tokenizer files, generation_config.json,
-    chat templates, license, custom code."""
-    for path in sorted(base.iterdir()):
-        if (path.is_file() and not path.name.startswith(".") and path.suffix not in WEIGHT_SUFFIXES
-                and not path.name.endswith(".index.json") and path.name not in NOT_COPIED
-                and not OUR_FIGURES.match(path.name)):
-            shutil.copyfile(path, tmp / path.name)

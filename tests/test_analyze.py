@@ -54,8 +54,13 @@ def test_tables_hold_one_row_per_matrix_with_every_metric(analyzed):
     with open(out / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     document = json.loads((out / "metrics.json").read_text())
-    assert list(rows[0]) == ["model", "tensor", "depth", "shape", *METRICS, "problem"]
+    assert list(rows[0]) == ["model", "tensor", "depth", "shape", *METRICS, "problem", "path"]
     assert len(rows) == len(document["rows"]) == sum(len(matrices_of(m)) for m in analyzed["models"])
+    for model in analyzed["models"]:  # every matrix's path is in the rows, and counted in the summary
+        paths = [r["path"] for r in rows if r["model"] == str(model)]
+        assert set(paths) <= {"gram", "refined", "svd"}
+        assert document["summary"][str(model)]["spectrum_paths"] == {p: paths.count(p) for p in ("gram", "refined", "svd")}
+    assert "spectra: " in analyzed["printed"] and " gram, " in analyzed["printed"]
     for model in analyzed["models"]:
         mine = {r["tensor"]: r for r in rows if r["model"] == str(model)}
         matrices = matrices_of(model)

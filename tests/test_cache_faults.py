@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from examples.tiny_models import build_model
-from nerd.cache import MetricCache
+from nerd.cache import SCHEMA_VERSION, MetricCache
 from nerd.checkpoint import Checkpoint
 from nerd.cli import main
 
@@ -228,7 +228,7 @@ def test_processes_opening_and_writing_one_file_at_once_lose_nothing(tmp_path, s
         with closing(sqlite3.connect(tmp_path / f"{r}.sqlite")) as db:
             assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
             assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-            assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("4",)
+            assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == (SCHEMA_VERSION,)
             keys = sorted(k for (k,) in db.execute("SELECT digest FROM metrics"))
             assert keys == sorted([f"shared-{i}" for i in range(10)]
                                   + [f"w{w}-{i}" for w in range(workers) for i in range(10)])

@@ -1,10 +1,12 @@
 """NER and spectra against a float64 SVD reference, and the edge cases."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from nerd.bounds import GRAM_FACTOR, NER_TOLERANCE, gram_errors, ner_error_bound
 from nerd.metrics import metrics_of, ner
@@ -212,3 +214,24 @@ def test_ner_bound_is_rigorous_on_a_perturbed_spectrum():
         moved = values + errors * rng.choice([-1.0, 1.0], len(values))
         assert abs(ner(moved) - ner(values)) <= bound
     assert bound < 1e-3
+
+
+TRAINED = Path(__file__).parent / "data" / "trained-llama"  # examples/train_tiny.py: 300 steps on stdlib sources
+
+
+def trained_matrices() -> dict[str, torch.Tensor]:
+    with safe_open(str(TRAINED / "model.safetensors"), framework="pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys() if len(handle.get_slice(name).get_shape()) == 2}
+
+
+def test_every_matrix_of_a_model_trained_on_real_text_is_exact_without_an_svd():
+    matrices = trained_matrices()
+    assert len(matrices) == 30
+    paths = []
+    for name, w in matrices.items():
+        spectrum = spectrum_of(w)
+        paths.append(spectrum.path)
+        assert_exact(w, spectrum)
+        s = np.linalg.svd(w.double().numpy(), compute_uv=False)
+        np.testing.assert_allclose(spectrum.values, s, rtol=1e-6, atol=1e-12 * s[0], err_msg=name)
+    assert paths == ["gram"] * len(matrices)

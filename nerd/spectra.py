@@ -10,21 +10,19 @@ measured faster at the size. On CUDA (`device` cuda) the same work runs on the G
 with torch, and `spectra_of` batches matrices of equal shape (one batched product and one
 batched solver call per group), keeping the data on the device.
 
-Exactness is proven per matrix, not assumed. Every eigenvalue of the computed Gram matrix is
-taken to be off by at most delta = (sqrt(k) + sqrt(m)) * eps * lambda_max (LAPACK's documented
-bound for the symmetric eigensolver, p(k) eps ||G||, with p(k) = sqrt(k), plus sqrt(m) for the
-m-term sums that form G), which bounds each singular value's error; `ner_error_bound` turns
-those per-value bounds into a rigorous bound on the NER error (mean value theorem with the exact
-derivative dH/ds_i = -(ln p_i + H) / S, its variation over the error box included). Three paths:
+Exactness is proven per matrix, not assumed (bounds.py): every eigenvalue of the computed Gram
+matrix is taken to be off by at most delta = bounds.GRAM_FACTOR * eps * lambda_max (LAPACK's
+documented eigensolver bound with a margin for the sums that form G; the tests check the model),
+which bounds each singular value's error, and `bounds.ner_error_bound` turns those into a
+rigorous bound on the NER error. Each matrix takes the first of three paths that proves it:
 
 - `gram`: the bound is within NER_TOLERANCE, s_min is known to SMIN_TOLERANCE and the matrix is
   certainly of full numerical rank. Trained matrices with condition numbers up to about 1e4
   (power-law spectra) stay here.
 - `refined`: the bound is not met, but only because of the smallest singular values (at most
-  REFINE_SHARE of them): the eigenvectors of the Gram matrix's smallest eigenvalues span an
-  approximate subspace V; the singular values of W V (Rayleigh-Ritz) replace them, each with the
-  error bound ||W^T U - V' S|| / sqrt(2) (Kahan's residual theorem on [[0, W], [W^T, 0]]) plus
-  rounding, and the bound is checked again.
+  REFINE_SHARE of them): the Gram matrix's eigenvectors of its smallest eigenvalues span V, and
+  the singular values of W V (Rayleigh-Ritz) replace them, bounded by the quadratic residual
+  bound from W^T Y - V Y^T Y (bounds.ritz_errors); the NER bound is checked again.
 - `svd`: a float64 SVD (LAPACK gesdd), the last resort: rank-deficient or extremely
   ill-conditioned matrices.
 

@@ -27,7 +27,6 @@ import json
 import platform
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -40,7 +39,7 @@ sys.path.insert(0, str(HERE))
 from inputs import LLAMA_TRAINED, TRAINED_EXPONENT, build  # noqa: E402
 
 from nerd.layout import layout_of  # noqa: E402
-from nerd.metrics import metrics_of  # noqa: E402
+from nerd.metrics import metrics_of, path_counts  # noqa: E402
 from nerd.select import group_score, winner_of  # noqa: E402
 from nerd.spectra import batched_spectra, spectra_of  # noqa: E402
 
@@ -100,7 +99,7 @@ def winners(ner: dict[str, dict[str, float | None]], names: list[str]) -> list[s
 
 def paths(spectra) -> dict[str, int]:
     """How many spectra took each path (gram, refined, svd: nerd.spectra's Spectrum.path)."""
-    return dict(sorted(Counter(str(s.path) for s in spectra).items()))
+    return path_counts([{"path": s.path} for s in spectra])
 
 
 def device_name(device: str) -> str:

@@ -58,13 +58,18 @@ def ner_error_bound(values: np.ndarray, errors: np.ndarray) -> float:
         return 0.0
     if values[-1] <= 0 or not np.all(errors < MAX_RELATIVE * values):
         return math.inf
-    total = float(values.sum())
-    p = values / total
-    h = float(-(p * np.log(p)).sum())
+    total, gradient = float(values.sum()), entropy_gradient(values)
     rho, a = float((errors / values).max()), float(errors.sum()) / total
-    x = float((np.abs(np.log(p) + h) * errors).sum()) / total
+    x = float((gradient * errors).sum())
     c = 1.01 * (rho + a)
     return (x + c * a) / (1 - 2 * a) / math.log(k)
+
+
+def entropy_gradient(values: np.ndarray) -> np.ndarray:
+    """|dH/ds_i| = |ln p_i + H| / S for positive singular values, p_i = s_i / S."""
+    total = float(values.sum())
+    p = values / total
+    return np.abs(np.log(p) - float((p * np.log(p)).sum())) / total
 
 
 def tail_to_refine(values: np.ndarray, errors: np.ndarray) -> int | None:
@@ -76,10 +81,7 @@ def tail_to_refine(values: np.ndarray, errors: np.ndarray) -> int | None:
     if k < 2 or values[0] <= 0:
         return None
     positive = np.maximum(values, TINY)
-    total = float(values.sum())
-    p = positive / total
-    h = float(-(p * np.log(p)).sum())
-    share = np.abs(np.log(p) + h) * errors / total / math.log(k)
+    share = entropy_gradient(positive) * errors / math.log(k)
     within = (np.cumsum(share) <= NER_TOLERANCE / 4) & (errors < MAX_RELATIVE * positive)
     kept = int(np.argmin(within)) if not within.all() else k  # the leading run of values that may stay
     needed, most = k - kept, int(REFINE_SHARE * k)

@@ -131,8 +131,8 @@ def batched_spectra(matrices: list[torch.Tensor], device: torch.device) -> list[
 
 def spectrum_from_gram(eigenvalues: np.ndarray | None, shape: tuple[int, ...], svd, refine=None) -> Spectrum:
     """The spectrum from the Gram matrix's eigenvalues (ascending, as LAPACK gives them; None when W
-    had a NaN or Inf) when they are proven exact enough; else from `refine(count)` (the `count`
-    smallest singular values again, with their error bounds) when that proves them; else `svd()`."""
+    had a NaN or Inf) when they are proven exact enough; else from `refine(count, s_max)` (the
+    `count` smallest singular values again, with their error bounds) when that proves them; else `svd()`."""
     if eigenvalues is None:
         return Spectrum(None, shape, NOT_FINITE)
     eigenvalues = np.clip(np.asarray(eigenvalues, dtype=np.float64)[::-1], 0, None)
@@ -160,17 +160,23 @@ def refined_tail(tall: np.ndarray, gram: np.ndarray, count: int, s_max: float) -
     from scipy.linalg import eigh
     eigenvalues, basis = eigh(gram, subset_by_index=[0, count], driver="evr", check_finite=False)
     basis = np.ascontiguousarray(basis[:, :count])  # the last one only gives the next eigenvalue
-    m = tall.shape[0]
-    step = max(tall.shape[1], CHUNK_ELEMENTS // tall.shape[1])
-    rows = [(start, min(start + step, m)) for start in range(0, m, step)]
-    projected = np.empty((m, count))
-    for start, stop in rows:
-        projected[start:stop] = float64_rows(tall, start, stop) @ basis
-    residual = -basis @ (projected.T @ projected)
-    for start, stop in rows:
-        residual += float64_rows(tall, start, stop).T @ projected[start:stop]
+    projected = np.empty((tall.shape[0], count))
+    residual = np.zeros((tall.shape[1], count))
+    for start, stop in row_slices(tall):  # W read once: Y = W V and W^T Y together
+        rows = float64_rows(tall, start, stop)
+        projected[start:stop] = rows @ basis
+        residual += rows.T @ projected[start:stop]
+    residual -= basis @ (projected.T @ projected)
     values = np.linalg.svd(projected, compute_uv=False)
     return values, ritz_errors(values, float(np.linalg.norm(residual)), float(eigenvalues[count]), s_max, tall.shape)
+
+
+def row_slices(tall: np.ndarray) -> list[tuple[int, int]]:
+    """The (start, stop) row ranges W is widened to float64 in: about CHUNK_ELEMENTS each, but at
+    least k rows (a slice of fewer would waste the rank-k update)."""
+    m, k = tall.shape
+    step = max(k, CHUNK_ELEMENTS // k)
+    return [(start, min(start + step, m)) for start in range(0, m, step)]
 
 
 def gram_matrix(tall: np.ndarray) -> np.ndarray | None:
@@ -178,9 +184,8 @@ def gram_matrix(tall: np.ndarray) -> np.ndarray | None:
     about CHUNK_ELEMENTS (at least k rows each); None if W has a NaN or Inf."""
     k = tall.shape[1]
     gram = np.zeros((k, k))
-    step = max(k, CHUNK_ELEMENTS // k)  # a slice of fewer than k rows would waste the rank-k update
-    for start in range(0, tall.shape[0], step):
-        chunk = float64_rows(tall, start, start + step)
+    for start, stop in row_slices(tall):
+        chunk = float64_rows(tall, start, stop)
         gram += chunk.T @ chunk  # numpy sees the shared buffer and calls syrk
     return gram if np.isfinite(np.diagonal(gram)).all() else None
 

@@ -490,7 +490,6 @@ def test_no_weights_at_all(tmp_path):
 # --- the command line ---------------------------------------------------------------------------------
 
 def test_cli_reports_a_corrupted_candidate_in_one_line(tmp_path, capsys):
-    pytest.importorskip("transformers")
     from examples.tiny_models import build_model
     base = build_model("llama", tmp_path / "base", seed=0, tokenizer=False)
     ft = build_model("llama", tmp_path / "ft", seed=1, base_dir=base, noise=0.05, tokenizer=False)

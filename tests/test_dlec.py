@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 import yaml
 from helpers import reference_ner, tensors_of
 
@@ -21,7 +22,6 @@ from nerd.dlec import RESIDUAL_WRITER, expanded_config, layers_to_copy
 from nerd.errors import ConfigError, ModelError
 from nerd.layout import layout_of
 
-transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[1]
 TEXT = ("Rivers carry sand to the sea. The tide returns some of it, and the rest builds the delta, "
         "one thin layer each year, until the town that stood on the shore stands inland.")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 import yaml
 
 from examples.tiny_models import build_hub_cache, build_model
@@ -56,7 +57,6 @@ def test_merge_from_offline_hub_cache(hub, tmp_path):
     assert Path(report["inputs"][1]["path"]) == snapshot
     assert "base_model: testorg/tiny-base" in (out / "README.md").read_text()
 
-    transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
@@ -119,7 +119,6 @@ def test_analyze_from_offline_hub_cache(hub, tmp_path):
 
 
 def test_expand_a_sharded_model_from_offline_hub_cache(hub, tmp_path):
-    transformers = pytest.importorskip("transformers")
     out = tmp_path / "grown"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
     env.update(HF_HOME=str(hub["hf_home"]), HF_HUB_OFFLINE="1", MASTERMERGE_CACHE=str(tmp_path / "c.sqlite"))

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 import yaml
 from helpers import reference_ner, tensors_of
 
@@ -14,7 +15,6 @@ from nerd import MetricCache, load_config, plan_merge
 from nerd.cli import main
 from nerd.layout import layout_of
 
-transformers = pytest.importorskip("transformers")
 
 
 def make_family(root: Path, family: str, **kwargs) -> list[Path]:

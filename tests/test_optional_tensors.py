@@ -12,17 +12,15 @@ import json
 from pathlib import Path
 
 import pytest
+import sentence_transformers
 import torch
+import transformers
 from helpers import tensors_of
 from safetensors.torch import save_file
 from test_merge import assert_bytes_follow_plan, write_config
 
 from examples.tiny_models import build_model
 from nerd.cli import main
-
-transformers = pytest.importorskip("transformers")
-sentence_transformers = pytest.importorskip("sentence_transformers")
-
 
 def edit_weights(model: Path, add: dict | None = None, drop=()) -> None:
     """Rewrite a single-file model with tensors added or removed, as another library version saved it."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 import yaml
 from helpers import reference_ner, tensors_of
 from safetensors.torch import save_file
@@ -21,7 +22,6 @@ from nerd.cli import main
 from nerd.layout import layout_of
 from nerd.spectra import spectrum_of
 
-transformers = pytest.importorskip("transformers")
 LAYERS = 3
 
 

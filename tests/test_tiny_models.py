@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 
 from examples.tiny_models import FAMILIES, build_hub_cache, build_model, layer_index, tiny_config
 
-transformers = pytest.importorskip("transformers")
 
 LAYER_COUNT_KEY = {"gpt2": "n_layer"}  # all other families: num_hidden_layers
 HEAD_KEY = {"gpt2": "lm_head.weight", "gpt_neox": "embed_out.weight"}  # else lm_head.weight (bert: none)

@@ -21,6 +21,11 @@ what, token and window counts, layers, the dtype and device it ran in, seconds) 
 config.json and the content digest of every tensor; the text digest covers the token ids and the
 window length.
 
+`evaluations` holds what an evaluation measured (evaluate.py), so an unchanged model is never run
+on the same text again: (model digest, digest of the scored token windows with the dtype and
+device they ran in, version) -> the summed negative log-likelihood, the number of scored tokens,
+the windows, who and what, and the seconds it took.
+
 Default location: $MASTERMERGE_CACHE, else $XDG_CACHE_HOME/mastermerge/metrics.sqlite, else
 ~/.cache/mastermerge/metrics.sqlite. Delete the file to clear it.
 
@@ -69,6 +74,7 @@ T = TypeVar("T")
 
 SCHEMA_VERSION = "5"
 TETHER_VERSION = "1"  # bump when tether.sums_of changes: cached sums are then recomputed
+EVALUATION_VERSION = "1"  # bump when evaluate.py scores tokens differently: evaluations are then rerun
 META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tensors (
@@ -90,6 +96,10 @@ CREATE TABLE IF NOT EXISTS layer_stats (
     model TEXT NOT NULL, text TEXT NOT NULL, version TEXT NOT NULL, layer INTEGER NOT NULL,
     tokens INTEGER NOT NULL, cos_sum REAL NOT NULL, tail_count INTEGER NOT NULL, entries INTEGER NOT NULL,
     update_sum REAL NOT NULL, PRIMARY KEY (model, text, version, layer));
+CREATE TABLE IF NOT EXISTS evaluations (
+    model TEXT NOT NULL, text TEXT NOT NULL, version TEXT NOT NULL, model_ref TEXT NOT NULL, text_name TEXT NOT NULL,
+    kind TEXT NOT NULL, nll REAL NOT NULL, tokens INTEGER NOT NULL, windows INTEGER NOT NULL, dtype TEXT NOT NULL,
+    device TEXT NOT NULL, seconds REAL NOT NULL, created REAL NOT NULL, PRIMARY KEY (model, text, version));
 """
 SCHEMA_TABLES = ("tensors", "spectra", "metrics")  # dropped when the schema version changes
 BUSY_SECONDS = 60.0  # how long a statement waits, in all, for another process's write lock
@@ -441,6 +451,19 @@ class MetricCache:
              [(model, text, ACTIVATION_VERSION, layer, s.tokens, s.cos_sum, s.tail_count, s.entries, s.update_sum)
               for layer, s in enumerate(stats)])])
 
+    def evaluation(self, model: str, text: str) -> dict | None:
+        """An earlier evaluation of this model on these token windows: nll, tokens, windows, seconds."""
+        row = self.read_one("SELECT nll, tokens, windows, seconds FROM evaluations WHERE model=? AND text=? "
+                            "AND version=?", (model, text, EVALUATION_VERSION))
+        return None if row is None else dict(zip(("nll", "tokens", "windows", "seconds"), row))
+
+    def store_evaluation(self, model: str, text: str, run: dict) -> None:
+        """Record one evaluation: `run` has model_ref, text_name, kind, nll, tokens, windows, dtype,
+        device and seconds."""
+        self.write("INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (model, text, EVALUATION_VERSION, run["model_ref"], run["text_name"], run["kind"], run["nll"],
+                    run["tokens"], run["windows"], run["dtype"], run["device"], run["seconds"], time.time()))
+
     def remember(self, checkpoint: Checkpoint, name: str, key: str) -> None:
         """Record which digest this tensor of this (unchanged) file has (committed)."""
         file, stat = file_identity(checkpoint.tensors[name])
@@ -482,7 +505,7 @@ def set_up(db: sqlite3.Connection) -> None:
         db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         for table, version in (("spectra", SPECTRUM_VERSION), ("metrics", METRICS_VERSION),
                                ("tether_sums", TETHER_VERSION), ("activation_runs", ACTIVATION_VERSION),
-                               ("layer_stats", ACTIVATION_VERSION)):
+                               ("layer_stats", ACTIVATION_VERSION), ("evaluations", EVALUATION_VERSION)):
             db.execute(f"DELETE FROM {table} WHERE version != ?", (version,))
 
 

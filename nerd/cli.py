@@ -28,7 +28,7 @@ from .config import DEVICES, IMPORTANCE, INITS, expand_config, index_of_each, lo
 from .errors import ConfigError, IntegrityError, MergeError
 from .interrupts import exit_code, interrupts_raised
 from .pipeline import plan_merge
-from .report import choice_table, expansion_table, spectrum_paths, tether_table
+from .report import choice_table, evaluation_table, expansion_table, spectrum_paths, tether_table
 from .spectra import cuda_available
 from .staging import staged_dir
 from .verify import verify_output
@@ -204,7 +204,8 @@ def run_configs(configs: list, args: argparse.Namespace) -> int:
                 plan = plan_merge(config, cache=cache, quiet=args.quiet)
                 if not args.json and (args.dry_run or not args.quiet):
                     print(plan_text(config, plan) + "\n")
-                for warning in plan.warnings + (plan.tethers.warnings if plan.tethers else []):
+                evaluation_warnings = plan.evaluation.warnings if plan.evaluation else []
+                for warning in plan.warnings + (plan.tethers.warnings if plan.tethers else []) + evaluation_warnings:
                     print(f"mastermerge: warning: {config.source}: {warning}", file=sys.stderr)
                 for note in plan.notes if not args.quiet else ():
                     print(f"mastermerge: note: {config.source or 'expand ' + plan.base}: {note}", file=sys.stderr)
@@ -287,6 +288,8 @@ def plan_text(config, plan) -> str:
         parts.append(tether_table(plan))
     if plan.expansion is not None:
         parts.append(expansion_table(plan))
+    if plan.evaluation is not None:
+        parts.append(evaluation_table(plan.evaluation))
     return "\n".join(parts)
 
 
@@ -303,9 +306,11 @@ def summary_of(config, plan, written: bool) -> dict:
         "candidates": plan.candidates,
         "base": plan.base,
         "choices": [{"group": c.group, "depth": c.depth, "scores": c.scores, "winner": c.winner,
-                     "blend": c.blend, "note": c.note} for c in plan.choices],
+                     "runner_up": c.runner_up, "margin": c.margin, "blend": c.blend, "note": c.note}
+                    for c in plan.choices],
         "tethers": None if plan.tethers is None else asdict(plan.tethers),
         "expansion": None if plan.expansion is None else asdict(plan.expansion),
+        "evaluation": None if plan.evaluation is None else asdict(plan.evaluation),
         "spectra_computed": plan.spectra_computed,
         "spectrum_paths": spectrum_paths(plan),
         "spectra_reused": plan.spectra_reused,

@@ -30,7 +30,8 @@ SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
-TOP_KEYS = ("models", "base_model", "output_dir", "selection", "dtype", "shard_size", "device", "tether", "dlec")
+TOP_KEYS = ("models", "base_model", "output_dir", "selection", "dtype", "shard_size", "device", "tether", "dlec",
+            "evaluate")
 SELECTION_KEYS = ("granularity", "non_layer", "metric", "goal", "target", "zero_matrices")
 ZERO_MATRICES = ("exclude", "allow")
 GOALS = ("max", "min", "target")
@@ -43,6 +44,9 @@ MEASURES = ("cosine", "min_cosine", "l2")
 MODES = ("select", "blend")
 BLEND_WEIGHTS = ("equal", "score", "compatibility")
 INITS = ("copy", "identity")
+EVALUATE_KEYS = ("texts", "max_tokens", "max_length", "stride", "strategies", "choose_by", "trust_remote_code")
+STRATEGY_KEYS = ("name", "selection", "tether")
+CONFIGURED = "as configured"  # the name of the config's own selection and tether settings among the strategies
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,51 @@ class DlecOptions:
 
 
 @dataclass(frozen=True)
+class Strategy:
+    """One variant of the selection and tether settings that an evaluation compares: the config's
+    own sections with `settings` (('tether.mode', 'blend'), ...) given over them."""
+
+    name: str
+    selection: Selection
+    tether: TetherOptions
+    settings: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """Perplexity evaluation (evaluate.py): the texts, how many of their tokens, the window length
+    (None: the model's context, at most max_tokens) and stride (None: half a window), and for a
+    merge the strategies compared and what chooses among them (`mean` over the texts, or one text).
+    `where` and `cli` say how errors name a key: 'merge.yaml: evaluate.texts' or 'evaluate: --text'."""
+
+    texts: tuple[Path, ...]
+    names: tuple[str, ...]  # each text as the user wrote it
+    max_tokens: int = 4096
+    max_length: int | None = None
+    stride: int | None = None
+    strategies: tuple[Strategy, ...] = ()
+    choose_by: str = "mean"
+    trust_remote_code: bool = False
+    where: str = field(default="config", compare=False)
+    cli: bool = field(default=False, compare=False)
+
+    def key(self, name: str) -> str:
+        """How the user wrote this option: evaluate.max_length in a config, --max-length on the command line."""
+        if self.cli:
+            return "--text" if name == "texts" else "--" + name.replace("_", "-")
+        return f"evaluate.{name}"
+
+    def setting(self, name: str, value: str) -> str:
+        if self.cli:
+            return self.key(name) + ("" if value == "true" else f" {value}")
+        return f"{self.key(name)}: {value}"
+
+    def label(self, path: Path) -> str:
+        """A text's name in tables: as the user wrote it."""
+        return self.names[self.texts.index(path)]
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     """A validated merge config. `candidates` is the tie-break order: base first, then the rest."""
 
@@ -136,6 +185,7 @@ class MergeConfig:
     device: str = "auto"
     tether: TetherOptions = field(default_factory=TetherOptions)
     dlec: DlecOptions | None = None
+    evaluate: EvaluateOptions | None = None
     source: Path | None = None
     raw: dict = field(default_factory=dict)
 
@@ -240,9 +290,10 @@ def config_from_dict(raw: Any, *, base_dir: Path, source: Path | None = None,
         raise ConfigError(f"{where}: device: 'cuda' was asked for but torch sees no CUDA device "
                           f"(is a CUDA build of torch installed?); use auto or cpu")
     dlec = None if raw.get("dlec") is None else dlec_options(raw["dlec"], base_dir, where)
+    evaluate = None if raw.get("evaluate") is None else evaluate_options(raw["evaluate"], base_dir, where, raw)
     return MergeConfig(models=models, base=base, output_dir=output_dir, selection=selection,
                        dtype=dtype, shard_size=shard_size, device=device, tether=tether, dlec=dlec,
-                       source=source, raw=raw)
+                       evaluate=evaluate, source=source, raw=raw)
 
 
 def expand_config(model: str, out: str, options: dict, *, force: bool, writing: bool, device: str = "auto",
@@ -261,9 +312,9 @@ def expand_config(model: str, out: str, options: dict, *, force: bool, writing: 
 
 def check_keys(mapping: dict, allowed: tuple[str, ...], where: str, prefix: str) -> None:
     """Refuse keys that are not allowed, suggesting the closest one (a nested key at top level too)."""
-    nested = ({key: f"{section}.{key}" for section, keys in (("selection", SELECTION_KEYS), ("tether", TETHER_KEYS),
-                                                             ("dlec", DLEC_KEYS)) for key in keys}
-              if not prefix else {})
+    sections = (("selection", SELECTION_KEYS), ("tether", TETHER_KEYS), ("dlec", DLEC_KEYS),
+                ("evaluate", EVALUATE_KEYS))
+    nested = {key: f"{section}.{key}" for section, keys in sections for key in keys} if not prefix else {}
     for key in mapping:
         if not isinstance(key, str):
             raise ConfigError(f"{where}: {prefix}{key!r}: keys must be strings, found {type_name(key)}")
@@ -383,54 +434,55 @@ def checked_output_path(value: Any, base_dir: Path, where: str, models: tuple[Mo
     return path
 
 
-def selection_options(value: Any, where: str) -> Selection:
+def selection_options(value: Any, where: str, prefix: str = "") -> Selection:
+    """Validate the `selection:` section (`prefix`: where it sits, such as 'evaluate.strategies[0].')."""
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: selection: expected a mapping, found {type_name(value)}")
-    check_keys(value, SELECTION_KEYS, where, "selection.")
-    metric = choice(value.get("metric", "ner"), tuple(METRICS), where, "selection.metric")
+        raise ConfigError(f"{where}: {prefix}selection: expected a mapping, found {type_name(value)}")
+    check_keys(value, SELECTION_KEYS, where, f"{prefix}selection.")
+    metric = choice(value.get("metric", "ner"), tuple(METRICS), where, f"{prefix}selection.metric")
     if "goal" not in value and metric != "ner":
-        raise ConfigError(f"{where}: selection.goal: required with selection.metric: {metric} "
+        raise ConfigError(f"{where}: {prefix}selection.goal: required with selection.metric: {metric} "
                           f"(max, min, or target with selection.target, e.g. goal: target, target: 2.0 for alpha)")
-    goal = choice(value.get("goal", "max"), GOALS, where, "selection.goal")
+    goal = choice(value.get("goal", "max"), GOALS, where, f"{prefix}selection.goal")
     target = value.get("target")
     if goal == "target":
         if not finite_number(target):
-            raise ConfigError(f"{where}: selection.target: goal: target needs a finite number, found {target!r}")
+            raise ConfigError(f"{where}: {prefix}selection.target: goal: target needs a finite number, found {target!r}")
         target = float(target)
     elif target is not None:
-        raise ConfigError(f"{where}: selection.target: only used with goal: target (goal is {goal})")
+        raise ConfigError(f"{where}: {prefix}selection.target: only used with goal: target (goal is {goal})")
     return Selection(
-        granularity=choice(value.get("granularity", "block"), GRANULARITIES, where, "selection.granularity"),
-        non_layer=choice(value.get("non_layer", "base"), NON_LAYER, where, "selection.non_layer"),
+        granularity=choice(value.get("granularity", "block"), GRANULARITIES, where, f"{prefix}selection.granularity"),
+        non_layer=choice(value.get("non_layer", "base"), NON_LAYER, where, f"{prefix}selection.non_layer"),
         metric=metric, goal=goal, target=target,
-        zero_matrices=choice(value.get("zero_matrices", "exclude"), ZERO_MATRICES, where, "selection.zero_matrices"),
+        zero_matrices=choice(value.get("zero_matrices", "exclude"), ZERO_MATRICES, where, f"{prefix}selection.zero_matrices"),
     )
 
 
-def tether_options(value: Any, selection: Selection, where: str) -> TetherOptions:
+def tether_options(value: Any, selection: Selection, where: str, prefix: str = "") -> TetherOptions:
     """Validate the `tether:` section."""
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: tether: expected a mapping (min_compatibility, mode, ...), "
+        raise ConfigError(f"{where}: {prefix}tether: expected a mapping (min_compatibility, mode, ...), "
                           f"found {type_name(value)}")
-    check_keys(value, TETHER_KEYS, where, "tether.")
-    measure = choice(value.get("measure", "cosine"), MEASURES, where, "tether.measure")
+    check_keys(value, TETHER_KEYS, where, f"{prefix}tether.")
+    measure = choice(value.get("measure", "cosine"), MEASURES, where, f"{prefix}tether.measure")
     low = -1.0 if measure != "l2" else -math.inf
     threshold = value.get("min_compatibility", 0.5)
     if not finite_number(threshold) or not low <= threshold <= 1:
         span = "between -1 and 1" if measure != "l2" else "at most 1"
-        raise ConfigError(f"{where}: tether.min_compatibility: expected a number {span} ({measure}; "
+        raise ConfigError(f"{where}: {prefix}tether.min_compatibility: expected a number {span} ({measure}; "
                           f"{'-1' if measure != 'l2' else 'a large negative number'} lets every candidate through), "
                           f"found {threshold!r}")
-    mode = choice(value.get("mode", "select"), MODES, where, "tether.mode")
-    weights = choice(value.get("weights", "equal"), BLEND_WEIGHTS, where, "tether.weights")
+    mode = choice(value.get("mode", "select"), MODES, where, f"{prefix}tether.mode")
+    weights = choice(value.get("weights", "equal"), BLEND_WEIGHTS, where, f"{prefix}tether.weights")
     if weights != "equal" and mode != "blend":
-        raise ConfigError(f"{where}: tether.weights: only used with tether.mode: blend (mode is {mode})")
+        raise ConfigError(f"{where}: {prefix}tether.weights: only used with tether.mode: blend (mode is {mode})")
     if weights == "score" and selection.goal != "max":
-        raise ConfigError(f"{where}: tether.weights: score weighs candidates by their selection score, which needs "
+        raise ConfigError(f"{where}: {prefix}tether.weights: score weighs candidates by their selection score, which needs "
                           f"selection.goal: max (goal is {selection.goal}, so a lower score is better); "
                           f"use equal or compatibility")
     if weights == "compatibility" and threshold <= 0:
-        raise ConfigError(f"{where}: tether.weights: compatibility needs tether.min_compatibility > 0, so every "
+        raise ConfigError(f"{where}: {prefix}tether.weights: compatibility needs tether.min_compatibility > 0, so every "
                           f"weight is positive (found {threshold!r}); use equal")
     return TetherOptions(measure=measure, min_compatibility=float(threshold), mode=mode, weights=weights)
 
@@ -469,21 +521,10 @@ def dlec_options(value: Any, base_dir: Path, where: str, cli: bool = False) -> D
         importance = choice(importance, IMPORTANCE, where, key("importance"))
     calibration = value.get("calibration")
     if calibration is not None:
-        if not isinstance(calibration, str) or not calibration.strip() or not calibration.isprintable():
-            raise ConfigError(f"{where}: {key('calibration')}: expected the path of a text file, found {calibration!r}")
-        with os_errors(where, key("calibration"), calibration):
-            path = Path(calibration).expanduser()
-            path = path if path.is_absolute() else base_dir / path
-            if path.is_dir():
-                raise ConfigError(f"{where}: {key('calibration')}: '{calibration}' is a directory, not a text file")
-            if not path.is_file():
-                raise ConfigError(f"{where}: {key('calibration')}: calibration text '{calibration}' not found "
-                                  f"(looked at {path})")
         if importance == "ner":
             raise ConfigError(f"{where}: {key('calibration')}: not used with {blank.setting('importance', 'ner')} "
                               f"(importance from the weights needs no text)")
-        with os_errors(where, key("calibration"), calibration):
-            calibration = path.resolve()
+        calibration = text_path(calibration, base_dir, where, key("calibration"), "calibration text")
     max_tokens = value.get("max_tokens", 4096)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
         raise ConfigError(f"{where}: {key('max_tokens')}: expected a number of tokens >= 2, found {max_tokens!r}")
@@ -494,6 +535,113 @@ def dlec_options(value: Any, base_dir: Path, where: str, cli: bool = False) -> D
                        calibration=calibration, max_tokens=max_tokens,
                        init=choice(value.get("init", "copy"), INITS, where, key("init")),
                        trust_remote_code=trust, where=where, cli=cli)
+
+
+def evaluate_options(value: Any, base_dir: Path, where: str, raw: dict | None = None, cli: bool = False) -> EvaluateOptions:
+    """Validate the `evaluate:` section (or the evaluate command's options, with `cli`); `raw` is
+    the whole config, whose selection and tether sections the strategies vary."""
+    blank = EvaluateOptions((), (), where=where, cli=cli)
+    key = blank.key
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: evaluate: expected a mapping (texts, max_tokens, strategies, ...), "
+                          f"found {type_name(value)}")
+    check_keys(value, EVALUATE_KEYS, where, "evaluate.")
+    texts = value.get("texts")
+    if not isinstance(texts, list) or not texts:
+        raise ConfigError(f"{where}: {key('texts')}: expected a list of text files, e.g. [held_out.txt], found "
+                          f"{texts!r}")
+    paths = tuple(text_path(t, base_dir, where, f"{key('texts')}[{i}]" if not cli else key("texts"), "text")
+                  for i, t in enumerate(texts))
+    for i, path in enumerate(paths):
+        read_text(path, where, f"{key('texts')}[{i}]" if not cli else key("texts"))
+        if path in paths[:i]:
+            raise ConfigError(f"{where}: {key('texts')}: '{texts[i]}' is given twice")
+    numbers = {}
+    for name, low in (("max_tokens", 2), ("max_length", 2), ("stride", 1)):
+        number = value.get(name)
+        if number is not None and (isinstance(number, bool) or not isinstance(number, int) or number < low):
+            raise ConfigError(f"{where}: {key(name)}: expected a whole number of tokens >= {low}, found {number!r}")
+        numbers[name] = number
+    if numbers["max_length"] and numbers["stride"] and numbers["stride"] >= numbers["max_length"]:
+        raise ConfigError(f"{where}: {key('stride')}: {numbers['stride']} must be shorter than the window "
+                          f"({key('max_length')}: {numbers['max_length']}), or no window would overlap the next")
+    names = tuple(str(t).strip() for t in texts)
+    choose_by = value.get("choose_by", "mean")
+    if choose_by != "mean" and choose_by not in names:
+        raise ConfigError(f"{where}: {key('choose_by')}: expected mean or one of the texts ({', '.join(names)}), "
+                          f"found {choose_by!r}")
+    trust = value.get("trust_remote_code", False)
+    if not isinstance(trust, bool):
+        raise ConfigError(f"{where}: {key('trust_remote_code')}: expected true or false, found {trust!r}")
+    strategies = strategies_of(value.get("strategies"), raw or {}, where) if not cli else ()
+    return EvaluateOptions(paths, names, max_tokens=numbers["max_tokens"] or 4096, max_length=numbers["max_length"],
+                           stride=numbers["stride"], strategies=strategies, choose_by=choose_by,
+                           trust_remote_code=trust, where=where, cli=cli)
+
+
+def strategies_of(value: Any, raw: dict, where: str) -> tuple[Strategy, ...]:
+    """The config's own settings (CONFIGURED) and each listed variant, validated as the sections
+    they vary are: `{name: blend, tether: {mode: blend}}` gives tether.mode: blend over the config's."""
+    if value is None:
+        value = []
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: evaluate.strategies: expected a list of variants, e.g. "
+                          f"[{{tether: {{mode: blend}}}}], found {type_name(value)}")
+    strategies = []
+    for i, item in enumerate(value):
+        at = f"evaluate.strategies[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: {at}: expected a mapping (name, selection, tether), found {type_name(item)}")
+        check_keys(item, STRATEGY_KEYS, where, f"{at}.")
+        if not any(item.get(k) for k in ("selection", "tether")):
+            raise ConfigError(f"{where}: {at}: give the selection or tether settings it changes, e.g. "
+                              f"tether: {{mode: blend}}")
+        sections = {}
+        for section in ("selection", "tether"):
+            own = item.get(section) or {}
+            if not isinstance(own, dict):
+                raise ConfigError(f"{where}: {at}.{section}: expected a mapping, found {type_name(own)}")
+            sections[section] = (raw.get(section) or {}) | own
+        selection = selection_options(sections["selection"], where, f"{at}.")
+        tether = tether_options(sections["tether"], selection, where, f"{at}.")
+        settings = tuple((f"{section}.{k}", v) for section in ("selection", "tether")
+                         for k, v in (item.get(section) or {}).items())
+        name = item.get("name", ", ".join(f"{k}: {v}" for k, v in settings))
+        if not isinstance(name, str) or not name.strip() or not name.isprintable():
+            raise ConfigError(f"{where}: {at}.name: expected a short name, found {name!r}")
+        taken = [CONFIGURED] + [s.name for s in strategies]
+        if name in taken:
+            raise ConfigError(f"{where}: {at}.name: '{name}' is already the name of "
+                              f"{'the config' if name == CONFIGURED else 'another strategy'}")
+        strategies.append(Strategy(name, selection, tether, settings))
+    return tuple(strategies)
+
+
+def text_path(value: Any, base_dir: Path, where: str, key: str, what: str) -> Path:
+    """The resolved path of a text file the config names (relative to the config file)."""
+    if not isinstance(value, str) or not value.strip() or not value.isprintable():
+        raise ConfigError(f"{where}: {key}: expected the path of a text file, found {value!r}")
+    with os_errors(where, key, value):
+        path = Path(value.strip()).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        if path.is_dir():
+            raise ConfigError(f"{where}: {key}: '{value}' is a directory, not a text file")
+        if not path.is_file():
+            raise ConfigError(f"{where}: {key}: {what} '{value}' not found (looked at {path})")
+        return path.resolve()
+
+
+def read_text(path: Path, where: str, key: str) -> str:
+    """A text file's content: ConfigError when it cannot be read, is not UTF-8 or is empty."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where}: {key}: {path} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: {key}: cannot read {path} ({exc.strerror})") from None
+    if not text.strip():
+        raise ConfigError(f"{where}: {key}: {path} is empty")
+    return text
 
 
 def choice(value: Any, allowed: tuple[str, ...], where: str, key: str) -> str:

@@ -18,18 +18,18 @@ same model and text runs nothing. The scores, higher meaning more important:
 - none: nothing is measured; the default when the blocks to copy are named (`layers`).
 
 The model runs from the base's directory with transformers (trust_remote_code only when the
-options say so); tensors a merge takes from other candidates are copied into it first, so the
-scores are those of the composite that will be written. Only the backbone runs (the LM head's
-logits are not needed). On a CPU it runs in float32 when that fits in half the available memory:
-CPUs multiply bf16/fp16 several times slower (6.4 s against 1.0 s per 512-token window of a
-160M-parameter bf16 Llama on 2 cores); on a GPU, and on a CPU short of memory, in the stored dtype.
+options say so); tensors a merge takes from other candidates are copied into it first
+(composite.py), so the scores are those of the composite that will be written. Only the backbone
+runs (the LM head's logits are not needed). On a CPU it runs in float32 when that fits in half the
+available memory: CPUs multiply bf16/fp16 several times slower (6.4 s against 1.0 s per 512-token
+window of a 160M-parameter bf16 Llama on 2 cores); on a GPU, and on a CPU short of memory, in the
+stored dtype.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -38,12 +38,14 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, numel, torch_dtype
-from .config import DlecOptions
+from .checkpoint import torch_dtype
+from .composite import CONTEXT_KEYS, OpenCheckpoints, blend_key, composite_model, model_classes, model_digest, plan_parameters, \
+    run_dtype
+from .config import DlecOptions, read_text
 from .errors import ConfigError, ModelError, first_line
 from .layout import Layout
 from .metrics import every_metric
-from .plan import Plan, PlanEntry
+from .plan import Plan
 from .spectra import spectrum_of
 from .tether import blended_tensor
 
@@ -62,7 +64,6 @@ IMPORTANCE_LABELS = {
     "ner": "mean NER of the block's matrices",
     "none": "not measured (the blocks to copy were named)",
 }
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ def activation_stats(plan: Plan, layout: Layout, options: DlecOptions, cache: Me
     windows = token_windows(transformers, base_dir, text, options, window)
     tokens = sum(map(len, windows))
     basis = f"{text_name}, {tokens} tokens in {len(windows)} windows of up to {window}"
-    dtype = run_dtype(plan, device)
+    dtype = run_dtype(plan_parameters(plan), device)
     # what the numbers depend on besides the weights: the windows, and the precision they ran in
     text_key = hashlib.sha256(json.dumps([windows, str(dtype), torch.device(device).type]).encode()).hexdigest()
     model_key = model_digest(plan, cache)
@@ -186,7 +187,10 @@ def activation_stats(plan: Plan, layout: Layout, options: DlecOptions, cache: Me
     if stats is not None:
         return stats, basis, True
     started = time.perf_counter()
-    model = composite_model(transformers, plan, config, options, device, dtype)
+    model = composite_model(transformers, plan, config,
+                            model_classes(transformers, config, ("AutoModelForCausalLM", "AutoModel")), device, dtype,
+                            options.trust_remote_code, "to run the calibration text",
+                            f"; use {options.setting('importance', 'ner')}")
     backbone = getattr(model, "base_model", model)  # the blocks without the LM head
     blocks = block_modules(backbone, layout.stack, layout.num_layers, f"{base_dir}: transformers model")
     stats = run_calibration(backbone, blocks, windows, device, quiet)
@@ -200,18 +204,8 @@ def activation_stats(plan: Plan, layout: Layout, options: DlecOptions, cache: Me
 
 def calibration_text(options: DlecOptions) -> tuple[str, str]:
     """The text and how to name it: the user's file, or the built-in one."""
-    path = options.calibration or BUILT_IN_TEXT
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{options.where}: {options.key('calibration')}: {path} is not UTF-8 text "
-                          f"(byte {exc.start})") from None
-    except OSError as exc:
-        raise ConfigError(f"{options.where}: {options.key('calibration')}: cannot read {path} "
-                          f"({exc.strerror})") from None
-    if not text.strip():
-        raise ConfigError(f"{options.where}: {options.key('calibration')}: {path} is empty")
-    return text, ("the built-in calibration text" if options.calibration is None else str(path))
+    text = read_text(options.calibration or BUILT_IN_TEXT, options.where, options.key("calibration"))
+    return text, ("the built-in calibration text" if options.calibration is None else str(options.calibration))
 
 
 def token_windows(transformers, base_dir: Path, text: str, options: DlecOptions, window: int) -> list[list[int]]:
@@ -232,119 +226,6 @@ def token_windows(transformers, base_dir: Path, text: str, options: DlecOptions,
         return [ids[i:i + window] for i in range(0, len(ids), window)]
     body = ids[1:]
     return [[bos] + body[i:i + window - 1] for i in range(0, len(body), window - 1)]
-
-
-def model_digest(plan: Plan, cache: MetricCache) -> str:
-    """A digest of the model the calibration runs: the base's config.json, its own code if it has
-    any (*.py), and the content digest of every tensor the plan takes, wherever it comes from."""
-    base_dir = plan.sources[plan.base]
-    digest = hashlib.sha256((base_dir / "config.json").read_bytes())
-    for code in sorted(base_dir.glob("*.py")):
-        digest.update(code.name.encode() + b"\0" + code.read_bytes())
-    with ExitStack() as stack:
-        checkpoints = OpenCheckpoints(plan, stack)
-        for entry in plan.entries:
-            opened = checkpoints.of(entry)
-            key = blend_key(entry, opened, cache) if entry.transform == "blend" else \
-                cache.tensor_digest(opened[entry.source], entry.tensor)
-            digest.update(f"{entry.name}\0{key}\0".encode())
-    return digest.hexdigest()
-
-
-def blend_key(entry: PlanEntry, opened: dict[str, Checkpoint], cache: MetricCache) -> str:
-    """A content key of a blended tensor: the digests of what it averages with their weights, its
-    dtype and shape (the candidates' names do not matter)."""
-    parts = [(cache.tensor_digest(opened[c], entry.tensor), weight) for c, weight in entry.blend]
-    return hashlib.blake2b(f"blend\0{entry.dtype}{list(entry.shape)}\0{parts}".encode(), digest_size=20).hexdigest()
-
-
-def composite_model(transformers, plan: Plan, config: dict, options: DlecOptions, device: torch.device,
-                    dtype: torch.dtype | str) -> torch.nn.Module:
-    """The base loaded with transformers, with every tensor the plan takes from another candidate
-    copied in: the model the plan describes, before any expansion. The class is the one config.json
-    names (its `architectures`), so the checkpoint's tensors fit it; else the causal-LM auto class.
-    `config` is the base's config.json, parsed."""
-    import torch
-    base_dir = plan.sources[plan.base]
-    named = (config.get("architectures") or [None])[0]
-    classes = [getattr(transformers, named, None) if isinstance(named, str) and "auto_map" not in config else None,
-               transformers.AutoModelForCausalLM, transformers.AutoModel]
-    kwargs = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype,
-              "trust_remote_code": options.trust_remote_code}
-    model, error = None, None
-    for cls in filter(None, classes):
-        try:
-            model = cls.from_pretrained(base_dir, **kwargs)
-            break
-        except Exception as exc:  # ValueError for a class that does not fit, OSError for files, ...
-            error = error or exc
-    if model is None:
-        raise ModelError(f"{base_dir}: transformers {transformers.__version__} cannot load this model to run the "
-                         f"calibration text ({first_line(error)}); use {options.setting('importance', 'ner')}")
-    state = model.state_dict()
-    with ExitStack() as stack, torch.no_grad():
-        checkpoints = OpenCheckpoints(plan, stack)
-        for entry in plan.entries:
-            if entry.candidates == (plan.base,):
-                continue
-            name = state_name(entry.name, state, getattr(model, "base_model_prefix", ""))
-            if name is None and entry.optional:  # a buffer this version of transformers does not keep
-                continue
-            if name is None:
-                raise ModelError(f"{base_dir}: the composite's tensor '{entry.name}' (from "
-                                 f"{', '.join(entry.candidates)}) has no place in the transformers model; "
-                                 f"use {options.setting('importance', 'ner')}")
-            opened = checkpoints.of(entry)
-            state[name].copy_(blended_tensor(entry, opened, torch_dtype(entry.dtype))
-                              if entry.transform == "blend" else opened[entry.source].read(entry.tensor))
-    if getattr(model.config, "use_cache", None):
-        model.config.use_cache = False
-    return model.to(device).eval()
-
-
-class OpenCheckpoints:
-    """The candidates' checkpoints, each opened on first use and closed with `stack`."""
-
-    def __init__(self, plan: Plan, stack: ExitStack):
-        self.plan, self.stack, self.open = plan, stack, {}
-
-    def of(self, entry: PlanEntry) -> dict[str, Checkpoint]:
-        """Every checkpoint the entry reads, by candidate."""
-        for c in entry.candidates:
-            if c not in self.open:
-                self.open[c] = self.stack.enter_context(Checkpoint.open(self.plan.sources[c]))
-        return self.open
-
-
-def state_name(name: str, state: dict, prefix: str) -> str | None:
-    """The model's name for a checkpoint tensor: the same, or with the base model prefix added or
-    removed (checkpoints saved without it, such as GPT-2's 'h.0...' for 'transformer.h.0...')."""
-    candidates = [name]
-    if prefix:
-        candidates += [f"{prefix}.{name}", name.removeprefix(prefix + ".")]
-    return next((n for n in candidates if n in state), None)
-
-
-def run_dtype(plan: Plan, device: torch.device | str) -> torch.dtype | str:
-    """float32 on a CPU when 4 bytes per parameter fit in half the available memory, else the
-    stored dtype ("auto")."""
-    import torch
-    if torch.device(device).type != "cpu":
-        return "auto"
-    params = sum(numel(e.shape) for e in plan.entries)
-    return torch.float32 if 4 * params < available_memory() / 2 else "auto"
-
-
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation: MemAvailable on Linux, else all of it."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def block_modules(model: torch.nn.Module, stack: str, count: int, where: str) -> torch.nn.ModuleList:

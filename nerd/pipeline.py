@@ -1,5 +1,5 @@
 """Planning: resolve the candidates, score every matrix, tether them to the base, choose (or
-blend), expand if asked, and return the Plan.
+blend), expand if asked, evaluate the strategies if asked (strategies.py), and return the Plan.
 
 The Python API, stage by stage (the CLI is a thin layer over it):
 
@@ -35,6 +35,7 @@ from .select import Health, choices_of, health_of
 from .sidefiles import module_notes
 from .sources import resolve_model
 from .spectra import NOT_FINITE, finite_problem, pick_device
+from .strategies import chosen_strategy
 from .tether import compatibility_of, tether_groups, tether_warnings
 
 CAST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -96,6 +97,9 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
                 notes=optional_notes(optional, by_name) + notes)
     if config.dlec is not None:
         plan = expanded(plan, config.dlec, cache, pick_device(config.device), quiet)
+    if config.evaluate is not None:  # every strategy planned (from the cache) and evaluated; the best one kept
+        plan = chosen_strategy(config, plan, lambda variant: plan_merge(variant, cache=cache, quiet=quiet), cache,
+                               quiet)
     plan.spectra_computed, plan.spectra_reused = cache.computed - computed, cache.reused - reused
     return plan
 

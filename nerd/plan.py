@@ -33,6 +33,8 @@ class Choice:
     tensors: tuple[str, ...]
     note: str | None = None
     blend: dict[str, float] | None = None  # tether.mode blend: candidate -> weight (the winner is the best of them)
+    runner_up: str | None = None  # the best of the other candidates that could have won
+    margin: float | None = None  # how much better the winner's score is than the runner-up's (>= 0)
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,48 @@ class Expansion:
     stats_reused: bool = False
 
 
+@dataclass(frozen=True)
+class Perplexity:
+    """One model's perplexity on one text (evaluate.py), and what it was computed from."""
+
+    model: str  # a candidate's name, or 'composite: <strategy>'
+    role: str  # base | candidate | composite
+    text: str
+    kind: str  # causal | masked
+    perplexity: float
+    nll: float  # summed negative log-likelihood (nats) of the scored tokens
+    tokens: int  # scored tokens
+    windows: int
+    window: int  # window length in tokens
+    stride: int | None  # tokens between window starts (None for a masked LM: no overlap)
+    reused: bool = False  # taken from the cache
+
+
+@dataclass(frozen=True)
+class StrategyResult:
+    """One strategy of an evaluation: its settings, the score it was chosen by, and the outcome."""
+
+    name: str
+    settings: dict
+    score: float  # mean perplexity over the texts, or the perplexity on the text chosen by
+    written: bool = False
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The perplexities of the base, the candidates and each strategy's composite, and which
+    strategy was written and why (with its margin over the runner-up)."""
+
+    texts: list[str]
+    choose_by: str  # "mean" or one text
+    rows: list[Perplexity]
+    strategies: list[StrategyResult]
+    reason: str  # why the written strategy was written
+    runner_up: str | None = None
+    margin: float | None = None  # the runner-up's score minus the written one's (>= 0)
+    warnings: list[str] = field(default_factory=list)  # the written composite is worse than the base, ...
+
+
 @dataclass
 class Plan:
     """Everything the writer needs, and everything the report and the dry run show."""
@@ -130,6 +174,7 @@ class Plan:
     expansion: Expansion | None = None
     warnings: list[str] = field(default_factory=list)  # tensors that cannot be used (NaN/Inf, all zero)
     notes: list[str] = field(default_factory=list)  # optional tensors' sources, module folders copied as is
+    evaluation: Evaluation | None = None  # evaluate: the perplexities, and the strategy written
 
     def to_dict(self) -> dict:
         return {
@@ -139,6 +184,7 @@ class Plan:
             "choices": [asdict(c) | {"tensors": list(c.tensors)} for c in self.choices],
             "tethers": None if self.tethers is None else asdict(self.tethers),
             "expansion": None if self.expansion is None else asdict(self.expansion),
+            "evaluation": None if self.evaluation is None else asdict(self.evaluation),
             "warnings": self.warnings,
             "notes": self.notes,
             "entries": [asdict(e) | {"shape": list(e.shape), "blend": dict(e.blend)} for e in self.entries],

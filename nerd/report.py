@@ -11,7 +11,7 @@ from . import __version__
 from .config import MergeConfig, Selection
 from .importance import IMPORTANCE_LABELS
 from .metrics import METRICS, path_counts
-from .plan import Expansion, Plan, Tethers
+from .plan import Evaluation, Expansion, Plan, Tethers
 from .select import rule_of
 
 
@@ -23,14 +23,16 @@ def short_names(candidates: list[str]) -> dict[str, str]:
 
 def choice_rows(plan: Plan) -> list[list[str]]:
     """Header and one row per choice: group, each candidate's score (the group mean of the
-    selection metric, or of its distance to the target), the winner, a note."""
+    selection metric, or of its distance to the target), the winner's margin over the runner-up,
+    the winner, a note."""
     labels = short_names(plan.candidates)
-    rows = [["depth"] + [labels[c] for c in plan.candidates] + ["winner"]]
+    rows = [["depth"] + [labels[c] for c in plan.candidates] + ["margin", "winner"]]
     for choice in plan.choices:
         cells = ["-" if choice.scores[c] is None else f"{choice.scores[c]:.6g}" for c in plan.candidates]
         chosen = labels[choice.winner] if not choice.blend else "blend " + " + ".join(
             f"{labels[c]} {w:.3g}" for c, w in choice.blend.items())
-        rows.append([choice.group] + cells + [chosen + (f"  ({choice.note})" if choice.note else "")])
+        margin = "-" if choice.margin is None else f"{choice.margin:.3g} over {labels[choice.runner_up]}"
+        rows.append([choice.group] + cells + [margin, chosen + (f"  ({choice.note})" if choice.note else "")])
     return rows
 
 
@@ -81,9 +83,11 @@ def tether_table(plan: Plan) -> str:
     return "\n".join([tether_line(plan.tethers), *lines])
 
 
-def model_card(plan: Plan, heatmaps: list[str] | None = None, curve: str | None = None) -> str:
+def model_card(plan: Plan, heatmaps: list[str] | None = None, curve: str | None = None,
+               figure: str | None = None) -> str:
     """README.md of the output: what it was made from, the choice at every depth, the tethers, the
-    expansion, and the figures that were drawn (`heatmaps`: the score's, then the compatibility's)."""
+    expansion, the evaluation, and the figures that were drawn (`heatmaps`: the score's, then the
+    compatibility's; `figure`: the perplexities)."""
     base_model = f"base_model: {plan.base.split('@')[0]}\n" if plan.revisions[plan.base] else ""
     front = f"""---
 {base_model}library_name: transformers
@@ -98,6 +102,8 @@ Made by mastermerge {__version__} from `{plan.base}` by duplicating its most imp
 """
     if plan.expansion is not None:
         body += "\n" + expansion_section(plan.expansion, curve)
+    if plan.evaluation is not None:
+        body += "\n" + evaluation_section(plan.evaluation, figure)
     if plan.notes:
         body += "\n## Notes\n" + "".join(f"\n- {note}" for note in plan.notes) + "\n"
     return front + body + "\nEvery metric and every tensor's source are in merge_report.json.\n"
@@ -125,6 +131,53 @@ Scores are the {rule_of(plan.selection).label} over the matrices of each group; 
 {markdown_table(rows)}
 {figures}
 {tether_section(plan) if plan.tethers is not None else ""}"""
+
+
+def evaluation_rows(evaluation: Evaluation) -> list[list[str]]:
+    """Header and one row per model: its perplexity on each text, the mean, and the difference of the
+    mean from the base's (first row); the written strategy marked."""
+    base = next(r.model for r in evaluation.rows if r.role == "base")
+    models = list(dict.fromkeys(r.model for r in evaluation.rows))
+    table = {(r.model, r.text): r.perplexity for r in evaluation.rows}
+    means = {m: sum(table[m, t] for t in evaluation.texts) / len(evaluation.texts) for m in models}
+    written = {f"composite: {s.name}" for s in evaluation.strategies if s.written}
+    rows = [["model"] + [Path(t).name for t in evaluation.texts] + ["mean", "vs base"]]
+    for m in models:
+        diff = means[m] - means[base]
+        change = "" if m == base else f"{diff:+.4g} ({diff / means[base]:+.1%})"
+        name = short_names([m])[m] if not m.startswith("composite: ") else m
+        label = name + (" (base)" if m == base else " (written)" if m in written else "")
+        rows.append([label] + [f"{table[m, t]:.4f}" for t in evaluation.texts] + [f"{means[m]:.4f}", change])
+    return rows
+
+
+def evaluation_header(evaluation: Evaluation) -> str:
+    """What the numbers are: the kind of perplexity and the windows."""
+    first = evaluation.rows[0]
+    kind = ("causal LM: exp of the mean next-token NLL" if first.kind == "causal"
+            else "masked LM: exp of the mean NLL of the masked tokens")
+    windows = f"windows of {first.window} tokens" + (f", stride {first.stride}" if first.stride else "")
+    return f"perplexity ({kind}; {windows}; lower is better)"
+
+
+def evaluation_table(evaluation: Evaluation) -> str:
+    """The perplexity table for the terminal, with the strategy written and why."""
+    rows = evaluation_rows(evaluation)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([evaluation_header(evaluation), *lines, evaluation.reason])
+
+
+def evaluation_section(evaluation: Evaluation, figure: str | None) -> str:
+    image = f"\n![perplexity by model and text]({figure})\n" if figure else ""
+    return f"""## Evaluation
+
+{evaluation_header(evaluation)[0].upper() + evaluation_header(evaluation)[1:]}.
+{warning_lines(evaluation.warnings)}
+{markdown_table(evaluation_rows(evaluation))}
+
+{evaluation.reason}
+{image}"""
 
 
 def tether_section(plan: Plan) -> str:

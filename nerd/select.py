@@ -155,10 +155,15 @@ def group_choice(label: str, depth: int | None, tensors: list[str], matrices: li
     elif any(per_candidate[c] is not None for c in drifted):  # those without a score are already explained
         notes.append(drift_note(tethers, key, [c for c in drifted if per_candidate[c] is not None]))
     members = [c for c in eligible if per_candidate[c] is not None]
-    blend = None
+    blend, runner_up, margin = None, None, None
     if tethers.options.mode == "blend" and len(members) > 1:
         blend = blend_weights(members, per_candidate, tethers, key, place, rule)
-    return Choice(label, depth, per_candidate, winner, tuple(tensors), "; ".join(notes) or None, blend)
+    elif per_candidate[winner] is not None:
+        runner_up = winner_of(per_candidate, [c for c in eligible if c != winner], rule.lower_wins)
+        if runner_up is not None:
+            margin = abs(per_candidate[winner] - per_candidate[runner_up])
+    return Choice(label, depth, per_candidate, winner, tuple(tensors), "; ".join(notes) or None, blend,
+                  runner_up, margin)
 
 
 def drift_note(tethers: Tethers, key: str, drifted: list[str]) -> str:

@@ -1,0 +1,202 @@
+"""The plan's model in memory: the composite a plan describes, built with transformers before
+anything is written, for the DLEC calibration run (importance.py) and the evaluation (evaluate.py).
+
+The model is loaded from the base's directory (the class its config.json names) and every tensor
+the plan takes from another candidate, or blends, is copied into it; after a DLEC expansion the
+model is built from the plan's rewritten config.json and every tensor is copied in. Also here:
+the content digest of a model (a plan's composite, or a directory) that keys the cached results
+of running it, and the precision it runs in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .checkpoint import Checkpoint, numel, torch_dtype
+from .errors import ModelError, first_line
+from .plan import Plan, PlanEntry
+from .tether import blended_tensor
+
+if TYPE_CHECKING:
+    import torch
+
+    from .cache import MetricCache
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")  # config.json's context length
+
+
+def model_classes(transformers, config: dict, fallbacks: tuple[str, ...]) -> list:
+    """The classes to try: the one config.json names (its `architectures`, unless the model brings its
+    own code), then the named transformers auto classes."""
+    named = (config.get("architectures") or [None])[0]
+    own = getattr(transformers, named, None) if isinstance(named, str) and "auto_map" not in config else None
+    return [c for c in [own] + [getattr(transformers, name) for name in fallbacks] if c is not None]
+
+
+def dtype_keyword(transformers) -> str:
+    """transformers 5 calls from_pretrained's dtype argument `dtype`, 4 `torch_dtype`."""
+    return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
+
+def loaded_model(transformers, directory: Path, classes: list, dtype, trust_remote_code: bool, purpose: str,
+                 hint: str = "") -> torch.nn.Module:
+    """The model of a directory, by the first class that loads it; ModelError naming the purpose
+    ('to run the calibration text') and a hint ('; use dlec.importance: ner') when none does."""
+    kwargs = {dtype_keyword(transformers): dtype, "trust_remote_code": trust_remote_code}
+    error = None
+    for cls in classes:
+        try:
+            return cls.from_pretrained(directory, **kwargs)
+        except Exception as exc:  # ValueError for a class that does not fit, OSError for files, ...
+            error = error or exc
+    raise ModelError(f"{directory}: transformers {transformers.__version__} cannot load this model {purpose} "
+                     f"({first_line(error)}){hint}")
+
+
+def composite_model(transformers, plan: Plan, config: dict, classes: list, device: torch.device | str, dtype,
+                    trust_remote_code: bool, purpose: str, hint: str = "") -> torch.nn.Module:
+    """The model the plan describes, in memory: the base loaded with transformers and every tensor
+    the plan takes from another candidate (or blends) copied in; after an expansion (plan.config),
+    the model built from the rewritten config.json with every tensor copied in. `config` is the
+    base's config.json, parsed."""
+    import torch
+    base_dir = plan.sources[plan.base]
+    model = loaded_model(transformers, base_dir, classes, dtype, trust_remote_code, purpose, hint)
+    if plan.config is not None:  # a deeper model than the base: same class, the new config, weights below
+        grown = type(model).config_class.from_dict(plan.config)
+        model = type(model)(grown).to(model.dtype)
+    state = model.state_dict()
+    with ExitStack() as stack, torch.no_grad():
+        checkpoints = OpenCheckpoints(plan, stack)
+        for entry in plan.entries:
+            if plan.config is None and entry.candidates == (plan.base,) and entry.transform is None:
+                continue
+            name = state_name(entry.name, state, getattr(model, "base_model_prefix", ""))
+            if name is None and entry.optional:  # a buffer this version of transformers does not keep
+                continue
+            if name is None:
+                raise ModelError(f"{base_dir}: the composite's tensor '{entry.name}' (from "
+                                 f"{', '.join(entry.candidates)}) has no place in the transformers model{hint}")
+            state[name].copy_(entry_tensor(entry, checkpoints.of(entry)))
+        if plan.config is not None and getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False
+    return model.to(device).eval()
+
+
+def entry_tensor(entry: PlanEntry, opened: dict[str, Checkpoint]) -> torch.Tensor:
+    """The values of one output tensor as the writer writes it: zeros, a blend, or the source tensor
+    in the output dtype."""
+    if entry.transform == "zero":
+        import torch
+        return torch.zeros(entry.shape, dtype=torch_dtype(entry.dtype))
+    if entry.transform == "blend":
+        return blended_tensor(entry, opened, torch_dtype(entry.dtype))
+    return opened[entry.source].read(entry.tensor).to(torch_dtype(entry.dtype))  # as written (dtype: float16 ...)
+
+
+class OpenCheckpoints:
+    """The candidates' checkpoints, each opened on first use and closed with `stack`."""
+
+    def __init__(self, plan: Plan, stack: ExitStack):
+        self.plan, self.stack, self.open = plan, stack, {}
+
+    def of(self, entry: PlanEntry) -> dict[str, Checkpoint]:
+        """Every checkpoint the entry reads, by candidate."""
+        for c in entry.candidates:
+            if c not in self.open:
+                self.open[c] = self.stack.enter_context(Checkpoint.open(self.plan.sources[c]))
+        return self.open
+
+
+def state_name(name: str, state: dict, prefix: str) -> str | None:
+    """The model's name for a checkpoint tensor: the same, or with the base model prefix added or
+    removed (checkpoints saved without it, such as GPT-2's 'h.0...' for 'transformer.h.0...')."""
+    candidates = [name]
+    if prefix:
+        candidates += [f"{prefix}.{name}", name.removeprefix(prefix + ".")]
+    return next((n for n in candidates if n in state), None)
+
+
+def code_digest(directory: Path, config: dict | None = None):
+    """A running digest of what a model is besides its tensors: its config.json (`config`, the
+    rewritten one of an expansion, when given) and its own code (*.py)."""
+    digest = hashlib.sha256(repr(sorted(config.items())).encode() if config is not None
+                            else (directory / "config.json").read_bytes())
+    for code in sorted(directory.glob("*.py")):
+        digest.update(code.name.encode() + b"\0" + code.read_bytes())
+    return digest
+
+
+def model_digest(plan: Plan, cache: MetricCache) -> str:
+    """A digest of the model a plan describes: the base's config.json (the output's after an
+    expansion), its own code, and the content digest of every tensor the plan takes, wherever it
+    comes from. A plan that copies one candidate whole has that candidate's directory_digest."""
+    digest = code_digest(plan.sources[plan.base], plan.config)
+    with ExitStack() as stack:
+        checkpoints = OpenCheckpoints(plan, stack)
+        for entry in plan.entries:
+            opened = checkpoints.of(entry)
+            if entry.transform == "blend":
+                key = blend_key(entry, opened, cache)
+            elif entry.transform == "zero":
+                key = f"zero\0{entry.dtype}{list(entry.shape)}"
+            else:
+                key = cache.tensor_digest(opened[entry.source], entry.tensor)
+            digest.update(f"{entry.name}\0{key}\0{entry.dtype}\0".encode())
+    return digest.hexdigest()
+
+
+def directory_digest(directory: Path, cache: MetricCache) -> str:
+    """A digest of the model in a directory: config.json, its own code and every tensor's content."""
+    digest = code_digest(directory)
+    with Checkpoint.open(directory) as checkpoint:
+        for name in sorted(checkpoint.tensors, key=natural_order(checkpoint)):
+            key, dtype = cache.tensor_digest(checkpoint, name), checkpoint.tensors[name].dtype
+            digest.update(f"{name}\0{key}\0{dtype}\0".encode())
+    return digest.hexdigest()
+
+
+def natural_order(checkpoint: Checkpoint):
+    """The order a plan lists a checkpoint's tensors in (embeddings, blocks by depth, the rest)."""
+    from .layout import layout_of
+    from .plan import output_order
+    depths = layout_of(list(checkpoint.tensors)).depths
+    return lambda name: output_order(name, depths[name])
+
+
+def blend_key(entry: PlanEntry, opened: dict[str, Checkpoint], cache: MetricCache) -> str:
+    """A content key of a blended tensor: the digests of what it averages with their weights, its
+    dtype and shape (the candidates' names do not matter)."""
+    parts = [(cache.tensor_digest(opened[c], entry.tensor), weight) for c, weight in entry.blend]
+    return hashlib.blake2b(f"blend\0{entry.dtype}{list(entry.shape)}\0{parts}".encode(), digest_size=20).hexdigest()
+
+
+def run_dtype(parameters: int, device: torch.device | str) -> torch.dtype | str:
+    """float32 on a CPU when 4 bytes per parameter fit in half the available memory, else the
+    stored dtype ("auto"): CPUs multiply bf16/fp16 several times slower than float32."""
+    import torch
+    if torch.device(device).type != "cpu":
+        return "auto"
+    return torch.float32 if 4 * parameters < available_memory() / 2 else "auto"
+
+
+def plan_parameters(plan: Plan) -> int:
+    return sum(numel(e.shape) for e in plan.entries)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation: MemAvailable on Linux, else all of it."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

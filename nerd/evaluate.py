@@ -1,0 +1,304 @@
+"""Evaluation: the perplexity of models on texts, so a merge is judged by what the models do.
+
+A causal LM (a class transformers lists as a causal LM: LlamaForCausalLM, GPT2LMHeadModel, ...)
+gets the perplexity of the text: exp of the mean negative log-likelihood of every token given the
+tokens before it, over all tokens of the text's first `max_tokens` tokens. The text is read in
+windows of the model's context (at most max_tokens, or `max_length`); each window starts with BOS
+when the tokenizer starts a text with one, and each window after the first starts `stride` tokens
+after the previous one (half a window by default), so that every token but those of the first
+window is predicted from at least half a window of context. A token is scored once, in the first
+window that predicts it (the tokens a window shares with the previous one are context only);
+without BOS a window's first token has no context and is scored only where an earlier window
+predicted it.
+
+A masked LM with its head (BertForMaskedLM, ...) gets the masked-token perplexity: MASK_SHARE of the
+text's tokens, chosen once by a generator seeded with MASK_SEED, are replaced by the mask token
+(all of them: the 80/10/10 replacement of pre-training would make the score random), the text is
+cut into windows of the model's context with the tokenizer's special tokens around each, and the
+score is exp of the mean negative log-likelihood of the true tokens at the masked places. Any
+other model class is refused by name.
+
+The log-likelihoods are computed from the logits in float64 and summed over tokens. The model
+runs in float32 on a CPU when that fits in half the memory (as the DLEC calibration does), and
+only one model is in memory at a time; a composite is built in memory from its plan
+(composite.py) without being written. Results are cached by the model's content digest and the
+digest of the scored token windows with the dtype and device they ran in: evaluating an unchanged
+model again computes nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from tqdm import tqdm
+
+from .composite import CONTEXT_KEYS, composite_model, directory_digest, loaded_model, model_classes, model_digest, \
+    plan_parameters, run_dtype
+from .config import EvaluateOptions, read_text
+from .errors import ConfigError, ModelError, first_line
+from .plan import Perplexity, Plan
+
+if TYPE_CHECKING:
+    import torch
+
+    from .cache import MetricCache
+
+MASK_SHARE = 0.15
+MASK_SEED = 0
+IGNORE = -100  # transformers' label for a position that is not scored
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One model to evaluate: a directory, or the composite of a plan (built in memory)."""
+
+    name: str
+    role: str  # "base", "candidate" or "composite"
+    directory: Path  # the model's own directory; for a composite, the base's (config, tokenizer)
+    plan: Plan | None = None
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Token windows of one text for one model: the inputs and, per position, the token it is scored
+    on (IGNORE where nothing is scored), as transformers' `labels` are."""
+
+    inputs: list[list[int]]
+    labels: list[list[int]]
+    length: int  # the window length
+    stride: int | None  # tokens from one window's start to the next (None for a masked LM: no overlap)
+
+    @property
+    def tokens(self) -> int:
+        return sum(label != IGNORE for window in self.labels for label in window)
+
+    def key(self, kind: str, dtype, device) -> str:
+        """What a cached result depends on besides the weights: the windows and how they ran."""
+        import torch
+        return hashlib.sha256(json.dumps([kind, self.inputs, self.labels, str(dtype),
+                                          torch.device(device).type]).encode()).hexdigest()
+
+
+def lm_kind(config: dict, directory: Path) -> str:
+    """'causal' or 'masked', from the class config.json names; ModelError for any other class."""
+    from transformers.models.auto import modeling_auto as auto
+    named = (config.get("architectures") or [None])[0]
+    if named in set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+        return "causal"
+    if named in set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()):
+        return "masked"
+    if named is None:
+        raise ModelError(f"{directory}/config.json: names no architectures, so it is not known to be a causal or "
+                         f"masked language model; evaluate measures the perplexity of those only")
+    raise ModelError(f"{directory}: {named} is neither a causal LM (...ForCausalLM) nor a masked LM with its head "
+                     f"(...ForMaskedLM); evaluate measures the perplexity of those only")
+
+
+def lm_classes(transformers, kind: str, config: dict) -> list:
+    """The class config.json names, then the auto class of the kind."""
+    return model_classes(transformers, config, ("AutoModelForCausalLM",) if kind == "causal" else
+                         ("AutoModelForMaskedLM",))
+
+
+def tokenizer_of(transformers, directory: Path, trust_remote_code: bool):
+    try:
+        return transformers.AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # OSError, ValueError, KeyError ... for a missing or broken tokenizer
+        raise ModelError(f"{directory}: no tokenizer that transformers can load ({first_line(exc)}); "
+                         f"the perplexity of a text needs the model's own tokenizer") from None
+
+
+def window_length(config: dict, options: EvaluateOptions, directory: Path) -> int:
+    """The model's context (config.json), at most max_tokens; or max_length, which must fit the context."""
+    section = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    contexts = [section[k] for k in CONTEXT_KEYS if isinstance(section.get(k), int) and section[k] > 1]
+    if options.max_length is not None:
+        if contexts and options.max_length > contexts[0]:
+            raise ConfigError(f"{options.where}: {options.key('max_length')}: {options.max_length} is longer "
+                              f"than the context of {directory} ({contexts[0]} tokens)")
+        return options.max_length
+    if not contexts:
+        raise ConfigError(f"{options.where}: {options.key('max_length')}: {directory}/config.json gives no "
+                          f"context length ({', '.join(CONTEXT_KEYS)}); give the window length")
+    return min(contexts[0], options.max_tokens)
+
+
+def causal_windows(ids: list[int], bos: int | None, length: int, stride: int | None) -> Windows:
+    """Windows of `length` tokens over `ids` (the text without BOS), each starting with `bos` when
+    it is not None, advancing by `stride` (default half the window's text); every token scored once."""
+    prefix = [] if bos is None else [bos]
+    span = length - len(prefix)
+    step = stride or max(1, span // 2)
+    inputs, labels, scored = [], [], 0 if prefix else 1  # without BOS the first token has no context
+    for begin in range(0, len(ids), step):
+        end = min(begin + span, len(ids))
+        window = prefix + ids[begin:end]
+        first = len(prefix) + max(scored - begin, 0)  # the window's first position not scored before
+        first = max(first, 1)
+        inputs.append(window)
+        labels.append([IGNORE] * first + window[first:])
+        scored = end
+        if end == len(ids):
+            break
+    return Windows(inputs, labels, length, step)
+
+
+def masked_windows(ids: list[int], tokenizer, length: int) -> Windows:
+    """Windows of the text (special tokens around each, `length` in all, no overlap) with a seeded
+    MASK_SHARE of its tokens masked and scored."""
+    mask = tokenizer.mask_token_id
+    positions = np.random.default_rng(MASK_SEED).choice(len(ids), size=max(1, round(MASK_SHARE * len(ids))),
+                                                        replace=False)
+    masked = np.zeros(len(ids), dtype=bool)
+    masked[positions] = True
+    span = length - tokenizer.num_special_tokens_to_add(pair=False)
+    inputs, labels = [], []
+    for begin in range(0, len(ids), span):
+        chunk = ids[begin:begin + span]
+        hidden = [mask if masked[begin + i] else t for i, t in enumerate(chunk)]
+        window = tokenizer.build_inputs_with_special_tokens(hidden)
+        special = tokenizer.get_special_tokens_mask(hidden, already_has_special_tokens=False)
+        body = iter(range(begin, begin + len(chunk)))
+        label = []
+        for is_special in special:
+            j = None if is_special else next(body)
+            label.append(ids[j] if j is not None and masked[j] else IGNORE)
+        inputs.append(window)
+        labels.append(label)
+    return Windows(inputs, labels, length, None)
+
+
+def text_windows(tokenizer, kind: str, text: str, text_name: str, length: int, options: EvaluateOptions,
+                 directory: Path) -> Windows:
+    """The text's first max_tokens tokens in windows for this model; ConfigError for a text shorter
+    than one window, a tokenizer without a mask token for a masked LM."""
+    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])[:options.max_tokens]
+    bos = starting_bos(tokenizer) if kind == "causal" else None
+    needed = length - (bos is not None) if kind == "causal" else length - tokenizer.num_special_tokens_to_add()
+    if len(ids) < needed:
+        raise ConfigError(f"{options.where}: {options.key('texts')}: {text_name} gives {len(ids)} tokens with the "
+                          f"tokenizer of {directory}, fewer than one window of {length} tokens; give a longer text "
+                          f"or a shorter {options.key('max_length')}")
+    if kind == "masked":
+        if tokenizer.mask_token_id is None:
+            raise ModelError(f"{directory}: the tokenizer has no mask token, which a masked LM's perplexity needs")
+        return masked_windows(ids, tokenizer, length)
+    return causal_windows(ids, bos, length, options.stride)
+
+
+def starting_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer starts a text with it (as Llama's does), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("a", verbose=False)["input_ids"]
+    return bos if bos is not None and ids[:1] == [bos] else None
+
+
+def summed_nll(model: torch.nn.Module, windows: Windows, kind: str, device, bar) -> float:
+    """The negative log-likelihood of every scored token, summed in float64."""
+    import torch
+    total = 0.0
+    with torch.inference_mode():
+        for window, label in zip(windows.inputs, windows.labels):
+            logits = model(input_ids=torch.tensor([window], device=device)).logits[0].double()
+            targets = torch.tensor(label, device=device)
+            if kind == "causal":  # position i predicts token i + 1
+                logits, targets = logits[:-1], targets[1:]
+            keep = targets != IGNORE
+            log_p = torch.log_softmax(logits[keep], dim=-1)
+            total -= float(log_p.gather(1, targets[keep].unsqueeze(1)).sum())
+            bar.update()
+    return total
+
+
+def check_vocabulary(tokenizer, model: torch.nn.Module, directory: Path) -> None:
+    """The tokenizer's ids must all have a row in the input embedding."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ModelError(f"{directory}: the tokenizer has {len(tokenizer)} tokens but the input embedding has "
+                         f"{rows} rows; this tokenizer does not belong to these weights")
+
+
+def evaluate_subjects(subjects: list[Subject], texts: list[Path], options: EvaluateOptions, cache: MetricCache,
+                      device, quiet: bool) -> list[Perplexity]:
+    """The perplexity of every subject on every text, one model in memory at a time, from the cache
+    where it has them."""
+    import transformers
+    if quiet:
+        transformers.utils.logging.disable_progress_bar()
+    contents = [(options.label(path), read_text(path, options.where, options.key("texts"))) for path in texts]
+    rows = []
+    for subject in subjects:
+        rows += subject_perplexities(transformers, subject, contents, options, cache, device, quiet)
+    return rows
+
+
+def subject_perplexities(transformers, subject: Subject, texts: list[tuple[str, str]], options: EvaluateOptions,
+                         cache: MetricCache, device, quiet: bool) -> list[Perplexity]:
+    """One subject's perplexity on every text: its windows, then the cached results or one run."""
+    import torch
+    directory = subject.directory
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    if "auto_map" in config and not options.trust_remote_code:
+        raise ConfigError(f"{options.where}: {options.key('trust_remote_code')}: {directory}/config.json asks for "
+                          f"the model's own code (auto_map), which runs only with "
+                          f"{options.setting('trust_remote_code', 'true')} (if you trust it)")
+    kind = lm_kind(config, directory)
+    tokenizer = tokenizer_of(transformers, directory, options.trust_remote_code)
+    length = window_length(subject.plan.config if subject.plan and subject.plan.config else config, options,
+                           directory)
+    windows = {name: text_windows(tokenizer, kind, text, name, length, options, directory) for name, text in texts}
+    model_key = model_digest(subject.plan, cache) if subject.plan else directory_digest(directory, cache)
+    dtype = run_dtype(plan_parameters(subject.plan) if subject.plan else checkpoint_parameters(directory), device)
+    keys = {name: w.key(kind, dtype, device) for name, w in windows.items()}
+    found = {name: cache.evaluation(model_key, keys[name]) for name in windows}
+    model = None
+    try:
+        for name, w in windows.items():
+            if found[name] is not None:
+                continue
+            if model is None:
+                model = subject_model(transformers, subject, config, kind, device, dtype, options)
+                check_vocabulary(tokenizer, model, directory)
+            started = time.perf_counter()
+            with tqdm(total=len(w.inputs), desc=f"{subject.name} | {name}", unit="window", disable=quiet) as bar:
+                nll = summed_nll(model, w, kind, device, bar)
+            run = {"model_ref": subject.name, "text_name": name, "kind": kind, "nll": nll, "tokens": w.tokens,
+                   "windows": len(w.inputs), "dtype": str(model.dtype).removeprefix("torch."), "device": str(device),
+                   "seconds": time.perf_counter() - started}
+            cache.store_evaluation(model_key, keys[name], run)
+            found[name] = run | {"computed": True}
+    finally:
+        del model
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return [Perplexity(model=subject.name, role=subject.role, text=name, kind=kind,
+                       perplexity=math.exp(found[name]["nll"] / found[name]["tokens"]), nll=found[name]["nll"],
+                       tokens=found[name]["tokens"], windows=found[name]["windows"], window=w.length, stride=w.stride,
+                       reused="computed" not in found[name]) for name, w in windows.items()]
+
+
+def subject_model(transformers, subject: Subject, config: dict, kind: str, device, dtype,
+                  options: EvaluateOptions) -> torch.nn.Module:
+    classes = lm_classes(transformers, kind, config)
+    if subject.plan is not None:
+        return composite_model(transformers, subject.plan, config, classes, device, dtype, options.trust_remote_code,
+                               "to evaluate its composite")
+    model = loaded_model(transformers, subject.directory, classes, dtype, options.trust_remote_code, "to evaluate it")
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False
+    return model.to(device).eval()
+
+
+def checkpoint_parameters(directory: Path) -> int:
+    from .checkpoint import Checkpoint, numel
+    with Checkpoint.open(directory) as checkpoint:
+        return sum(numel(info.shape) for info in checkpoint.tensors.values())

@@ -1,7 +1,8 @@
 """The command line: `mastermerge --config a.yaml [b.yaml ...]` merges, `mastermerge analyze
 MODEL [MODEL ...] --out DIR` writes every metric of every matrix (analyze.py), and `mastermerge
-expand MODEL --out DIR --add-layers N` duplicates a model's most important blocks (dlec.py), and
-`mastermerge verify DIR` checks a written output against its merge_report.json (verify.py).
+expand MODEL --out DIR --add-layers N` duplicates a model's most important blocks (dlec.py),
+`mastermerge evaluate MODEL [MODEL ...] --text FILE --out DIR` measures perplexities (evaluate.py),
+and `mastermerge verify DIR` checks a written output against its merge_report.json (verify.py).
 
 Every config is validated before any model is downloaded; the configs then run in order and
 share one metric cache. Exit codes: 0 success, 1 internal error (a bug: please report it),
@@ -24,15 +25,23 @@ from pathlib import Path
 from . import __version__
 from .analyze import analysis_summary, analyze_models, summary_text, write_figures, write_tables
 from .cache import MetricCache, default_cache_path
-from .config import DEVICES, IMPORTANCE, INITS, expand_config, index_of_each, load_config, model_spec, output_path
+from .config import DEVICES, IMPORTANCE, INITS, evaluate_options, expand_config, index_of_each, load_config, \
+    model_spec, output_path
+from .evaluate import Subject, evaluate_subjects, write_evaluation
 from .errors import ConfigError, IntegrityError, MergeError
 from .interrupts import exit_code, interrupts_raised
 from .pipeline import plan_merge
+from .plan import Evaluation
+from .plots import perplexity_chart
 from .report import choice_table, evaluation_table, expansion_table, spectrum_paths, tether_table
-from .spectra import cuda_available
+from .sources import resolve_model
+from .spectra import cuda_available, pick_device
 from .staging import staged_dir
 from .verify import verify_output
 from .write import write_merge
+
+
+COMMANDS = ("analyze", "expand", "evaluate", "verify")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,7 +50,8 @@ def parser() -> argparse.ArgumentParser:
         description="Merge fine-tunes layer by layer: at every depth, keep the candidate whose weight "
                     "matrices have the highest Normalized Effective Rank (or another metric). "
                     "Spectral diagnostics without merging: mastermerge analyze --help; layer expansion of "
-                    "one model: mastermerge expand --help; checking a written output: mastermerge verify --help.",
+                    "one model: mastermerge expand --help; perplexity of models on texts: mastermerge evaluate --help; "
+                    "checking a written output: mastermerge verify --help.",
         epilog="Exit codes: 0 ok, 1 internal error, 2 bad config/arguments, 3 bad or unreachable model, "
                "4 output not writable, 5 verify found a problem, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).")
     p.add_argument("--config", nargs="+", required=True, metavar="YAML", type=Path,
@@ -122,6 +132,33 @@ def verify_parser() -> argparse.ArgumentParser:
     return p
 
 
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mastermerge evaluate",
+        description="The perplexity of each model on each text (causal LMs: next-token; masked LMs: a seeded 15%% "
+                    "of the tokens masked), as a table with each model's difference from the first (the base): "
+                    "evaluation.csv, evaluation.json and perplexity.png in --out.",
+        epilog="Exit codes as for the merge: 0 ok, 2 bad arguments or text, 3 bad or unreachable model, "
+               "4 output not writable.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="local model directories or hub ids org/name[@revision]; the first is the base")
+    p.add_argument("--text", action="append", required=True, metavar="FILE", help="a UTF-8 text (repeat for more)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the tables and the figure")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="use the first N tokens of each text (default 4096)")
+    p.add_argument("--max-length", type=int, metavar="N",
+                   help="window length in tokens (default: the model's context, at most --max-tokens)")
+    p.add_argument("--stride", type=int, metavar="N", help="tokens between window starts (default: half a window)")
+    p.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="let transformers run a model's own code (config.json auto_map)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where the models run (default auto)")
+    p.add_argument("--no-plots", action="store_true", help="tables only, no figure")
+    p.add_argument("--force", action="store_true", help="replace an earlier evaluation in --out")
+    p.add_argument("--json", action="store_true", help="print the table as JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no table (errors still shown)")
+    common_options(p)
+    return p
+
+
 def layer_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
@@ -147,10 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         args, action = expand_parser().parse_args(argv[1:]), run_expand
     elif argv[:1] == ["verify"]:
         args, action = verify_parser().parse_args(argv[1:]), run_verify
-    elif "analyze" in argv or "expand" in argv or "verify" in argv:
-        command = next(c for c in ("analyze", "expand", "verify") if c in argv)
+    elif argv[:1] == ["evaluate"]:
+        args, action = evaluate_parser().parse_args(argv[1:]), run_evaluate
+    elif any(c in argv for c in COMMANDS):
+        command = next(c for c in COMMANDS if c in argv)
         parser().error(f"'{command}' must come first: mastermerge analyze MODEL [MODEL ...] --out DIR, "
-                       f"mastermerge expand MODEL --out DIR [options], or mastermerge verify DIR")
+                       f"mastermerge expand MODEL --out DIR [options], mastermerge evaluate MODEL [MODEL ...] "
+                       f"--text FILE --out DIR, or mastermerge verify DIR")
     else:
         args, action = parser().parse_args(argv), run
     if args.quiet:
@@ -261,6 +301,39 @@ def run_analyze(args: argparse.Namespace) -> int:
         if not args.no_plots and not figures:
             print("no figures: matplotlib is not installed (pip install 'mastermerge[plots]')", file=sys.stderr)
         print(f"\nwrote {out}: metrics.csv, metrics.json" + (f" and {len(figures)} figures" if figures else ""))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    where = "evaluate"
+    specs = [model_spec(item, Path.cwd(), where, f"MODEL {i + 1}") for i, item in enumerate(args.models)]
+    index_of_each(tuple(specs), where, lambda i: f"MODEL {i + 1}")
+    options = evaluate_options({"texts": args.text, "max_tokens": args.max_tokens, "max_length": args.max_length,
+                                "stride": args.stride, "trust_remote_code": bool(args.trust_remote_code)},
+                               Path.cwd(), where, cli=True)
+    out = output_path(args.out, Path.cwd(), where, tuple(specs), args.force, True, marker="evaluation.json",
+                      key="--out")
+    if args.device == "cuda" and not cuda_available():
+        raise ConfigError(f"{where}: --device: 'cuda' was asked for but torch sees no CUDA device")
+    subjects = [Subject(spec.ref, "base" if i == 0 else "candidate", resolve_model(spec).path)
+                for i, spec in enumerate(specs)]
+    with closing(cache_of(args)) as cache:
+        rows = evaluate_subjects(subjects, list(options.texts), options, cache, pick_device(args.device), args.quiet)
+    texts = list(options.names)
+    figure = None
+    with staged_dir(out) as tmp:
+        write_evaluation(rows, texts, tmp, {"models": [{"model": s.name, "path": str(s.directory)} for s in subjects]})
+        if not args.no_plots:
+            figure = perplexity_chart(tmp / "perplexity.png", rows, texts)
+    evaluation = Evaluation(texts=texts, choose_by="mean", rows=rows, strategies=[], reason="")
+    if args.json:
+        print(json.dumps({"mastermerge_version": __version__, "out": str(out), **asdict(evaluation),
+                          "figure": str(out / "perplexity.png") if figure else None}, indent=2))
+    elif not args.quiet:
+        print(evaluation_table(evaluation))
+        if not args.no_plots and figure is None:
+            print("no figure: matplotlib is not installed (pip install 'mastermerge[plots]')", file=sys.stderr)
+        print(f"\nwrote {out}: evaluation.csv, evaluation.json" + (", perplexity.png" if figure else ""))
     return 0
 
 

@@ -151,38 +151,35 @@ def causal_windows(ids: list[int], bos: int | None, length: int, stride: int | N
     return Windows(inputs, labels, length, step)
 
 
-def masked_windows(ids: list[int], tokenizer, length: int) -> Windows:
-    """Windows of the text (special tokens around each, `length` in all, no overlap) with a seeded
-    MASK_SHARE of its tokens masked and scored."""
-    mask = tokenizer.mask_token_id
+def masked_windows(ids: list[int], mask: int, wrapping: tuple[list[int], list[int]], length: int) -> Windows:
+    """Windows of the text (the tokenizer's special tokens around each, `length` in all, no overlap)
+    with a seeded MASK_SHARE of its tokens masked and scored."""
     positions = np.random.default_rng(MASK_SEED).choice(len(ids), size=max(1, round(MASK_SHARE * len(ids))),
                                                         replace=False)
     masked = np.zeros(len(ids), dtype=bool)
     masked[positions] = True
-    span = length - tokenizer.num_special_tokens_to_add(pair=False)
+    prefix, suffix = wrapping
+    span = length - len(prefix) - len(suffix)
     inputs, labels = [], []
     for begin in range(0, len(ids), span):
-        chunk = ids[begin:begin + span]
-        hidden = [mask if masked[begin + i] else t for i, t in enumerate(chunk)]
-        window = tokenizer.build_inputs_with_special_tokens(hidden)
-        special = tokenizer.get_special_tokens_mask(hidden, already_has_special_tokens=False)
-        body = iter(range(begin, begin + len(chunk)))
-        label = []
-        for is_special in special:
-            j = None if is_special else next(body)
-            label.append(ids[j] if j is not None and masked[j] else IGNORE)
-        inputs.append(window)
-        labels.append(label)
+        chunk = range(begin, min(begin + span, len(ids)))
+        inputs.append(prefix + [mask if masked[j] else ids[j] for j in chunk] + suffix)
+        labels.append([IGNORE] * len(prefix) + [ids[j] if masked[j] else IGNORE for j in chunk]
+                      + [IGNORE] * len(suffix))
     return Windows(inputs, labels, length, None)
 
 
 def text_windows(tokenizer, kind: str, text: str, text_name: str, length: int, options: EvaluateOptions,
                  directory: Path) -> Windows:
     """The text's first max_tokens tokens in windows for this model; ConfigError for a text shorter
-    than one window, a tokenizer without a mask token for a masked LM."""
+    than one window, a stride longer than a window's text; ModelError for a masked LM's tokenizer
+    without a mask token."""
     ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])[:options.max_tokens]
-    bos = starting_bos(tokenizer) if kind == "causal" else None
-    needed = length - (bos is not None) if kind == "causal" else length - tokenizer.num_special_tokens_to_add()
+    prefix, suffix = special_wrapping(tokenizer)
+    if kind == "causal":  # a causal window is [BOS] + text when the tokenizer starts texts with BOS
+        bos = getattr(tokenizer, "bos_token_id", None)
+        prefix, suffix = ([bos] if bos is not None and prefix[-1:] == [bos] else []), []
+    needed = length - len(prefix) - len(suffix)
     if len(ids) < needed:
         raise ConfigError(f"{options.where}: {options.key('texts')}: {text_name} gives {len(ids)} tokens with the "
                           f"tokenizer of {directory}, fewer than one window of {length} tokens; give a longer text "
@@ -190,15 +187,22 @@ def text_windows(tokenizer, kind: str, text: str, text_name: str, length: int, o
     if kind == "masked":
         if tokenizer.mask_token_id is None:
             raise ModelError(f"{directory}: the tokenizer has no mask token, which a masked LM's perplexity needs")
-        return masked_windows(ids, tokenizer, length)
-    return causal_windows(ids, bos, length, options.stride)
+        return masked_windows(ids, tokenizer.mask_token_id, (prefix, suffix), length)
+    if options.stride is not None and options.stride > needed:
+        raise ConfigError(f"{options.where}: {options.key('stride')}: {options.stride} is longer than a window's "
+                          f"{needed} tokens of text, so tokens would be skipped")
+    return causal_windows(ids, prefix[0] if prefix else None, length, options.stride)
 
 
-def starting_bos(tokenizer) -> int | None:
-    """The BOS id when the tokenizer starts a text with it (as Llama's does), else None."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    ids = tokenizer("a", verbose=False)["input_ids"]
-    return bos if bos is not None and ids[:1] == [bos] else None
+def special_wrapping(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text ([BOS], or [CLS] and [SEP])."""
+    sample = "a b"
+    body = tokenizer(sample, add_special_tokens=False, verbose=False)["input_ids"]
+    full = tokenizer(sample, verbose=False)["input_ids"]
+    for i in range(len(full) - len(body) + 1):
+        if full[i:i + len(body)] == body:
+            return full[:i], full[i + len(body):]
+    return [], []
 
 
 def summed_nll(model: torch.nn.Module, windows: Windows, kind: str, device, bar) -> float:
@@ -268,7 +272,8 @@ def subject_perplexities(transformers, subject: Subject, texts: list[tuple[str, 
                 model = subject_model(transformers, subject, config, kind, device, dtype, options)
                 check_vocabulary(tokenizer, model, directory)
             started = time.perf_counter()
-            with tqdm(total=len(w.inputs), desc=f"{subject.name} | {name}", unit="window", disable=quiet) as bar:
+            label = subject.name if subject.plan else Path(subject.name.split("@")[0].rstrip("/")).name
+            with tqdm(total=len(w.inputs), desc=f"{label} | {Path(name).name}", unit="window", disable=quiet) as bar:
                 nll = summed_nll(model, w, kind, device, bar)
             run = {"model_ref": subject.name, "text_name": name, "kind": kind, "nll": nll, "tokens": w.tokens,
                    "windows": len(w.inputs), "dtype": str(model.dtype).removeprefix("torch."), "device": str(device),
@@ -302,3 +307,42 @@ def checkpoint_parameters(directory: Path) -> int:
     from .checkpoint import Checkpoint, numel
     with Checkpoint.open(directory) as checkpoint:
         return sum(numel(info.shape) for info in checkpoint.tensors.values())
+
+
+def write_evaluation(rows: list[Perplexity], texts: list[str], out: Path, extra: dict | None = None) -> None:
+    """evaluation.csv (one row per model and text, and its mean; each with its difference from the
+    base's) and evaluation.json (the same with the windows and the inputs)."""
+    import csv
+
+    from . import __version__
+    means = mean_rows(rows, texts)
+    base = next(r.model for r in rows if r.role == "base")
+    reference = {(r.model, r.text): r.perplexity for r in rows + means if r.model == base}
+    columns = ["model", "role", "text", "perplexity", "diff_from_base", "relative_diff", "nll", "tokens", "windows",
+               "window", "stride", "kind", "reused"]
+    records = []
+    for r in rows + means:
+        diff = r.perplexity - reference[base, r.text]
+        records.append({"model": r.model, "role": r.role, "text": r.text, "perplexity": r.perplexity,
+                        "diff_from_base": diff, "relative_diff": diff / reference[base, r.text],
+                        "nll": r.nll, "tokens": r.tokens, "windows": r.windows, "window": r.window,
+                        "stride": r.stride, "kind": r.kind, "reused": r.reused})
+    with open(out / "evaluation.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in record.items()} for record in records)
+    document = {"mastermerge_version": __version__, "texts": texts, "base": base, **(extra or {}), "rows": records}
+    (out / "evaluation.json").write_text(json.dumps(document, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def mean_rows(rows: list[Perplexity], texts: list[str]) -> list[Perplexity]:
+    """Per model, a row for the mean over the texts (text 'mean': the mean of the perplexities; nll
+    and tokens summed)."""
+    means = []
+    for model in dict.fromkeys(r.model for r in rows):
+        mine = [r for r in rows if r.model == model and r.text in texts]
+        means.append(Perplexity(model, mine[0].role, "mean", mine[0].kind,
+                                sum(r.perplexity for r in mine) / len(mine), sum(r.nll for r in mine),
+                                sum(r.tokens for r in mine), sum(r.windows for r in mine), mine[0].window,
+                                mine[0].stride, all(r.reused for r in mine)))
+    return means

@@ -11,6 +11,7 @@
   marked (with the number of copies where there is more than one).
 - smin_histogram.png: the smallest singular value of every matrix on a log axis (seed 004's
   rank-collapse figure), one series per model.
+- perplexity.png: an evaluation's perplexity of every model on every text and their mean.
 
 Every function returns the file it wrote, or None when matplotlib is not installed.
 """
@@ -229,3 +230,44 @@ def save(fig, plt, path: Path, tight: bool = True) -> Path:
 def file_name(text: str) -> str:
     """A name safe for a file: anything but letters, digits, '.', '-' and '_' becomes '_'."""
     return re.sub(r"[^\w.\-]", "_", text)
+
+
+def evaluation_chart(plan: Plan, directory: Path) -> str | None:
+    """perplexity.png of a merge's evaluation; the file name, or None (no evaluation, no matplotlib)."""
+    evaluation = plan.evaluation
+    if evaluation is None:
+        return None
+    written = next(f"composite: {s.name}" for s in evaluation.strategies if s.written)
+    return "perplexity.png" if perplexity_chart(directory / "perplexity.png", evaluation.rows, evaluation.texts,
+                                                written) else None
+
+
+def perplexity_chart(path: Path, rows: list, texts: list[str], written: str | None = None) -> Path | None:
+    """Grouped bars: each model's perplexity on each text and the mean, the base's as a dashed line
+    per group, the written composite outlined in red."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    models = list(dict.fromkeys(r.model for r in rows))
+    table = {(r.model, r.text): r.perplexity for r in rows}
+    groups = texts + ["mean"]
+    for m in models:
+        table[m, "mean"] = sum(table[m, t] for t in texts) / len(texts)
+    base = next(r.model for r in rows if r.role == "base")
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(min(max(6.4, 1.2 + 0.35 * len(models) * len(groups)), 20), 4.6))
+    labels = short_names([m for m in models if not m.startswith("composite: ")])
+    for i, m in enumerate(models):
+        xs = [g + (i - (len(models) - 1) / 2) * width for g in range(len(groups))]
+        bars = ax.bar(xs, [table[m, g] for g in groups], width * 0.92, label=labels.get(m, m),
+                      edgecolor="red" if m == written else "none", linewidth=2 if m == written else 0)
+        if len(models) * len(groups) <= 40:
+            ax.bar_label(bars, fmt="%.3g", fontsize=6, padding=1)
+    for g in range(len(groups)):
+        ax.hlines(table[base, groups[g]], g - 0.45, g + 0.45, colors="black", linestyles="dashed", linewidth=1)
+    ax.set_xticks(range(len(groups)), [Path(g).name for g in groups])
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title("Perplexity by model and text (dashed: the base)" + ("; red outline: written" if written else ""),
+                 fontsize=10, loc="left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return save(fig, plt, path)

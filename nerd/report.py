@@ -154,9 +154,14 @@ def evaluation_rows(evaluation: Evaluation) -> list[list[str]]:
 def evaluation_header(evaluation: Evaluation) -> str:
     """What the numbers are: the kind of perplexity and the windows."""
     first = evaluation.rows[0]
-    kind = ("causal LM: exp of the mean next-token NLL" if first.kind == "causal"
-            else "masked LM: exp of the mean NLL of the masked tokens")
-    windows = f"windows of {first.window} tokens" + (f", stride {first.stride}" if first.stride else "")
+    kinds = {r.kind for r in evaluation.rows}
+    kind = ("causal LM: exp of the mean next-token NLL" if kinds == {"causal"}
+            else "masked LM: exp of the mean NLL of the masked tokens" if kinds == {"masked"}
+            else "causal LMs: next-token NLL, masked LMs: NLL of the masked tokens, exp of the mean")
+    if len({(r.window, r.stride) for r in evaluation.rows}) > 1:
+        windows = "windows of each model's context (evaluation.csv has each one's)"
+    else:
+        windows = f"windows of {first.window} tokens" + (f", stride {first.stride}" if first.stride else "")
     return f"perplexity ({kind}; {windows}; lower is better)"
 
 
@@ -165,7 +170,7 @@ def evaluation_table(evaluation: Evaluation) -> str:
     rows = evaluation_rows(evaluation)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join([evaluation_header(evaluation), *lines, evaluation.reason])
+    return "\n".join([evaluation_header(evaluation), *lines] + [evaluation.reason] * bool(evaluation.reason))
 
 
 def evaluation_section(evaluation: Evaluation, figure: str | None) -> str:

@@ -27,7 +27,7 @@ from .checkpoint import FLOAT_DTYPES, ITEMSIZES, SAFETENSORS_DTYPES, Checkpoint,
 from .config import MergeConfig
 from .errors import ModelError, OutputError
 from .plan import Plan, PlanEntry
-from .plots import compatibility_heatmap, expansion_curve, merge_heatmap
+from .plots import compatibility_heatmap, evaluation_chart, expansion_curve, merge_heatmap
 from .report import model_card, report_of
 from .sidefiles import copy_side_files
 from .staging import staged_dir
@@ -47,17 +47,19 @@ def write_merge(plan: Plan, config: MergeConfig, quiet: bool = False) -> Path:
         copy_side_files(plan.sources[plan.base], tmp)
         figures = pool.submit(draw_figures, plan, tmp)  # drawn while the shards are written (I/O-bound)
         files = write_shards(plan, tmp, quiet)
-        heatmaps, curve = figures.result()
-        (tmp / "README.md").write_text(model_card(plan, heatmaps, curve), encoding="utf-8")
+        heatmaps, curve, perplexities = figures.result()
+        (tmp / "README.md").write_text(model_card(plan, heatmaps, curve, perplexities), encoding="utf-8")
         report = report_of(plan, config, files)
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2, default=str, allow_nan=False) + "\n",
                                                encoding="utf-8")
     return plan.output_dir
 
 
-def draw_figures(plan: Plan, tmp: Path) -> tuple[list[str], str | None]:
-    """The heatmaps (score, then compatibility) and the expansion curve that could be drawn."""
-    return [h for h in (merge_heatmap(plan, tmp), compatibility_heatmap(plan, tmp)) if h], expansion_curve(plan, tmp)
+def draw_figures(plan: Plan, tmp: Path) -> tuple[list[str], str | None, str | None]:
+    """The heatmaps (score, then compatibility), the expansion curve and the evaluation's chart
+    that could be drawn."""
+    heatmaps = [h for h in (merge_heatmap(plan, tmp), compatibility_heatmap(plan, tmp)) if h]
+    return heatmaps, expansion_curve(plan, tmp), evaluation_chart(plan, tmp)
 
 
 def shard_groups(entries: list[PlanEntry], shard_size: int) -> list[list[PlanEntry]]:

@@ -4,7 +4,6 @@ every refusal of `mastermerge evaluate`."""
 import contextlib
 import io
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from examples.tiny_models import build_model
 from nerd.cli import main
 from nerd.config import EvaluateOptions
 from nerd.evaluate import IGNORE, MASK_SHARE, text_windows
+from helpers import transformers_perplexity
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINED = REPO / "tests" / "data" / "trained-llama"
@@ -70,21 +70,6 @@ def options(**kwargs) -> EvaluateOptions:
 def windows_of(directory: Path, kind: str, length: int, **kwargs):
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     return tokenizer, text_windows(tokenizer, kind, TEXT.read_text(), "text", length, options(**kwargs), directory)
-
-
-def transformers_perplexity(directory: Path, windows, kind: str) -> float:
-    """exp of the mean loss per scored token, from the loss transformers itself computes for each
-    window (labels -100 where nothing is scored; a causal LM shifts them itself)."""
-    cls = transformers.AutoModelForCausalLM if kind == "causal" else transformers.AutoModelForMaskedLM
-    model = cls.from_pretrained(directory, dtype=torch.float32).eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for inputs, labels in zip(windows.inputs, windows.labels):
-            scored = sum(label != IGNORE for label in (labels[1:] if kind == "causal" else labels))
-            loss = model(input_ids=torch.tensor([inputs]), labels=torch.tensor([labels])).loss
-            total += float(loss) * scored
-            count += scored
-    return math.exp(total / count)
 
 
 def evaluated(family, *models, extra=(), cache=None) -> dict:

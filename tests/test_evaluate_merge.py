@@ -1,0 +1,141 @@
+"""Evaluation inside a merge: the trained example family, every strategy's composite evaluated in
+memory, the better one written, and what was written measured again from its files."""
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import transformers
+import yaml
+from helpers import transformers_perplexity
+
+from nerd.cli import main
+from nerd.config import EvaluateOptions
+from nerd.evaluate import text_windows
+from nerd.plan import Perplexity
+from nerd.strategies import worse_than_base
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "models"
+TEXTS = {domain: REPO / "examples" / "texts" / f"{domain}.txt" for domain in ("code", "docs", "legal")}
+MODELS = [EXAMPLES / name for name in ("tiny-base", "tiny-code", "tiny-docs", "tiny-legal")]
+
+
+def run(*args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def write_config(directory: Path, name: str, **extra) -> Path:
+    config = {"models": [str(m) for m in MODELS], "base_model": str(MODELS[0]), "output_dir": str(directory / name),
+              **extra}
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+EVALUATE = {"texts": [str(t) for t in TEXTS.values()], "strategies": [{"name": "blend", "tether": {"mode": "blend"}}]}
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate-merge")
+    plain = write_config(root, "plain")
+    code, printed, err = run("--config", plain, "--json", "--quiet", "--cache", root / "plain.sqlite")
+    assert code == 0, err
+    config = write_config(root, "out", evaluate=EVALUATE)
+    code, printed, err = run("--config", config, "--json", "--cache", root / "c.sqlite")
+    assert code == 0, err
+    return {"root": root, "result": json.loads(printed)["results"][0], "stderr": err,
+            "plain": json.loads(run("--config", plain, "--json", "--quiet", "--dry-run",
+                                    "--cache", root / "plain.sqlite")[1])["results"][0]}
+
+
+def rows_of(result) -> dict[tuple[str, str], float]:
+    return {(r["model"], r["text"]): r["perplexity"] for r in result["evaluation"]["rows"]}
+
+
+def test_each_fine_tune_is_best_on_its_own_domain(merged):
+    table = rows_of(merged["result"])
+    candidates = [str(m) for m in MODELS]
+    for domain, text in TEXTS.items():
+        best = min(candidates, key=lambda m: table[m, str(text)])
+        assert Path(best).name == f"tiny-{domain}", {Path(m).name: table[m, str(text)] for m in candidates}
+
+
+def test_the_lower_perplexity_strategy_is_written_and_measures_the_same_from_its_files(merged):
+    evaluation = merged["result"]["evaluation"]
+    scores = {s["name"]: s["score"] for s in evaluation["strategies"]}
+    [written] = [s["name"] for s in evaluation["strategies"] if s["written"]]
+    assert set(scores) == {"as configured", "blend"} and scores[written] == min(scores.values())
+    assert evaluation["runner_up"] != written and evaluation["margin"] == pytest.approx(
+        max(scores.values()) - min(scores.values()))
+    table, out = rows_of(merged["result"]), Path(merged["result"]["output_dir"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    options = EvaluateOptions(tuple(TEXTS.values()), tuple(map(str, TEXTS.values())))
+    for text in TEXTS.values():
+        windows = text_windows(tokenizer, "causal", text.read_text(), str(text), 128, options, out)
+        assert windows.inputs[0][0] == tokenizer.bos_token_id
+        assert transformers_perplexity(out, windows, "causal") == pytest.approx(
+            table[f"composite: {written}", str(text)], rel=1e-6)
+    blended = any(c["blend"] for c in merged["result"]["choices"])
+    assert blended == (written == "blend")
+
+
+def test_strategies_cost_no_spectrum_and_the_report_card_and_terminal_show_the_evaluation(merged, capsys):
+    result, out = merged["result"], Path(merged["result"]["output_dir"])
+    assert result["spectra_computed"] == merged["plain"]["spectra_computed"] + merged["plain"]["spectra_reused"]
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["plan"]["evaluation"] == result["evaluation"]
+    card = (out / "README.md").read_text()
+    assert "## Evaluation" in card and "(written)" in card and "below the runner-up" in card
+    assert "![perplexity by model and text](perplexity.png)" in card and (out / "perplexity.png").stat().st_size > 10_000
+    code, printed, _ = run("--config", merged["root"] / "out.yaml", "--dry-run", "--cache", merged["root"] / "c.sqlite")
+    assert code == 0 and "vs base" in printed and "written: " in printed and "margin" in printed
+    assert all(r["reused"] for r in json.loads(run("--config", merged["root"] / "out.yaml", "--dry-run", "--json",
+                                                   "--quiet", "--cache", merged["root"] / "c.sqlite")[1])
+               ["results"][0]["evaluation"]["rows"])  # nothing evaluated twice
+
+
+def test_every_choice_shows_its_margin_over_the_runner_up(merged):
+    for choice in merged["plain"]["choices"]:
+        if choice["group"] == "non-layer":  # taken from the base: nothing competed
+            assert choice["runner_up"] is None and choice["margin"] is None
+            continue
+        others = {c: s for c, s in choice["scores"].items() if c != choice["winner"] and s is not None}
+        runner = max(others, key=others.get)
+        assert choice["runner_up"] == runner
+        assert choice["margin"] == pytest.approx(choice["scores"][choice["winner"]] - others[runner], abs=1e-15)
+        assert choice["margin"] >= 0
+
+
+@pytest.mark.parametrize("evaluate, message", [
+    ({"texts": ["x.txt"]}, "evaluate.texts[0]: text 'x.txt' not found"),
+    ({"texts": [str(TEXTS["code"])], "strategies": [{"tether": {"mdoe": "blend"}}]},
+     "evaluate.strategies[0].tether.mdoe: unknown key; did you mean 'mode'?"),
+    ({"texts": [str(TEXTS["code"])], "strategies": [{"selection": {"granularity": "row"}}]},
+     "evaluate.strategies[0].selection.granularity: expected one of block, tensor, found 'row'"),
+    ({"texts": [str(TEXTS["code"])], "strategies": [{"name": "x", "selection": {}}]},
+     "evaluate.strategies[0]: give the selection or tether settings it changes"),
+    ({"texts": [str(TEXTS["code"])], "choose_by": "docs.txt"}, "evaluate.choose_by: expected mean or one of the texts"),
+    ({"texts": [str(TEXTS["code"])], "stride": 0}, "evaluate.stride: expected a whole number of tokens >= 1"),
+    ({"text": [str(TEXTS["code"])]}, "evaluate.text: unknown key; did you mean 'texts'?"),
+])
+def test_bad_evaluate_sections_are_refused_before_anything_runs(tmp_path, evaluate, message):
+    config = write_config(tmp_path, "out", evaluate=evaluate)
+    code, printed, err = run("--config", config, "--no-cache")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_composite_worse_than_the_base_is_a_warning():
+    def row(model, role, value):
+        return Perplexity(model, role, "t", "causal", value, 0.0, 1, 1, 8, 4)
+    rows = [row("base", "base", 40.8), row("composite: a", "composite", 48.9), row("composite: b", "composite", 40.2)]
+    [warning] = worse_than_base(rows, ["t"], "composite: a")
+    assert "48.9000) is higher than the base's (40.8000)" in warning
+    assert worse_than_base(rows, ["t"], "composite: b") == []

@@ -27,7 +27,7 @@ from .analyze import analysis_summary, analyze_models, summary_text, write_figur
 from .cache import MetricCache, default_cache_path
 from .config import DEVICES, IMPORTANCE, INITS, evaluate_options, expand_config, index_of_each, load_config, \
     model_spec, output_path
-from .evaluate import Subject, evaluate_subjects, write_evaluation
+from .evaluate import Subject, evaluate_subjects, tokenization_notes, write_evaluation
 from .errors import ConfigError, IntegrityError, MergeError
 from .interrupts import exit_code, interrupts_raised
 from .pipeline import plan_merge
@@ -326,6 +326,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if not args.no_plots:
             figure = perplexity_chart(tmp / "perplexity.png", rows, texts)
     evaluation = Evaluation(texts=texts, choose_by="mean", rows=rows, strategies=[], reason="")
+    for note in tokenization_notes(rows) if not args.quiet else ():
+        print(f"mastermerge: note: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps({"mastermerge_version": __version__, "out": str(out), **asdict(evaluation),
                           "figure": str(out / "perplexity.png") if figure else None}, indent=2))

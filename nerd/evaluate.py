@@ -346,3 +346,16 @@ def mean_rows(rows: list[Perplexity], texts: list[str]) -> list[Perplexity]:
                                 sum(r.tokens for r in mine), sum(r.windows for r in mine), mine[0].window,
                                 mine[0].stride, all(r.reused for r in mine)))
     return means
+
+
+def tokenization_notes(rows: list[Perplexity]) -> list[str]:
+    """A note per text that the models tokenize differently: their perplexities are per token of
+    different vocabularies, so not comparable with each other."""
+    notes = []
+    for text in dict.fromkeys(r.text for r in rows):
+        counts = {r.model: r.tokens for r in rows if r.text == text and r.kind == "causal"}
+        if len(set(counts.values())) > 1:
+            shown = ", ".join(f"{Path(m).name} {n}" for m, n in counts.items())
+            notes.append(f"{Path(text).name}: the models score different numbers of tokens ({shown}); perplexities "
+                         f"of different tokenizers are not comparable")
+    return notes

@@ -139,3 +139,25 @@ def test_a_composite_worse_than_the_base_is_a_warning():
     [warning] = worse_than_base(rows, ["t"], "composite: a")
     assert "48.9000) is higher than the base's (40.8000)" in warning
     assert worse_than_base(rows, ["t"], "composite: b") == []
+
+
+def test_an_expanded_composite_is_evaluated_as_it_will_be_written(merged):
+    """dlec with init identity: the deeper composite, built in memory from the rewritten config,
+    computes the same function, so it has the unexpanded composite's perplexity; and the written
+    expanded model measures the same from its files."""
+    root = merged["root"]
+    evaluate = {"texts": [str(TEXTS["docs"])]}
+    config = write_config(root, "grown", evaluate=evaluate, dlec={"add_layers": 1, "init": "identity",
+                                                                  "importance": "ner"})
+    code, printed, err = run("--config", config, "--json", "--quiet", "--cache", root / "c.sqlite")
+    assert code == 0, err
+    result = json.loads(printed)["results"][0]
+    [composite] = [r for r in result["evaluation"]["rows"] if r["role"] == "composite"]
+    assert result["expansion"]["params_after"] > result["expansion"]["params_before"]
+    flat = rows_of(merged["result"])["composite: as configured", str(TEXTS["docs"])]
+    assert composite["perplexity"] == pytest.approx(flat, rel=1e-5)
+    out = Path(result["output_dir"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    options = EvaluateOptions((TEXTS["docs"],), (str(TEXTS["docs"]),))
+    windows = text_windows(tokenizer, "causal", TEXTS["docs"].read_text(), "docs", 128, options, out)
+    assert transformers_perplexity(out, windows, "causal") == pytest.approx(composite["perplexity"], rel=1e-6)

@@ -65,10 +65,10 @@ def composite_model(transformers, plan: Plan, config: dict, classes: list, devic
     base's config.json, parsed."""
     import torch
     base_dir = plan.sources[plan.base]
-    model = loaded_model(transformers, base_dir, classes, dtype, trust_remote_code, purpose, hint)
-    if plan.config is not None:  # a deeper model than the base: same class, the new config, weights below
-        grown = type(model).config_class.from_dict(plan.config)
-        model = type(model)(grown).to(model.dtype)
+    if plan.config is None:
+        model = loaded_model(transformers, base_dir, classes, dtype, trust_remote_code, purpose, hint)
+    else:  # a deeper model than the base: built from the rewritten config, every tensor copied in below
+        model = grown_model(transformers, plan, classes, dtype, purpose, hint)
     state = model.state_dict()
     with ExitStack() as stack, torch.no_grad():
         checkpoints = OpenCheckpoints(plan, stack)
@@ -87,6 +87,23 @@ def composite_model(transformers, plan: Plan, config: dict, classes: list, devic
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
     return model.to(device).eval()
+
+
+def grown_model(transformers, plan: Plan, classes: list, dtype, purpose: str, hint: str) -> torch.nn.Module:
+    """A freshly initialised model of the plan's rewritten config.json (an expansion), by the first
+    class that builds it, in `dtype` ("auto": the dtype of the plan's first floating-point tensor)."""
+    config = transformers.AutoConfig.for_model(**plan.config)
+    if dtype == "auto":
+        dtype = next(torch_dtype(e.dtype) for e in plan.entries if torch_dtype(e.dtype).is_floating_point)
+    error = None
+    for cls in classes:
+        try:
+            build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+            return build(config, dtype=dtype)
+        except Exception as exc:  # ValueError for a class that does not fit the config
+            error = error or exc
+    raise ModelError(f"{plan.sources[plan.base]}: transformers {transformers.__version__} cannot build the expanded "
+                     f"model {purpose} ({first_line(error)}){hint}")
 
 
 def entry_tensor(entry: PlanEntry, opened: dict[str, Checkpoint]) -> torch.Tensor:

@@ -36,6 +36,7 @@ from .plots import perplexity_chart
 from .report import choice_table, evaluation_table, expansion_table, spectrum_paths, tether_table
 from .sources import resolve_model
 from .spectra import cuda_available, pick_device
+from .strategies import unmeasured
 from .staging import staged_dir
 from .verify import verify_output
 from .write import write_merge
@@ -326,6 +327,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if not args.no_plots:
             figure = perplexity_chart(tmp / "perplexity.png", rows, texts)
     evaluation = Evaluation(texts=texts, choose_by="mean", rows=rows, strategies=[], reason="")
+    for warning in unmeasured(rows):
+        print(f"mastermerge: warning: {warning}", file=sys.stderr)
     for note in tokenization_notes(rows) if not args.quiet else ():
         print(f"mastermerge: note: {note}", file=sys.stderr)
     if args.json:

@@ -43,16 +43,25 @@ def dtype_keyword(transformers) -> str:
 
 
 def loaded_model(transformers, directory: Path, classes: list, dtype, trust_remote_code: bool, purpose: str,
-                 hint: str = "") -> torch.nn.Module:
+                 hint: str = "", complete: bool = False) -> torch.nn.Module:
     """The model of a directory, by the first class that loads it; ModelError naming the purpose
-    ('to run the calibration text') and a hint ('; use dlec.importance: ner') when none does."""
+    ('to run the calibration text') and a hint ('; use dlec.importance: ner') when none does, and
+    with `complete` when the checkpoint lacks weights the class has (transformers would draw them
+    at random)."""
     kwargs = {dtype_keyword(transformers): dtype, "trust_remote_code": trust_remote_code}
     error = None
     for cls in classes:
         try:
-            return cls.from_pretrained(directory, **kwargs)
+            model, info = cls.from_pretrained(directory, output_loading_info=True, **kwargs)
         except Exception as exc:  # ValueError for a class that does not fit, OSError for files, ...
             error = error or exc
+            continue
+        missing = sorted(info.get("missing_keys") or ())
+        if complete and missing:
+            raise ModelError(f"{directory}: the checkpoint has no weights for {len(missing)} tensor(s) of "
+                             f"{type(model).__name__} ({', '.join(missing[:3])}), which transformers would draw at "
+                             f"random, so its results would mean nothing")
+        return model
     raise ModelError(f"{directory}: transformers {transformers.__version__} cannot load this model {purpose} "
                      f"({first_line(error)}){hint}")
 
@@ -73,7 +82,7 @@ def composite_model(transformers, plan: Plan, config: dict, classes: list, devic
     with ExitStack() as stack, torch.no_grad():
         checkpoints = OpenCheckpoints(plan, stack)
         for entry in plan.entries:
-            if plan.config is None and entry.candidates == (plan.base,) and entry.transform is None:
+            if plan.config is None and unchanged(entry, plan.base, checkpoints):  # loaded with the base as it is
                 continue
             name = state_name(entry.name, state, getattr(model, "base_model_prefix", ""))
             if name is None and entry.optional:  # a buffer this version of transformers does not keep
@@ -89,12 +98,23 @@ def composite_model(transformers, plan: Plan, config: dict, classes: list, devic
     return model.to(device).eval()
 
 
+def unchanged(entry: PlanEntry, base: str, checkpoints: OpenCheckpoints) -> bool:
+    """An entry that copies the base's own tensor in its own dtype."""
+    return (entry.candidates == (base,) and entry.transform is None and entry.tensor == entry.name
+            and checkpoints.of(entry)[base].tensors[entry.tensor].dtype == entry.dtype)
+
+
+def plan_dtype(plan: Plan) -> torch.dtype:
+    """The output's floating-point dtype: that of the plan's first floating-point tensor."""
+    return next(torch_dtype(e.dtype) for e in plan.entries if torch_dtype(e.dtype).is_floating_point)
+
+
 def grown_model(transformers, plan: Plan, classes: list, dtype, purpose: str, hint: str) -> torch.nn.Module:
     """A freshly initialised model of the plan's rewritten config.json (an expansion), by the first
     class that builds it, in `dtype` ("auto": the dtype of the plan's first floating-point tensor)."""
     config = transformers.AutoConfig.for_model(**plan.config)
     if dtype == "auto":
-        dtype = next(torch_dtype(e.dtype) for e in plan.entries if torch_dtype(e.dtype).is_floating_point)
+        dtype = plan_dtype(plan)
     error = None
     for cls in classes:
         try:

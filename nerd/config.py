@@ -46,6 +46,8 @@ BLEND_WEIGHTS = ("equal", "score", "compatibility")
 INITS = ("copy", "identity")
 EVALUATE_KEYS = ("texts", "max_tokens", "max_length", "stride", "strategies", "choose_by", "trust_remote_code")
 STRATEGY_KEYS = ("name", "selection", "tether")
+# keys a strategy does not inherit from the config when it sets the key they depend on
+DEPENDENT_KEYS = {"metric": ("goal", "target"), "goal": ("target",), "mode": ("weights",)}
 CONFIGURED = "as configured"  # the name of the config's own selection and tether settings among the strategies
 
 
@@ -562,6 +564,9 @@ def evaluate_options(value: Any, base_dir: Path, where: str, raw: dict | None = 
         if number is not None and (isinstance(number, bool) or not isinstance(number, int) or number < low):
             raise ConfigError(f"{where}: {key(name)}: expected a whole number of tokens >= {low}, found {number!r}")
         numbers[name] = number
+    if numbers["max_length"] and numbers["max_length"] > (numbers["max_tokens"] or 4096):
+        raise ConfigError(f"{where}: {key('max_length')}: {numbers['max_length']} is longer than the "
+                          f"{numbers['max_tokens'] or 4096} tokens used of each text ({key('max_tokens')})")
     if numbers["max_length"] and numbers["stride"] and numbers["stride"] >= numbers["max_length"]:
         raise ConfigError(f"{where}: {key('stride')}: {numbers['stride']} must be shorter than the window "
                           f"({key('max_length')}: {numbers['max_length']}), or no window would overlap the next")
@@ -601,7 +606,12 @@ def strategies_of(value: Any, raw: dict, where: str) -> tuple[Strategy, ...]:
             own = item.get(section) or {}
             if not isinstance(own, dict):
                 raise ConfigError(f"{where}: {at}.{section}: expected a mapping, found {type_name(own)}")
-            sections[section] = (raw.get(section) or {}) | own
+            inherited = dict(raw.get(section) or {}) if isinstance(raw.get(section), dict) else {}
+            for key, dependents in DEPENDENT_KEYS.items():  # a new metric brings its own goal, a new mode its weights
+                if key in own:
+                    for dependent in dependents:
+                        inherited.pop(dependent, None)
+            sections[section] = inherited | own
         selection = selection_options(sections["selection"], where, f"{at}.")
         tether = tether_options(sections["tether"], selection, where, f"{at}.")
         settings = tuple((f"{section}.{k}", v) for section in ("selection", "tether")

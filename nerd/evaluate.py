@@ -41,10 +41,11 @@ import numpy as np
 from tqdm import tqdm
 
 from .composite import CONTEXT_KEYS, composite_model, directory_digest, loaded_model, model_classes, model_digest, \
-    plan_parameters, run_dtype
+    plan_dtype, plan_parameters, run_dtype
 from .config import EvaluateOptions, read_text
 from .errors import ConfigError, ModelError, first_line
 from .plan import Perplexity, Plan
+from .report import mean_of
 
 if TYPE_CHECKING:
     import torch
@@ -83,8 +84,20 @@ class Windows:
     def key(self, kind: str, dtype, device) -> str:
         """What a cached result depends on besides the weights: the windows and how they ran."""
         import torch
-        return hashlib.sha256(json.dumps([kind, self.inputs, self.labels, str(dtype),
-                                          torch.device(device).type]).encode()).hexdigest()
+        import transformers
+        return hashlib.sha256(json.dumps([kind, self.inputs, self.labels, str(dtype), torch.device(device).type,
+                                          transformers.__version__]).encode()).hexdigest()
+
+
+def model_config(directory: Path) -> dict:
+    """config.json, parsed; ModelError when it is missing, not JSON or not a mapping."""
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{directory}/config.json: cannot be read as JSON ({first_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{directory}/config.json: expected a JSON object, found {type(config).__name__}")
+    return config
 
 
 def lm_kind(config: dict, directory: Path) -> str:
@@ -116,10 +129,14 @@ def tokenizer_of(transformers, directory: Path, trust_remote_code: bool):
                          f"the perplexity of a text needs the model's own tokenizer") from None
 
 
-def window_length(config: dict, options: EvaluateOptions, directory: Path) -> int:
-    """The model's context (config.json), at most max_tokens; or max_length, which must fit the context."""
+def window_length(config: dict, tokenizer, options: EvaluateOptions, directory: Path) -> int:
+    """The model's context (config.json, or the tokenizer's model_max_length when shorter: RoBERTa's
+    514 positions hold 512 tokens), at most max_tokens; or max_length, which must fit the context."""
     section = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    contexts = [section[k] for k in CONTEXT_KEYS if isinstance(section.get(k), int) and section[k] > 1]
+    contexts = [section[k] for k in CONTEXT_KEYS if isinstance(section.get(k), int) and section[k] > 1][:1]
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 1 < limit < 10**6:  # transformers' "no limit" is about 1e30
+        contexts = [min(contexts + [limit])]
     if options.max_length is not None:
         if contexts and options.max_length > contexts[0]:
             raise ConfigError(f"{options.where}: {options.key('max_length')}: {options.max_length} is longer "
@@ -188,9 +205,11 @@ def text_windows(tokenizer, kind: str, text: str, text_name: str, length: int, o
         if tokenizer.mask_token_id is None:
             raise ModelError(f"{directory}: the tokenizer has no mask token, which a masked LM's perplexity needs")
         return masked_windows(ids, tokenizer.mask_token_id, (prefix, suffix), length)
-    if options.stride is not None and options.stride > needed:
-        raise ConfigError(f"{options.where}: {options.key('stride')}: {options.stride} is longer than a window's "
-                          f"{needed} tokens of text, so tokens would be skipped")
+    longest = needed if prefix else needed - 1  # without BOS a window's first token is scored only as context
+    if options.stride is not None and options.stride > longest:
+        raise ConfigError(f"{options.where}: {options.key('stride')}: {options.stride} would leave tokens unscored; "
+                          f"at most {longest} with windows of {length} tokens"
+                          + ("" if prefix else " (the tokenizer adds no BOS, so windows must overlap)"))
     return causal_windows(ids, prefix[0] if prefix else None, length, options.stride)
 
 
@@ -205,18 +224,23 @@ def special_wrapping(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def summed_nll(model: torch.nn.Module, windows: Windows, kind: str, device, bar) -> float:
-    """The negative log-likelihood of every scored token, summed in float64."""
+def summed_nll(model: torch.nn.Module, windows: Windows, kind: str, device, bar, where: str) -> float:
+    """The negative log-likelihood of every scored token, summed in float64 (NaN or Inf when the
+    model's logits hold them); ModelError naming `where` when the model cannot run a window."""
     import torch
     total = 0.0
     with torch.inference_mode():
-        for window, label in zip(windows.inputs, windows.labels):
-            logits = model(input_ids=torch.tensor([window], device=device)).logits[0].double()
+        for index, (window, label) in enumerate(zip(windows.inputs, windows.labels)):
+            try:
+                logits = model(input_ids=torch.tensor([window], device=device)).logits[0]
+            except (RuntimeError, IndexError, ValueError) as exc:  # out of memory, positions beyond the model's
+                raise ModelError(f"{where}: the model cannot run window {index + 1} ({len(window)} tokens): "
+                                 f"{first_line(exc)}") from None
             targets = torch.tensor(label, device=device)
             if kind == "causal":  # position i predicts token i + 1
                 logits, targets = logits[:-1], targets[1:]
             keep = targets != IGNORE
-            log_p = torch.log_softmax(logits[keep], dim=-1)
+            log_p = torch.log_softmax(logits[keep].double(), dim=-1)  # only the scored rows in float64
             total -= float(log_p.gather(1, targets[keep].unsqueeze(1)).sum())
             bar.update()
     return total
@@ -249,18 +273,20 @@ def subject_perplexities(transformers, subject: Subject, texts: list[tuple[str, 
     """One subject's perplexity on every text: its windows, then the cached results or one run."""
     import torch
     directory = subject.directory
-    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    config = model_config(directory)
     if "auto_map" in config and not options.trust_remote_code:
         raise ConfigError(f"{options.where}: {options.key('trust_remote_code')}: {directory}/config.json asks for "
                           f"the model's own code (auto_map), which runs only with "
                           f"{options.setting('trust_remote_code', 'true')} (if you trust it)")
     kind = lm_kind(config, directory)
     tokenizer = tokenizer_of(transformers, directory, options.trust_remote_code)
-    length = window_length(subject.plan.config if subject.plan and subject.plan.config else config, options,
-                           directory)
+    length = window_length(subject.plan.config if subject.plan and subject.plan.config else config, tokenizer,
+                           options, directory)
     windows = {name: text_windows(tokenizer, kind, text, name, length, options, directory) for name, text in texts}
     model_key = model_digest(subject.plan, cache) if subject.plan else directory_digest(directory, cache)
     dtype = run_dtype(plan_parameters(subject.plan) if subject.plan else checkpoint_parameters(directory), device)
+    if dtype == "auto" and subject.plan is not None:  # as written: the output dtype (dtype: float16 ...)
+        dtype = plan_dtype(subject.plan)
     keys = {name: w.key(kind, dtype, device) for name, w in windows.items()}
     found = {name: cache.evaluation(model_key, keys[name]) for name in windows}
     model = None
@@ -274,7 +300,10 @@ def subject_perplexities(transformers, subject: Subject, texts: list[tuple[str, 
             started = time.perf_counter()
             label = subject.name if subject.plan else Path(subject.name.split("@")[0].rstrip("/")).name
             with tqdm(total=len(w.inputs), desc=f"{label} | {Path(name).name}", unit="window", disable=quiet) as bar:
-                nll = summed_nll(model, w, kind, device, bar)
+                nll = summed_nll(model, w, kind, device, bar, f"{subject.name} on {name}")
+            if not math.isfinite(nll):  # NaN or Inf in the logits: no perplexity, and nothing cached
+                found[name] = {"nll": None, "tokens": w.tokens, "windows": len(w.inputs), "computed": True}
+                continue
             run = {"model_ref": subject.name, "text_name": name, "kind": kind, "nll": nll, "tokens": w.tokens,
                    "windows": len(w.inputs), "dtype": str(model.dtype).removeprefix("torch."), "device": str(device),
                    "seconds": time.perf_counter() - started}
@@ -286,9 +315,17 @@ def subject_perplexities(transformers, subject: Subject, texts: list[tuple[str, 
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     return [Perplexity(model=subject.name, role=subject.role, text=name, kind=kind,
-                       perplexity=math.exp(found[name]["nll"] / found[name]["tokens"]), nll=found[name]["nll"],
+                       perplexity=perplexity_of(found[name]["nll"], found[name]["tokens"]), nll=found[name]["nll"],
                        tokens=found[name]["tokens"], windows=found[name]["windows"], window=w.length, stride=w.stride,
                        reused="computed" not in found[name]) for name, w in windows.items()]
+
+
+def perplexity_of(nll: float | None, tokens: int) -> float | None:
+    """exp of the mean NLL; None when there is none or it is beyond a float."""
+    try:
+        return None if nll is None else math.exp(nll / tokens)
+    except OverflowError:
+        return None
 
 
 def subject_model(transformers, subject: Subject, config: dict, kind: str, device, dtype,
@@ -297,7 +334,8 @@ def subject_model(transformers, subject: Subject, config: dict, kind: str, devic
     if subject.plan is not None:
         return composite_model(transformers, subject.plan, config, classes, device, dtype, options.trust_remote_code,
                                "to evaluate its composite")
-    model = loaded_model(transformers, subject.directory, classes, dtype, options.trust_remote_code, "to evaluate it")
+    model = loaded_model(transformers, subject.directory, classes, dtype, options.trust_remote_code, "to evaluate it",
+                         complete=True)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
     return model.to(device).eval()
@@ -311,20 +349,21 @@ def checkpoint_parameters(directory: Path) -> int:
 
 def write_evaluation(rows: list[Perplexity], texts: list[str], out: Path, extra: dict | None = None) -> None:
     """evaluation.csv (one row per model and text, and its mean; each with its difference from the
-    base's) and evaluation.json (the same with the windows and the inputs)."""
+    base's) and evaluation.json (the same with the windows and the inputs); empty where a model
+    has no perplexity."""
     import csv
 
     from . import __version__
     means = mean_rows(rows, texts)
     base = next(r.model for r in rows if r.role == "base")
-    reference = {(r.model, r.text): r.perplexity for r in rows + means if r.model == base}
+    reference = {r.text: r.perplexity for r in rows + means if r.model == base}
     columns = ["model", "role", "text", "perplexity", "diff_from_base", "relative_diff", "nll", "tokens", "windows",
                "window", "stride", "kind", "reused"]
     records = []
     for r in rows + means:
-        diff = r.perplexity - reference[base, r.text]
+        diff = None if None in (r.perplexity, reference[r.text]) else r.perplexity - reference[r.text]
         records.append({"model": r.model, "role": r.role, "text": r.text, "perplexity": r.perplexity,
-                        "diff_from_base": diff, "relative_diff": diff / reference[base, r.text],
+                        "diff_from_base": diff, "relative_diff": None if diff is None else diff / reference[r.text],
                         "nll": r.nll, "tokens": r.tokens, "windows": r.windows, "window": r.window,
                         "stride": r.stride, "kind": r.kind, "reused": r.reused})
     with open(out / "evaluation.csv", "w", newline="", encoding="utf-8") as handle:
@@ -336,15 +375,16 @@ def write_evaluation(rows: list[Perplexity], texts: list[str], out: Path, extra:
 
 
 def mean_rows(rows: list[Perplexity], texts: list[str]) -> list[Perplexity]:
-    """Per model, a row for the mean over the texts (text 'mean': the mean of the perplexities; nll
-    and tokens summed)."""
+    """Per model, a row for the mean over the texts (text 'mean': the mean of the perplexities,
+    None if one is missing; nll and tokens summed)."""
     means = []
     for model in dict.fromkeys(r.model for r in rows):
         mine = [r for r in rows if r.model == model and r.text in texts]
-        means.append(Perplexity(model, mine[0].role, "mean", mine[0].kind,
-                                sum(r.perplexity for r in mine) / len(mine), sum(r.nll for r in mine),
-                                sum(r.tokens for r in mine), sum(r.windows for r in mine), mine[0].window,
-                                mine[0].stride, all(r.reused for r in mine)))
+        nll = None if any(r.nll is None for r in mine) else sum(r.nll for r in mine)
+        means.append(Perplexity(model, mine[0].role, "mean", mine[0].kind, mean_of([r.perplexity for r in mine]),
+                                nll, sum(r.tokens for r in mine),
+                                sum(r.windows for r in mine), mine[0].window, mine[0].stride,
+                                all(r.reused for r in mine)))
     return means
 
 

@@ -119,8 +119,8 @@ class Perplexity:
     role: str  # base | candidate | composite
     text: str
     kind: str  # causal | masked
-    perplexity: float
-    nll: float  # summed negative log-likelihood (nats) of the scored tokens
+    perplexity: float | None  # None when the model's logits hold NaN or Inf
+    nll: float | None  # summed negative log-likelihood (nats) of the scored tokens
     tokens: int  # scored tokens
     windows: int
     window: int  # window length in tokens
@@ -134,7 +134,7 @@ class StrategyResult:
 
     name: str
     settings: dict
-    score: float  # mean perplexity over the texts, or the perplexity on the text chosen by
+    score: float | None  # mean perplexity over the texts, or the perplexity on the text chosen by
     written: bool = False
 
 

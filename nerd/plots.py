@@ -249,10 +249,10 @@ def perplexity_chart(path: Path, rows: list, texts: list[str], written: str | No
     if plt is None:
         return None
     models = list(dict.fromkeys(r.model for r in rows))
-    table = {(r.model, r.text): r.perplexity for r in rows}
+    table = {(r.model, r.text): math.nan if r.perplexity is None else r.perplexity for r in rows}
     groups = texts + ["mean"]
     for m in models:
-        table[m, "mean"] = sum(table[m, t] for t in texts) / len(texts)
+        table[m, "mean"] = sum(table[m, t] for t in texts) / len(texts)  # NaN (no bar) where one is missing
     base = next(r.model for r in rows if r.role == "base")
     width = 0.8 / len(models)
     fig, ax = plt.subplots(figsize=(min(max(6.4, 1.2 + 0.35 * len(models) * len(groups)), 20), 4.6))

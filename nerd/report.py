@@ -135,20 +135,30 @@ Scores are the {rule_of(plan.selection).label} over the matrices of each group; 
 
 def evaluation_rows(evaluation: Evaluation) -> list[list[str]]:
     """Header and one row per model: its perplexity on each text, the mean, and the difference of the
-    mean from the base's (first row); the written strategy marked."""
+    mean from the base's (first row); the written strategy marked; '-' where there is none."""
     base = next(r.model for r in evaluation.rows if r.role == "base")
     models = list(dict.fromkeys(r.model for r in evaluation.rows))
     table = {(r.model, r.text): r.perplexity for r in evaluation.rows}
-    means = {m: sum(table[m, t] for t in evaluation.texts) / len(evaluation.texts) for m in models}
+    means = {m: mean_of([table[m, t] for t in evaluation.texts]) for m in models}
     written = {f"composite: {s.name}" for s in evaluation.strategies if s.written}
     rows = [["model"] + [Path(t).name for t in evaluation.texts] + ["mean", "vs base"]]
     for m in models:
-        diff = means[m] - means[base]
-        change = "" if m == base else f"{diff:+.4g} ({diff / means[base]:+.1%})"
+        diff = None if m == base or None in (means[m], means[base]) else means[m] - means[base]
+        change = "" if diff is None else f"{diff:+.4g} ({diff / means[base]:+.1%})"
         name = short_names([m])[m] if not m.startswith("composite: ") else m
         label = name + (" (base)" if m == base else " (written)" if m in written else "")
-        rows.append([label] + [f"{table[m, t]:.4f}" for t in evaluation.texts] + [f"{means[m]:.4f}", change])
+        rows.append([label] + [fmt_perplexity(table[m, t]) for t in evaluation.texts]
+                    + [fmt_perplexity(means[m]), change])
     return rows
+
+
+def mean_of(values: list[float | None]) -> float | None:
+    """The mean, or None when a value is missing."""
+    return None if not values or None in values else sum(values) / len(values)
+
+
+def fmt_perplexity(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def evaluation_header(evaluation: Evaluation) -> str:

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .config import CONFIGURED, MergeConfig, Strategy
+from .errors import ModelError
 from .evaluate import Subject, evaluate_subjects
 from .plan import Evaluation, Perplexity, Plan, StrategyResult
+from .report import mean_of
 from .spectra import pick_device
 
 if TYPE_CHECKING:
@@ -35,11 +37,15 @@ def chosen_strategy(config: MergeConfig, plan: Plan, plan_variant: Callable[[Mer
     rows = evaluate_subjects(subjects, list(options.texts), options, cache, pick_device(config.device), quiet)
     texts = [options.label(path) for path in options.texts]
     scores = [strategy_score(rows, f"composite: {s.name}", texts, options.choose_by) for s in strategies]
-    best = min(range(len(strategies)), key=lambda i: (scores[i], i))
+    ranked = sorted((i for i in range(len(strategies)) if scores[i] is not None), key=lambda i: (scores[i], i))
+    if not ranked:
+        raise ModelError(f"{config.source or 'config'}: evaluate: no strategy's composite has a finite perplexity "
+                         f"(NaN or Inf in its logits); nothing written")
+    best, runner = ranked[0], (ranked[1] if len(ranked) > 1 else None)
     results = [StrategyResult(s.name, dict(s.settings), scores[i], i == best) for i, s in enumerate(strategies)]
+    warnings = unmeasured(rows) + worse_than_base(rows, texts, f"composite: {strategies[best].name}", options.choose_by)
     evaluation = Evaluation(texts=texts, choose_by=options.choose_by, rows=rows, strategies=results,
-                            reason="", warnings=worse_than_base(rows, texts, f"composite: {strategies[best].name}"))
-    runner = min((i for i in range(len(strategies)) if i != best), key=lambda i: (scores[i], i), default=None)
+                            reason="", warnings=warnings)
     if runner is not None:
         evaluation = dataclasses.replace(evaluation, runner_up=strategies[runner].name,
                                          margin=scores[runner] - scores[best])
@@ -47,10 +53,17 @@ def chosen_strategy(config: MergeConfig, plan: Plan, plan_variant: Callable[[Mer
     return dataclasses.replace(plans[best], evaluation=evaluation)
 
 
-def strategy_score(rows: list[Perplexity], model: str, texts: list[str], choose_by: str) -> float:
-    """A model's mean perplexity over the texts, or its perplexity on the text chosen by."""
+def strategy_score(rows: list[Perplexity], model: str, texts: list[str], choose_by: str) -> float | None:
+    """A model's mean perplexity over the texts, or its perplexity on the text chosen by; None
+    where one is missing."""
     mine = {r.text: r.perplexity for r in rows if r.model == model}
-    return mine[choose_by] if choose_by != "mean" else sum(mine[t] for t in texts) / len(texts)
+    return mine[choose_by] if choose_by != "mean" else mean_of([mine[t] for t in texts])
+
+
+def unmeasured(rows: list[Perplexity]) -> list[str]:
+    """A warning for each model and text without a perplexity (NaN or Inf in the logits)."""
+    return [f"{r.model} on {r.text}: NaN or Inf in the model's logits, so no perplexity" for r in rows
+            if r.perplexity is None]
 
 
 def reason_of(evaluation: Evaluation, written: StrategyResult) -> str:
@@ -63,11 +76,12 @@ def reason_of(evaluation: Evaluation, written: StrategyResult) -> str:
             f"({evaluation.margin / runner:.1%}) below the runner-up {evaluation.runner_up} ({runner:.4f})")
 
 
-def worse_than_base(rows: list[Perplexity], texts: list[str], written: str) -> list[str]:
-    """A warning when the written composite's mean perplexity is higher than the base's."""
+def worse_than_base(rows: list[Perplexity], texts: list[str], written: str, choose_by: str = "mean") -> list[str]:
+    """A warning when the written composite's perplexity (by what chose it) is higher than the base's."""
     base = next(r.model for r in rows if r.role == "base")
-    ours, theirs = (strategy_score(rows, m, texts, "mean") for m in (written, base))
-    if ours <= theirs:
+    ours, theirs = (strategy_score(rows, m, texts, choose_by) for m in (written, base))
+    if ours is None or theirs is None or ours <= theirs:
         return []
-    return [f"the written composite's mean perplexity ({ours:.4f}) is higher than the base's ({theirs:.4f}): "
+    what = "mean perplexity" if choose_by == "mean" else f"perplexity on {Path(choose_by).name}"
+    return [f"the written composite's {what} ({ours:.4f}) is higher than the base's ({theirs:.4f}): "
             f"the merge did not help on these texts"]

@@ -154,6 +154,15 @@ def broken_copies(family) -> dict[str, Path]:
     for name in ("tokenizer.json", "tokenizer_config.json"):  # a 1024-token tokenizer on a 256-row embedding
         shutil.copy(TRAINED / name, big_vocabulary / name)
     build_model("bert", root / "bert-model", seed=1)  # BertModel: no language-model head
+    headless = root / "no-head"  # lm_head.weight missing: transformers would draw it at random
+    shutil.copytree(TRAINED, headless)
+    from safetensors.torch import load_file, save_file
+    weights = load_file(headless / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, headless / "model.safetensors",
+              metadata={"format": "pt"})
+    broken_config = root / "broken-config"
+    shutil.copytree(TRAINED, broken_config)
+    (broken_config / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], ')
     (root / "empty.txt").write_text("  \n")
     (root / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
     (root / "short.txt").write_text("def f():\n    return 1\n")
@@ -168,6 +177,8 @@ def broken_copies(family) -> dict[str, Path]:
     ("no-tokenizer", None, 3, "no tokenizer that transformers can load"),
     ("big-vocabulary", None, 3, "the tokenizer has 1024 tokens but the input embedding has 256 rows"),
     ("bert-model", None, 3, "BertModel is neither a causal LM (...ForCausalLM) nor a masked LM"),
+    ("no-head", None, 3, "the checkpoint has no weights for 1 tensor(s) of LlamaForCausalLM (lm_head.weight)"),
+    ("broken-config", None, 3, "config.json: cannot be read as JSON"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(family, tmp_path, model, text, exit_code, message):
     broken = broken_copies(family)
@@ -178,3 +189,33 @@ def test_bad_input_is_one_line_and_writes_nothing(family, tmp_path, model, text,
     assert code == exit_code and message in err, err
     assert len(err.strip().splitlines()) == 1 and printed == ""
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--stride", 128), "--stride: 128 would leave tokens unscored; at most 127 with windows of 128 tokens (the "
+                        "tokenizer adds no BOS"),
+    (("--max-length", 200), "--max-length: 200 is longer than the context of"),
+    (("--max-tokens", 100, "--max-length", 128), "--max-length: 128 is longer than the 100 tokens used of each text"),
+])
+def test_bad_windows_are_refused(family, tmp_path, extra, message):
+    code, printed, err = run("evaluate", family["plain"], "--text", TEXT, "--out", tmp_path / "out", "--no-cache",
+                             *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_with_nan_logits_has_no_perplexity_and_a_warning(family, tmp_path):
+    broken = tmp_path / "nan-llama"
+    shutil.copytree(TRAINED, broken)
+    from safetensors.torch import load_file, save_file
+    weights = load_file(broken / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    code, printed, err = run("evaluate", family["plain"], broken, "--text", TEXT, "--out", tmp_path / "out",
+                             "--cache", tmp_path / "c.sqlite", "--json")
+    assert code == 0, err
+    rows = {r["model"]: r for r in json.loads(printed)["rows"]}
+    assert rows[str(broken)]["perplexity"] is None and rows[str(family["plain"])]["perplexity"] > 1
+    assert f"mastermerge: warning: {broken} on {TEXT}: NaN or Inf in the model's logits, so no perplexity" in err
+    document = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert [r["diff_from_base"] for r in document["rows"] if r["model"] == str(broken)] == [None, None]

@@ -161,3 +161,34 @@ def test_an_expanded_composite_is_evaluated_as_it_will_be_written(merged):
     options = EvaluateOptions((TEXTS["docs"],), (str(TEXTS["docs"]),))
     windows = text_windows(tokenizer, "causal", TEXTS["docs"].read_text(), "docs", 128, options, out)
     assert transformers_perplexity(out, windows, "causal") == pytest.approx(composite["perplexity"], rel=1e-6)
+
+
+def test_a_converted_composite_is_evaluated_in_the_dtype_it_is_written_in(merged):
+    root = merged["root"]
+    config = write_config(root, "half", dtype="float16", evaluate={"texts": [str(TEXTS["legal"])]},
+                          selection={"granularity": "tensor"})
+    code, printed, err = run("--config", config, "--json", "--quiet", "--cache", root / "c.sqlite")
+    assert code == 0, err
+    result = json.loads(printed)["results"][0]
+    [composite] = [r for r in result["evaluation"]["rows"] if r["role"] == "composite"]
+    out = Path(result["output_dir"])
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    options = EvaluateOptions((TEXTS["legal"],), (str(TEXTS["legal"]),))
+    windows = text_windows(tokenizer, "causal", TEXTS["legal"].read_text(), "legal", 128, options, out)
+    assert transformers_perplexity(out, windows, "causal") == pytest.approx(composite["perplexity"], rel=1e-6)
+
+
+def test_a_strategy_that_sets_the_metric_does_not_inherit_the_configs_goal(tmp_path):
+    from nerd import load_config
+    config = write_config(tmp_path, "out", selection={"metric": "alpha", "goal": "target", "target": 2.0},
+                          tether={"mode": "blend", "weights": "score"},
+                          evaluate={"texts": [str(TEXTS["code"])],
+                                    "strategies": [{"selection": {"metric": "ner"}, "tether": {"mode": "select"}},
+                                                   {"selection": {"granularity": "tensor"}}]})
+    first, second = load_config(config).evaluate.strategies
+    assert (first.selection.metric, first.selection.goal, first.selection.target) == ("ner", "max", None)
+    assert (first.tether.mode, first.tether.weights) == ("select", "equal")
+    assert first.name == "selection.metric: ner, tether.mode: select"
+    assert (second.selection.metric, second.selection.goal, second.selection.target) == ("alpha", "target", 2.0)
+    assert (second.selection.granularity, second.tether.mode, second.tether.weights) == ("tensor", "blend", "score")

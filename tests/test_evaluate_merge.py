@@ -182,7 +182,7 @@ def test_a_converted_composite_is_evaluated_in_the_dtype_it_is_written_in(merged
 def test_a_strategy_that_sets_the_metric_does_not_inherit_the_configs_goal(tmp_path):
     from nerd import load_config
     config = write_config(tmp_path, "out", selection={"metric": "alpha", "goal": "target", "target": 2.0},
-                          tether={"mode": "blend", "weights": "score"},
+                          tether={"mode": "blend", "weights": "compatibility"},
                           evaluate={"texts": [str(TEXTS["code"])],
                                     "strategies": [{"selection": {"metric": "ner"}, "tether": {"mode": "select"}},
                                                    {"selection": {"granularity": "tensor"}}]})
@@ -191,4 +191,4 @@ def test_a_strategy_that_sets_the_metric_does_not_inherit_the_configs_goal(tmp_p
     assert (first.tether.mode, first.tether.weights) == ("select", "equal")
     assert first.name == "selection.metric: ner, tether.mode: select"
     assert (second.selection.metric, second.selection.goal, second.selection.target) == ("alpha", "target", 2.0)
-    assert (second.selection.granularity, second.tether.mode, second.tether.weights) == ("tensor", "blend", "score")
+    assert (second.selection.granularity, second.tether.mode, second.tether.weights) == ("tensor", "blend", "compatibility")

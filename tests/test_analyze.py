@@ -42,7 +42,7 @@ def analyzed(tmp_path_factory):
     """The repo's example models and a tiny Qwen3 built here, analyzed once."""
     root = tmp_path_factory.mktemp("analyze")
     qwen3 = build_model("qwen3", root / "qwen3-tiny", seed=5)
-    models = [EXAMPLES / "tiny-base", EXAMPLES / "tiny-chat", qwen3]
+    models = [EXAMPLES / "tiny-base", EXAMPLES / "tiny-docs", qwen3]
     out = root / "out"
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         assert analyze(*models, "--out", out, "--cache", root / "c.sqlite", "--esd", r"layers\.1\.|embed") == 0
@@ -95,7 +95,7 @@ def test_summary_lists_alpha_outliers_and_rank_loss(analyzed):
         assert summary["rank_loss"] == {r["tensor"]: r["rank_loss"] for r in rows if r["rank_loss"]}
         assert summary["metrics"]["ner"]["mean"] == pytest.approx(np.mean([r["ner"] for r in rows]))
     printed = analyzed["printed"]
-    assert "tiny-chat: 30 matrices, 4 layers" in printed
+    assert "tiny-docs: 30 matrices, 4 layers" in printed
     assert printed.count("alpha > 6") == 3 and "rank loss:" in printed
 
 

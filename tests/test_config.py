@@ -16,7 +16,7 @@ EXAMPLES = REPO / "examples" / "models"
 
 def write_config(tmp_path, **overrides):
     config = {
-        "models": [str(EXAMPLES / "tiny-base"), str(EXAMPLES / "tiny-chat"), str(EXAMPLES / "tiny-code")],
+        "models": [str(EXAMPLES / "tiny-base"), str(EXAMPLES / "tiny-docs"), str(EXAMPLES / "tiny-code")],
         "base_model": str(EXAMPLES / "tiny-base"),
         "output_dir": str(tmp_path / "out"),
     }
@@ -60,7 +60,7 @@ CASES = [
     ({"models": [str(EXAMPLES / "tiny-base"), "gpt2"]}, "is written org/name, e.g. openai-community/gpt2"),
     ({"models": [str(EXAMPLES / "tiny-base"), {"model": "org/x", "revision": 1.0}]},
      "models[1].revision: found the number 1.0; quote it"),
-    ({"output_dir": str(EXAMPLES / "tiny-chat")}, "output_dir: '" + str(EXAMPLES / "tiny-chat") + "' overlaps the input model"),
+    ({"output_dir": str(EXAMPLES / "tiny-docs")}, "output_dir: '" + str(EXAMPLES / "tiny-docs") + "' overlaps the input model"),
     ({"selection": {"metric": "alfa", "goal": "max"}}, "selection.metric: expected one of ner, erank, "),
     ({"selection": {"metric": "alfa", "goal": "max"}}, "found 'alfa'; did you mean 'alpha'?"),
     ({"selection": {"metric": "alpha"}}, "selection.goal: required with selection.metric: alpha"),
@@ -113,11 +113,11 @@ def test_output_dir_never_contains_the_config_or_the_working_directory(tmp_path,
 
 def test_mistyped_relative_path_is_not_taken_for_a_hub_id(tmp_path, capsys):
     (tmp_path / "models").mkdir()
-    path = write_config(tmp_path, models=[str(EXAMPLES / "tiny-base"), "models/tiny-chta"])
+    path = write_config(tmp_path, models=[str(EXAMPLES / "tiny-base"), "models/tiny-dcos"])
     code, line = error_of(path, capsys)
     assert code == 2
-    assert "models[1]: local model directory 'models/tiny-chta' does not exist" in line
-    assert "for the hub repo, write 'models/tiny-chta@main'" in line
+    assert "models[1]: local model directory 'models/tiny-dcos' does not exist" in line
+    assert "for the hub repo, write 'models/tiny-dcos@main'" in line
 
 
 def test_duplicate_keys_are_refused(tmp_path, capsys):

@@ -38,7 +38,7 @@ def root(tmp_path_factory) -> Path:
     text, and outputs of every kind (a file, a non-empty directory, an earlier mastermerge output, a symlink
     loop)."""
     root = tmp_path_factory.mktemp("fuzz")
-    for name in ("tiny-base", "tiny-chat", "tiny-code"):
+    for name in ("tiny-base", "tiny-docs", "tiny-code"):
         (root / name).symlink_to(EXAMPLES / name, target_is_directory=True)
     (root / "models").mkdir()
     (root / "calib.txt").write_text("Some calibration text.\n")
@@ -55,7 +55,7 @@ def root(tmp_path_factory) -> Path:
 def valid_configs(root: Path) -> list[dict]:
     """Valid configs using every section, local models (absolute and relative) and hub ids."""
     return [
-        {"models": [str(EXAMPLES / "tiny-base"), str(EXAMPLES / "tiny-chat"), "tiny-code"],
+        {"models": [str(EXAMPLES / "tiny-base"), str(EXAMPLES / "tiny-docs"), "tiny-code"],
          "base_model": str(EXAMPLES / "tiny-base"), "output_dir": str(root / "out"),
          "selection": {"granularity": "tensor", "non_layer": "compete", "metric": "ner", "goal": "max"},
          "dtype": "bfloat16", "shard_size": "1.5GiB", "device": "cpu",
@@ -68,7 +68,7 @@ def valid_configs(root: Path) -> list[dict]:
          "shard_size": 500000000, "device": "auto",
          "tether": {"measure": "l2", "min_compatibility": -3.5, "mode": "select"},
          "dlec": {"layers": [0, 1, 1], "importance": "ner", "init": "identity"}},
-        {"models": ["./tiny-base", "tiny-chat"], "base_model": "tiny-base", "output_dir": "empty",
+        {"models": ["./tiny-base", "tiny-docs"], "base_model": "tiny-base", "output_dir": "empty",
          "dtype": "keep", "selection": None, "tether": None,
          "dlec": {"growth": 0.16, "max_tokens": 2, "trust_remote_code": True}},
     ]
@@ -92,7 +92,7 @@ def check_load(path: Path, force: bool = False) -> MergeConfig | None:
 
 # ---- what the fuzzing found, kept as plain regression cases -------------------------------------------------
 
-HEAD = f"models: [{EXAMPLES / 'tiny-base'}, {EXAMPLES / 'tiny-chat'}]\nbase_model: {EXAMPLES / 'tiny-base'}\n"
+HEAD = f"models: [{EXAMPLES / 'tiny-base'}, {EXAMPLES / 'tiny-docs'}]\nbase_model: {EXAMPLES / 'tiny-base'}\n"
 HUGE = 2**1024 - 1  # an int YAML keeps (309 digits) that no float can hold
 BIG = str(HUGE)
 FOUND = [
@@ -176,7 +176,7 @@ TOKENS = [
     b".nan", b".inf", b"-.inf", b"1e400", b"-0", b"0x1F", b"0o17", b"017", b"0b101", b"1_000", b"1:20:30",
     b"1" + b":59" * 400, b"0x" + b"f" * 400, b"0x" + b"f" * 4000, b"9" * 400, b"9" * 5000, b"-" + b"9" * 320,
     b"2001-02-30", b"2001-12-14t21:59:43.10-05:00", b"2001-13-01", b"yes", b"no", b"on", b"~", b"null",
-    b"true", b"maybe", b"abc", b"org/a", b"org/b@main", b"tiny-base", b"tiny-chat", b"./tiny-base", b"calib.txt",
+    b"true", b"maybe", b"abc", b"org/a", b"org/b@main", b"tiny-base", b"tiny-docs", b"./tiny-base", b"calib.txt",
     b"out", b"ours", b"nonempty", b"afile.txt", b"~nosuchuser9/x", b"/" + b"a" * 300, b"a" * 300,
     b'"\\ud800"', b'"\\n"', b'"a\\x00b"', b'"\\u2028"', b'"\\x85"', b"\x00", b"\x1b", b"\x7f", b"\xff", b"\xc3\x28",
     b"\xed\xa0\x80", b"\xef\xbb\xbf", b"\xff\xfe", b"\xc2\x85", b"\xe2\x80\xa8", "é".encode(), "数".encode(),
@@ -223,7 +223,7 @@ keys = st.one_of(st.sampled_from(KNOWN_KEYS), st.text(max_size=12), st.integers(
                  st.floats(allow_nan=False))
 structures = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4),
                           max_leaves=20)
-model_refs = st.one_of(structures, st.sampled_from([str(EXAMPLES / "tiny-base"), "tiny-chat", "org/a", "org/b@v1"]))
+model_refs = st.one_of(structures, st.sampled_from([str(EXAMPLES / "tiny-base"), "tiny-docs", "org/a", "org/b@v1"]))
 top_level = st.one_of(
     structures,
     st.fixed_dictionaries({"models": st.one_of(structures, st.lists(model_refs, max_size=4)),
@@ -242,11 +242,11 @@ def test_random_structures(root, data, force):
 
 # ---- (c) mutations of valid configs --------------------------------------------------------------------------
 
-PATHS = [str(EXAMPLES / "tiny-base"), "tiny-base", "./tiny-chat", "tiny-code", "tiny-base/", "models/x", "no/such",
+PATHS = [str(EXAMPLES / "tiny-base"), "tiny-base", "./tiny-docs", "tiny-code", "tiny-base/", "models/x", "no/such",
          "org/x", "org/x@main", "org/x@", "org/x-", "org/a/b", "@main", "gpt2", "tiny-base@main", "x" * 100 + "/y",
          "calib.txt", "empty", "loop", "./loop", ".", "..", "/", "~", "~/", "~nosuchuser9/x", "/" + "a" * 300,
          "a" * 300, "a\x00b", "out\nx", "a\tb", "\u2028", "\x85x", "\x1b[31m", "org/\u00e9t\u00e9",
-         {"model": "org/y", "revision": "v2"}, {"model": "tiny-chat", "revision": "v1"},
+         {"model": "org/y", "revision": "v2"}, {"model": "tiny-docs", "revision": "v1"},
          {"model": "org/y@v1", "revision": "v2"}, {"model": "org/y", "revision": 1.0}, {"model": None},
          {"revision": "v1"}, {"model": "org/y", "revison": "v"}]
 OUTPUTS = ["out", "ours", "nonempty", "empty", "afile.txt", "afile.txt/sub", "tiny-base", "tiny-base/sub", ".", "..",

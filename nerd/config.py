@@ -7,6 +7,7 @@ file, the key and the value. Relative paths in a config are relative to the conf
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import re
 from contextlib import contextmanager
@@ -548,6 +549,9 @@ def evaluate_options(value: Any, base_dir: Path, where: str, raw: dict | None = 
         raise ConfigError(f"{where}: evaluate: expected a mapping (texts, max_tokens, strategies, ...), "
                           f"found {type_name(value)}")
     check_keys(value, EVALUATE_KEYS, where, "evaluate.")
+    if importlib.util.find_spec("transformers") is None:
+        raise ConfigError(f"{where}: {'evaluate' if cli else 'evaluate:'}: runs the models with transformers, which "
+                          f"is not installed (pip install 'mastermerge[transformers]')")
     texts = value.get("texts")
     if not isinstance(texts, list) or not texts:
         raise ConfigError(f"{where}: {key('texts')}: expected a list of text files, e.g. [held_out.txt], found "

@@ -195,8 +195,9 @@ def test_dry_run_prints_table_and_writes_nothing(tmp_path, capsys):
     assert main(["--config", str(config), "--no-cache", "--dry-run", "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == "scores: mean ner of each group's matrices, highest wins"
-    assert lines[2].split() == ["depth", "llama-base", "llama-ft-a", "llama-ft-b", "winner"]
+    assert lines[2].split() == ["depth", "llama-base", "llama-ft-a", "llama-ft-b", "margin", "winner"]
     assert [line.split()[0] for line in lines[3:6]] == ["non-layer", "0", "1"]
+    assert " over llama-" in lines[4] and " - " in lines[3]  # depth 0 has a runner-up, the base group none
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out*"))
 

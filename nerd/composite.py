@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from .checkpoint import Checkpoint, numel, torch_dtype
 from .errors import ModelError, first_line
-from .plan import Plan, PlanEntry
+from .layout import layout_of
+from .plan import Plan, PlanEntry, output_order
 from .tether import blended_tensor
 
 if TYPE_CHECKING:
@@ -201,8 +202,6 @@ def directory_digest(directory: Path, cache: MetricCache) -> str:
 
 def natural_order(checkpoint: Checkpoint):
     """The order a plan lists a checkpoint's tensors in (embeddings, blocks by depth, the rest)."""
-    from .layout import layout_of
-    from .plan import output_order
     depths = layout_of(list(checkpoint.tensors)).depths
     return lambda name: output_order(name, depths[name])
 

@@ -185,9 +185,10 @@ def evaluation_table(evaluation: Evaluation) -> str:
 
 def evaluation_section(evaluation: Evaluation, figure: str | None) -> str:
     image = f"\n![perplexity by model and text]({figure})\n" if figure else ""
+    header = evaluation_header(evaluation)
     return f"""## Evaluation
 
-{evaluation_header(evaluation)[0].upper() + evaluation_header(evaluation)[1:]}.
+{header[0].upper() + header[1:]}.
 {warning_lines(evaluation.warnings)}
 {markdown_table(evaluation_rows(evaluation))}
 

@@ -157,10 +157,10 @@ def test_weights_without_config_json_and_no_esd_by_default(tmp_path, capsys):
     assert analyze(bare, "--out", tmp_path / "x", "--no-cache", "--quiet") == 0
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == [
         "heatmap_ner.png", "metrics.csv", "metrics.json", "smin_histogram.png"]
-    with pytest.raises(SystemExit) as exited:  # argparse's usage error, exit code 2
+    with pytest.raises(SystemExit) as exited:  # a command comes first: otherwise it is a merge, wanting --config
         main(["--quiet", "analyze", str(bare), "--out", str(tmp_path / "y")])
     assert exited.value.code == 2
-    assert "'analyze' must come first" in capsys.readouterr().err
+    assert "mastermerge [merge]: error: the following arguments are required: --config" in capsys.readouterr().err
 
 
 def test_stale_cached_metrics_are_recomputed(tmp_path):

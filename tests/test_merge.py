@@ -411,3 +411,15 @@ def test_selection_by_any_metric(tmp_path, selection):
     card = (out / "README.md").read_text()
     assert f"heatmap_{metric}.png" in card and (out / f"heatmap_{metric}.png").stat().st_size > 10_000
     assert ("lowest wins" if goal != "max" else "highest wins") in card
+
+
+def test_a_config_named_like_a_command_is_merged(tmp_path, monkeypatch, capsys):
+    """Only the first argument names a command: a config file called `verify` is a config."""
+    models = make_family(tmp_path, "llama")
+    write_config(tmp_path / "verify", models, tmp_path / "out")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", "verify", "--dry-run", "--no-cache", "--json"]) == 0
+    [result] = json.loads(capsys.readouterr().out)["results"]
+    assert result["config"].endswith("verify") and result["written"] is False
+    assert main(["merge", "--config", "verify", "--no-cache", "--quiet"]) == 0  # the command named
+    assert (tmp_path / "out" / "merge_report.json").is_file()

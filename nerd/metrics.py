@@ -1,7 +1,7 @@
 """Every metric of one weight matrix, derived from its exact singular values.
 
 One spectrum (float64 singular values s_1 >= ... >= s_k >= 0, k = min(m, n), zeros included)
-serves them all; the definitions follow DESIGN.md:
+serves them all:
 
 - ner, erank, entropy: p_i = s_i / sum s, H = -sum p_i ln p_i (nats), NER = H / ln k, ERank = exp(H).
 - ESD eigenvalues lambda_i = s_i^2 (weightwatcher's convention, no 1/N factor):

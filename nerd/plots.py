@@ -5,12 +5,12 @@
 - heatmap_compatibility.png: a merge's tethers, each candidate's compatibility with the base by
   depth x candidate, the drifting cells crossed out and the threshold on the colour bar.
 - esd/<model>/<tensor>.png: the ESD of one matrix on log-log axes, its power-law fit (red, from
-  xmin) and the detX threshold (purple), as in weightwatcher's figure (seed 002): where the two
-  lines meet, the SETOL volume-preserving condition holds.
+  xmin) and the detX threshold (purple), as in the weightwatcher blog post "Deep Learning and Effective
+  Correlation Spaces" (C. Martin, calculatedcontent.com): where the two lines meet, the SETOL volume-preserving condition holds.
 - expansion_curve.png: DLEC's curve, each block's importance by depth, the duplicated blocks
   marked (with the number of copies where there is more than one).
-- smin_histogram.png: the smallest singular value of every matrix on a log axis (seed 004's
-  rank-collapse figure), one series per model.
+- smin_histogram.png: the smallest singular value of every matrix on a log axis (the
+  rank-collapse figure of C. Martin's calculatedcontent.com post on rank collapse in deep networks), one series per model.
 - perplexity.png: an evaluation's perplexity of every model on every text and their mean.
 
 Every function returns the file it wrote, or None when matplotlib is not installed.

@@ -1,6 +1,6 @@
 """Tethers: how compatible each candidate's blocks still are with the base's, and blended tensors.
 
-Seed 003 (DTNN) gives every layer a tether: two models' layers merge (their states are averaged)
+The DTNN write-up gives every layer a tether: two models' layers merge (their states are averaged)
 when their tethers are compatible, and drift apart when they are not. Here a candidate's tether
 at depth d is its block's weight matrices, compared with the base's block at the same depth:
 

@@ -1,7 +1,8 @@
 """DLEC layer expansion: a Plan -> Plan rewrite that duplicates the blocks that matter most.
 
-DLEC (the Distributive Layer Expansion Curve repository, github.com/Steel-skull/DLEC) grows a model by copying its most beneficial layers instead of stacking whole ranges
-as passthrough frankenmerges do. Here:
+DLEC (the Distributive Layer Expansion Curve repository, github.com/Steel-skull/DLEC) grows a
+model by copying its most beneficial layers instead of stacking whole ranges as passthrough
+frankenmerges do. Here:
 
 1. every block gets an importance score (importance.py: block influence on a calibration text
    by default, the original heavy-tail share, or the NER of its weights);

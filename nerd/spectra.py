@@ -3,7 +3,7 @@
 The fastest exact path on a CPU is the k x k Gram matrix (k = the shorter side) in float64
 followed by LAPACK's symmetric eigensolver; its eigenvalues are the squared singular values.
 On the CPU the Gram matrix is built with numpy in row slices of W converted to float64
-(CHUNK_ELEMENTS, or k rows if more, at a time, so a large embedding is never held whole in
+(SLICE_ELEMENTS, or k rows if more, at a time, so a large embedding is never held whole in
 float64), each slice's C^T C a symmetric rank-k update (BLAS syrk: half the work of a general
 product); the eigenvalues come from numpy's LAPACK, or torch's for k >= LARGE_K, whichever we
 measured faster at the size. On CUDA (`device` cuda) the same work runs on the GPU in float64
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     import torch
 
 SPECTRUM_VERSION = "3"  # bump when the computation changes: cached spectra are then recomputed
-CHUNK_ELEMENTS = 2**23  # elements of W converted to float64 at a time (64 MB), but at least k rows
+SLICE_ELEMENTS = 2**22  # elements of a tensor widened to float64 at a time (32 MB): spectra, finite checks, tethers
 LARGE_K = 2048  # from this size on, torch's LAPACK (MKL) solves the eigenproblem faster than numpy's
 BATCH_BYTES = 2**30  # float64 bytes of equal-shape matrices stacked into one CUDA batch
 GRAM, REFINED, SVD = "gram", "refined", "svd"  # a Spectrum's paths
@@ -172,16 +172,16 @@ def refined_tail(tall: np.ndarray, gram: np.ndarray, count: int, s_max: float) -
 
 
 def row_slices(tall: np.ndarray) -> list[tuple[int, int]]:
-    """The (start, stop) row ranges W is widened to float64 in: about CHUNK_ELEMENTS each, but at
+    """The (start, stop) row ranges W is widened to float64 in: about SLICE_ELEMENTS each, but at
     least k rows (a slice of fewer would waste the rank-k update)."""
     m, k = tall.shape
-    step = max(k, CHUNK_ELEMENTS // k)
+    step = max(k, SLICE_ELEMENTS // k)
     return [(start, min(start + step, m)) for start in range(0, m, step)]
 
 
 def gram_matrix(tall: np.ndarray) -> np.ndarray | None:
     """The k x k Gram matrix W^T W of a tall (or square) W in float64, built from row slices of
-    about CHUNK_ELEMENTS (at least k rows each); None if W has a NaN or Inf."""
+    about SLICE_ELEMENTS (at least k rows each); None if W has a NaN or Inf."""
     k = tall.shape[1]
     gram = np.zeros((k, k))
     for start, stop in row_slices(tall):
@@ -218,8 +218,9 @@ NOT_FINITE, ALL_ZERO = "contains NaN or Inf", "all zero"  # a Spectrum's problem
 def finite_problem(data: bytearray, dtype: str) -> str | None:
     """NOT_FINITE if a floating-point tensor's raw bytes (any shape) hold a NaN or an Inf."""
     n = len(data) // np.dtype(NUMPY_DTYPES[dtype]).itemsize
-    column = numpy_matrix(data, dtype, (n, 1))  # widened a slice of 4M elements at a time
-    finite = all(np.isfinite(float64_rows(column, start, start + 2**22)).all() for start in range(0, n, 2**22))
+    column = numpy_matrix(data, dtype, (n, 1))  # widened a slice at a time
+    finite = all(np.isfinite(float64_rows(column, start, start + SLICE_ELEMENTS)).all()
+                 for start in range(0, n, SLICE_ELEMENTS))
     return None if finite else NOT_FINITE
 
 

@@ -41,13 +41,13 @@ from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, numel
 from .config import Selection
 from .layout import Layout
 from .plan import PlanEntry, Tethers
+from .spectra import SLICE_ELEMENTS
 
 if TYPE_CHECKING:
     import torch
 
     from .cache import MetricCache
 
-CHUNK_ELEMENTS = 2**22  # elements of each matrix converted to float64 at a time (32 MB)
 NON_LAYER = "non-layer"
 
 Sums = tuple[float, float, float]  # <c, b>, |c|^2, |b|^2
@@ -100,8 +100,8 @@ def sums_of(candidate: Checkpoint, base: Checkpoint, tensor: str) -> Sums | None
 
 
 def slices(n: int) -> list[tuple[int, int]]:
-    """start, stop of each slice of CHUNK_ELEMENTS elements (the last one shorter)."""
-    return [(start, min(start + CHUNK_ELEMENTS, n)) for start in range(0, n, CHUNK_ELEMENTS)]
+    """start, stop of each slice of SLICE_ELEMENTS elements (the last one shorter)."""
+    return [(start, min(start + SLICE_ELEMENTS, n)) for start in range(0, n, SLICE_ELEMENTS)]
 
 
 def compatibility(sums: list[Sums], measure: str) -> float | None:

@@ -118,7 +118,7 @@ def test_rank_one_has_ner_zero():
 def test_gram_built_in_slices_is_exact(monkeypatch, shape):
     import nerd.spectra
 
-    monkeypatch.setattr(nerd.spectra, "CHUNK_ELEMENTS", 7 * 40)  # 7 rows (or columns) per slice
+    monkeypatch.setattr(nerd.spectra, "SLICE_ELEMENTS", 7 * 40)  # 7 rows (or columns) per slice
     w = torch.randn(shape, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
     assert metrics_of(spectrum_of(w))["ner"] == pytest.approx(reference_ner(w.double().numpy()), abs=1e-9)
     w[-1, -1] = float("nan")  # in the last slice

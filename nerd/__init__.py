@@ -11,11 +11,11 @@ The Python API (the CLI uses the same calls):
 
 __version__ = "0.1.0"
 
-from .cache import MetricCache, default_cache_path  # noqa: E402
 from .config import MergeConfig, load_config  # noqa: E402
 from .errors import ConfigError, IntegrityError, MergeError, ModelError, OutputError  # noqa: E402
 from .pipeline import plan_merge  # noqa: E402
 from .plan import Plan  # noqa: E402
+from .store import MetricCache, default_cache_path  # noqa: E402
 from .verify import verify_output  # noqa: E402
 from .write import write_merge  # noqa: E402
 

@@ -21,14 +21,14 @@ import numpy as np
 from tqdm import tqdm
 
 from . import __version__, plots
-from .cache import MetricCache
 from .checkpoint import Checkpoint
 from .config import ModelSpec
+from .engine import Engine, LocalExecutor, Work
 from .layout import layout_of
 from .metrics import METRICS, path_counts
 from .report import short_names
 from .sources import resolve_model
-from .spectra import pick_device, spectrum_of
+from .store import MetricCache
 
 ALPHA_LOW, ALPHA_HIGH = 2.0, 6.0  # HTSR: below 2 over-fit (very heavy tail), above 6 under-trained
 LISTED = 12  # matrices named per summary line before "... N more"
@@ -59,9 +59,7 @@ def analyze_models(specs: list[ModelSpec], cache: MetricCache, device: str = "au
     names = list(resolved)
     analysis = Analysis(names, {n: r.path for n, r in resolved.items()},
                         {n: r.revision for n, r in resolved.items()})
-    def compute(matrix):
-        return spectrum_of(matrix, pick_device(device))
-
+    engine = Engine(cache, LocalExecutor(device))
     computed = cache.computed
     with ExitStack() as stack:
         checkpoints = {n: stack.enter_context(Checkpoint.open(resolved[n].path)) for n in names}
@@ -73,9 +71,10 @@ def analyze_models(specs: list[ModelSpec], cache: MetricCache, device: str = "au
                 checkpoint = checkpoints[name]
                 depths = layout_of(list(checkpoint.tensors)).depths
                 matrices = [t for t, info in checkpoint.tensors.items() if info.is_matrix]
-                for tensor, metrics in cache.metrics_of_all(checkpoint, matrices, device, bar).items():
+                for work, metrics in engine.metrics([Work(checkpoint, t) for t in matrices], bar).items():
+                    tensor = work.tensor
                     if esd is not None and esd.search(tensor):
-                        analysis.spectra[(name, tensor)] = cache.spectrum(checkpoint, tensor, compute).values
+                        analysis.spectra[(name, tensor)] = engine.spectrum(work).values
                     analysis.rows.append({"model": name, "tensor": tensor, "depth": depths[tensor],
                                           "shape": list(checkpoint.tensors[tensor].shape), **metrics})
     analysis.spectra_computed = cache.computed - computed

@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
-from .cache import default_cache_path
+from .store import default_cache_path
 from .commands import run_analyze, run_evaluate, run_expand, run_merge, run_verify
 from .config import DEVICES, IMPORTANCE, INITS
 from .errors import MergeError

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .analyze import analysis_summary, analyze_models, summary_text, write_figures, write_tables
-from .cache import MetricCache, default_cache_path
+from .store import MetricCache, default_cache_path
 from .config import evaluate_options, expand_config, index_of_each, load_config, model_spec, output_path
 from .evaluate import Subject, evaluate_subjects, tokenization_notes, write_evaluation
 from .errors import ConfigError, IntegrityError, MergeError

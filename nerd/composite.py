@@ -25,7 +25,7 @@ from .tether import blended_tensor
 if TYPE_CHECKING:
     import torch
 
-    from .cache import MetricCache
+    from .store import MetricCache
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")  # config.json's context length
 
@@ -185,7 +185,7 @@ def model_digest(plan: Plan, cache: MetricCache) -> str:
             elif entry.transform == "zero":
                 key = f"zero\0{entry.dtype}{list(entry.shape)}"
             else:
-                key = cache.tensor_digest(opened[entry.source], entry.tensor)
+                key = cache.content_digest(opened[entry.source], entry.tensor)
             digest.update(f"{entry.name}\0{key}\0{entry.dtype}\0".encode())
     return digest.hexdigest()
 
@@ -195,7 +195,7 @@ def directory_digest(directory: Path, cache: MetricCache) -> str:
     digest = code_digest(directory)
     with Checkpoint.open(directory) as checkpoint:
         for name in sorted(checkpoint.tensors, key=natural_order(checkpoint)):
-            key, dtype = cache.tensor_digest(checkpoint, name), checkpoint.tensors[name].dtype
+            key, dtype = cache.content_digest(checkpoint, name), checkpoint.tensors[name].dtype
             digest.update(f"{name}\0{key}\0{dtype}\0".encode())
     return digest.hexdigest()
 
@@ -209,7 +209,7 @@ def natural_order(checkpoint: Checkpoint):
 def blend_key(entry: PlanEntry, opened: dict[str, Checkpoint], cache: MetricCache) -> str:
     """A content key of a blended tensor: the digests of what it averages with their weights, its
     dtype and shape (the candidates' names do not matter)."""
-    parts = [(cache.tensor_digest(opened[c], entry.tensor), weight) for c, weight in entry.blend]
+    parts = [(cache.content_digest(opened[c], entry.tensor), weight) for c, weight in entry.blend]
     return hashlib.blake2b(f"blend\0{entry.dtype}{list(entry.shape)}\0{parts}".encode(), digest_size=20).hexdigest()
 
 

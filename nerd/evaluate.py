@@ -50,7 +50,7 @@ from .report import mean_of
 if TYPE_CHECKING:
     import torch
 
-    from .cache import MetricCache
+    from .store import MetricCache
 
 MASK_SHARE = 0.15
 MASK_SEED = 0
@@ -307,7 +307,7 @@ def subject_perplexities(transformers, subject: Subject, texts: list[tuple[str, 
             run = {"model_ref": subject.name, "text_name": name, "kind": kind, "nll": nll, "tokens": w.tokens,
                    "windows": len(w.inputs), "dtype": str(model.dtype).removeprefix("torch."), "device": str(device),
                    "seconds": time.perf_counter() - started}
-            cache.store_evaluation(model_key, keys[name], run)
+            cache.put_evaluation(model_key, keys[name], run)
             found[name] = run | {"computed": True}
     finally:
         del model

@@ -32,7 +32,7 @@ import hashlib
 import json
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +42,7 @@ from .checkpoint import torch_dtype
 from .composite import CONTEXT_KEYS, OpenCheckpoints, blend_key, composite_model, model_classes, model_digest, plan_parameters, \
     run_dtype
 from .config import DlecOptions, read_text
+from .engine import Engine, LocalExecutor, Work
 from .errors import ConfigError, ModelError, first_line
 from .layout import Layout
 from .metrics import every_metric
@@ -52,9 +53,8 @@ from .tether import blended_tensor
 if TYPE_CHECKING:
     import torch
 
-    from .cache import MetricCache
+    from .store import MetricCache
 
-ACTIVATION_VERSION = "1"  # of the statistics below: a change makes the cache measure again
 TAIL_Z = 3.0
 WINDOW = 512
 BUILT_IN_TEXT = Path(__file__).with_name("calibration.txt")
@@ -68,7 +68,8 @@ IMPORTANCE_LABELS = {
 
 @dataclass(frozen=True)
 class LayerStats:
-    """What the calibration run measured at one block, as sums over every token position."""
+    """What the calibration run measured at one block, as sums over every token position (a change
+    to what they measure bumps store.ACTIVATION_VERSION)."""
 
     tokens: int
     cos_sum: float  # sum of cos(input, output)
@@ -129,6 +130,7 @@ def weight_scores(plan: Plan, layout: Layout, cache: MetricCache, device: torch.
                   quiet: bool) -> list[float | None]:
     """Mean NER of each block's 2-D matrices in the plan (None if any has none), reusing the plan's
     metrics and computing (and caching) those it lacks."""
+    engine = Engine(cache, LocalExecutor(str(device)))
     blocks = [[e for e in plan.entries if layout.depths[e.name] == d and len(e.shape) == 2]
               for d in range(layout.num_layers)]
     scores = []
@@ -145,13 +147,14 @@ def weight_scores(plan: Plan, layout: Layout, cache: MetricCache, device: torch.
                     def compute(entry=entry, opened=opened):
                         spectrum = spectrum_of(blended_tensor(entry, opened, torch_dtype(entry.dtype)), device)
                         return every_metric(spectrum)
-                    metrics = cache.derived_metrics(blend_key(entry, opened, cache), compute)
+                    metrics = engine.derived_metrics(blend_key(entry, opened, cache), compute)
                 elif metrics is None:
                     checkpoint = checkpoints.of(entry)[entry.source]
                     if not checkpoint.tensors[entry.tensor].is_matrix:
                         bar.update()
                         continue
-                    metrics = cache.metrics(checkpoint, entry.tensor, lambda w: spectrum_of(w, device))
+                    work = Work(checkpoint, entry.tensor)
+                    metrics = engine.metrics([work])[work]
                 values.append(metrics["ner"])
                 bar.update()
             scores.append(None if not values or None in values else sum(values) / len(values))
@@ -183,9 +186,9 @@ def activation_stats(plan: Plan, layout: Layout, options: DlecOptions, cache: Me
     # what the numbers depend on besides the weights: the windows, and the precision they ran in
     text_key = hashlib.sha256(json.dumps([windows, str(dtype), torch.device(device).type]).encode()).hexdigest()
     model_key = model_digest(plan, cache)
-    stats = cache.layer_stats(model_key, text_key)
-    if stats is not None:
-        return stats, basis, True
+    rows = cache.calibration(model_key, text_key)
+    if rows is not None:
+        return [LayerStats(*row) for row in rows], basis, True
     started = time.perf_counter()
     model = composite_model(transformers, plan, config,
                             model_classes(transformers, config, ("AutoModelForCausalLM", "AutoModel")), device, dtype,
@@ -194,11 +197,11 @@ def activation_stats(plan: Plan, layout: Layout, options: DlecOptions, cache: Me
     backbone = getattr(model, "base_model", model)  # the blocks without the LM head
     blocks = block_modules(backbone, layout.stack, layout.num_layers, f"{base_dir}: transformers model")
     stats = run_calibration(backbone, blocks, windows, device, quiet)
-    cache.store_layer_stats(model_key, text_key, stats,
-                            {"model_ref": plan.base if len(plan.candidates) == 1 else f"merge of {plan.candidates}",
-                             "text_name": text_name, "tokens": tokens, "windows": len(windows),
-                             "dtype": str(model.dtype).removeprefix("torch."), "device": str(device),
-                             "seconds": time.perf_counter() - started})
+    cache.put_calibration(model_key, text_key, [astuple(s) for s in stats],
+                          {"model_ref": plan.base if len(plan.candidates) == 1 else f"merge of {plan.candidates}",
+                           "text_name": text_name, "tokens": tokens, "windows": len(windows),
+                           "dtype": str(model.dtype).removeprefix("torch."), "device": str(device),
+                           "seconds": time.perf_counter() - started})
     return stats, basis, False
 
 

@@ -24,10 +24,10 @@ from contextlib import ExitStack, closing
 
 from tqdm import tqdm
 
-from .cache import MetricCache, default_cache_path
 from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo
 from .config import MergeConfig
 from .dlec import expanded
+from .engine import Engine, LocalExecutor, Work
 from .errors import ConfigError, ModelError
 from .layout import Layout, OptionalTensor, check_same_architecture, layout_of
 from .plan import Choice, Plan, PlanEntry, Tethers, output_order
@@ -35,6 +35,7 @@ from .select import Health, choices_of, health_of
 from .sidefiles import module_notes
 from .sources import resolve_model
 from .spectra import NOT_FINITE, finite_problem, pick_device
+from .store import MetricCache, default_cache_path
 from .strategies import chosen_strategy
 from .tether import compatibility_of, tether_groups, tether_warnings
 
@@ -55,6 +56,7 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
     resolved = {spec.ref: resolve_model(spec) for spec in config.candidates}
     notes = module_notes(resolved[config.base.ref].path)  # a modules.json path outside the base is refused here
     computed, reused = cache.computed, cache.reused
+    engine = Engine(cache, LocalExecutor(config.device))
     with ExitStack() as stack:
         checkpoints = {name: stack.enter_context(Checkpoint.open(resolved[name].path)) for name in names}
         optional = check_same_architecture(checkpoints, same_dtype=config.dtype == "keep")
@@ -70,12 +72,13 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
             matrices = [t for t, info in shared_infos.items() if info.is_matrix]
             with tqdm(total=len(names) * len(matrices), desc="spectra", unit="matrix", disable=quiet) as bar:
                 for name in names:
-                    metrics[name] = cache.metrics_of_all(checkpoints[name], matrices, config.device, bar)
+                    found = engine.metrics([Work(checkpoints[name], t) for t in matrices], bar)
+                    metrics[name] = {work.tensor: values for work, values in found.items()}
             others = names[1:]
             health = health_of(metrics, {n: nonfinite_tensors(checkpoints[n], optional) for n in names},
                                config.selection)
             groups = tether_groups(shared, shared_infos, config.selection)
-            scores = compatibility_of(checkpoints, groups, names[0], others, config.tether.measure, cache, quiet)
+            scores = compatibility_of(checkpoints, groups, names[0], others, config.tether.measure, engine, quiet)
             base_nonfinite = {t for t, why in health.unusable[names[0]].items() if why == NOT_FINITE}
             unmeasured = tuple(g for g, tensors in groups.items() if base_nonfinite.intersection(tensors))
             tethers = Tethers(config.tether, names[0], scores, unmeasured=unmeasured)

@@ -21,7 +21,7 @@ from .report import mean_of
 from .spectra import pick_device
 
 if TYPE_CHECKING:
-    from .cache import MetricCache
+    from .store import MetricCache
 
 
 def chosen_strategy(config: MergeConfig, plan: Plan, plan_variant: Callable[[MergeConfig], Plan],

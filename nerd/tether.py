@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, numel
 from .config import Selection
+from .engine import Pair, Sums
 from .layout import Layout
 from .plan import PlanEntry, Tethers
 from .spectra import SLICE_ELEMENTS
@@ -46,11 +47,9 @@ from .spectra import SLICE_ELEMENTS
 if TYPE_CHECKING:
     import torch
 
-    from .cache import MetricCache
+    from .engine import Engine
 
 NON_LAYER = "non-layer"
-
-Sums = tuple[float, float, float]  # <c, b>, |c|^2, |b|^2
 
 
 def tether_groups(layout: Layout, infos: dict[str, TensorInfo], selection: Selection) -> dict[str, list[str]]:
@@ -66,7 +65,7 @@ def tether_groups(layout: Layout, infos: dict[str, TensorInfo], selection: Selec
 
 
 def compatibility_of(checkpoints: dict[str, Checkpoint], groups: dict[str, list[str]], base: str,
-                     others: list[str], measure: str, cache: "MetricCache",
+                     others: list[str], measure: str, engine: Engine,
                      quiet: bool = False) -> dict[str, dict[str, float | None]]:
     """Group -> candidate (other than the base) -> its compatibility with the base's group."""
     scores: dict[str, dict[str, float | None]] = {}
@@ -75,10 +74,8 @@ def compatibility_of(checkpoints: dict[str, Checkpoint], groups: dict[str, list[
         for group, tensors in groups.items():
             scores[group] = {}
             for candidate in others:
-                sums = {}
-                for tensor in tensors:
-                    sums[tensor] = cache.pair_sums(checkpoints[candidate], checkpoints[base], tensor, sums_of)
-                    bar.update()
+                pairs = [Pair(checkpoints[candidate], checkpoints[base], tensor) for tensor in tensors]
+                sums = {pair.tensor: s for pair, s in engine.tether_sums(pairs, sums_of, bar).items()}
                 finite = all(s is not None for s in sums.values())
                 matrices = [s for t, s in sums.items() if checkpoints[base].tensors[t].is_matrix]
                 scores[group][candidate] = compatibility(matrices, measure) if finite else None

@@ -166,15 +166,16 @@ def test_weights_without_config_json_and_no_esd_by_default(tmp_path, capsys):
 def test_stale_cached_metrics_are_recomputed(tmp_path):
     import sqlite3
 
-    from nerd.cache import MetricCache
     from nerd.checkpoint import Checkpoint
-    from nerd.spectra import spectrum_of
+    from nerd.engine import Engine, LocalExecutor, Work
+    from nerd.store import MetricCache
 
     path = tmp_path / "c.sqlite"
     name = "model.layers.0.mlp.up_proj.weight"
     with Checkpoint.open(EXAMPLES / "tiny-base") as ckpt:
+        work = Work(ckpt, name)
         cache = MetricCache(path)
-        fresh = cache.metrics(ckpt, name, spectrum_of)
+        fresh = Engine(cache, LocalExecutor("cpu")).metrics([work])[work]
         cache.close()
         db = sqlite3.connect(path)  # a row written by a version that lacked a metric
         stored = json.loads(db.execute("SELECT metrics FROM metrics").fetchone()[0])
@@ -183,6 +184,6 @@ def test_stale_cached_metrics_are_recomputed(tmp_path):
         db.commit()
         db.close()
         cache = MetricCache(path)
-        again = cache.metrics(ckpt, name, lambda w: pytest.fail("the spectrum is cached"))
+        again = Engine(cache, LocalExecutor("cpu")).metrics([work])[work]
         cache.close()
-    assert again == fresh
+    assert again == fresh and cache.computed == 0  # the spectrum is cached

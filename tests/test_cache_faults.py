@@ -28,9 +28,11 @@ import pytest
 import yaml
 
 from examples.tiny_models import build_model
-from nerd.cache import SCHEMA_VERSION, MetricCache
 from nerd.checkpoint import Checkpoint
 from nerd.cli import main
+from nerd.database import Database
+from nerd.engine import Engine, LocalExecutor, Work
+from nerd.store import SCHEMA_VERSION, TABLES, MetricCache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,8 +55,7 @@ sys.exit(main(argv))
 # python WORKER FOLDER COUNT NAME ROUNDS
 WORKER = r'''
 import os, sys, time
-from nerd.cache import MetricCache
-from nerd.importance import LayerStats
+from nerd.store import MetricCache
 folder, count, me, rounds = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 run = {"model_ref": me, "text_name": "t", "tokens": 4, "windows": 1, "dtype": "float32", "device": "cpu",
        "seconds": 0.1}
@@ -67,9 +68,10 @@ for r in range(rounds):
         time.sleep(0.001)
     cache = MetricCache(os.path.join(folder, f"{r}.sqlite"))
     for i in range(10):
-        cache.derived_metrics(f"shared-{i}", lambda: {"ner": 0.5, "problem": None})
-        cache.derived_metrics(f"{me}-{i}", lambda: {"ner": 0.25, "problem": None})
-    cache.store_layer_stats(f"model-{me}", "text", [LayerStats(4, 3.5, 0, 128, 0.5)] * 3, run)
+        for key, ner in ((f"shared-{i}", 0.5), (f"{me}-{i}", 0.25)):
+            if cache.metrics(key) is None:
+                cache.put_metrics(key, {"ner": ner, "problem": None})
+    cache.put_calibration(f"model-{me}", "text", [(4, 3.5, 0, 128, 0.5)] * 3, run)
     cache.close()
 '''
 
@@ -251,19 +253,19 @@ def test_a_write_waits_for_a_lock_held_by_another_process(tmp_path, monkeypatch,
         return proc
 
     proc, started = holding(1.5), time.monotonic()
-    assert cache.save_metrics("a", {"ner": 0.5}) == {"ner": 0.5}
+    cache.put_metrics("a", {"ner": 0.5})
     assert time.monotonic() - started > 0.5 and proc.wait() == 0
     assert not cache.in_memory and capsys.readouterr().err == ""
 
-    import nerd.cache
-    monkeypatch.setattr(nerd.cache, "BUSY_SECONDS", 0.3)  # a lock held for longer than we wait
+    import nerd.database
+    monkeypatch.setattr(nerd.database, "BUSY_SECONDS", 0.3)  # a lock held for longer than we wait
     proc = holding(3)
-    assert cache.save_metrics("b", {"ner": 0.25}) == {"ner": 0.25}
+    cache.put_metrics("b", {"ner": 0.25})
     proc.wait()
     err = capsys.readouterr().err.splitlines()
     assert err == [f"mastermerge: warning: metric cache {path} cannot be used (database is locked); "
                    f"keeping spectra in memory for this run"]
-    assert cache.in_memory and cache.derived_metrics("b", lambda: pytest.fail("kept in memory")) == {"ner": 0.25}
+    assert cache.in_memory and cache.metrics("b") == {"ner": 0.25}  # kept in memory
     cache.close()
     with closing(sqlite3.connect(path)) as db:
         assert [k for (k,) in db.execute("SELECT digest FROM metrics")] == ["a"]
@@ -272,7 +274,7 @@ def test_a_write_waits_for_a_lock_held_by_another_process(tmp_path, monkeypatch,
 def test_no_write_lock_is_held_while_anything_is_computed(tmp_path, models, reference, capsys, monkeypatch):
     """Each result is committed on its own: whenever a spectrum is computed or two tensors are
     compared, another process could write to the cache without waiting."""
-    import nerd.cache
+    import nerd.engine
     import nerd.tether
     cache, checked = tmp_path / "c.sqlite", []
 
@@ -284,7 +286,7 @@ def test_no_write_lock_is_held_while_anything_is_computed(tmp_path, models, refe
             checked.append(compute.__name__)
             return compute(*args, **kwargs)
         return wrapped
-    monkeypatch.setattr(nerd.cache, "spectra_of", lock_is_free(nerd.cache.spectra_of))
+    monkeypatch.setattr(nerd.engine, "spectra_of", lock_is_free(nerd.engine.spectra_of))
     monkeypatch.setattr(nerd.tether, "sums_of", lock_is_free(nerd.tether.sums_of))
     code, summary, warnings = merge(config_of(tmp_path / "m.yaml", models, tmp_path / "out"), cache, capsys)
     assert code == 0 and warnings == []
@@ -293,18 +295,19 @@ def test_no_write_lock_is_held_while_anything_is_computed(tmp_path, models, refe
 
 
 def test_only_the_thread_that_opened_the_cache_uses_it(tmp_path, models):
-    """metrics_of_all reads ahead and derives metrics in threads of its own; every statement still
+    """The engine reads ahead and derives metrics in threads of its own; every statement still
     runs in the calling thread, and another thread cannot use the connection at all."""
     cache = MetricCache(tmp_path / "c.sqlite")
-    threads = set()
-    cache.db.set_trace_callback(lambda sql: threads.add(threading.current_thread().name))
+    connection, threads = cache.database.connection, set()
+    connection.set_trace_callback(lambda sql: threads.add(threading.current_thread().name))
     with Checkpoint.open(models[1]) as ckpt:
-        names = [n for n, i in ckpt.tensors.items() if i.is_matrix]
-        assert len(cache.metrics_of_all(ckpt, names, "cpu")) == len(names) and cache.computed == len(names)
+        works = [Work(ckpt, n) for n, i in ckpt.tensors.items() if i.is_matrix]
+        found = Engine(cache, LocalExecutor("cpu")).metrics(works)
+        assert len(found) == len(works) and cache.computed == len(works)
     assert threads == {threading.current_thread().name}
     errors = []
     thread = threading.Thread(target=lambda: errors.append(pytest.raises(sqlite3.ProgrammingError,
-                                                                         cache.db.execute, "SELECT 1")))
+                                                                         connection.execute, "SELECT 1")))
     thread.start()
     thread.join()
     assert errors
@@ -363,8 +366,8 @@ def test_two_runs_finding_one_corrupt_cache_set_it_aside_once(tmp_path, capsys):
     built a fresh cache. B must leave A's healthy file where it is."""
     cache = tmp_path / "metrics.sqlite"
     cache.write_bytes(random.Random(2).randbytes(64 * 1024))  # not a database
-    late = MetricCache.__new__(MetricCache)
-    late.path, late.inode, late.failed_inode = cache, None, None
+    late = Database.__new__(Database)
+    late.path, late.schema, late.inode, late.failed_inode = cache, TABLES, None, None
     with pytest.raises(sqlite3.DatabaseError) as found:
         late.open_file()
     with closing(MetricCache(cache)):  # run A: sets the corrupt file aside and builds a fresh one
@@ -415,14 +418,14 @@ def damage_tables(path: Path) -> dict[int, bytes]:
 def test_corruption_found_mid_run_is_set_aside_and_the_run_goes_on(tmp_path, models, reference, capsys,
                                                                     monkeypatch):
     cache = warm_copy(reference, tmp_path)
-    opened, damaged = MetricCache.open, {}
+    opened, damaged = Database.open, {}
 
     def open_then_damage(self):
         db = opened(self)
         if not damaged:  # the first file only, once it passed its check
             damaged.update(damage_tables(self.path))
         return db
-    monkeypatch.setattr(MetricCache, "open", open_then_damage)
+    monkeypatch.setattr(Database, "open", open_then_damage)
     code, summary, warnings = merge(config_of(tmp_path / "m.yaml", models, tmp_path / "out"), cache, capsys)
     assert damaged and code == 0 and len(warnings) == 1, warnings
     found = WARNING.fullmatch(warnings[0])

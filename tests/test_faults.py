@@ -48,7 +48,7 @@ if point == "tensor":
     import nerd.write as module
     module.start_writeback = fault(module.start_writeback)
 elif point == "spectrum":
-    import nerd.cache as module
+    import nerd.engine as module
     module.spectra_of = fault(module.spectra_of)
 elif point == "rename":
     os.rename = fault(os.rename)

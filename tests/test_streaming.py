@@ -1,5 +1,5 @@
 """The fast paths against the plain ones: bf16 widened by its bits, the batched device path (run
-on the CPU here), and metrics_of_all's read-ahead (same results, bounded, errors surfaced,
+on the CPU here), and the engine's read-ahead (same results, bounded, errors surfaced,
 nothing read when warm)."""
 
 import threading
@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from examples.tiny_models import build_model
-from nerd.cache import MetricCache, read_ahead
 from nerd.checkpoint import Checkpoint
+from nerd.engine import Engine, LocalExecutor, Work, read_ahead
 from nerd.errors import ModelError
+from nerd.metrics import every_metric
 from nerd.spectra import as_numpy, batched_spectra, float64_rows, spectra_of, spectrum_of
+from nerd.store import MetricCache
 
 
 def test_bf16_widened_by_its_bits_equals_torch():
@@ -54,19 +56,20 @@ def model(tmp_path):
     return build_model("llama", tmp_path / "m", seed=0, num_layers=3)
 
 
-def test_metrics_of_all_equals_one_by_one_and_reads_nothing_when_warm(model, tmp_path, monkeypatch):
+def test_streamed_metrics_equal_one_by_one_and_read_nothing_when_warm(model, tmp_path, monkeypatch):
     with Checkpoint.open(model) as ckpt:
         names = [n for n, i in ckpt.tensors.items() if i.is_matrix]
-        alone = {n: MetricCache().metrics(ckpt, n, spectrum_of) for n in names}
+        alone = {n: every_metric(spectrum_of(ckpt.read(n))) for n in names}
         cache = MetricCache(tmp_path / "c.sqlite")
-        assert cache.metrics_of_all(ckpt, names, "cpu") == alone
+        engine = Engine(cache, LocalExecutor("cpu"))
+        assert {w.tensor: m for w, m in engine.metrics([Work(ckpt, n) for n in names]).items()} == alone
         assert cache.computed == len(names) and cache.reused == 0
 
     def no_reading(*args):
         raise AssertionError("a warm run read a tensor")
     monkeypatch.setattr(Checkpoint, "read_bytes", no_reading)
     with Checkpoint.open(model) as ckpt:
-        assert cache.metrics_of_all(ckpt, names, "cpu") == alone
+        assert {w.tensor: m for w, m in engine.metrics([Work(ckpt, n) for n in names]).items()} == alone
     assert cache.reused == len(names)
     cache.close()
 
@@ -77,11 +80,11 @@ def test_read_ahead_stays_a_few_tensors_ahead_and_raises_where_it_failed(model):
         read = []
         original = ckpt.read_bytes
         ckpt.read_bytes = lambda name: read.append(name) or original(name)
-        items = read_ahead(ckpt, names, depth=2)
+        items = read_ahead([Work(ckpt, n) for n in names], depth=2)
         first = next(items)
         time.sleep(0.2)  # the reader has had all the time it needs to run ahead
-        assert first[0] == names[0] and len(read) <= 1 + 2 + 1  # the one taken, the queue, the one waiting
-        assert [n for n, _, _ in items] == names[1:]
+        assert first[0].tensor == names[0] and len(read) <= 1 + 2 + 1  # the one taken, the queue, the one waiting
+        assert [w.tensor for w, _, _ in items] == names[1:]
 
         def broken(name):
             if name == names[2]:
@@ -90,8 +93,8 @@ def test_read_ahead_stays_a_few_tensors_ahead_and_raises_where_it_failed(model):
         ckpt.read_bytes = broken
         got = []
         with pytest.raises(ModelError, match="cut short"):
-            for name, _, _ in read_ahead(ckpt, names):
-                got.append(name)
+            for work, _, _ in read_ahead([Work(ckpt, n) for n in names]):
+                got.append(work.tensor)
         assert got == names[:2]
     assert not [t for t in threading.enumerate() if t.name == "mastermerge-read-ahead"]
 

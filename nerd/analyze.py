@@ -13,7 +13,6 @@ import csv
 import json
 import math
 import re
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import __version__, plots
-from .checkpoint import Checkpoint
+from .checkpoint import opened_checkpoints
 from .config import ModelSpec
 from .engine import Engine, LocalExecutor, Work
 from .layout import layout_of
@@ -61,8 +60,7 @@ def analyze_models(specs: list[ModelSpec], cache: MetricCache, device: str = "au
                         {n: r.revision for n, r in resolved.items()})
     engine = Engine(cache, LocalExecutor(device))
     computed = cache.computed
-    with ExitStack() as stack:
-        checkpoints = {n: stack.enter_context(Checkpoint.open(resolved[n].path)) for n in names}
+    with opened_checkpoints({n: resolved[n].path for n in names}) as checkpoints:
         shapes = {n: {t: i.shape for t, i in c.tensors.items()} for n, c in checkpoints.items()}
         analysis.same_layout = all(s == shapes[names[0]] for s in shapes.values())
         total = sum(sum(i.is_matrix for i in c.tensors.values()) for c in checkpoints.values())

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, NoReturn
@@ -153,6 +155,14 @@ class Checkpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextmanager
+def opened_checkpoints(directories: Mapping[str, str | Path]) -> Iterator[dict[str, Checkpoint]]:
+    """The checkpoint of each model directory, by name; all closed on the way out, also when one
+    of them cannot be opened."""
+    with ExitStack() as stack:
+        yield {name: stack.enter_context(Checkpoint.open(path)) for name, path in directories.items()}
 
 
 def weight_files(directory: Path) -> tuple[Path | None, list[Path]]:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import Checkpoint, numel, torch_dtype
+from .checkpoint import Checkpoint, numel, opened_checkpoints, torch_dtype
 from .errors import ModelError, first_line
 from .layout import layout_of
 from .plan import Plan, PlanEntry, output_order
@@ -80,8 +79,7 @@ def composite_model(transformers, plan: Plan, config: dict, classes: list, devic
     else:  # a deeper model than the base: built from the rewritten config, every tensor copied in below
         model = grown_model(transformers, plan, classes, dtype, purpose, hint)
     state = model.state_dict()
-    with ExitStack() as stack, torch.no_grad():
-        checkpoints = OpenCheckpoints(plan, stack)
+    with opened_checkpoints(plan.used_sources()) as checkpoints, torch.no_grad():
         for entry in plan.entries:
             if plan.config is None and unchanged(entry, plan.base, checkpoints):  # loaded with the base as it is
                 continue
@@ -91,7 +89,7 @@ def composite_model(transformers, plan: Plan, config: dict, classes: list, devic
             if name is None:
                 raise ModelError(f"{base_dir}: the composite's tensor '{entry.name}' (from "
                                  f"{', '.join(entry.candidates)}) has no place in the transformers model{hint}")
-            state[name].copy_(entry_tensor(entry, checkpoints.of(entry)))
+            state[name].copy_(entry_tensor(entry, checkpoints))
         if plan.config is not None and getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
     if getattr(model.config, "use_cache", None):
@@ -99,10 +97,10 @@ def composite_model(transformers, plan: Plan, config: dict, classes: list, devic
     return model.to(device).eval()
 
 
-def unchanged(entry: PlanEntry, base: str, checkpoints: OpenCheckpoints) -> bool:
+def unchanged(entry: PlanEntry, base: str, checkpoints: dict[str, Checkpoint]) -> bool:
     """An entry that copies the base's own tensor in its own dtype."""
     return (entry.candidates == (base,) and entry.transform is None and entry.tensor == entry.name
-            and checkpoints.of(entry)[base].tensors[entry.tensor].dtype == entry.dtype)
+            and checkpoints[base].tensors[entry.tensor].dtype == entry.dtype)
 
 
 def plan_dtype(plan: Plan) -> torch.dtype:
@@ -138,20 +136,6 @@ def entry_tensor(entry: PlanEntry, opened: dict[str, Checkpoint]) -> torch.Tenso
     return opened[entry.source].read(entry.tensor).to(torch_dtype(entry.dtype))  # as written (dtype: float16 ...)
 
 
-class OpenCheckpoints:
-    """The candidates' checkpoints, each opened on first use and closed with `stack`."""
-
-    def __init__(self, plan: Plan, stack: ExitStack):
-        self.plan, self.stack, self.open = plan, stack, {}
-
-    def of(self, entry: PlanEntry) -> dict[str, Checkpoint]:
-        """Every checkpoint the entry reads, by candidate."""
-        for c in entry.candidates:
-            if c not in self.open:
-                self.open[c] = self.stack.enter_context(Checkpoint.open(self.plan.sources[c]))
-        return self.open
-
-
 def state_name(name: str, state: dict, prefix: str) -> str | None:
     """The model's name for a checkpoint tensor: the same, or with the base model prefix added or
     removed (checkpoints saved without it, such as GPT-2's 'h.0...' for 'transformer.h.0...')."""
@@ -176,16 +160,14 @@ def model_digest(plan: Plan, cache: MetricCache) -> str:
     expansion), its own code, and the content digest of every tensor the plan takes, wherever it
     comes from. A plan that copies one candidate whole has that candidate's directory_digest."""
     digest = code_digest(plan.sources[plan.base], plan.config)
-    with ExitStack() as stack:
-        checkpoints = OpenCheckpoints(plan, stack)
+    with opened_checkpoints(plan.used_sources()) as checkpoints:
         for entry in plan.entries:
-            opened = checkpoints.of(entry)
             if entry.transform == "blend":
-                key = blend_key(entry, opened, cache)
+                key = blend_key(entry, checkpoints, cache)
             elif entry.transform == "zero":
                 key = f"zero\0{entry.dtype}{list(entry.shape)}"
             else:
-                key = cache.content_digest(opened[entry.source], entry.tensor)
+                key = cache.content_digest(checkpoints[entry.source], entry.tensor)
             digest.update(f"{entry.name}\0{key}\0{entry.dtype}\0".encode())
     return digest.hexdigest()
 

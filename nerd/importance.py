@@ -31,15 +31,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import ExitStack
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from .checkpoint import torch_dtype
-from .composite import CONTEXT_KEYS, OpenCheckpoints, blend_key, composite_model, model_classes, model_digest, plan_parameters, \
+from .checkpoint import opened_checkpoints, torch_dtype
+from .composite import CONTEXT_KEYS, blend_key, composite_model, model_classes, model_digest, plan_parameters, \
     run_dtype
 from .config import DlecOptions, read_text
 from .engine import Engine, LocalExecutor, Work
@@ -134,22 +133,21 @@ def weight_scores(plan: Plan, layout: Layout, cache: MetricCache, device: torch.
     blocks = [[e for e in plan.entries if layout.depths[e.name] == d and len(e.shape) == 2]
               for d in range(layout.num_layers)]
     scores = []
-    with ExitStack() as stack, tqdm(total=sum(map(len, blocks)), desc="importance", unit="matrix",
-                                    disable=quiet) as bar:
-        checkpoints = OpenCheckpoints(plan, stack)
+    with opened_checkpoints(plan.used_sources()) as checkpoints, \
+            tqdm(total=sum(map(len, blocks)), desc="importance", unit="matrix", disable=quiet) as bar:
         for entries in blocks:
             values = []
             for entry in entries:
                 metrics = plan.metrics.get(entry.source, {}).get(entry.tensor)
                 if entry.transform == "blend":  # a matrix no input file holds: cached under its blend key
-                    opened = checkpoints.of(entry)
+                    opened = checkpoints
 
                     def compute(entry=entry, opened=opened):
                         spectrum = spectrum_of(blended_tensor(entry, opened, torch_dtype(entry.dtype)), device)
                         return every_metric(spectrum)
                     metrics = engine.derived_metrics(blend_key(entry, opened, cache), compute)
                 elif metrics is None:
-                    checkpoint = checkpoints.of(entry)[entry.source]
+                    checkpoint = checkpoints[entry.source]
                     if not checkpoint.tensors[entry.tensor].is_matrix:
                         bar.update()
                         continue

@@ -20,11 +20,12 @@ notes say so.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import ExitStack, closing
+from contextlib import closing
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo
+from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, opened_checkpoints
 from .config import MergeConfig
 from .dlec import expanded
 from .engine import Engine, LocalExecutor, Work
@@ -44,60 +45,23 @@ CAST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: bool = False) -> Plan:
     """Resolve the candidates, score every matrix, measure their compatibility with the base,
-    choose or blend, apply the `dlec:` expansion if the config has one, and return the plan
-    (nothing written).
+    choose or blend, apply the `dlec:` expansion if the config has one, evaluate the strategies if
+    it asks, and return the plan (nothing written).
 
     Without a `cache`, the default metric cache is opened for this call and closed after it.
     """
     if cache is None:
         with closing(MetricCache(default_cache_path())) as own:
             return plan_merge(config, cache=own, quiet=quiet)
-    names = [spec.ref for spec in config.candidates]
+    computed, reused = cache.computed, cache.reused
     resolved = {spec.ref: resolve_model(spec) for spec in config.candidates}
     notes = module_notes(resolved[config.base.ref].path)  # a modules.json path outside the base is refused here
-    computed, reused = cache.computed, cache.reused
-    engine = Engine(cache, LocalExecutor(config.device))
-    with ExitStack() as stack:
-        checkpoints = {name: stack.enter_context(Checkpoint.open(resolved[name].path)) for name in names}
-        optional = check_same_architecture(checkpoints, same_dtype=config.dtype == "keep")
-        infos = dict(checkpoints[config.base.ref].tensors)
-        infos |= {t: checkpoints[o.holders[0]].tensors[t] for t, o in optional.items() if t not in infos}
-        layout = layout_of(list(infos))
-        # what is scored, tethered and chosen: the tensors every candidate has
-        shared = Layout(layout.stack, {t: d for t, d in layout.depths.items() if t not in optional})
-        shared_infos = {t: info for t, info in infos.items() if t not in optional}
-        metrics: dict[str, dict[str, dict]] = {name: {} for name in names}
-        tethers, choices, warnings = None, [], []
-        if len(names) > 1:
-            matrices = [t for t, info in shared_infos.items() if info.is_matrix]
-            with tqdm(total=len(names) * len(matrices), desc="spectra", unit="matrix", disable=quiet) as bar:
-                for name in names:
-                    found = engine.metrics([Work(checkpoints[name], t) for t in matrices], bar)
-                    metrics[name] = {work.tensor: values for work, values in found.items()}
-            others = names[1:]
-            health = health_of(metrics, {n: nonfinite_tensors(checkpoints[n], optional) for n in names},
-                               config.selection)
-            groups = tether_groups(shared, shared_infos, config.selection)
-            scores = compatibility_of(checkpoints, groups, names[0], others, config.tether.measure, engine, quiet)
-            base_nonfinite = {t for t, why in health.unusable[names[0]].items() if why == NOT_FINITE}
-            unmeasured = tuple(g for g, tensors in groups.items() if base_nonfinite.intersection(tensors))
-            tethers = Tethers(config.tether, names[0], scores, unmeasured=unmeasured)
-            tethers = dataclasses.replace(tethers, warnings=tether_warnings(tethers, others))
-            warnings = unusable_warnings(health, layout)
-            try:
-                choices = choices_of(shared, shared_infos, metrics, names, config.selection, tethers, health)
-            except (ConfigError, ModelError) as exc:
-                raise type(exc)(f"{config.source or 'config'}: {exc}") from None
-    chosen = {t: c for c in choices for t in c.tensors}
-    by_name = {t: plan_entry(t, info, chosen.get(t), config) for t, info in shared_infos.items()}
-    for t, tensor in optional.items():  # after the others: a tied head copies its embedding's entry
-        by_name[t] = optional_entry(tensor, infos[t], by_name, config)
-    entries = [by_name[t] for t in sorted(by_name, key=lambda t: output_order(t, layout.depths[t]))]
-    plan = Plan(candidates=names, sources={n: r.path for n, r in resolved.items()},
-                revisions={n: r.revision for n, r in resolved.items()}, base=config.base.ref,
-                output_dir=config.output_dir, shard_size=config.shard_size, entries=entries,
-                choices=choices, metrics=metrics, selection=config.selection, tethers=tethers, warnings=warnings,
-                notes=optional_notes(optional, by_name) + notes)
+    with opened_checkpoints({name: r.path for name, r in resolved.items()}) as checkpoints:
+        tensors = candidate_tensors(checkpoints, config)
+        decision = Decision()
+        if len(checkpoints) > 1:
+            decision = decided(config, checkpoints, tensors, Engine(cache, LocalExecutor(config.device)), quiet)
+    plan = composite_plan(config, resolved, tensors, decision, notes)
     if config.dlec is not None:
         plan = expanded(plan, config.dlec, cache, pick_device(config.device), quiet)
     if config.evaluate is not None:  # every strategy planned (from the cache) and evaluated; the best one kept
@@ -105,6 +69,88 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
                                quiet)
     plan.spectra_computed, plan.spectra_reused = cache.computed - computed, cache.reused - reused
     return plan
+
+
+@dataclass
+class Tensors:
+    """What the candidates hold: every tensor of the output (`infos`, by name, with their `layout`),
+    the optional ones some candidates lack, and the rest, which is scored, tethered and chosen."""
+
+    infos: dict[str, TensorInfo]
+    layout: Layout
+    optional: dict[str, OptionalTensor]
+    shared: Layout
+    shared_infos: dict[str, TensorInfo]
+
+
+@dataclass
+class Decision:
+    """What the scores decided: every candidate's metrics, the tethers, the choices, and warnings."""
+
+    metrics: dict[str, dict[str, dict]] = field(default_factory=dict)
+    tethers: Tethers | None = None
+    choices: list[Choice] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def candidate_tensors(checkpoints: dict[str, Checkpoint], config: MergeConfig) -> Tensors:
+    """The tensors of the candidates, checked to be one architecture (optional tensors aside)."""
+    optional = check_same_architecture(checkpoints, same_dtype=config.dtype == "keep")
+    infos = dict(checkpoints[config.base.ref].tensors)
+    infos |= {t: checkpoints[o.holders[0]].tensors[t] for t, o in optional.items() if t not in infos}
+    layout = layout_of(list(infos))
+    shared = Layout(layout.stack, {t: d for t, d in layout.depths.items() if t not in optional})
+    return Tensors(infos, layout, optional, shared, {t: info for t, info in infos.items() if t not in optional})
+
+
+def candidate_metrics(checkpoints: dict[str, Checkpoint], tensors: Tensors, engine: Engine,
+                      quiet: bool) -> dict[str, dict[str, dict]]:
+    """Every metric of every shared matrix of every candidate, by candidate and tensor."""
+    matrices = [t for t, info in tensors.shared_infos.items() if info.is_matrix]
+    metrics = {}
+    with tqdm(total=len(checkpoints) * len(matrices), desc="spectra", unit="matrix", disable=quiet) as bar:
+        for name, checkpoint in checkpoints.items():
+            found = engine.metrics([Work(checkpoint, t) for t in matrices], bar)
+            metrics[name] = {work.tensor: values for work, values in found.items()}
+    return metrics
+
+
+def decided(config: MergeConfig, checkpoints: dict[str, Checkpoint], tensors: Tensors, engine: Engine,
+            quiet: bool) -> Decision:
+    """Score the candidates, tether them to the base (the first) and choose at every depth."""
+    names = list(checkpoints)
+    metrics = candidate_metrics(checkpoints, tensors, engine, quiet)
+    health = health_of(metrics, {n: nonfinite_tensors(checkpoints[n], tensors.optional) for n in names},
+                       config.selection)
+    groups = tether_groups(tensors.shared, tensors.shared_infos, config.selection)
+    scores = compatibility_of(checkpoints, groups, names[0], names[1:], config.tether.measure, engine, quiet)
+    base_nonfinite = {t for t, why in health.unusable[names[0]].items() if why == NOT_FINITE}
+    unmeasured = tuple(g for g, members in groups.items() if base_nonfinite.intersection(members))
+    tethers = Tethers(config.tether, names[0], scores, unmeasured=unmeasured)
+    tethers = dataclasses.replace(tethers, warnings=tether_warnings(tethers, names[1:]))
+    try:
+        choices = choices_of(tensors.shared, tensors.shared_infos, metrics, names, config.selection, tethers, health)
+    except (ConfigError, ModelError) as exc:
+        raise type(exc)(f"{config.source or 'config'}: {exc}") from None
+    return Decision(metrics, tethers, choices, unusable_warnings(health, tensors.layout))
+
+
+def composite_plan(config: MergeConfig, resolved: dict, tensors: Tensors, decision: Decision,
+                   notes: list[str]) -> Plan:
+    """The plan of the composite: every output tensor from its group's winner or blend, in output order."""
+    chosen = {t: c for c in decision.choices for t in c.tensors}
+    by_name = {t: plan_entry(t, info, chosen.get(t), config) for t, info in tensors.shared_infos.items()}
+    for t, tensor in tensors.optional.items():  # after the others: a tied head copies its embedding's entry
+        by_name[t] = optional_entry(tensor, tensors.infos[t], by_name, config)
+    depths = tensors.layout.depths
+    entries = [by_name[t] for t in sorted(by_name, key=lambda t: output_order(t, depths[t]))]
+    names = list(resolved)
+    return Plan(candidates=names, sources={n: r.path for n, r in resolved.items()},
+                revisions={n: r.revision for n, r in resolved.items()}, base=config.base.ref,
+                output_dir=config.output_dir, shard_size=config.shard_size, entries=entries,
+                choices=decision.choices, metrics=decision.metrics or {n: {} for n in names},
+                selection=config.selection, tethers=decision.tethers, warnings=decision.warnings,
+                notes=optional_notes(tensors.optional, by_name) + notes)
 
 
 def plan_entry(name: str, info: TensorInfo, choice: Choice | None, config: MergeConfig) -> PlanEntry:

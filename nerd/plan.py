@@ -176,6 +176,10 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # optional tensors' sources, module folders copied as is
     evaluation: Evaluation | None = None  # evaluate: the perplexities, and the strategy written
 
+    def used_sources(self) -> dict[str, Path]:
+        """The directory of every candidate the entries read, by name."""
+        return {c: self.sources[c] for c in self.candidates if any(c in e.candidates for e in self.entries)}
+
     def to_dict(self) -> dict:
         return {
             "candidates": self.candidates,

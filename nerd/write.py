@@ -18,12 +18,12 @@ import os
 import struct
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .checkpoint import FLOAT_DTYPES, ITEMSIZES, SAFETENSORS_DTYPES, Checkpoint, numel, tensor_bytes, torch_dtype
+from .checkpoint import FLOAT_DTYPES, ITEMSIZES, SAFETENSORS_DTYPES, Checkpoint, numel, opened_checkpoints, tensor_bytes, \
+    torch_dtype
 from .config import MergeConfig
 from .errors import ModelError, OutputError
 from .plan import Plan, PlanEntry
@@ -83,9 +83,7 @@ def write_shards(plan: Plan, tmp: Path, quiet: bool) -> dict[str, dict]:
     names = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)])
     files = {}
-    with ExitStack() as stack:
-        checkpoints = {c: stack.enter_context(Checkpoint.open(plan.sources[c]))
-                       for c in {c for e in plan.entries for c in e.candidates}}
+    with opened_checkpoints(plan.used_sources()) as checkpoints:
         with tqdm(total=sum(entry_bytes(e) for e in plan.entries), desc="write", unit="B",
                   unit_scale=True, disable=quiet) as bar:
             for name, group in zip(names, groups):

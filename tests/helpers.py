@@ -71,6 +71,21 @@ def transformers_perplexity(directory: Path, windows, kind: str) -> float:
     return math.exp(total / count)
 
 
+def assert_bytes_follow_plan(out: Path, sources: dict[str, Path]) -> dict:
+    """Every tensor written is, byte for byte, the tensor its plan entry names in its source; the
+    merge report."""
+    report = json.loads((out / "merge_report.json").read_text())
+    written = tensors_of(out)
+    entries = report["plan"]["entries"]
+    assert sorted(written) == sorted(e["name"] for e in entries)
+    cache = {}
+    for e in entries:
+        src = cache.setdefault(e["source"], tensors_of(sources[e["source"]]))[e["tensor"]]
+        assert written[e["name"]].dtype == src.dtype
+        assert torch.equal(written[e["name"]].view(-1).view(torch.uint8), src.view(-1).view(torch.uint8)), e
+    return report
+
+
 # -- the tiny models ----------------------------------------------------------------------------------
 
 def build_family(root: Path, family: str = "llama", fine_tunes: int = 2, *, recipe: dict = NOISE,

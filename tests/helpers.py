@@ -142,16 +142,16 @@ def run_cli(*args) -> tuple[int, str, str]:
 
 @dataclass
 class Merged:
-    """What one `merge` run did."""
+    """What one run of the command line's merge did."""
     code: int  # the exit code
     stdout: str
     stderr: str
-    output: Path  # the config's output directory (which a refused or failed run leaves absent)
+    output: Path | None  # the config's output directory (absent after a refused or failed run), if known
     results: list[dict]  # the --json summary's results, one per config ([] if nothing was printed)
 
     @property
     def result(self) -> dict | None:
-        """The --json summary of the config (None if there is none)."""
+        """The --json summary of the (first) config, None if there is none."""
         return self.results[0] if self.results else None
 
     @property
@@ -163,12 +163,19 @@ class Merged:
 def merge(models, where: Path, *flags, output: Path | None = None, config: str = "m.yaml",
           cache: str | Path | None = "c.sqlite", quiet: bool = True, as_json: bool = True, **options) -> Merged:
     """Write the config of `raw_config` (output_dir `output`, by default where / "out") to
-    where / config and run the command line on it: `--cache where/cache` (`--no-cache` for
-    cache=None; an absolute path is used as it is), --quiet and --json unless turned off, then the
-    `flags`."""
+    where / config and run the command line's merge on it (`run_merge`), with the metric cache
+    where / cache (an absolute path is used as it is; None: --no-cache)."""
     output = Path(output or where / "out")
     path = write_config(where / config, models, output, **options)
-    argv = ["--config", path, *(["--no-cache"] if cache is None else ["--cache", where / cache]),
+    return run_merge(path, *flags, cache=None if cache is None else where / cache, quiet=quiet, as_json=as_json,
+                     output=output)
+
+
+def run_merge(config: Path, *flags, cache: Path | None, quiet: bool = True, as_json: bool = True,
+              output: Path | None = None) -> Merged:
+    """The command line's merge of a config file, in this process: `--cache cache` (`--no-cache`
+    for None), --quiet and --json unless turned off, then the `flags`."""
+    argv = ["--config", config, *(["--no-cache"] if cache is None else ["--cache", cache]),
             *(["--quiet"] if quiet else []), *(["--json"] if as_json else []), *flags]
     code, stdout, stderr = run_cli(*argv)
     return Merged(code, stdout, stderr, output, json.loads(stdout)["results"] if as_json and stdout.strip() else [])

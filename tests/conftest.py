@@ -10,6 +10,8 @@ import pytest
 # sys.path; until it does, the root is put there here.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+pytest.register_assert_rewrite("helpers")  # its assertions explained as the tests' own are
+
 
 @pytest.fixture(scope="session")
 def llama_family(tmp_path_factory):

@@ -154,6 +154,12 @@ class Merged:
         """The --json summary of the (first) config, None if there is none."""
         return self.results[0] if self.results else None
 
+    def ok(self) -> dict | None:
+        """The --json summary of the config, once the run is seen to have succeeded (exit code 0;
+        otherwise the assertion shows stderr)."""
+        assert self.code == 0, self.stderr
+        return self.result
+
     @property
     def messages(self) -> list[str]:
         """The lines of stderr that mastermerge wrote (warnings, notes, errors), without progress bars."""

@@ -138,9 +138,7 @@ def test_cache_second_run_recomputes_nothing_and_changed_file_invalidates(tmp_pa
     models = make_family(tmp_path, "llama")
 
     def dry_run():
-        merged = merge(models, tmp_path, "--dry-run")
-        assert merged.code == 0
-        return merged.result
+        return merge(models, tmp_path, "--dry-run").ok()
 
     first = dry_run()
     n_matrices = 7 * 2 + 2  # 7 per block, 2 blocks, embeddings + lm_head
@@ -265,9 +263,7 @@ def test_nan_candidate_block_is_not_selectable(tmp_path):
     state["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
     from safetensors.torch import save_file
     save_file(state, str(models[1] / "model.safetensors"), metadata={"format": "pt"})
-    merged = merge(models, tmp_path, "--dry-run")
-    assert merged.code == 0
-    depth0 = merged.result["choices"][1]
+    depth0 = merge(models, tmp_path, "--dry-run").ok()["choices"][1]
     assert depth0["scores"][str(models[1])] is None and depth0["winner"] != str(models[1])
     assert depth0["note"] == (f"not selectable: {models[1]} "
                               f"(model.layers.0.mlp.up_proj.weight: contains NaN or Inf)")
@@ -317,18 +313,16 @@ def test_file_replaced_with_its_old_mtime_is_read_again(tmp_path):
     import shutil
 
     models = make_family(tmp_path, "llama")
-    before = merge(models, tmp_path, "--dry-run")
-    assert before.code == 0
+    before = merge(models, tmp_path, "--dry-run").ok()
     target = models[1] / "model.safetensors"
     stat = target.stat()
     shutil.copyfile(models[2] / "model.safetensors", target)  # same size, other weights
     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as tar or rsync -t would leave it
     assert target.stat().st_size == stat.st_size and target.stat().st_mtime_ns == stat.st_mtime_ns
-    after = merge(models, tmp_path, "--dry-run")
-    assert after.code == 0
+    after = merge(models, tmp_path, "--dry-run").ok()
     depth1 = str(models[1]), str(models[2])
-    assert after.result["choices"][2]["scores"][depth1[0]] == after.result["choices"][2]["scores"][depth1[1]]
-    assert after.result["choices"][2]["scores"][depth1[0]] != before.result["choices"][2]["scores"][depth1[0]]
+    assert after["choices"][2]["scores"][depth1[0]] == after["choices"][2]["scores"][depth1[1]]
+    assert after["choices"][2]["scores"][depth1[0]] != before["choices"][2]["scores"][depth1[0]]
 
 
 def independent_metric(w: np.ndarray, metric: str) -> float:

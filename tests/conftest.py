@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 # The tests import `examples` (and `nerd`) from the repository root and `helpers` from this folder.
-# pytest's `pythonpath` option in pyproject.toml ([tool.pytest.ini_options]) will put both on
-# sys.path; until it does, the root is put there here.
+# Once pyproject.toml's [tool.pytest.ini_options] has `pythonpath = [".", "tests"]`, pytest puts both
+# on sys.path and this line can go; until then the root is put there here (pytest itself puts this
+# folder there in its default import mode; `python -m pytest` the current directory).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 pytest.register_assert_rewrite("helpers")  # its assertions explained as the tests' own are

@@ -3,10 +3,11 @@
 Reference computations, independent of mastermerge's code: read what was written with the
 safetensors library, compute NER with numpy's float64 SVD and perplexity with transformers' own loss.
 
-Running mastermerge: `merge` writes a config and runs the command line in this process (for tests
-of the command line: exit codes, --json, messages); `config_of` builds a config in Python and
-`api_merge` plans and writes it through the Python API (for tests that need a plan or an output, not
-the command line). `config_of` is the one place the tests build a config object.
+Running mastermerge, for tests of the command line (exit codes, --json, messages): `merge` writes
+a config file (`write_config`) and runs the command line's merge on it in this process
+(`run_merge`, which `run_cli` runs with stdout and stderr captured), and returns a `Merged`. For
+tests that only need a plan or a written output: `config_of` builds the config in Python (the one
+place the tests build a config object) and `api_merge` plans and writes it through the Python API.
 
 The tiny models: `build_family` builds a base and fine-tunes of it; conftest.py's `llama_family`
 fixture shares one such family across modules.
@@ -16,7 +17,6 @@ import contextlib
 import io
 import json
 import math
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +123,7 @@ def api_merge(models, out: Path, *, cache: Path | None = None, **options):
     """Plan and write the merge of `config_of` through the Python API, as the command line does
     with --quiet, with the metric cache file `cache` (None: one in memory); the plan."""
     config = config_of(models, out, **options)
-    with closing(MetricCache(cache)) as metrics:
+    with contextlib.closing(MetricCache(cache)) as metrics:
         plan = plan_merge(config, cache=metrics, quiet=True)
     write_merge(plan, config, quiet=True)
     return plan

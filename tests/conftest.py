@@ -1,4 +1,42 @@
+"""Fixtures shared by the test modules; the helpers they call are in helpers.py."""
+
 import sys
 from pathlib import Path
 
+import pytest
+
+# The tests import `examples` (and `nerd`) from the repository root and `helpers` from this folder.
+# Once pyproject.toml's [tool.pytest.ini_options] has `pythonpath = [".", "tests"]`, pytest puts both
+# on sys.path and this line can go; until then the root is put there here (pytest itself puts this
+# folder there in its default import mode; `python -m pytest` the current directory).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+pytest.register_assert_rewrite("helpers")  # its assertions explained as the tests' own are
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory):
+    """llama_family(num_layers): the small Llama family that many modules merge, built once per
+    layer count for the whole session, by name:
+
+    - base: seed 0, `num_layers` blocks;
+    - ft-a, ft-b: fine-tunes of it, full-rank noise of 0.05 and 0.3 on every block (helpers.NOISE);
+    - ft: a fine-tune with noise 0.1 (seed 1);
+    - alien: a model of the same shapes initialised on its own (seed 7), so a fine-tune of nothing.
+
+    Every module shares these directories: never change them (copy a model to spoil it)."""
+    from examples.tiny_models import build_model
+    from helpers import build_family
+
+    families = {}
+
+    def family(num_layers: int) -> dict[str, Path]:
+        if num_layers not in families:
+            root = tmp_path_factory.mktemp(f"llama-{num_layers}-layers")
+            base, ft_a, ft_b = build_family(root, num_layers=num_layers)
+            families[num_layers] = {
+                "base": base, "ft-a": ft_a, "ft-b": ft_b,
+                "ft": build_model("llama", root / "ft", seed=1, base_dir=base, noise=0.1),
+                "alien": build_model("llama", root / "alien", seed=7, num_layers=num_layers)}
+        return families[num_layers]
+    return family

@@ -13,13 +13,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import powerlaw
 import pytest
+from helpers import EXAMPLES
 from safetensors import safe_open
 
 from examples.tiny_models import build_model
 from nerd.cli import main
 from nerd.metrics import METRICS
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
 
 
 def matrices_of(directory: Path) -> dict[str, np.ndarray]:

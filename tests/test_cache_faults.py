@@ -25,7 +25,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import REPO, run_merge, write_config
 
 from examples.tiny_models import build_model
 from nerd.checkpoint import Checkpoint
@@ -33,8 +33,6 @@ from nerd.cli import main
 from nerd.database import Database
 from nerd.engine import Engine, LocalExecutor, Work
 from nerd.store import SCHEMA_VERSION, TABLES, MetricCache
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # Runs mastermerge once every process of the group has started and imported it:
 # python START BARRIER_DIR COUNT -- mastermerge arguments
@@ -84,10 +82,7 @@ def models(tmp_path_factory) -> list[Path]:
             build_model("llama", root / "ft-b", seed=2, base_dir=base, noise=0.3, num_layers=3)]
 
 
-def config_of(path: Path, models, out: Path) -> Path:
-    path.write_text(yaml.safe_dump({"models": [str(m) for m in models], "base_model": str(models[0]),
-                                    "output_dir": str(out)}))
-    return path
+config_of = write_config  # config_of(path, models, out): the config file of a merge of the models
 
 
 def fingerprint(out: Path) -> dict:
@@ -111,12 +106,12 @@ def counts(cache: Path) -> dict[str, int]:
 
 
 def merge(config: Path, cache: Path, capsys, *extra) -> tuple[int, dict | None, list[str]]:
-    """Run the CLI in this process: exit code, the --json summary of the config, warning lines."""
-    code = main(["--config", str(config), "--cache", str(cache), "--quiet", "--json", *extra])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err, err
-    summary = json.loads(out)["results"][0] if out.strip() else None
-    return code, summary, [line for line in err.splitlines() if line.startswith("mastermerge:")]
+    """Run the CLI in this process (helpers.run_merge, --quiet --json), with no traceback: exit code,
+    the --json summary of the config, warning lines. (run_merge captures the output itself; capsys
+    is only taken because the calls below pass it.)"""
+    run = run_merge(config, *extra, cache=cache)
+    assert "Traceback" not in run.stderr, run.stderr
+    return run.code, run.result, run.messages
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +119,7 @@ def reference(models, tmp_path_factory) -> dict:
     """A merge with a private cache of its own: its output and its cache's row counts."""
     root = tmp_path_factory.mktemp("reference")
     cache = root / "private.sqlite"
-    config = config_of(root / "m.yaml", models, root / "out")
-    assert main(["--config", str(config), "--cache", str(cache), "--quiet"]) == 0
+    assert run_merge(config_of(root / "m.yaml", models, root / "out"), cache=cache, as_json=False).code == 0
     return {"output": fingerprint(root / "out"), "counts": counts(cache), "cache": cache}
 
 
@@ -137,7 +131,7 @@ def warm_copy(reference, tmp_path: Path) -> Path:
 
 
 def environment() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    return dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
 
 
 def start_together(tmp_path: Path, runs: list[list[str]]) -> list[subprocess.CompletedProcess]:
@@ -445,7 +439,7 @@ def test_a_cache_that_fails_mid_run_goes_on_in_memory(tmp_path, models, referenc
     def limited():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write, not a killed process
         resource.setrlimit(resource.RLIMIT_FSIZE, (256_000, 256_000))
-    result = subprocess.run([sys.executable, str(ROOT / "mastermerge.py"), "--config", str(config), "--cache",
+    result = subprocess.run([sys.executable, str(REPO / "mastermerge.py"), "--config", str(config), "--cache",
                              str(cache), "--quiet", "--json", "--dry-run"], capture_output=True, text=True,
                             env=environment(), preexec_fn=limited, timeout=300)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
@@ -487,7 +481,7 @@ def test_a_read_only_cache_folder_goes_on_in_memory(tmp_path, models, reference,
     config = config_of(tmp_path / "m.yaml", models, tmp_path / "out")
     read_only = ["unshare", "-rm", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"',
                  str(folder)]
-    result = subprocess.run([*read_only, sys.executable, str(ROOT / "mastermerge.py"), "--config", str(config),
+    result = subprocess.run([*read_only, sys.executable, str(REPO / "mastermerge.py"), "--config", str(config),
                              "--cache", str(cache), "--quiet"], capture_output=True, text=True, env=environment(),
                             timeout=300)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr

@@ -12,7 +12,6 @@ import zipfile
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from nerd.checkpoint import MAX_HEADER, Checkpoint
@@ -490,14 +489,15 @@ def test_no_weights_at_all(tmp_path):
 # --- the command line ---------------------------------------------------------------------------------
 
 def test_cli_reports_a_corrupted_candidate_in_one_line(tmp_path, capsys):
+    from helpers import write_config
+
     from examples.tiny_models import build_model
     base = build_model("llama", tmp_path / "base", seed=0, tokenizer=False)
     ft = build_model("llama", tmp_path / "ft", seed=1, base_dir=base, noise=0.05, tokenizer=False)
     file = ft / "model.safetensors"
     file.write_bytes(file.read_bytes()[:-100])
     out = tmp_path / "out"
-    config = tmp_path / "m.yaml"
-    config.write_text(yaml.safe_dump({"models": [str(base), str(ft)], "base_model": str(base), "output_dir": str(out)}))
+    config = write_config(tmp_path / "m.yaml", [base, ft], out)
     capsys.readouterr()
     assert main(["--config", str(config), "--no-cache", "--quiet"]) == 3
     err = capsys.readouterr().err

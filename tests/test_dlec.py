@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-import yaml
-from helpers import reference_ner, tensors_of
+from helpers import REPO, RANK_ONE, build_family, merge, reference_ner, tensors_of
 
 from examples.tiny_models import build_model, build_tokenizer
 from nerd.cli import main
@@ -22,7 +21,6 @@ from nerd.dlec import RESIDUAL_WRITER, expanded_config, layers_to_copy
 from nerd.errors import ConfigError, ModelError
 from nerd.layout import layout_of
 
-REPO = Path(__file__).resolve().parents[1]
 TEXT = ("Rivers carry sand to the sea. The tide returns some of it, and the rest builds the delta, "
         "one thin layer each year, until the town that stood on the shore stands inland.")
 
@@ -270,30 +268,12 @@ def test_copies_are_stored_as_their_own_data(llama, tmp_path):
     assert "model.layers.2.mlp.up_proj.weight" in header and "model.layers.3.mlp.up_proj.weight" in header
 
 
-def family(root: Path) -> list[Path]:
-    base = build_model("llama", root / "base", seed=0, num_layers=4)
-    ft_a = build_model("llama", root / "ft-a", seed=1, base_dir=base, noise=0.05)
-    ft_b = build_model("llama", root / "ft-b", seed=2, base_dir=base, noise=0.5, noise_rank=1, layers=[1])
-    return [base, ft_a, ft_b]
-
-
-def merge_json(capsys, config: Path, cache: Path, *extra) -> dict:
-    capsys.readouterr()
-    assert main(["--config", str(config), "--cache", str(cache), "--quiet", "--json", *extra]) == 0, \
-        capsys.readouterr().err
-    return json.loads(capsys.readouterr().out)["results"][0]
-
-
 def test_merge_with_dlec_section_expands_the_composite(tmp_path, capsys):
-    models = family(tmp_path)
+    models = build_family(tmp_path, recipe=RANK_ONE, num_layers=4)
     cache = tmp_path / "c.sqlite"
-    plain_cfg, dlec_cfg = tmp_path / "plain.yaml", tmp_path / "dlec.yaml"
-    common = {"models": [str(m) for m in models], "base_model": str(models[0])}
-    plain_cfg.write_text(yaml.safe_dump(common | {"output_dir": str(tmp_path / "plain")}))
-    dlec_cfg.write_text(yaml.safe_dump(common | {"output_dir": str(tmp_path / "grown"),
-                                                 "dlec": {"add_layers": 2, "init": "identity"}}))
-    plain = merge_json(capsys, plain_cfg, cache)
-    grown = merge_json(capsys, dlec_cfg, cache)
+    grown_options = {"output": tmp_path / "grown", "config": "dlec.yaml", "dlec": {"add_layers": 2, "init": "identity"}}
+    plain = merge(models, tmp_path, output=tmp_path / "plain", config="plain.yaml").ok()
+    grown = merge(models, tmp_path, **grown_options).ok()
     assert {c["winner"] for c in plain["choices"]} != {str(models[0])}  # a real composite, not the base
     assert grown["choices"] == plain["choices"]
     ids = [1, 40, 2, 77, 13]
@@ -313,7 +293,7 @@ def test_merge_with_dlec_section_expands_the_composite(tmp_path, capsys):
     assert report["plan"]["expansion"]["params_after"] > report["plan"]["expansion"]["params_before"]
     assert "## Layer expansion (DLEC)" in (tmp_path / "grown" / "README.md").read_text()
     assert (tmp_path / "grown" / "expansion_curve.png").is_file()
-    again = merge_json(capsys, dlec_cfg, cache, "--force")  # a second run measures nothing
+    again = merge(models, tmp_path, "--force", **grown_options).ok()  # a second run measures nothing
     assert again["expansion"]["stats_reused"] is True and again["spectra_computed"] == 0
 
 
@@ -340,26 +320,21 @@ def test_dry_run_prints_the_expansion(llama, tmp_path, capsys):
     ({"add_layers": 5}, "dlec.add_layers: 5 is more than the 4 layers of the model"),
     ({"layers": [4]}, "dlec.layers: layer 4 does not exist; the model has 4 layers (0 to 3)"),
 ])
-def test_bad_dlec_options_are_one_clear_line(llama, tmp_path, capsys, dlec, message):
+def test_bad_dlec_options_are_one_clear_line(llama, tmp_path, dlec, message):
     other = llama.parent / "other"
     if not other.exists():
         build_model("llama", other, seed=9, base_dir=llama, noise=0.1)
-    capsys.readouterr()
-    config = tmp_path / "m.yaml"
-    config.write_text(yaml.safe_dump({"models": [str(llama), str(other)], "base_model": str(llama),
-                                      "output_dir": str(tmp_path / "out"), "dlec": dlec}))
-    assert main(["--config", str(config), "--no-cache", "--quiet"]) == 2
-    err = capsys.readouterr().err
+    merged = merge([llama, other], tmp_path, cache=None, as_json=False, dlec=dlec)
+    assert merged.code == 2
+    err = merged.stderr
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
 
-def test_top_level_dlec_key_is_pointed_to_its_section(llama, tmp_path, capsys):
-    config = tmp_path / "m.yaml"
-    config.write_text(yaml.safe_dump({"models": [str(llama), str(llama / ".")], "base_model": str(llama),
-                                      "output_dir": str(tmp_path / "out"), "add_layers": 2}))
-    assert main(["--config", str(config), "--no-cache"]) == 2
-    assert "did you mean 'dlec.add_layers'?" in capsys.readouterr().err
+def test_top_level_dlec_key_is_pointed_to_its_section(llama, tmp_path):
+    merged = merge([llama, llama / "."], tmp_path, cache=None, quiet=False, as_json=False, add_layers=2)
+    assert merged.code == 2
+    assert "did you mean 'dlec.add_layers'?" in merged.stderr
 
 
 def test_identity_is_refused_for_post_norm_models(tmp_path, capsys):
@@ -448,7 +423,7 @@ def test_layer_types_derived_from_a_pattern_are_written_out(tmp_path):
     assert torch.allclose(logits(out, ids), logits(model, ids), atol=1e-5, rtol=0)
 
 
-def test_merge_with_dlec_on_checkpoints_without_the_base_prefix(tmp_path, capsys):
+def test_merge_with_dlec_on_checkpoints_without_the_base_prefix(tmp_path):
     from safetensors.torch import load_file, save_file
     base = build_model("gpt2", tmp_path / "base", seed=1, num_layers=3)
     tuned = build_model("gpt2", tmp_path / "tuned", seed=5, base_dir=base, noise=0.5)
@@ -456,10 +431,7 @@ def test_merge_with_dlec_on_checkpoints_without_the_base_prefix(tmp_path, capsys
         weights = load_file(directory / "model.safetensors")
         save_file({k.removeprefix("transformer."): v for k, v in weights.items()}, str(directory / "model.safetensors"),
                   metadata={"format": "pt"})
-    config = tmp_path / "m.yaml"
-    config.write_text(yaml.safe_dump({"models": [str(base), str(tuned)], "base_model": str(base),
-                                      "output_dir": str(tmp_path / "out"), "dlec": {"add_layers": 1}}))
-    result = merge_json(capsys, config, tmp_path / "c.sqlite")
+    result = merge([base, tuned], tmp_path, dlec={"add_layers": 1}).ok()
     assert {c["winner"] for c in result["choices"]} == {str(base), str(tuned)}  # the tuned blocks were copied in
     assert result["expansion"]["importance"] == "block_influence" and None not in result["expansion"]["scores"]
     assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.n_layer == 4

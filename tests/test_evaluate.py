@@ -1,8 +1,6 @@
 """Evaluation: perplexities against transformers' own loss, the windows, the cache, the files and
 every refusal of `mastermerge evaluate`."""
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -14,21 +12,11 @@ import transformers
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from examples.tiny_models import build_model
-from nerd.cli import main
 from nerd.config import EvaluateOptions
 from nerd.evaluate import IGNORE, MASK_SHARE, text_windows
-from helpers import transformers_perplexity
+from helpers import REPO, TRAINED, run_cli, transformers_perplexity
 
-REPO = Path(__file__).resolve().parents[1]
-TRAINED = REPO / "tests" / "data" / "trained-llama"
 TEXT = REPO / "nerd" / "calibration.txt"
-
-
-def run(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +62,8 @@ def windows_of(directory: Path, kind: str, length: int, **kwargs):
 
 def evaluated(family, *models, extra=(), cache=None) -> dict:
     out = family["root"] / f"out-{len(list(family['root'].iterdir()))}"
-    code, printed, err = run("evaluate", *models, "--text", TEXT, "--out", out, "--json", "--quiet",
-                             *(["--cache", cache] if cache else ["--no-cache"]), *extra)
+    code, printed, err = run_cli("evaluate", *models, "--text", TEXT, "--out", out, "--json", "--quiet",
+                                 *(["--cache", cache] if cache else ["--no-cache"]), *extra)
     assert code == 0, err
     return json.loads(printed)
 
@@ -138,8 +126,8 @@ def test_table_files_cache_and_figure(family, tmp_path):
     assert csv_lines[0].startswith("model,role,text,perplexity,diff_from_base") and len(csv_lines) == 5
     image = plt.imread(out / "perplexity.png")
     assert image.shape[0] > 200 and image[..., :3].std() > 0.05
-    code, printed, _ = run("evaluate", family["bos"], family["plain"], "--text", TEXT, "--out", tmp_path / "t",
-                           "--cache", cache)
+    code, printed, _ = run_cli("evaluate", family["bos"], family["plain"], "--text", TEXT, "--out", tmp_path / "t",
+                               "--cache", cache)
     assert code == 0 and "vs base" in printed and "llama-bos (base)" in printed
 
 
@@ -184,8 +172,8 @@ def test_bad_input_is_one_line_and_writes_nothing(family, tmp_path, model, text,
     broken = broken_copies(family)
     directory = family.get(model) or broken[model]
     text_path = TEXT if text is None else broken.get(text, tmp_path / text)
-    code, printed, err = run("evaluate", directory, "--text", text_path, "--out", tmp_path / "out", "--no-cache",
-                             "--quiet")
+    code, printed, err = run_cli("evaluate", directory, "--text", text_path, "--out", tmp_path / "out", "--no-cache",
+                                 "--quiet")
     assert code == exit_code and message in err, err
     assert len(err.strip().splitlines()) == 1 and printed == ""
     assert not (tmp_path / "out").exists()
@@ -198,8 +186,8 @@ def test_bad_input_is_one_line_and_writes_nothing(family, tmp_path, model, text,
     (("--max-tokens", 100, "--max-length", 128), "--max-length: 128 is longer than the 100 tokens used of each text"),
 ])
 def test_bad_windows_are_refused(family, tmp_path, extra, message):
-    code, printed, err = run("evaluate", family["plain"], "--text", TEXT, "--out", tmp_path / "out", "--no-cache",
-                             *extra)
+    code, printed, err = run_cli("evaluate", family["plain"], "--text", TEXT, "--out", tmp_path / "out", "--no-cache",
+                                 *extra)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
@@ -211,8 +199,8 @@ def test_a_model_with_nan_logits_has_no_perplexity_and_a_warning(family, tmp_pat
     weights = load_file(broken / "model.safetensors")
     weights["model.norm.weight"][0] = float("nan")
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
-    code, printed, err = run("evaluate", family["plain"], broken, "--text", TEXT, "--out", tmp_path / "out",
-                             "--cache", tmp_path / "c.sqlite", "--json")
+    code, printed, err = run_cli("evaluate", family["plain"], broken, "--text", TEXT, "--out", tmp_path / "out",
+                                 "--cache", tmp_path / "c.sqlite", "--json")
     assert code == 0, err
     rows = {r["model"]: r for r in json.loads(printed)["rows"]}
     assert rows[str(broken)]["perplexity"] is None and rows[str(family["plain"])]["perplexity"] > 1

@@ -1,41 +1,26 @@
 """Evaluation inside a merge: the trained example family, every strategy's composite evaluated in
 memory, the better one written, and what was written measured again from its files."""
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import pytest
 import transformers
-import yaml
-from helpers import transformers_perplexity
+from helpers import EXAMPLES, REPO, config_of, merge, run_merge, transformers_perplexity
 
-from nerd.cli import main
 from nerd.config import EvaluateOptions
 from nerd.evaluate import text_windows
 from nerd.plan import Perplexity
 from nerd.strategies import worse_than_base
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "examples" / "models"
 TEXTS = {domain: REPO / "examples" / "texts" / f"{domain}.txt" for domain in ("code", "docs", "legal")}
 MODELS = [EXAMPLES / name for name in ("tiny-base", "tiny-code", "tiny-docs", "tiny-legal")]
 
 
-def run(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return code, out.getvalue(), err.getvalue()
-
-
-def write_config(directory: Path, name: str, **extra) -> Path:
-    config = {"models": [str(m) for m in MODELS], "base_model": str(MODELS[0]), "output_dir": str(directory / name),
-              **extra}
-    path = directory / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+def examples_merge(directory: Path, name: str, *flags, **options):
+    """The shared merge helper on the example models: config directory / NAME.yaml, output
+    directory / NAME."""
+    return merge(MODELS, directory, *flags, output=directory / name, config=f"{name}.yaml", **options)
 
 
 EVALUATE = {"texts": [str(t) for t in TEXTS.values()], "strategies": [{"name": "blend", "tether": {"mode": "blend"}}]}
@@ -44,15 +29,10 @@ EVALUATE = {"texts": [str(t) for t in TEXTS.values()], "strategies": [{"name": "
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate-merge")
-    plain = write_config(root, "plain")
-    code, printed, err = run("--config", plain, "--json", "--quiet", "--cache", root / "plain.sqlite")
-    assert code == 0, err
-    config = write_config(root, "out", evaluate=EVALUATE)
-    code, printed, err = run("--config", config, "--json", "--cache", root / "c.sqlite")
-    assert code == 0, err
-    return {"root": root, "result": json.loads(printed)["results"][0], "stderr": err,
-            "plain": json.loads(run("--config", plain, "--json", "--quiet", "--dry-run",
-                                    "--cache", root / "plain.sqlite")[1])["results"][0]}
+    examples_merge(root, "plain", cache="plain.sqlite").ok()
+    run = examples_merge(root, "out", quiet=False, evaluate=EVALUATE)
+    return {"root": root, "result": run.ok(), "stderr": run.stderr,
+            "plain": run_merge(root / "plain.yaml", "--dry-run", cache=root / "plain.sqlite").ok()}
 
 
 def rows_of(result) -> dict[tuple[str, str], float]:
@@ -94,11 +74,12 @@ def test_strategies_cost_no_spectrum_and_the_report_card_and_terminal_show_the_e
     card = (out / "README.md").read_text()
     assert "## Evaluation" in card and "(written)" in card and "below the runner-up" in card
     assert "![perplexity by model and text](perplexity.png)" in card and (out / "perplexity.png").stat().st_size > 10_000
-    code, printed, _ = run("--config", merged["root"] / "out.yaml", "--dry-run", "--cache", merged["root"] / "c.sqlite")
-    assert code == 0 and "vs base" in printed and "written: " in printed and "margin" in printed
-    assert all(r["reused"] for r in json.loads(run("--config", merged["root"] / "out.yaml", "--dry-run", "--json",
-                                                   "--quiet", "--cache", merged["root"] / "c.sqlite")[1])
-               ["results"][0]["evaluation"]["rows"])  # nothing evaluated twice
+    config, cache = merged["root"] / "out.yaml", merged["root"] / "c.sqlite"
+    run = run_merge(config, "--dry-run", cache=cache, quiet=False, as_json=False)
+    printed = run.stdout
+    assert run.code == 0 and "vs base" in printed and "written: " in printed and "margin" in printed
+    assert all(r["reused"] for r in run_merge(config, "--dry-run", cache=cache).ok()
+               ["evaluation"]["rows"])  # nothing evaluated twice
 
 
 def test_every_choice_shows_its_margin_over_the_runner_up(merged):
@@ -126,8 +107,8 @@ def test_every_choice_shows_its_margin_over_the_runner_up(merged):
     ({"text": [str(TEXTS["code"])]}, "evaluate.text: unknown key; did you mean 'texts'?"),
 ])
 def test_bad_evaluate_sections_are_refused_before_anything_runs(tmp_path, evaluate, message):
-    config = write_config(tmp_path, "out", evaluate=evaluate)
-    code, printed, err = run("--config", config, "--no-cache")
+    run = examples_merge(tmp_path, "out", cache=None, quiet=False, as_json=False, evaluate=evaluate)
+    code, err = run.code, run.stderr
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
@@ -147,11 +128,8 @@ def test_an_expanded_composite_is_evaluated_as_it_will_be_written(merged):
     expanded model measures the same from its files."""
     root = merged["root"]
     evaluate = {"texts": [str(TEXTS["docs"])]}
-    config = write_config(root, "grown", evaluate=evaluate, dlec={"add_layers": 1, "init": "identity",
-                                                                  "importance": "ner"})
-    code, printed, err = run("--config", config, "--json", "--quiet", "--cache", root / "c.sqlite")
-    assert code == 0, err
-    result = json.loads(printed)["results"][0]
+    result = examples_merge(root, "grown", evaluate=evaluate,
+                            dlec={"add_layers": 1, "init": "identity", "importance": "ner"}).ok()
     [composite] = [r for r in result["evaluation"]["rows"] if r["role"] == "composite"]
     assert result["expansion"]["params_after"] > result["expansion"]["params_before"]
     flat = rows_of(merged["result"])["composite: as configured", str(TEXTS["docs"])]
@@ -165,11 +143,8 @@ def test_an_expanded_composite_is_evaluated_as_it_will_be_written(merged):
 
 def test_a_converted_composite_is_evaluated_in_the_dtype_it_is_written_in(merged):
     root = merged["root"]
-    config = write_config(root, "half", dtype="float16", evaluate={"texts": [str(TEXTS["legal"])]},
-                          selection={"granularity": "tensor"})
-    code, printed, err = run("--config", config, "--json", "--quiet", "--cache", root / "c.sqlite")
-    assert code == 0, err
-    result = json.loads(printed)["results"][0]
+    result = examples_merge(root, "half", dtype="float16", evaluate={"texts": [str(TEXTS["legal"])]},
+                            selection={"granularity": "tensor"}).ok()
     [composite] = [r for r in result["evaluation"]["rows"] if r["role"] == "composite"]
     out = Path(result["output_dir"])
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
@@ -180,13 +155,12 @@ def test_a_converted_composite_is_evaluated_in_the_dtype_it_is_written_in(merged
 
 
 def test_a_strategy_that_sets_the_metric_does_not_inherit_the_configs_goal(tmp_path):
-    from nerd import load_config
-    config = write_config(tmp_path, "out", selection={"metric": "alpha", "goal": "target", "target": 2.0},
-                          tether={"mode": "blend", "weights": "compatibility"},
-                          evaluate={"texts": [str(TEXTS["code"])],
-                                    "strategies": [{"selection": {"metric": "ner"}, "tether": {"mode": "select"}},
-                                                   {"selection": {"granularity": "tensor"}}]})
-    first, second = load_config(config).evaluate.strategies
+    config = config_of(MODELS, tmp_path / "out", selection={"metric": "alpha", "goal": "target", "target": 2.0},
+                       tether={"mode": "blend", "weights": "compatibility"},
+                       evaluate={"texts": [str(TEXTS["code"])],
+                                 "strategies": [{"selection": {"metric": "ner"}, "tether": {"mode": "select"}},
+                                                {"selection": {"granularity": "tensor"}}]})
+    first, second = config.evaluate.strategies
     assert (first.selection.metric, first.selection.goal, first.selection.target) == ("ner", "max", None)
     assert (first.tether.mode, first.tether.weights) == ("select", "equal")
     assert first.name == "selection.metric: ner, tether.mode: select"

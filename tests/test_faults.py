@@ -19,11 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
-from examples.tiny_models import build_model
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO, write_config
 
 # The run, with a fault injected at one point: python HARNESS POINT SIGNAL N -- mastermerge arguments.
 HARNESS = r'''
@@ -58,29 +54,25 @@ sys.exit(main(argv))
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    base = build_model("llama", root / "base", seed=0, num_layers=4)
-    return [base, build_model("llama", root / "ft-a", seed=1, base_dir=base, noise=0.05, num_layers=4),
-            build_model("llama", root / "ft-b", seed=2, base_dir=base, noise=0.3, num_layers=4)]
+def models(llama_family):
+    """A base of 4 layers and two fine-tunes of it."""
+    return [llama_family(4)[m] for m in ("base", "ft-a", "ft-b")]
 
 
-def config_of(tmp_path: Path, models, out: Path) -> Path:
-    path = tmp_path / "merge.yaml"
-    path.write_text(yaml.safe_dump({"models": [str(m) for m in models], "base_model": str(models[0]),
-                                    "output_dir": str(out), "shard_size": "100KB"}))
-    return path
+def sharded_config(tmp_path: Path, models, out: Path) -> Path:
+    """The config file of a merge written in several shards."""
+    return write_config(tmp_path / "merge.yaml", models, out, shard_size="100KB")
 
 
 def run(tmp_path: Path, config: Path, *extra, point=None, signum=0, n=0, preexec=None, prefix=()):
     argv = ["--config", str(config), "--cache", str(tmp_path / "cache.sqlite"), "--quiet", "--json", *extra]
     if point is None:
-        command = [sys.executable, str(ROOT / "mastermerge.py"), *argv]
+        command = [sys.executable, str(REPO / "mastermerge.py"), *argv]
     else:
         harness = tmp_path / "harness.py"
         harness.write_text(HARNESS)
         command = [sys.executable, str(harness), point, str(int(signum)), str(n), "--", *argv]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", FILL=str(tmp_path / "out"))
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", FILL=str(tmp_path / "out"))
     return subprocess.run([*prefix, *command], capture_output=True, text=True, env=env, cwd=tmp_path,
                           preexec_fn=preexec, timeout=300)
 
@@ -96,7 +88,7 @@ def snapshot(directory: Path) -> dict[str, str]:
 def written_once(tmp_path: Path, models) -> tuple[Path, Path, dict[str, str]]:
     """An output written by a complete run: its directory, its config and its snapshot."""
     out = tmp_path / "out"
-    config = config_of(tmp_path, models, out)
+    config = sharded_config(tmp_path, models, out)
     summary(run(tmp_path, config))
     return out, config, snapshot(out)
 
@@ -123,7 +115,7 @@ def assert_one_clean_line(result, code: int, *phrases: str):
 @pytest.mark.parametrize("earlier_output", [False, True])
 def test_signal_mid_write_leaves_the_destination_as_it_was(tmp_path, models, signum, code, earlier_output):
     out = tmp_path / "out"
-    config = config_of(tmp_path, models, out)
+    config = sharded_config(tmp_path, models, out)
     extra = ()
     if earlier_output:
         summary(run(tmp_path, config))
@@ -143,7 +135,7 @@ def test_signal_mid_write_leaves_the_destination_as_it_was(tmp_path, models, sig
 
 def test_signal_while_scoring_keeps_what_was_computed(tmp_path, models):
     out = tmp_path / "out"
-    config = config_of(tmp_path, models, out)
+    config = sharded_config(tmp_path, models, out)
     result = run(tmp_path, config, point="spectrum", signum=signal.SIGTERM, n=10)
     assert_one_clean_line(result, 143, "interrupted (SIGTERM)", "no output was being written")
     assert not out.exists() and leftovers(out) == []
@@ -181,7 +173,7 @@ def test_kill_between_the_two_renames_puts_the_earlier_output_back(tmp_path, mod
 
 def test_an_output_filled_by_something_else_meanwhile_is_not_replaced(tmp_path, models):
     out = tmp_path / "out"
-    config = config_of(tmp_path, models, out)
+    config = sharded_config(tmp_path, models, out)
     result = run(tmp_path, config, point="tensor", signum=0, n=3)
     assert_one_clean_line(result, 4, "something else filled it while this run was writing",
                           "not replaced without --force")
@@ -205,7 +197,7 @@ def test_full_disk_is_refused_before_writing(tmp_path, models):
     disk = tmp_path / "disk"
     disk.mkdir()
     out = disk / "out"
-    config = config_of(tmp_path, models, out)
+    config = sharded_config(tmp_path, models, out)
     mount = ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o size=1m tmpfs "{disk}" && exec "$@"', "sh"]
     result = run(tmp_path, config, prefix=mount)
     assert_one_clean_line(result, 4, "No space left on device", "the output needs", "was not created")
@@ -215,7 +207,7 @@ def test_full_disk_is_refused_before_writing(tmp_path, models):
 def test_a_write_that_fails_midway_removes_the_partial_output(tmp_path, models):
     """The kernel refuses a write past the file size limit (EFBIG) in the middle of a shard."""
     out = tmp_path / "out"
-    config = config_of(tmp_path, models, out)
+    config = sharded_config(tmp_path, models, out)
     summary(run(tmp_path, config, "--dry-run"))  # the cache is written here, without the limit
 
     def limited():

@@ -10,10 +10,9 @@ import pytest
 import torch
 import transformers
 import yaml
+from helpers import REPO
 
 from examples.tiny_models import build_hub_cache, build_model
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""End to end: tiny models built offline, merged by the CLI, loaded back with transformers."""
+"""End to end: tiny models built offline, merged by the CLI (or the Python API where the CLI is not
+what is tested), loaded back with transformers."""
 
 import json
 from pathlib import Path
@@ -7,52 +8,25 @@ import numpy as np
 import pytest
 import torch
 import transformers
-import yaml
-from helpers import reference_ner, tensors_of
+from helpers import (RANK_ONE, api_merge, assert_bytes_follow_plan, build_family, config_of, merge, reference_ner,
+                     tensors_of, write_config)
 
 from examples.tiny_models import FAMILIES, build_model
-from nerd import MetricCache, load_config, plan_merge
+from nerd import MetricCache, plan_merge
 from nerd.cli import main
 from nerd.layout import layout_of
 
 
-
-def make_family(root: Path, family: str, **kwargs) -> list[Path]:
+def make_family(root: Path, family: str) -> list[Path]:
     """A base and two fine-tunes of it: full-rank noise everywhere, and a rank-1 update on layer 1."""
-    base = build_model(family, root / f"{family}-base", seed=0, **kwargs)
-    ft_a = build_model(family, root / f"{family}-ft-a", seed=1, base_dir=base, noise=0.05)
-    ft_b = build_model(family, root / f"{family}-ft-b", seed=2, base_dir=base, noise=0.5, noise_rank=1, layers=[1])
-    return [base, ft_a, ft_b]
-
-
-def write_config(path: Path, models, out: Path, **options) -> Path:
-    path.write_text(yaml.safe_dump({"models": [str(m) for m in models], "base_model": str(models[0]),
-                                    "output_dir": str(out), **options}))
-    return path
-
-
-def merge(config: Path, cache: Path, *extra) -> int:
-    return main(["--config", str(config), "--cache", str(cache), "--quiet", *extra])
-
-
-def assert_bytes_follow_plan(out: Path, sources: dict[str, Path]):
-    report = json.loads((out / "merge_report.json").read_text())
-    written = tensors_of(out)
-    entries = report["plan"]["entries"]
-    assert sorted(written) == sorted(e["name"] for e in entries)
-    cache = {}
-    for e in entries:
-        src = cache.setdefault(e["source"], tensors_of(sources[e["source"]]))[e["tensor"]]
-        assert written[e["name"]].dtype == src.dtype
-        assert torch.equal(written[e["name"]].view(-1).view(torch.uint8), src.view(-1).view(torch.uint8)), e
-    return report
+    return build_family(root, family, recipe=RANK_ONE, prefix=f"{family}-")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_merge_end_to_end(tmp_path, family):
     models = make_family(tmp_path, family)
     out = tmp_path / "out"
-    assert merge(write_config(tmp_path / "m.yaml", models, out), tmp_path / "cache.sqlite") == 0
+    api_merge(models, out)
 
     report = assert_bytes_follow_plan(out, {str(m): m for m in models})
     # the winner at every depth is the best mean NER, recomputed here with a float64 SVD
@@ -85,8 +59,7 @@ def test_sharded_inputs_sharded_output_in_depth_order(tmp_path):
     ft = build_model("llama", tmp_path / "ft", seed=1, base_dir=base, noise=0.1, max_shard_size="60KB")
     assert (base / "model.safetensors.index.json").is_file()
     out = tmp_path / "out"
-    config = write_config(tmp_path / "m.yaml", [base, ft], out, shard_size="100KB", dtype="bfloat16")
-    assert merge(config, tmp_path / "cache.sqlite") == 0
+    api_merge([base, ft], out, shard_size="100KB", dtype="bfloat16")
 
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*.safetensors"))
@@ -115,8 +88,7 @@ def test_sharded_inputs_sharded_output_in_depth_order(tmp_path):
 def test_tensor_granularity_biases_follow_their_matrix(tmp_path):
     models = make_family(tmp_path, "qwen2")  # qwen2 has q/k/v biases
     out = tmp_path / "out"
-    config = write_config(tmp_path / "m.yaml", models, out, selection={"granularity": "tensor"})
-    assert merge(config, tmp_path / "cache.sqlite") == 0
+    api_merge(models, out, selection={"granularity": "tensor"})
     report = assert_bytes_follow_plan(out, {str(m): m for m in models})
     source = {e["name"]: e["source"] for e in report["plan"]["entries"]}
     biases = [n for n in source if n.endswith("q_proj.bias")]
@@ -149,8 +121,7 @@ def test_non_layer_compete_keeps_embeddings_together(tmp_path, tied):
     from safetensors.torch import save_file
     save_file(state, str(ft / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "out"
-    config = write_config(tmp_path / "m.yaml", [base, ft], out, selection={"non_layer": "compete"})
-    assert merge(config, tmp_path / "cache.sqlite") == 0
+    api_merge([base, ft], out, selection={"non_layer": "compete"})
     report = assert_bytes_follow_plan(out, {str(base): base, str(ft): ft})
     source = {e["name"]: e["source"] for e in report["plan"]["entries"]}
     assert ("lm_head.weight" in source) != tied
@@ -163,14 +134,11 @@ def test_non_layer_compete_keeps_embeddings_together(tmp_path, tied):
         assert torch.equal(model.lm_head.weight, state["model.embed_tokens.weight"])
 
 
-def test_cache_second_run_recomputes_nothing_and_changed_file_invalidates(tmp_path, capsys):
+def test_cache_second_run_recomputes_nothing_and_changed_file_invalidates(tmp_path):
     models = make_family(tmp_path, "llama")
-    config = write_config(tmp_path / "m.yaml", models, tmp_path / "out")
-    cache = tmp_path / "cache.sqlite"
 
     def dry_run():
-        assert merge(config, cache, "--dry-run", "--json") == 0
-        return json.loads(capsys.readouterr().out)["results"][0]
+        return merge(models, tmp_path, "--dry-run").ok()
 
     first = dry_run()
     n_matrices = 7 * 2 + 2  # 7 per block, 2 blocks, embeddings + lm_head
@@ -189,11 +157,11 @@ def test_cache_second_run_recomputes_nothing_and_changed_file_invalidates(tmp_pa
     assert third["spectra_computed"] == 7 and changed == 7  # layer 0's seven matrices
 
 
-def test_dry_run_prints_table_and_writes_nothing(tmp_path, capsys):
+def test_dry_run_prints_table_and_writes_nothing(tmp_path):
     models = make_family(tmp_path, "llama")
-    config = write_config(tmp_path / "m.yaml", models, tmp_path / "out")
-    assert main(["--config", str(config), "--no-cache", "--dry-run", "--quiet"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    merged = merge(models, tmp_path, "--dry-run", cache=None, as_json=False)
+    assert merged.code == 0
+    lines = merged.stdout.splitlines()
     assert lines[1] == "scores: mean ner of each group's matrices, highest wins"
     assert lines[2].split() == ["depth", "llama-base", "llama-ft-a", "llama-ft-b", "margin", "winner"]
     assert [line.split()[0] for line in lines[3:6]] == ["non-layer", "0", "1"]
@@ -215,37 +183,34 @@ def test_several_configs_share_one_cache(tmp_path, capsys):
 
 def test_python_api_matches_cli(tmp_path):
     models = make_family(tmp_path, "llama")
-    config = load_config(write_config(tmp_path / "m.yaml", models, tmp_path / "out"))
-    plan = plan_merge(config, cache=MetricCache(), quiet=True)
+    plan = plan_merge(config_of(models, tmp_path / "out"), cache=MetricCache(), quiet=True)
     assert [c.depth for c in plan.choices] == [None, 0, 1]
     assert {e.source for e in plan.entries} <= set(plan.candidates)
     assert not (tmp_path / "out").exists()
 
 
-def test_force_replaces_and_without_it_nothing_is_touched(tmp_path, capsys):
+def test_force_replaces_and_without_it_nothing_is_touched(tmp_path):
     models = make_family(tmp_path, "llama")
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    config = write_config(tmp_path / "m.yaml", models, out)
-    assert merge(config, tmp_path / "c.sqlite") == 2
-    assert merge(config, tmp_path / "c.sqlite", "--force") == 2  # not a mastermerge output
+    assert merge(models, tmp_path, as_json=False).code == 2
+    assert merge(models, tmp_path, "--force", as_json=False).code == 2  # not a mastermerge output
     assert (out / "old.txt").read_text() == "old"
     (out / "old.txt").unlink()
-    assert merge(config, tmp_path / "c.sqlite") == 0  # an empty directory is fine
+    assert merge(models, tmp_path, as_json=False).code == 0  # an empty directory is fine
     (out / "old.txt").write_text("old")
-    assert merge(config, tmp_path / "c.sqlite", "--force") == 0  # a previous output is replaced
+    assert merge(models, tmp_path, "--force", as_json=False).code == 0  # a previous output is replaced
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 @pytest.mark.parametrize("fault", [OSError(28, "No space left on device"), KeyboardInterrupt()])
-def test_failure_mid_write_leaves_no_output(tmp_path, monkeypatch, capsys, fault):
+def test_failure_mid_write_leaves_no_output(tmp_path, monkeypatch, fault):
     import nerd.write
 
     models = make_family(tmp_path, "llama")
     out = tmp_path / "out"
-    config = write_config(tmp_path / "m.yaml", models, out, shard_size="20KB")
     calls = []
 
     def failing(real):
@@ -259,19 +224,19 @@ def test_failure_mid_write_leaves_no_output(tmp_path, monkeypatch, capsys, fault
     # every tensor goes through one of these: a copy inside the kernel, or through memory
     monkeypatch.setattr(nerd.write, "copied_in_kernel", failing(nerd.write.copied_in_kernel))
     monkeypatch.setattr(nerd.write, "entry_data", failing(nerd.write.entry_data))
-    code = merge(config, tmp_path / "c.sqlite")
-    assert code == (4 if isinstance(fault, OSError) else 130)
-    assert "mastermerge:" in capsys.readouterr().err
+    merged = merge(models, tmp_path, as_json=False, shard_size="20KB")
+    assert merged.code == (4 if isinstance(fault, OSError) else 130)
+    assert "mastermerge:" in merged.stderr
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_architecture_mismatch_lists_tensors_with_both_shapes(tmp_path, capsys):
+def test_architecture_mismatch_lists_tensors_with_both_shapes(tmp_path):
     a = build_model("llama", tmp_path / "a", seed=0)
     b = build_model("llama", tmp_path / "b", seed=0, intermediate_size=96)
-    config = write_config(tmp_path / "m.yaml", [a, b], tmp_path / "out")
-    assert merge(config, tmp_path / "c.sqlite") == 3
-    err = capsys.readouterr().err.splitlines()[-1]  # earlier lines: the model builder's progress bars
+    merged = merge([a, b], tmp_path, as_json=False)
+    assert merged.code == 3
+    err = merged.stderr.splitlines()[-1]
     assert err.startswith("mastermerge: error: models '") and "differ in 6 tensor(s)" in err
     assert "model.layers.0.mlp.down_proj.weight [32, 128] vs [32, 96]" in err
 
@@ -282,7 +247,7 @@ def test_pickled_bin_inputs_load_with_weights_only(tmp_path):
         torch.save(tensors_of(m), m / "pytorch_model.bin")
         (m / "model.safetensors").unlink()
     out = tmp_path / "out"
-    assert merge(write_config(tmp_path / "m.yaml", models, out), tmp_path / "c.sqlite") == 0
+    api_merge(models, out)
     written = tensors_of(out)
     report = json.loads((out / "merge_report.json").read_text())
     for e in report["plan"]["entries"]:
@@ -292,15 +257,13 @@ def test_pickled_bin_inputs_load_with_weights_only(tmp_path):
         assert torch.equal(written[e["name"]], reference[e["tensor"]])
 
 
-def test_nan_candidate_block_is_not_selectable(tmp_path, capsys):
+def test_nan_candidate_block_is_not_selectable(tmp_path):
     models = make_family(tmp_path, "llama")
     state = tensors_of(models[1])
     state["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
     from safetensors.torch import save_file
     save_file(state, str(models[1] / "model.safetensors"), metadata={"format": "pt"})
-    config = write_config(tmp_path / "m.yaml", models, tmp_path / "out")
-    assert merge(config, tmp_path / "c.sqlite", "--dry-run", "--json") == 0
-    depth0 = json.loads(capsys.readouterr().out)["results"][0]["choices"][1]
+    depth0 = merge(models, tmp_path, "--dry-run").ok()["choices"][1]
     assert depth0["scores"][str(models[1])] is None and depth0["winner"] != str(models[1])
     assert depth0["note"] == (f"not selectable: {models[1]} "
                               f"(model.layers.0.mlp.up_proj.weight: contains NaN or Inf)")
@@ -314,8 +277,7 @@ def test_dtype_conversion_leaves_integer_tensors_alone(tmp_path):
         state = tensors_of(m)
         state["model.position_ids"] = torch.arange(4097, dtype=torch.int64)
         save_file(state, str(m / "model.safetensors"), metadata={"format": "pt"})
-    config = load_config(write_config(tmp_path / "m.yaml", models, tmp_path / "out", dtype="float16"))
-    plan = plan_merge(config, cache=MetricCache(), quiet=True)
+    plan = plan_merge(config_of(models, tmp_path / "out", dtype="float16"), cache=MetricCache(), quiet=True)
     dtypes = {e.name: e.dtype for e in plan.entries}
     assert dtypes.pop("model.position_ids") == "I64" and set(dtypes.values()) == {"F16"}
 
@@ -340,30 +302,24 @@ def test_ties_go_to_the_base_even_when_listed_later(tmp_path):
     twin = tmp_path / "twin"
     shutil.copytree(base, twin)  # identical weights: every score ties
     other = build_model("llama", tmp_path / "other", seed=1, base_dir=base, noise=0.5, noise_rank=1)
-    config = tmp_path / "m.yaml"
-    config.write_text(yaml.safe_dump({"models": [str(twin), str(other), str(base)], "base_model": str(base),
-                                      "output_dir": str(tmp_path / "out"), "selection": {"granularity": "tensor"}}))
-    plan = plan_merge(load_config(config), cache=MetricCache(), quiet=True)
+    config = config_of([twin, other, base], tmp_path / "out", base_model=str(base), selection={"granularity": "tensor"})
+    plan = plan_merge(config, cache=MetricCache(), quiet=True)
     assert plan.candidates == [str(base), str(twin), str(other)]
     assert {c.winner for c in plan.choices} == {str(base)}
 
 
-def test_file_replaced_with_its_old_mtime_is_read_again(tmp_path, capsys):
+def test_file_replaced_with_its_old_mtime_is_read_again(tmp_path):
     import os
     import shutil
 
     models = make_family(tmp_path, "llama")
-    config = write_config(tmp_path / "m.yaml", models, tmp_path / "out")
-    cache = tmp_path / "cache.sqlite"
-    assert merge(config, cache, "--dry-run", "--json") == 0
-    before = json.loads(capsys.readouterr().out)["results"][0]
+    before = merge(models, tmp_path, "--dry-run").ok()
     target = models[1] / "model.safetensors"
     stat = target.stat()
     shutil.copyfile(models[2] / "model.safetensors", target)  # same size, other weights
     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as tar or rsync -t would leave it
     assert target.stat().st_size == stat.st_size and target.stat().st_mtime_ns == stat.st_mtime_ns
-    assert merge(config, cache, "--dry-run", "--json") == 0
-    after = json.loads(capsys.readouterr().out)["results"][0]
+    after = merge(models, tmp_path, "--dry-run").ok()
     depth1 = str(models[1]), str(models[2])
     assert after["choices"][2]["scores"][depth1[0]] == after["choices"][2]["scores"][depth1[1]]
     assert after["choices"][2]["scores"][depth1[0]] != before["choices"][2]["scores"][depth1[0]]
@@ -388,7 +344,7 @@ def independent_metric(w: np.ndarray, metric: str) -> float:
 def test_selection_by_any_metric(tmp_path, selection):
     models = make_family(tmp_path, "llama")
     out = tmp_path / "out"
-    assert merge(write_config(tmp_path / "m.yaml", models, out, selection=selection), tmp_path / "c.sqlite") == 0
+    api_merge(models, out, selection=selection)
     report = assert_bytes_follow_plan(out, {str(m): m for m in models})
     assert report["selection"]["metric"] == selection["metric"]
     inputs = {str(m): {k: v.double().numpy() for k, v in tensors_of(m).items() if v.dim() == 2} for m in models}

@@ -54,11 +54,11 @@ def test_alpha_with_repeated_eigenvalues_equals_the_powerlaw_package():
 
 
 def test_alpha_of_a_real_model_matrix_equals_the_powerlaw_package():
-    from pathlib import Path
+    from helpers import EXAMPLES
 
     from nerd.checkpoint import Checkpoint
 
-    with Checkpoint.open(Path(__file__).parent.parent / "examples" / "models" / "tiny-docs") as ckpt:
+    with Checkpoint.open(EXAMPLES / "tiny-docs") as ckpt:
         for name in ("model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight"):
             eigenvalues = spectrum_of(ckpt.read(name)).values ** 2
             fit, ref = power_law_fit(eigenvalues), reference_fit(eigenvalues)

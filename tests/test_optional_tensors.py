@@ -15,12 +15,12 @@ import pytest
 import sentence_transformers
 import torch
 import transformers
-from helpers import tensors_of
+from helpers import assert_bytes_follow_plan, build_family, merge, tensors_of
 from safetensors.torch import save_file
-from test_merge import assert_bytes_follow_plan, write_config
 
 from examples.tiny_models import build_model
 from nerd.cli import main
+
 
 def edit_weights(model: Path, add: dict | None = None, drop=()) -> None:
     """Rewrite a single-file model with tensors added or removed, as another library version saved it."""
@@ -29,13 +29,6 @@ def edit_weights(model: Path, add: dict | None = None, drop=()) -> None:
     for name in drop:
         del state[name]
     save_file(state, str(model / "model.safetensors"), metadata={"format": "pt"})
-
-
-def run(config: Path, cache: Path, capsys, *extra) -> tuple[int, list[str]]:
-    """Merge without --quiet (so the notes are printed); the exit code and the stderr lines."""
-    capsys.readouterr()
-    code = main(["--config", str(config), "--cache", str(cache), *extra])
-    return code, capsys.readouterr().err.splitlines()
 
 
 def entries_of(out: Path) -> dict[str, dict]:
@@ -52,19 +45,12 @@ def verified(out: Path, capsys) -> bool:
     return main(["verify", str(out), "--quiet"]) == 0
 
 
-def family(tmp_path: Path, name: str, fine_tunes: int = 2, **kwargs) -> list[Path]:
-    """A base and fine-tunes of it, each with full-rank noise on its blocks (0.05, then 0.3)."""
-    base = build_model(name, tmp_path / "base", seed=0, **kwargs)
-    return [base] + [build_model(name, tmp_path / f"ft-{'ab'[i]}", seed=i + 1, base_dir=base, noise=(0.05, 0.3)[i])
-                     for i in range(fine_tunes)]
-
-
-def merged(tmp_path: Path, models: list[Path], capsys, **options) -> tuple[Path, dict, list[str]]:
-    """Merge; the output, its report (every tensor checked to be its plan source's bytes) and stderr."""
-    out = tmp_path / "out"
-    code, err = run(write_config(tmp_path / "m.yaml", models, out, **options), tmp_path / "c.sqlite", capsys)
-    assert code == 0, err
-    return out, assert_bytes_follow_plan(out, {str(m): m for m in models}), err
+def merged(tmp_path: Path, models: list[Path], **options) -> tuple[Path, dict, list[str]]:
+    """Merge without --quiet (so the notes are printed); the output, its report (every tensor checked
+    to be its plan source's bytes) and the stderr lines."""
+    run = merge(models, tmp_path, quiet=False, as_json=False, **options)
+    assert run.code == 0, run.stderr
+    return run.output, assert_bytes_follow_plan(run.output, {str(m): m for m in models}), run.stderr.splitlines()
 
 
 def runs(out: Path, capsys, auto=None) -> None:
@@ -76,11 +62,11 @@ def runs(out: Path, capsys, auto=None) -> None:
 
 
 def test_bert_base_position_ids_fine_tunes_without(tmp_path, capsys):
-    base, ft_a, ft_b = family(tmp_path, "bert")
+    base, ft_a, ft_b = build_family(tmp_path, "bert")
     position_ids = torch.arange(64, dtype=torch.int64)[None]
     edit_weights(base, {"embeddings.position_ids": position_ids})  # as transformers 4 saved it
     assert "embeddings.position_ids" not in tensors_of(ft_a)
-    out, report, err = merged(tmp_path, [base, ft_a, ft_b], capsys)
+    out, report, err = merged(tmp_path, [base, ft_a, ft_b])
     assert same_bytes(tensors_of(out)["embeddings.position_ids"], position_ids)
     entry = entries_of(out)["embeddings.position_ids"]
     assert entry["source"] == str(base) and f"missing from '{ft_a}', '{ft_b}'" in entry["optional"]
@@ -95,11 +81,11 @@ def test_bert_base_position_ids_fine_tunes_without(tmp_path, capsys):
 
 
 def test_llama_inv_freq_in_one_candidate_only_merges_and_expands(tmp_path, capsys):
-    base, ft_a, ft_b = family(tmp_path, "llama")
+    base, ft_a, ft_b = build_family(tmp_path, "llama")
     inv_freq = {f"model.layers.{d}.self_attn.rotary_emb.inv_freq": 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)
                 for d in range(2)}
     edit_weights(ft_a, inv_freq)
-    out, _, err = merged(tmp_path, [base, ft_a, ft_b], capsys, dlec={"add_layers": 1})
+    out, _, err = merged(tmp_path, [base, ft_a, ft_b], dlec={"add_layers": 1})
     entries, written = entries_of(out), tensors_of(out)
     freqs = [n for n in entries if n.endswith("inv_freq")]
     assert len(freqs) == 3  # two blocks, and the copy of one of them
@@ -111,13 +97,13 @@ def test_llama_inv_freq_in_one_candidate_only_merges_and_expands(tmp_path, capsy
 
 
 def test_gpt2_causal_mask_buffers_in_the_base_only(tmp_path, capsys):
-    base, ft = family(tmp_path, "gpt2", fine_tunes=1)
+    base, ft = build_family(tmp_path, "gpt2", fine_tunes=1)
     buffers = {}
     for d in range(2):
         buffers[f"transformer.h.{d}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
         buffers[f"transformer.h.{d}.attn.masked_bias"] = torch.tensor(-1e4)
     edit_weights(base, buffers)
-    out, _, err = merged(tmp_path, [base, ft], capsys, selection={"granularity": "tensor"})
+    out, _, err = merged(tmp_path, [base, ft], selection={"granularity": "tensor"})
     entries = entries_of(out)
     assert all(entries[n]["source"] == str(base) and entries[n]["optional"] for n in buffers)
     assert any("transformer.h.0.attn.bias" in line and "and 1 more" in line for line in err)
@@ -126,7 +112,7 @@ def test_gpt2_causal_mask_buffers_in_the_base_only(tmp_path, capsys):
 
 @pytest.mark.parametrize("says_tied", [True, False])
 def test_tied_head_present_in_one_absent_in_another(tmp_path, capsys, says_tied):
-    base, ft = family(tmp_path, "llama", fine_tunes=1, tie_word_embeddings=True)
+    base, ft = build_family(tmp_path, "llama", fine_tunes=1, tie_word_embeddings=True)
     base_embedding = tensors_of(base)["model.embed_tokens.weight"]
     edit_weights(base, {"lm_head.weight": base_embedding.clone()})  # the base's file holds its tied head
     # the fine-tune (saved without its tied head) trained its embeddings too: it wins the non-layer group
@@ -138,7 +124,7 @@ def test_tied_head_present_in_one_absent_in_another(tmp_path, capsys, says_tied)
             config = json.loads((model / "config.json").read_text())
             del config["tie_word_embeddings"]
             (model / "config.json").write_text(json.dumps(config))
-    out, report, err = merged(tmp_path, [base, ft], capsys, selection={"non_layer": "compete"})
+    out, report, err = merged(tmp_path, [base, ft], selection={"non_layer": "compete"})
     non_layer = report["plan"]["choices"][0]
     assert non_layer["winner"] == str(ft) and "lm_head.weight" not in non_layer["tensors"]  # never scored
     # the head is a copy of the output's embedding (the fine-tune's), not the base's stale head
@@ -153,36 +139,35 @@ def test_tied_head_present_in_one_absent_in_another(tmp_path, capsys, says_tied)
     assert verified(out, capsys)
 
 
-def refusal(tmp_path: Path, models: list[Path], capsys) -> str:
-    """The one error line of a merge that is refused with exit code 3 and writes nothing."""
-    out = tmp_path / "out"
-    code, err = run(write_config(tmp_path / "m.yaml", models, out), tmp_path / "c.sqlite", capsys)
-    assert code == 3 and not out.exists()
-    errors = [line for line in err if line.startswith("mastermerge: error:")]
-    assert len(errors) == 1 and "Traceback" not in "\n".join(err)
+def refusal(tmp_path: Path, models: list[Path]) -> str:
+    """The one error line of a merge (without --quiet) that is refused with exit code 3 and writes nothing."""
+    run = merge(models, tmp_path, quiet=False, as_json=False)
+    assert run.code == 3 and not run.output.exists()
+    errors = [line for line in run.messages if line.startswith("mastermerge: error:")]
+    assert len(errors) == 1 and "Traceback" not in run.stderr
     return errors[0]
 
 
-def test_learned_weight_missing_still_refuses(tmp_path, capsys):
-    base, ft = family(tmp_path, "llama", fine_tunes=1)
+def test_learned_weight_missing_still_refuses(tmp_path):
+    base, ft = build_family(tmp_path, "llama", fine_tunes=1)
     edit_weights(ft, drop=["model.layers.1.mlp.up_proj.weight"])
-    assert refusal(tmp_path, [base, ft], capsys) == (f"mastermerge: error: models '{base}' and '{ft}' differ in 1 "
-                                                     f"tensor(s): model.layers.1.mlp.up_proj.weight missing from '{ft}'")
+    assert refusal(tmp_path, [base, ft]) == (f"mastermerge: error: models '{base}' and '{ft}' differ in 1 "
+                                             f"tensor(s): model.layers.1.mlp.up_proj.weight missing from '{ft}'")
 
 
-def test_untied_head_missing_still_refuses(tmp_path, capsys):
-    base, ft = family(tmp_path, "llama", fine_tunes=1, tie_word_embeddings=False)  # a head of its own
+def test_untied_head_missing_still_refuses(tmp_path):
+    base, ft = build_family(tmp_path, "llama", fine_tunes=1, tie_word_embeddings=False)  # a head of its own
     edit_weights(ft, drop=["lm_head.weight"])
-    assert refusal(tmp_path, [base, ft], capsys).endswith(f"lm_head.weight missing from '{ft}'")
+    assert refusal(tmp_path, [base, ft]).endswith(f"lm_head.weight missing from '{ft}'")
 
 
 @pytest.mark.parametrize("in_base", [True, False])
-def test_optional_tensor_shape_mismatch_still_refuses(tmp_path, capsys, in_base):
-    base, ft_a, ft_b = family(tmp_path, "bert")
+def test_optional_tensor_shape_mismatch_still_refuses(tmp_path, in_base):
+    base, ft_a, ft_b = build_family(tmp_path, "bert")
     edit_weights(base if in_base else ft_a, {"embeddings.position_ids": torch.arange(64)[None]})
     edit_weights(ft_b, {"embeddings.position_ids": torch.arange(32)[None]})
     where = "" if in_base else f" in '{ft_a}'"
-    assert refusal(tmp_path, [base, ft_a, ft_b], capsys) == (
+    assert refusal(tmp_path, [base, ft_a, ft_b]) == (
         f"mastermerge: error: models '{base}' and '{ft_b}' differ in 1 tensor(s): "
         f"embeddings.position_ids [1, 64]{where} vs [1, 32]")
 
@@ -220,7 +205,7 @@ def st_family(tmp_path: Path, dense: bool = False) -> tuple[Path, Path]:
 def test_sentence_transformers_merge_keeps_module_folders(tmp_path, capsys):
     base, ft = st_family(tmp_path)
     assert (base / "1_Pooling" / "config.json").is_file() and (base / "modules.json").is_file()
-    out, report, _ = merged(tmp_path, [base, ft], capsys)
+    out, report, _ = merged(tmp_path, [base, ft])
     assert all(c["winner"] == str(base) for c in report["plan"]["choices"])
     for name in ("modules.json", "1_Pooling/config.json", "2_Normalize/config.json",
                  "sentence_bert_config.json", "config_sentence_transformers.json"):
@@ -233,7 +218,7 @@ def test_sentence_transformers_merge_keeps_module_folders(tmp_path, capsys):
 
 def test_sentence_transformers_dense_module_copied_as_is_with_a_note(tmp_path, capsys):
     base, ft = st_family(tmp_path, dense=True)
-    out, _, err = merged(tmp_path, [base, ft], capsys)
+    out, _, err = merged(tmp_path, [base, ft])
     assert (out / "2_Dense" / "model.safetensors").read_bytes() == (base / "2_Dense" / "model.safetensors").read_bytes()
     assert any("'2_Dense'" in line and "2_Dense/model.safetensors" in line and "not merged" in line
                for line in err if line.startswith("mastermerge: note:"))
@@ -255,11 +240,11 @@ def test_sentence_transformers_expand_keeps_module_folders(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("path", ["../outside", "/etc", "1_Pooling/../../x"])
-def test_modules_json_path_outside_the_model_is_refused(tmp_path, capsys, path):
+def test_modules_json_path_outside_the_model_is_refused(tmp_path, path):
     base, ft = st_family(tmp_path)
     modules = json.loads((base / "modules.json").read_text())
     modules[1]["path"] = path
     (base / "modules.json").write_text(json.dumps(modules))
-    assert refusal(tmp_path, [base, ft], capsys) == (
+    assert refusal(tmp_path, [base, ft]) == (
         f"mastermerge: error: {base / 'modules.json'}: module 1: path '{path}' points outside the model "
         f"directory; refused (expected a folder inside {base})")

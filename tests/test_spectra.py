@@ -1,11 +1,11 @@
 """NER and spectra against a float64 SVD reference, and the edge cases."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import TRAINED
 from safetensors import safe_open
 
 from nerd.bounds import GRAM_FACTOR, NER_TOLERANCE, gram_errors, ner_error_bound
@@ -214,9 +214,6 @@ def test_ner_bound_is_rigorous_on_a_perturbed_spectrum():
         moved = values + errors * rng.choice([-1.0, 1.0], len(values))
         assert abs(ner(moved) - ner(values)) <= bound
     assert bound < 1e-3
-
-
-TRAINED = Path(__file__).parent / "data" / "trained-llama"  # examples/train_tiny.py: 300 steps on stdlib sources
 
 
 def trained_matrices() -> dict[str, torch.Tensor]:

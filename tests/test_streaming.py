@@ -100,25 +100,18 @@ def test_read_ahead_stays_a_few_tensors_ahead_and_raises_where_it_failed(model):
 
 
 @pytest.mark.parametrize("kernel_copy", ["works", "refused", "missing"])
-def test_shards_are_the_same_with_or_without_kernel_copies(tmp_path, monkeypatch, kernel_copy):
+def test_shards_are_the_same_with_or_without_kernel_copies(tmp_path, monkeypatch, llama_family, kernel_copy):
     import os
 
-    import yaml
-
-    from nerd.cli import main
-    base = build_model("llama", tmp_path / "base", seed=0)
-    ft = build_model("llama", tmp_path / "ft", seed=1, base_dir=base, noise=0.1)
+    from helpers import api_merge, tensors_of
+    base, ft = llama_family(2)["base"], llama_family(2)["ft"]
     if kernel_copy == "refused":
         def refuse(*args):
             raise OSError(18, "Invalid cross-device link")
         monkeypatch.setattr(os, "copy_file_range", refuse)
     elif kernel_copy == "missing":
         monkeypatch.delattr(os, "copy_file_range")
-    config = tmp_path / "m.yaml"
-    config.write_text(yaml.safe_dump({"models": [str(base), str(ft)], "base_model": str(base),
-                                      "output_dir": str(tmp_path / "out"), "shard_size": "100KB"}))
-    assert main(["--config", str(config), "--no-cache", "--quiet"]) == 0
-    from helpers import tensors_of
+    api_merge([base, ft], tmp_path / "out", shard_size="100KB")
     written, inputs = tensors_of(tmp_path / "out"), {**tensors_of(ft), **tensors_of(base)}
     report = __import__("json").loads((tmp_path / "out" / "merge_report.json").read_text())
     sources = {str(base): tensors_of(base), str(ft): tensors_of(ft)}
@@ -127,24 +120,19 @@ def test_shards_are_the_same_with_or_without_kernel_copies(tmp_path, monkeypatch
         assert torch.equal(written[entry["name"]], sources[entry["source"]][entry["tensor"]])
 
 
-def test_a_warm_merge_does_not_import_torch(tmp_path):
+def test_a_warm_merge_does_not_import_torch(tmp_path, llama_family):
     """torch takes over a second to import; a merge whose spectra are all cached never needs it."""
     import subprocess
     import sys
 
-    import yaml
-    base = build_model("llama", tmp_path / "base", seed=0)
-    ft = build_model("llama", tmp_path / "ft", seed=1, base_dir=base, noise=0.1)
-    config = tmp_path / "m.yaml"
-    config.write_text(yaml.safe_dump({"models": [str(base), str(ft)], "base_model": str(base),
-                                      "output_dir": str(tmp_path / "out")}))
+    from helpers import REPO, write_config
+    config = write_config(tmp_path / "m.yaml", [llama_family(2)["base"], llama_family(2)["ft"]], tmp_path / "out")
     script = ("import sys; from nerd.cli import main; code = main(sys.argv[1:]); "
               "print(code, 'torch' in sys.modules)")
     args = [sys.executable, "-c", script, "--config", str(config), "--cache", str(tmp_path / "c.sqlite"), "--quiet"]
-    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
-    cold = subprocess.run(args, capture_output=True, text=True, cwd=root)
+    cold = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
     assert cold.stdout.split()[-2:] == ["0", "True"], cold.stderr  # spectra computed: torch was needed
-    warm = subprocess.run(args + ["--force"], capture_output=True, text=True, cwd=root)
+    warm = subprocess.run(args + ["--force"], capture_output=True, text=True, cwd=REPO)
     assert warm.stdout.split()[-2:] == ["0", "False"], warm.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
@@ -161,18 +149,13 @@ def test_large_matrices_take_the_other_eigensolver_with_the_same_result(monkeypa
 
 
 def test_figures_of_an_earlier_merge_in_the_base_are_not_carried_over(tmp_path):
-    import yaml
-
-    from nerd.cli import main
+    from helpers import api_merge
     base = build_model("llama", tmp_path / "base", seed=0)
     ft = build_model("llama", tmp_path / "ft", seed=1, base_dir=base, noise=0.1)
     for name in ("heatmap_ner.png", "heatmap_compatibility.png", "expansion_curve.png"):
         (base / name).write_bytes(b"stale figure of another merge")
-    config = tmp_path / "m.yaml"
-    config.write_text(yaml.safe_dump({"models": [str(base), str(ft)], "base_model": str(base),
-                                      "output_dir": str(tmp_path / "out")}))
-    assert main(["--config", str(config), "--no-cache", "--quiet"]) == 0
     out = tmp_path / "out"
+    api_merge([base, ft], out)
     for name in ("heatmap_ner.png", "heatmap_compatibility.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG")
     assert not (out / "expansion_curve.png").exists()

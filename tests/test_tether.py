@@ -12,13 +12,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
-import yaml
-from helpers import reference_ner, tensors_of
+from helpers import api_merge, config_of, merge, reference_ner, tensors_of
 from safetensors.torch import save_file
 
 from examples.tiny_models import build_model
-from nerd import MetricCache, load_config, plan_merge
-from nerd.cli import main
+from nerd import MetricCache, plan_merge
 from nerd.layout import layout_of
 from nerd.spectra import spectrum_of
 
@@ -26,13 +24,14 @@ LAYERS = 3
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory) -> dict[str, Path]:
-    """base; ft-a and ft-b, fine-tunes of it; alien, its own random init with orthogonal matrices
-    (NER exactly 1, so it would win every group if nothing kept it out)."""
+def family(llama_family, tmp_path_factory) -> dict[str, Path]:
+    """base and ft-a, a fine-tune of it, from the shared family; ft-b, a fine-tune with a rank-2
+    update; alien, its own random init with orthogonal matrices (NER exactly 1, so it would win
+    every group if nothing kept it out)."""
     root = tmp_path_factory.mktemp("family")
-    base = build_model("llama", root / "base", seed=0, num_layers=LAYERS)
+    base = llama_family(LAYERS)["base"]
     models = {"base": base,
-              "ft-a": build_model("llama", root / "ft-a", seed=1, base_dir=base, noise=0.05),
+              "ft-a": llama_family(LAYERS)["ft-a"],
               "ft-b": build_model("llama", root / "ft-b", seed=2, base_dir=base, noise=0.3, noise_rank=2),
               "alien": build_model("llama", root / "alien", seed=7, num_layers=LAYERS)}
     state = tensors_of(models["alien"])
@@ -45,20 +44,9 @@ def family(tmp_path_factory) -> dict[str, Path]:
     return models
 
 
-def config_file(tmp_path: Path, models: list[Path], out: Path | None = None, **options) -> Path:
-    path = tmp_path / "merge.yaml"
-    path.write_text(yaml.safe_dump({"models": [str(m) for m in models], "base_model": str(models[0]),
-                                    "output_dir": str(out or tmp_path / "out"), **options}))
-    return path
-
-
-def run(config: Path, cache: Path, *extra) -> int:
-    return main(["--config", str(config), "--cache", str(cache), "--quiet", *extra])
-
-
-def dry_run(tmp_path, capsys, models, **options) -> dict:
-    assert run(config_file(tmp_path, models, **options), tmp_path / "c.sqlite", "--dry-run", "--json") == 0
-    return json.loads(capsys.readouterr().out)["results"][0]
+def dry_run(tmp_path, models, **options) -> dict:
+    """The --json summary of a dry run of the command line."""
+    return merge(models, tmp_path, "--dry-run", **options).ok()
 
 
 def block_matrices(model: Path, depth: int) -> list[np.ndarray]:
@@ -66,9 +54,9 @@ def block_matrices(model: Path, depth: int) -> list[np.ndarray]:
     return [state[t].double().numpy() for t in layout_of(list(state)).block(depth) if state[t].dim() == 2]
 
 
-def test_alien_is_gated_out_at_every_depth_and_fine_tunes_stay_eligible(tmp_path, capsys, family):
+def test_alien_is_gated_out_at_every_depth_and_fine_tunes_stay_eligible(tmp_path, family):
     models = [family[m] for m in ("base", "ft-a", "ft-b", "alien")]
-    result = dry_run(tmp_path, capsys, models)
+    result = dry_run(tmp_path, models)
     tethers, alien = result["tethers"], str(family["alien"])
     assert list(tethers["scores"]) == [str(d) for d in range(LAYERS)]
     for depth in range(LAYERS):
@@ -87,15 +75,15 @@ def test_alien_is_gated_out_at_every_depth_and_fine_tunes_stay_eligible(tmp_path
         f"fine-tune of '{family['base']}'"]
 
     # the gate is what keeps it out: with the gate open, the alien wins every depth
-    open_gate = dry_run(tmp_path, capsys, models, tether={"min_compatibility": -1})
+    open_gate = dry_run(tmp_path, models, tether={"min_compatibility": -1})
     assert all(c["winner"] == alien for c in open_gate["choices"] if c["depth"] is not None)
     assert open_gate["tethers"]["warnings"] == []
 
 
-def test_compatibility_measures_match_numpy(tmp_path, capsys, family):
+def test_compatibility_measures_match_numpy(tmp_path, family):
     models = [family["base"], family["ft-b"], family["alien"]]
     for measure in ("cosine", "min_cosine", "l2"):
-        scores = dry_run(tmp_path, capsys, models, tether={"measure": measure})["tethers"]["scores"]
+        scores = dry_run(tmp_path, models, tether={"measure": measure})["tethers"]["scores"]
         for depth in range(LAYERS):
             base = block_matrices(family["base"], depth)
             for name in ("ft-b", "alien"):
@@ -110,11 +98,10 @@ def test_compatibility_measures_match_numpy(tmp_path, capsys, family):
                 assert scores[str(depth)][str(family[name])] == pytest.approx(expected, abs=1e-12)
 
 
-def test_unrelated_models_are_said_plainly_and_the_output_is_the_base(tmp_path, capsys, family):
-    out = tmp_path / "out"
-    config = config_file(tmp_path, [family["base"], family["alien"]], out)
-    assert run(config, tmp_path / "c.sqlite") == 0
-    err = capsys.readouterr().err
+def test_unrelated_models_are_said_plainly_and_the_output_is_the_base(tmp_path, family):
+    merged = merge([family["base"], family["alien"]], tmp_path, as_json=False)
+    assert merged.code == 0
+    out, err = merged.output, merged.stderr
     assert (f"no candidate is compatible with the base '{family['base']}' at any depth (best cosine" in err
             and "the models do not look like fine-tunes of one base, so every block comes from the base" in err)
     written, base = tensors_of(out), tensors_of(family["base"])
@@ -128,9 +115,7 @@ def test_unrelated_models_are_said_plainly_and_the_output_is_the_base(tmp_path, 
 @pytest.mark.parametrize("dtype", ["keep", "bfloat16"])
 def test_blend_is_the_exact_elementwise_mean_and_loads_in_transformers(tmp_path, family, dtype):
     out = tmp_path / "out"
-    config = config_file(tmp_path, [family["base"], family["ft-a"], family["alien"]], out,
-                         tether={"mode": "blend"}, dtype=dtype)
-    assert run(config, tmp_path / "c.sqlite") == 0
+    api_merge([family["base"], family["ft-a"], family["alien"]], out, tether={"mode": "blend"}, dtype=dtype)
     written, base, ft = tensors_of(out), tensors_of(family["base"]), tensors_of(family["ft-a"])
     torch_dtype = torch.float32 if dtype == "keep" else torch.bfloat16
     for name, tensor in written.items():
@@ -153,9 +138,9 @@ def test_blend_is_the_exact_elementwise_mean_and_loads_in_transformers(tmp_path,
 
 
 @pytest.mark.parametrize("weights", ["score", "compatibility"])
-def test_blend_weights_are_proportional_to_scores_or_compatibility(tmp_path, capsys, family, weights):
+def test_blend_weights_are_proportional_to_scores_or_compatibility(tmp_path, family, weights):
     models = [family["base"], family["ft-a"], family["ft-b"]]
-    result = dry_run(tmp_path, capsys, models, tether={"mode": "blend", "weights": weights})
+    result = dry_run(tmp_path, models, tether={"mode": "blend", "weights": weights})
     for choice in (c for c in result["choices"] if c["depth"] is not None):
         depth = str(choice["depth"])
         raw = {str(m): (np.mean([reference_ner(torch.from_numpy(w)) for w in block_matrices(m, int(depth))])
@@ -167,8 +152,7 @@ def test_blend_weights_are_proportional_to_scores_or_compatibility(tmp_path, cap
 def test_weighted_blend_is_written_as_weighted_sum(tmp_path, family):
     out = tmp_path / "out"
     models = [family["base"], family["ft-a"], family["ft-b"]]
-    config = config_file(tmp_path, models, out, tether={"mode": "blend", "weights": "compatibility"})
-    assert run(config, tmp_path / "c.sqlite") == 0
+    api_merge(models, out, tether={"mode": "blend", "weights": "compatibility"})
     choices = json.loads((out / "merge_report.json").read_text())["plan"]["choices"]
     written, inputs = tensors_of(out), {str(m): tensors_of(m) for m in models}
     for name, tensor in written.items():
@@ -179,18 +163,17 @@ def test_weighted_blend_is_written_as_weighted_sum(tmp_path, family):
         assert torch.allclose(tensor.double(), expected, rtol=0, atol=1e-7), name
 
 
-def test_tensor_granularity_and_competing_embeddings_are_gated_too(tmp_path, capsys, family):
+def test_tensor_granularity_and_competing_embeddings_are_gated_too(tmp_path, family):
     models = [family["base"], family["ft-a"], family["alien"]]
     alien = str(family["alien"])
-    result = dry_run(tmp_path, capsys, models,
-                     selection={"granularity": "tensor", "non_layer": "compete"})
+    result = dry_run(tmp_path, models, selection={"granularity": "tensor", "non_layer": "compete"})
     assert "non-layer" in result["tethers"]["scores"] and result["tethers"]["scores"]["non-layer"][alien] < 0.5
     assert len(result["choices"]) > LAYERS + 1
     assert all(c["winner"] != alien for c in result["choices"])
-    open_gate = dry_run(tmp_path, capsys, models, selection={"granularity": "tensor", "non_layer": "compete"},
+    open_gate = dry_run(tmp_path, models, selection={"granularity": "tensor", "non_layer": "compete"},
                         tether={"min_compatibility": -1})
     assert all(c["winner"] == alien for c in open_gate["choices"])
-    blended = dry_run(tmp_path, capsys, models, selection={"granularity": "tensor", "non_layer": "compete"},
+    blended = dry_run(tmp_path, models, selection={"granularity": "tensor", "non_layer": "compete"},
                       tether={"mode": "blend"})
     assert all(c["blend"] == {str(family["base"]): 0.5, str(family["ft-a"]): 0.5} for c in blended["choices"])
 
@@ -208,7 +191,7 @@ def test_tether_sums_are_cached_by_content(tmp_path, family):
     assert compared > 2 * LAYERS * 7
 
     def plan_with(models):
-        config = load_config(config_file(tmp_path, models), writing=False)
+        config = config_of(models, tmp_path / "out", writing=False)
         with closing(MetricCache(cache_path)) as cache:
             return plan_merge(config, cache=cache, quiet=True), cache.pairs_computed
 
@@ -226,10 +209,9 @@ def test_tether_sums_are_cached_by_content(tmp_path, family):
 
 
 def test_blend_then_expand_copies_the_blended_block(tmp_path, family, monkeypatch):
-    out = tmp_path / "out"
-    config = config_file(tmp_path, [family["base"], family["ft-a"]], out, tether={"mode": "blend"},
-                         dlec={"layers": [1], "importance": "ner"})
-    assert run(config, tmp_path / "c.sqlite") == 0
+    out, models = tmp_path / "out", [family["base"], family["ft-a"]]
+    options = {"tether": {"mode": "blend"}, "dlec": {"layers": [1], "importance": "ner"}}
+    api_merge(models, out, cache=tmp_path / "c.sqlite", **options)
     written, base, ft = tensors_of(out), tensors_of(family["base"]), tensors_of(family["ft-a"])
     for name in (n for n in base if ".layers.1." in n):
         mean = ((base[name].double() + ft[name].double()) / 2).float()
@@ -247,7 +229,7 @@ def test_blend_then_expand_copies_the_blended_block(tmp_path, family, monkeypatc
     calls = []
     monkeypatch.setattr(nerd.importance, "spectrum_of", lambda *a: calls.append(a) or spectrum_of(*a))
     with closing(MetricCache(tmp_path / "c.sqlite")) as cache:
-        again = plan_merge(load_config(config, writing=False), cache=cache, quiet=True)
+        again = plan_merge(config_of(models, out, writing=False, **options), cache=cache, quiet=True)
     assert again.spectra_computed == 0 and not calls and again.expansion.scores == expansion["scores"]
 
 
@@ -267,28 +249,30 @@ def test_blend_then_expand_copies_the_blended_block(tmp_path, family, monkeypatc
     ({"mode": "blend", "weights": "compatibility", "min_compatibility": 0},
      "tether.weights: compatibility needs tether.min_compatibility > 0"),
 ])
-def test_bad_tether_options_are_one_line_and_write_nothing(tmp_path, capsys, family, tether, message):
-    out = tmp_path / "out"
-    assert run(config_file(tmp_path, [family["base"], family["ft-a"]], out, tether=tether), tmp_path / "c") == 2
-    err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1 and not out.exists()
+def test_bad_tether_options_are_one_line_and_write_nothing(tmp_path, family, tether, message):
+    merged = merge([family["base"], family["ft-a"]], tmp_path, cache="c", as_json=False, tether=tether)
+    assert merged.code == 2
+    err = merged.stderr
+    assert message in err and len(err.strip().splitlines()) == 1 and not merged.output.exists()
 
 
-def test_score_weights_need_goal_max_and_top_level_keys_are_pointed_to_tether(tmp_path, capsys, family):
+def test_score_weights_need_goal_max_and_top_level_keys_are_pointed_to_tether(tmp_path, family):
     models = [family["base"], family["ft-a"]]
-    config = config_file(tmp_path, models, selection={"metric": "alpha", "goal": "min"},
-                         tether={"mode": "blend", "weights": "score"})
-    assert run(config, tmp_path / "c") == 2
+    merged = merge(models, tmp_path, cache="c", as_json=False, selection={"metric": "alpha", "goal": "min"},
+                   tether={"mode": "blend", "weights": "score"})
+    assert merged.code == 2
     assert "tether.weights: score weighs candidates by their selection score, which needs selection.goal: max " \
-           "(goal is min" in capsys.readouterr().err
-    assert run(config_file(tmp_path, models, min_compatibility=0.9), tmp_path / "c") == 2
-    assert "min_compatibility: unknown key; did you mean 'tether.min_compatibility'?" in capsys.readouterr().err
+           "(goal is min" in merged.stderr
+    merged = merge(models, tmp_path, cache="c", as_json=False, min_compatibility=0.9)
+    assert merged.code == 2
+    assert "min_compatibility: unknown key; did you mean 'tether.min_compatibility'?" in merged.stderr
 
 
-def test_dry_run_prints_the_tether_table(tmp_path, capsys, family):
-    config = config_file(tmp_path, [family["base"], family["ft-a"], family["alien"]])
-    assert main(["--config", str(config), "--cache", str(tmp_path / "c"), "--dry-run"]) == 0
-    out = capsys.readouterr().out
+def test_dry_run_prints_the_tether_table(tmp_path, family):
+    merged = merge([family["base"], family["ft-a"], family["alien"]], tmp_path, "--dry-run", cache="c", quiet=False,
+                   as_json=False)
+    assert merged.code == 0
+    out = merged.stdout
     assert ("tethers: cosine similarity of each block's weight matrices with the base's; below 0.5 a candidate "
             "drifts (not eligible there); mode select: compatible candidates compete") in out
     rows = out[out.index("tethers: cosine"):].splitlines()[1:2 + LAYERS]
@@ -299,20 +283,19 @@ def test_dry_run_prints_the_tether_table(tmp_path, capsys, family):
     assert math.isfinite(float(rows[1].split()[2]))
 
 
-def test_nan_in_a_norm_takes_the_candidate_out_of_the_blend(tmp_path, capsys, family):
+def test_nan_in_a_norm_takes_the_candidate_out_of_the_blend(tmp_path, family):
     broken = shutil.copytree(family["ft-a"], tmp_path / "broken")
     state = tensors_of(broken)
     state["model.layers.1.input_layernorm.weight"][3] = float("nan")
     save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    out = tmp_path / "out"
-    config = config_file(tmp_path, [family["base"], broken, family["ft-b"]], out, tether={"mode": "blend"})
-    assert run(config, tmp_path / "c.sqlite") == 0
+    merged = merge([family["base"], broken, family["ft-b"]], tmp_path, as_json=False, tether={"mode": "blend"})
+    out = merged.output
+    assert merged.code == 0
     choices = json.loads((out / "merge_report.json").read_text())["plan"]["choices"]
     assert str(broken) in choices[1]["blend"] and str(broken) not in choices[2]["blend"]
     assert choices[2]["note"] == (f"not selectable: {broken} "
                                   f"(model.layers.1.input_layernorm.weight: contains NaN or Inf)")
-    assert "model.layers.1.input_layernorm.weight contains NaN or Inf: it cannot supply depth 1" in \
-        capsys.readouterr().err
+    assert "model.layers.1.input_layernorm.weight contains NaN or Inf: it cannot supply depth 1" in merged.stderr
     assert all(torch.isfinite(t).all() for t in tensors_of(out).values())
 
 
@@ -323,7 +306,7 @@ def test_blends_and_sums_are_exact_across_slices_of_sharded_and_pickled_inputs(t
     for file in [*ft.glob("*.safetensors"), *ft.glob("*.index.json")]:
         file.unlink()
     torch.save(state, ft / "pytorch_model.bin")
-    config = load_config(config_file(tmp_path, [base, ft], tmp_path / "out", tether={"mode": "blend"}))
+    config = config_of([base, ft], tmp_path / "out", tether={"mode": "blend"})
     whole = plan_merge(config, cache=MetricCache(), quiet=True)
     monkeypatch.setattr("nerd.tether.SLICE_ELEMENTS", 7)  # slices that cross rows and tensor ends
     sliced = plan_merge(config, cache=MetricCache(), quiet=True)

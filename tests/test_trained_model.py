@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TRAINED
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-MODEL = Path(__file__).parent / "data" / "trained-llama"
 # Not in the training text (the first 2 MB of sorted stdlib sources end in the c's), in every Python 3.10+
 HELD_OUT = Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py"
 CONTEXT, SEQUENCES = 128, 16
@@ -62,12 +62,12 @@ def excess(matrices: dict[str, np.ndarray], statistic) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(MODEL)
+    return AutoTokenizer.from_pretrained(TRAINED)
 
 
 @pytest.fixture(scope="module")
 def trained():
-    return AutoModelForCausalLM.from_pretrained(MODEL).float().eval()
+    return AutoModelForCausalLM.from_pretrained(TRAINED).float().eval()
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def fresh(trained):
 
 @pytest.fixture(scope="module")
 def weights():
-    return {name: w.double().numpy() for name, w in load_file(str(MODEL / "model.safetensors")).items()
+    return {name: w.double().numpy() for name, w in load_file(str(TRAINED / "model.safetensors")).items()
             if w.dim() == 2}
 
 
@@ -94,11 +94,11 @@ def loss(model, ids: torch.Tensor) -> float:
 def test_the_shipped_directory_is_a_complete_bf16_model(trained, tokenizer):
     for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                  "tokenizer_config.json"):
-        assert (MODEL / name).is_file(), name
+        assert (TRAINED / name).is_file(), name
     assert trained.config.model_type == "llama" and trained.config.num_hidden_layers == 4
-    assert {w.dtype for w in load_file(str(MODEL / "model.safetensors")).values()} == {torch.bfloat16}
+    assert {w.dtype for w in load_file(str(TRAINED / "model.safetensors")).values()} == {torch.bfloat16}
     assert len(tokenizer) == trained.config.vocab_size == 1024
-    assert sum(f.stat().st_size for f in MODEL.iterdir()) < 4_000_000
+    assert sum(f.stat().st_size for f in TRAINED.iterdir()) < 4_000_000
 
 
 def test_it_predicts_unseen_stdlib_source_far_better_than_a_fresh_model(trained, fresh, tokenizer):

@@ -10,9 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import api_merge, merge
 
-from examples.tiny_models import build_model
 from nerd.cli import main
 from nerd.errors import IntegrityError
 
@@ -20,30 +19,25 @@ INDEX = "model.safetensors.index.json"
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> list[Path]:
-    root = tmp_path_factory.mktemp("models")
-    base = build_model("llama", root / "base", seed=0, num_layers=4)
-    return [base, build_model("llama", root / "ft", seed=1, base_dir=base, noise=0.1, num_layers=4)]
-
-
-def merge(models: list[Path], out: Path, **options) -> Path:
-    config = out.parent / f"{out.name}.yaml"
-    config.write_text(yaml.safe_dump({"models": [str(m) for m in models], "base_model": str(models[0]),
-                                      "output_dir": str(out), **options}))
-    assert main(["--config", str(config), "--no-cache", "--quiet"]) == 0
-    return out
+def models(llama_family) -> list[Path]:
+    """A base of 4 layers and a fine-tune of it."""
+    family = llama_family(4)
+    return [family["base"], family["ft"]]
 
 
 @pytest.fixture(scope="module")
 def sharded(models, tmp_path_factory) -> Path:
-    out = merge(models, tmp_path_factory.mktemp("sharded") / "out", shard_size="100KB")
+    out = tmp_path_factory.mktemp("sharded") / "out"
+    api_merge(models, out, shard_size="100KB")
     assert len(list(out.glob("model-*.safetensors"))) >= 3
     return out
 
 
 @pytest.fixture(scope="module")
 def single(models, tmp_path_factory) -> Path:
-    return merge(models, tmp_path_factory.mktemp("single") / "out")
+    out = tmp_path_factory.mktemp("single") / "out"
+    api_merge(models, out)
+    return out
 
 
 def verify(out: Path, capsys, *flags) -> tuple[int, str, list[str]]:
@@ -100,7 +94,8 @@ def test_hashes_equal_the_files_whichever_way_the_bytes_went(models, tmp_path, m
     """Tensors copied through memory (no copy_file_range) and converted ones (streamed from torch)."""
     if path == "kernel copy refused":
         monkeypatch.delattr(os, "copy_file_range", raising=False)
-    out = merge(models, tmp_path / "out", shard_size="100KB", **({"dtype": "bfloat16"} if path == "converted" else {}))
+    out = tmp_path / "out"
+    api_merge(models, out, shard_size="100KB", **({"dtype": "bfloat16"} if path == "converted" else {}))
     assert_recorded_hashes_are_the_files(out)
     assert verify(out, capsys, "--quiet")[0] == 0
 
@@ -110,12 +105,13 @@ def test_hash_read_back_in_many_small_pieces(models, tmp_path, monkeypatch, caps
     import nerd.write
     monkeypatch.setattr(nerd.write, "HASH_BATCH", 1)
     monkeypatch.setattr(nerd.write, "HASH_CHUNK", 1000)
-    out = merge(models, tmp_path / "out", shard_size="100KB")
+    out = tmp_path / "out"
+    api_merge(models, out, shard_size="100KB")
     assert_recorded_hashes_are_the_files(out)
     assert verify(out, capsys, "--quiet")[0] == 0
 
 
-def test_failed_write_leaves_no_hashing_thread(models, tmp_path, monkeypatch, capsys):
+def test_failed_write_leaves_no_hashing_thread(models, tmp_path, monkeypatch):
     import nerd.write
     calls = []
 
@@ -127,10 +123,7 @@ def test_failed_write_leaves_no_hashing_thread(models, tmp_path, monkeypatch, ca
 
     real = nerd.write.copied_in_kernel
     monkeypatch.setattr(nerd.write, "copied_in_kernel", failing)
-    config = tmp_path / "m.yaml"
-    config.write_text(yaml.safe_dump({"models": [str(m) for m in models], "base_model": str(models[0]),
-                                      "output_dir": str(tmp_path / "out"), "shard_size": "100KB"}))
-    assert main(["--config", str(config), "--no-cache", "--quiet"]) == 4
+    assert merge(models, tmp_path, cache=None, as_json=False, shard_size="100KB").code == 4
     assert not (tmp_path / "out").exists()
     assert not [t for t in threading.enumerate() if t.name.startswith("mastermerge-hash")]
 

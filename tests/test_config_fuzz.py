@@ -379,7 +379,7 @@ def test_cli_never_shows_a_traceback(root, data):
     path = root / "cli.yaml"
     path.write_bytes(text)
     stderr, stdout = io.StringIO(), io.StringIO()
-    with mock.patch.object(nerd.cli, "run_configs", return_value=0) as run, \
+    with mock.patch("nerd.commands.run_configs", return_value=0) as run, \
             contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
         code = nerd.cli.main(["--config", str(path), "--dry-run", "--no-cache"])
     err = stderr.getvalue()

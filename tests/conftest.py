@@ -1,16 +1,11 @@
 """Fixtures shared by the test modules; the helpers they call are in helpers.py."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
-# The tests import `examples` (and `nerd`) from the repository root and `helpers` from this folder.
-# Once pyproject.toml's [tool.pytest.ini_options] has `pythonpath = [".", "tests"]`, pytest puts both
-# on sys.path and this line can go; until then the root is put there here (pytest itself puts this
-# folder there in its default import mode; `python -m pytest` the current directory).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+# The tests import `examples` from the repository root and `helpers` from this folder: pyproject.toml's
+# `pythonpath = [".", "tests"]` puts both on sys.path.
 pytest.register_assert_rewrite("helpers")  # its assertions explained as the tests' own are
 
 

@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 from helpers import REPO, run_merge, write_config
 
-from examples.tiny_models import build_model
 from nerd.checkpoint import Checkpoint
 from nerd.cli import main
 from nerd.database import Database
@@ -75,11 +74,9 @@ for r in range(rounds):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> list[Path]:
-    root = tmp_path_factory.mktemp("models")
-    base = build_model("llama", root / "base", seed=0, num_layers=3)
-    return [base, build_model("llama", root / "ft-a", seed=1, base_dir=base, noise=0.05, num_layers=3),
-            build_model("llama", root / "ft-b", seed=2, base_dir=base, noise=0.3, num_layers=3)]
+def models(llama_family) -> list[Path]:
+    family = llama_family(3)
+    return [family[name] for name in ("base", "ft-a", "ft-b")]
 
 
 config_of = write_config  # config_of(path, models, out): the config file of a merge of the models
@@ -105,10 +102,9 @@ def counts(cache: Path) -> dict[str, int]:
                 for t in ("tensors", "spectra", "metrics", "tether_sums")}
 
 
-def merge(config: Path, cache: Path, capsys, *extra) -> tuple[int, dict | None, list[str]]:
+def merge(config: Path, cache: Path, *extra) -> tuple[int, dict | None, list[str]]:
     """Run the CLI in this process (helpers.run_merge, --quiet --json), with no traceback: exit code,
-    the --json summary of the config, warning lines. (run_merge captures the output itself; capsys
-    is only taken because the calls below pass it.)"""
+    the --json summary of the config, warning lines."""
     run = run_merge(config, *extra, cache=cache)
     assert "Traceback" not in run.stderr, run.stderr
     return run.code, run.result, run.messages
@@ -169,7 +165,7 @@ def test_two_merges_sharing_a_cold_cache_both_finish_correctly(tmp_path, models,
         assert fingerprint(tmp_path / f"out{i}") == reference["output"]
     assert counts(shared) == reference["counts"]  # every row once, and the file is sound
 
-    code, warm, warnings = merge(configs[0], shared, capsys, "--dry-run")
+    code, warm, warnings = merge(configs[0], shared, "--dry-run")
     assert code == 0 and warnings == []
     assert warm["spectra_computed"] == 0 and warm["spectra_reused"] > 0
 
@@ -282,7 +278,7 @@ def test_no_write_lock_is_held_while_anything_is_computed(tmp_path, models, refe
         return wrapped
     monkeypatch.setattr(nerd.engine, "spectra_of", lock_is_free(nerd.engine.spectra_of))
     monkeypatch.setattr(nerd.tether, "sums_of", lock_is_free(nerd.tether.sums_of))
-    code, summary, warnings = merge(config_of(tmp_path / "m.yaml", models, tmp_path / "out"), cache, capsys)
+    code, summary, warnings = merge(config_of(tmp_path / "m.yaml", models, tmp_path / "out"), cache)
     assert code == 0 and warnings == []
     assert checked.count("spectra_of") == summary["spectra_computed"] > 0 and "sums_of" in checked
     assert fingerprint(tmp_path / "out") == reference["output"]
@@ -340,7 +336,7 @@ def test_a_corrupt_cache_is_set_aside_and_rebuilt(tmp_path, models, reference, c
     cache = warm_copy(reference, tmp_path)
     damage(cache)
     damaged = cache.read_bytes()
-    code, summary, warnings = merge(config_of(tmp_path / "m.yaml", models, tmp_path / "out"), cache, capsys)
+    code, summary, warnings = merge(config_of(tmp_path / "m.yaml", models, tmp_path / "out"), cache)
     assert code == 0 and len(warnings) == 1, warnings
     found = WARNING.fullmatch(warnings[0])
     assert found and found["path"] == str(cache) and found["reason"].startswith(reason), warnings[0]
@@ -351,7 +347,7 @@ def test_a_corrupt_cache_is_set_aside_and_rebuilt(tmp_path, models, reference, c
     assert summary["spectra_computed"] > 0
     assert counts(cache) == reference["counts"]  # the new file holds everything again
 
-    code, again, warnings = merge(tmp_path / "m.yaml", cache, capsys, "--dry-run")
+    code, again, warnings = merge(tmp_path / "m.yaml", cache, "--dry-run")
     assert code == 0 and warnings == [] and again["spectra_computed"] == 0
 
 
@@ -382,7 +378,7 @@ def test_files_sqlite_reads_as_sound_need_no_rebuild(tmp_path, models, reference
         cache.write_bytes(b"")
     else:
         Path(f"{cache}-wal").write_bytes(random.Random(3).randbytes(50_000))
-    code, summary, warnings = merge(config_of(tmp_path / "m.yaml", models, tmp_path / "out"), cache, capsys)
+    code, summary, warnings = merge(config_of(tmp_path / "m.yaml", models, tmp_path / "out"), cache)
     assert code == 0 and warnings == []
     assert fingerprint(tmp_path / "out") == reference["output"]
     assert (summary["spectra_computed"] > 0) == (case == "zero-length file")
@@ -420,7 +416,7 @@ def test_corruption_found_mid_run_is_set_aside_and_the_run_goes_on(tmp_path, mod
             damaged.update(damage_tables(self.path))
         return db
     monkeypatch.setattr(Database, "open", open_then_damage)
-    code, summary, warnings = merge(config_of(tmp_path / "m.yaml", models, tmp_path / "out"), cache, capsys)
+    code, summary, warnings = merge(config_of(tmp_path / "m.yaml", models, tmp_path / "out"), cache)
     assert damaged and code == 0 and len(warnings) == 1, warnings
     found = WARNING.fullmatch(warnings[0])
     assert found and found["reason"] == "database disk image is malformed", warnings[0]
@@ -457,7 +453,7 @@ def test_a_cache_that_fails_mid_run_goes_on_in_memory(tmp_path, models, referenc
 def test_a_cache_under_a_regular_file_goes_on_in_memory(tmp_path, models, reference, capsys):
     (tmp_path / "file").write_text("not a folder")
     cache = tmp_path / "file" / "metrics.sqlite"
-    code, summary, warnings = merge(config_of(tmp_path / "m.yaml", models, tmp_path / "out"), cache, capsys)
+    code, summary, warnings = merge(config_of(tmp_path / "m.yaml", models, tmp_path / "out"), cache)
     assert code == 0 and warnings == [f"mastermerge: warning: metric cache {cache} cannot be used (Not a directory: "
                                       f"{cache.parent}); keeping spectra in memory for this run"]
     assert fingerprint(tmp_path / "out") == reference["output"]

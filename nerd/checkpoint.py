@@ -9,7 +9,8 @@ Checkpoints are untrusted input: a truncated file, a malformed or lying header (
 duplicate names, offsets outside the data or overlapping), an index naming shards outside the
 model directory or tensors its shards lack, an unsupported dtype, or a quantized checkpoint
 (int8/fp8 weights, bitsandbytes/GPTQ/AWQ/fp8 tensor names, a quantization_config in config.json)
-is a ModelError of one line naming the file, the tensor or key, what was expected and what was found.
+is a ModelError of one line naming the file, the tensor or key, what was expected and what was found
+(the tensor names that mark a quantized checkpoint are architecture.py's).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, NoReturn
 
+from .architecture import quantization_of
 from .errors import ModelError, first_line
 
 if TYPE_CHECKING:
@@ -37,16 +39,9 @@ ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 QUANTIZED_DTYPES = ("I8", "int8", "qint8", "quint8", "qint32", "quint4x2", "quint2x4")  # safetensors and torch names
 MAX_HEADER = 100 * 2**20
-WEIGHT_LAYOUTS = (("model.safetensors.index.json", "model.safetensors"),
+INDEX = "model.safetensors.index.json"  # the index of a sharded safetensors checkpoint
+WEIGHT_LAYOUTS = ((INDEX, "model.safetensors"),
                   ("pytorch_model.bin.index.json", "pytorch_model.bin"))
-# the last part of a tensor name -> the quantization that writes such tensors
-QUANTIZED_NAMES = {
-    "SCB": "bitsandbytes int8", "weight_format": "bitsandbytes int8",
-    "absmax": "bitsandbytes 4-bit", "quant_map": "bitsandbytes 4-bit", "nested_absmax": "bitsandbytes 4-bit",
-    "nested_quant_map": "bitsandbytes 4-bit",
-    "qweight": "GPTQ/AWQ", "qzeros": "GPTQ/AWQ", "scales": "GPTQ/AWQ", "g_idx": "GPTQ/AWQ",
-    "weight_scale": "fp8", "input_scale": "fp8",
-}
 
 
 @dataclass(frozen=True)
@@ -234,8 +229,7 @@ def refuse_quantized_config(config: Path) -> None:
 def refuse_quantized_names(file: Path, names: Iterable[str]) -> None:
     """Tensor names that only quantized checkpoints have (scales, packed weights, quant states): refused."""
     for name in names:
-        parts = name.split(".")
-        method = "bitsandbytes 4-bit" if "quant_state" in parts else QUANTIZED_NAMES.get(parts[-1])
+        method = quantization_of(name)
         if method is not None:
             raise ModelError(f"{file}: tensor '{name}': quantized checkpoint ({method}) is not supported; "
                              f"dequantize it first")

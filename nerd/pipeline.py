@@ -11,7 +11,7 @@ The Python API, stage by stage (the CLI is a thin layer over it):
 A config with one model (`mastermerge expand`, config.expand_config) has nothing to choose: its
 plan copies the model, and the DLEC pass expands it.
 
-Optional tensors (layout.OPTIONAL_TENSORS: buffers, a head tied to the embedding) that some
+Optional tensors (layout.py: buffers, a head tied to the embedding, by the base's family) that some
 candidates lack are left out of the scores, the tethers and the choices; each comes from the
 first candidate that has it (a tied head: as a copy of the output's embedding), and the plan's
 notes say so.
@@ -24,6 +24,7 @@ from contextlib import ExitStack, closing
 
 from tqdm import tqdm
 
+from .architecture import architecture_of
 from .cache import MetricCache, default_cache_path
 from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo
 from .config import MergeConfig
@@ -53,14 +54,15 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
             return plan_merge(config, cache=own, quiet=quiet)
     names = [spec.ref for spec in config.candidates]
     resolved = {spec.ref: resolve_model(spec) for spec in config.candidates}
+    architecture = architecture_of(resolved[config.base.ref].path)  # the tensor names are read as its family's
     notes = module_notes(resolved[config.base.ref].path)  # a modules.json path outside the base is refused here
     computed, reused = cache.computed, cache.reused
     with ExitStack() as stack:
         checkpoints = {name: stack.enter_context(Checkpoint.open(resolved[name].path)) for name in names}
-        optional = check_same_architecture(checkpoints, same_dtype=config.dtype == "keep")
+        optional = check_same_architecture(checkpoints, same_dtype=config.dtype == "keep", architecture=architecture)
         infos = dict(checkpoints[config.base.ref].tensors)
         infos |= {t: checkpoints[o.holders[0]].tensors[t] for t, o in optional.items() if t not in infos}
-        layout = layout_of(list(infos))
+        layout = layout_of(list(infos), architecture)
         # what is scored, tethered and chosen: the tensors every candidate has
         shared = Layout(layout.stack, {t: d for t, d in layout.depths.items() if t not in optional})
         shared_infos = {t: info for t, info in infos.items() if t not in optional}
@@ -89,12 +91,12 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
     by_name = {t: plan_entry(t, info, chosen.get(t), config) for t, info in shared_infos.items()}
     for t, tensor in optional.items():  # after the others: a tied head copies its embedding's entry
         by_name[t] = optional_entry(tensor, infos[t], by_name, config)
-    entries = [by_name[t] for t in sorted(by_name, key=lambda t: output_order(t, layout.depths[t]))]
+    entries = [by_name[t] for t in sorted(by_name, key=lambda t: output_order(t, layout.depths[t], architecture))]
     plan = Plan(candidates=names, sources={n: r.path for n, r in resolved.items()},
                 revisions={n: r.revision for n, r in resolved.items()}, base=config.base.ref,
                 output_dir=config.output_dir, shard_size=config.shard_size, entries=entries,
                 choices=choices, metrics=metrics, selection=config.selection, tethers=tethers, warnings=warnings,
-                notes=optional_notes(optional, by_name) + notes)
+                notes=optional_notes(optional, by_name) + notes, architecture=architecture.name)
     if config.dlec is not None:
         plan = expanded(plan, config.dlec, cache, pick_device(config.device), quiet)
     if config.evaluate is not None:  # every strategy planned (from the cache) and evaluated; the best one kept

@@ -1,13 +1,17 @@
 """The architecture table (nerd/architectures/*.yaml, nerd.architecture): every file loads, a
 config.json finds its family, each family reads the tensor names of its models exactly as the
-name-based inference does."""
+name-based inference does, and merge_report.json records which family a merge used."""
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from nerd.architecture import DATA, INFERRED, architecture_of, claims, families, family_of, inferred, \
     paired_matrix, quantization_of
+from nerd.cli import main
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
 MODEL_TYPES = [t for family in families().values() for t in family.model_types]
@@ -130,3 +134,31 @@ def test_family_reads_saved_names_as_the_inference_does(family, name):
     assert answers(families()[family], [name]) == answers(inferred(), [name])
     if families()[family].norm == "pre":
         assert families()[family].residual_writer(name) == inferred().residual_writer(name)
+
+
+def merge(models: list[Path], out: Path) -> dict:
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text(yaml.safe_dump({"models": [str(m) for m in models], "base_model": str(models[0]),
+                                      "output_dir": str(out)}))
+    assert main(["--config", str(config), "--no-cache", "--quiet"]) == 0
+    return json.loads((out / "merge_report.json").read_text())
+
+
+def test_report_records_the_family_and_the_fallback_merges_the_same(tmp_path):
+    """merge_report.json says a Llama merge read its names as the llama family; the same models
+    with a model type no family claims are read by inference, and give the same shards."""
+    models = [EXAMPLES / "tiny-base", EXAMPLES / "tiny-code"]
+    llama = merge(models, tmp_path / "llama")
+    assert llama["plan"]["architecture"] == "llama"
+    unknown = []
+    for model in models:
+        copy = shutil.copytree(model, tmp_path / "mystery" / model.name)
+        config = json.loads((copy / "config.json").read_text())
+        config.update(model_type="mystery", architectures=["MysteryForCausalLM"])
+        (copy / "config.json").write_text(json.dumps(config))
+        unknown.append(copy)
+    inferred_report = merge(unknown, tmp_path / "inferred")
+    assert inferred_report["plan"]["architecture"] == INFERRED
+    assert inferred_report["files"] == llama["files"]  # the same tensors, in the same order, byte for byte
+    assert [c["winner"].replace(str(tmp_path / "mystery"), str(EXAMPLES)) for c in inferred_report["plan"]["choices"]] \
+        == [c["winner"] for c in llama["plan"]["choices"]]

@@ -9,13 +9,13 @@ Checkpoints are untrusted input: a truncated file, a malformed or lying header (
 duplicate names, offsets outside the data or overlapping), an index naming shards outside the
 model directory or tensors its shards lack, an unsupported dtype, or a quantized checkpoint
 (int8/fp8 weights, bitsandbytes/GPTQ/AWQ/fp8 tensor names, a quantization_config in config.json)
-is a ModelError of one line naming the file, the tensor or key, what was expected and what was found.
+is a ModelError of one line naming the file, the tensor or key, what was expected and what was found
+(the tensor names that mark a quantized checkpoint are architecture.py's; pickles load in pickled.py).
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 import struct
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, NoReturn
 
-from .errors import ModelError, first_line
+from .architecture import quantization_of
+from .errors import ModelError, first_line, type_name
+from .pickled import load_pickle
 
 if TYPE_CHECKING:
     import torch
@@ -39,16 +41,9 @@ ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 QUANTIZED_DTYPES = ("I8", "int8", "qint8", "quint8", "qint32", "quint4x2", "quint2x4")  # safetensors and torch names
 MAX_HEADER = 100 * 2**20
-WEIGHT_LAYOUTS = (("model.safetensors.index.json", "model.safetensors"),
+INDEX = "model.safetensors.index.json"  # the index of a sharded safetensors checkpoint
+WEIGHT_LAYOUTS = ((INDEX, "model.safetensors"),
                   ("pytorch_model.bin.index.json", "pytorch_model.bin"))
-# the last part of a tensor name -> the quantization that writes such tensors
-QUANTIZED_NAMES = {
-    "SCB": "bitsandbytes int8", "weight_format": "bitsandbytes int8",
-    "absmax": "bitsandbytes 4-bit", "quant_map": "bitsandbytes 4-bit", "nested_absmax": "bitsandbytes 4-bit",
-    "nested_quant_map": "bitsandbytes 4-bit",
-    "qweight": "GPTQ/AWQ", "qzeros": "GPTQ/AWQ", "scales": "GPTQ/AWQ", "g_idx": "GPTQ/AWQ",
-    "weight_scale": "fp8", "input_scale": "fp8",
-}
 
 
 @dataclass(frozen=True)
@@ -244,8 +239,7 @@ def refuse_quantized_config(config: Path) -> None:
 def refuse_quantized_names(file: Path, names: Iterable[str]) -> None:
     """Tensor names that only quantized checkpoints have (scales, packed weights, quant states): refused."""
     for name in names:
-        parts = name.split(".")
-        method = "bitsandbytes 4-bit" if "quant_state" in parts else QUANTIZED_NAMES.get(parts[-1])
+        method = quantization_of(name)
         if method is not None:
             raise ModelError(f"{file}: tensor '{name}': quantized checkpoint ({method}) is not supported; "
                              f"dequantize it first")
@@ -367,52 +361,6 @@ def offsets_of(info: TensorInfo, data_start: int) -> list[int]:
     return [info.begin - data_start, info.end - data_start]
 
 
-def load_pickle(file: Path) -> dict:
-    """A pickled state dict, loaded with weights_only=True (no code runs) and memory-mapped."""
-    import torch
-    try:
-        state = torch_load(file)
-    except pickle.UnpicklingError as exc:
-        raise ModelError(f"{file}: refused to load pickled weights with weights_only=True: "
-                         f"{unpickling_reason(exc)}") from None
-    except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError, ... for files that are not checkpoints
-        raise ModelError(f"{file}: not a readable PyTorch checkpoint, damaged or truncated? "
-                         f"({error_summary(exc)})") from None
-    if not isinstance(state, dict):
-        raise ModelError(f"{file}: expected a state dict of tensor name -> tensor, found {type_name(state)}")
-    for name, tensor in state.items():
-        if not isinstance(name, str):
-            raise ModelError(f"{file}: key {name!r}: expected a tensor name (a string), found {type_name(name)}")
-        if not isinstance(tensor, torch.Tensor):
-            raise ModelError(f"{file}: entry '{name}': expected a tensor, found {type_name(tensor)}")
-    return state
-
-
-def torch_load(file: Path) -> object:
-    """torch.load with weights_only=True, memory-mapped where the file allows it (torch.save's zip format)."""
-    import torch
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        raise
-    except Exception:  # a legacy pickle, a damaged zip, no mmap here: read it whole (and say why that fails)
-        return torch.load(file, map_location="cpu", weights_only=True)
-
-
-def error_summary(exc: Exception) -> str:
-    """An exception as 'Type: first sentence of its message' (torch's messages go on with advice)."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {first_line(exc).split('. ')[0]}" if text else type(exc).__name__
-
-
-def unpickling_reason(exc: Exception) -> str:
-    """What torch's weights_only unpickler refused (a global, an opcode), without its boilerplate."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    reasons = [line for line in lines if not line.startswith(boilerplate)]
-    return (reasons or [first_line(exc)])[0]
-
-
 def pickle_header(file: Path, state: dict) -> list[TensorInfo]:
     """The TensorInfo of every tensor of a pickled state dict, dtypes and layouts checked."""
     import torch
@@ -428,11 +376,6 @@ def pickle_header(file: Path, state: dict) -> list[TensorInfo]:
                              f"(expected a dense, strided tensor)")
         infos.append(TensorInfo(name, names[torch_name], tuple(tensor.shape), file))
     return infos
-
-
-def type_name(value: object) -> str:
-    """How a JSON or pickled value is described in a message: its type, or null."""
-    return "null" if value is None else type(value).__name__
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .architecture import architecture_of
 from .checkpoint import Checkpoint, numel, opened_checkpoints, torch_dtype
 from .errors import ModelError, first_line
 from .layout import layout_of
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
     import torch
 
     from .store import MetricCache
-
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")  # config.json's context length
 
 
 def model_classes(transformers, config: dict, fallbacks: tuple[str, ...]) -> list:
@@ -183,9 +182,11 @@ def directory_digest(directory: Path, cache: MetricCache) -> str:
 
 
 def natural_order(checkpoint: Checkpoint):
-    """The order a plan lists a checkpoint's tensors in (embeddings, blocks by depth, the rest)."""
-    depths = layout_of(list(checkpoint.tensors)).depths
-    return lambda name: output_order(name, depths[name])
+    """The order a plan lists a checkpoint's tensors in (embeddings, blocks by depth, the rest), by
+    the names of the model's family."""
+    architecture = architecture_of(checkpoint.directory)
+    depths = layout_of(list(checkpoint.tensors), architecture).depths
+    return lambda name: output_order(name, depths[name], architecture)
 
 
 def blend_key(entry: PlanEntry, opened: dict[str, Checkpoint], cache: MetricCache) -> str:

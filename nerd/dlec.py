@@ -18,7 +18,9 @@ frankenmerges do. Here:
    for mixture-of-experts layers) is refused;
 4. with `init: identity` the copy's residual-writing projections (o_proj, down_proj and their
    kin, weights and biases) are zero, so the copy adds nothing to the residual stream and the
-   expanded model computes exactly the function of the original, ready to be fine-tuned.
+   expanded model computes exactly the function of the original, ready to be fine-tuned; which
+   tensors those are, and whether the blocks are pre-norm as this needs, the model's family
+   says (architecture.py), as it says the layer-count keys of config.json.
 
 Every copy is a plan entry of its own, so the writer stores it as separate data.
 """
@@ -31,6 +33,7 @@ import json
 import re
 from typing import TYPE_CHECKING
 
+from .architecture import Architecture, family_of
 from .checkpoint import numel
 from .config import DlecOptions
 from .errors import ConfigError, ModelError, first_line
@@ -41,29 +44,23 @@ from .plan import AddedLayer, Expansion, Plan, PlanEntry, output_order
 if TYPE_CHECKING:
     import torch
 
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 INDEX_LIST_KEYS = ("mlp_only_layers", "moe_layers")
 NOT_PER_LAYER = re.compile(r"^(architectures|.*token_ids?|.*suppress_tokens|bad_words_ids|forced_decoder_ids)$")
-RESIDUAL_WRITER = re.compile(r"(?:^|\.)(?:o_proj|down_proj|c_proj|out_proj|dense_4h_to_h|fc2|fc_out|w2|wo|"
-                             r"attention\.dense|self_attention\.dense|self_attn\.dense)"
-                             r"(?:_bias)?(?:\.(?:weight|bias))?$")  # fused experts: mlp.experts.down_proj(_bias)
-ATTENTION = re.compile(r"attn|attention")
-POST_NORM_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert",
-                   "deberta", "deberta-v2", "mpnet")
 
 
 def expanded(plan: Plan, options: DlecOptions, cache, device, quiet: bool) -> Plan:
     """The plan with the chosen blocks duplicated, renumbered, and its config rewritten."""
-    layout = layout_of([e.name for e in plan.entries])
     config_file = plan.sources[plan.base] / "config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
+    architecture = family_of(config)
+    layout = layout_of([e.name for e in plan.entries], architecture)
     if options.init == "identity":
         check_pre_norm(config, options)
     importance = layer_importance(plan, layout, options, cache, device, quiet)
     sizes = [sum(numel(e.shape) for e in plan.entries if layout.depths[e.name] == d) for d in range(layout.num_layers)]
     before = sum(numel(e.shape) for e in plan.entries)
     layer_map = expanded_layers(layout.num_layers, layers_to_copy(importance.scores, sizes, before, options))
-    entries = expanded_entries(plan.entries, layout, layer_map, options)
+    entries = expanded_entries(plan.entries, layout, layer_map, options, architecture)
     new_config, changes = expanded_config(config, layout.num_layers, layer_map, config_file)
     unchecked = check_with_transformers(config, new_config, layout.num_layers, layer_map, layout.stack, changes,
                                         config_file)
@@ -79,9 +76,7 @@ def expanded(plan: Plan, options: DlecOptions, cache, device, quiet: bool) -> Pl
 
 def check_pre_norm(config: dict, options: DlecOptions) -> None:
     """init: identity needs blocks that add their output to an unnormalised residual stream."""
-    post_norm = (config.get("model_type") in POST_NORM_TYPES or config.get("do_layer_norm_before") is False
-                 or config.get("apply_residual_connection_post_layernorm") is True)
-    if post_norm:
+    if family_of(config).post_norm(config):
         raise ConfigError(f"{options.where}: {options.key('init')}: identity needs pre-norm blocks, but "
                           f"{config.get('model_type')} normalises after adding each block's output, so no copy "
                           f"can pass its input through unchanged; use {options.setting('init', 'copy')}")
@@ -119,27 +114,30 @@ def expanded_layers(num_layers: int, copies: list[int]) -> list[int]:
     return [d for d in range(num_layers) for _ in range(1 + copies.count(d))]
 
 
-def expanded_entries(entries: list[PlanEntry], layout: Layout, layer_map: list[int],
-                     options: DlecOptions) -> list[PlanEntry]:
+def expanded_entries(entries: list[PlanEntry], layout: Layout, layer_map: list[int], options: DlecOptions,
+                     architecture: Architecture) -> list[PlanEntry]:
     """The plan's entries with every block at its new depth and each copy as entries of its own
-    (the residual writers zeroed with init: identity), in output order."""
+    (the residual writers of `architecture` zeroed with init: identity), in output order."""
     placed = [(e, layout.depths[e.name]) for e in entries if layout.depths[e.name] is None]
     for depth, source in enumerate(layer_map):
         is_copy = depth > 0 and layer_map[depth - 1] == source
         block = [e for e in entries if layout.depths[e.name] == source]
-        zeroed = identity_writers(block, source, options) if is_copy and options.init == "identity" else set()
+        zeroed = (identity_writers(block, source, options, architecture) if is_copy and options.init == "identity"
+                  else set())
         prefix, renamed = f"{layout.stack}.{source}.", f"{layout.stack}.{depth}."
         for e in block:
             zero = {"transform": "zero", "blend": ()} if e.name in zeroed else {}
             placed.append((dataclasses.replace(e, name=renamed + e.name[len(prefix):], **zero), depth))
-    return [e for e, _ in sorted(placed, key=lambda p: output_order(p[0].name, p[1]))]
+    return [e for e, _ in sorted(placed, key=lambda p: output_order(p[0].name, p[1], architecture))]
 
 
-def identity_writers(block: list[PlanEntry], depth: int, options: DlecOptions) -> set[str]:
+def identity_writers(block: list[PlanEntry], depth: int, options: DlecOptions,
+                     architecture: Architecture) -> set[str]:
     """The tensors of a block that write into the residual stream, for both the attention and the
     MLP; refused when either is not found (an architecture we do not know)."""
-    writers = {e.name for e in block if RESIDUAL_WRITER.search(e.name)}
-    attention = {w for w in writers if ATTENTION.search(w)}
+    parts = {e.name: architecture.residual_writer(e.name) for e in block}
+    writers = {name for name, part in parts.items() if part is not None}
+    attention = {name for name, part in parts.items() if part == "attention"}
     if not attention or not writers - attention:
         found = ", ".join(sorted(writers)) or "none"
         raise ConfigError(f"{options.where}: {options.key('init')}: identity needs the residual-writing projections "
@@ -151,11 +149,12 @@ def identity_writers(block: list[PlanEntry], depth: int, options: DlecOptions) -
 def expanded_config(config: dict, num_layers: int, layer_map: list[int], config_file) -> tuple[dict, list[str]]:
     """config.json for the expanded model, and a list of what changed."""
     new = copy.deepcopy(config)
-    section, where = layer_section(new)
-    counts = [k for k in LAYER_COUNT_KEYS if k in section]
+    architecture = family_of(config)
+    section, where = architecture.layer_section(new)
+    keys = architecture.layer_count_keys
+    counts = [k for k in keys if k in section]
     if not counts:
-        raise ModelError(f"{config_file}: no layer count ({', '.join(LAYER_COUNT_KEYS)}) found; cannot expand "
-                         f"this architecture")
+        raise ModelError(f"{config_file}: no layer count ({', '.join(keys)}) found; cannot expand this architecture")
     changes = []
     for key in counts:
         if section[key] != num_layers:
@@ -175,14 +174,6 @@ def expanded_config(config: dict, num_layers: int, layer_map: list[int], config_
         section["max_window_layers"] = sum(source < window for source in layer_map)
         changes.append(f"{where}max_window_layers: {window} -> {section['max_window_layers']}")
     return new, changes
-
-
-def layer_section(config: dict) -> tuple[dict, str]:
-    """The mapping of config.json that holds the layer settings, and its key prefix: the top level,
-    or `text_config` for a multimodal config without a layer count of its own."""
-    if not any(k in config for k in LAYER_COUNT_KEYS) and isinstance(config.get("text_config"), dict):
-        return config["text_config"], "text_config."
-    return config, ""
 
 
 def check_with_transformers(config: dict, new_config: dict, num_layers: int, layer_map: list[int], stack: str,
@@ -207,7 +198,7 @@ def check_with_transformers(config: dict, new_config: dict, num_layers: int, lay
             before = model_class(config_class.from_dict(config))
     except Exception as exc:  # an architecture transformers cannot build from this config as it stands
         return f"config.json not checked against transformers (it cannot build the original: {first_line(exc)})"
-    section, where = layer_section(new_config)
+    section, where = family_of(new_config).layer_section(new_config)
     expected = {key: [value[source] for source in layer_map] for key, value in old.items()
                 if isinstance(value, list) and len(value) == num_layers and not NOT_PER_LAYER.match(key)}
     derived = layer_config(config_class.from_dict(new_config)).to_dict()

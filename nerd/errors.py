@@ -29,6 +29,11 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def type_name(value: object) -> str:
+    """How a JSON or pickled value is described in a message: its type, or null."""
+    return "null" if value is None else type(value).__name__
+
+
 class OutputError(MergeError):
     """The output cannot be written (exit code 4)."""
 

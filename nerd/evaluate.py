@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from .composite import CONTEXT_KEYS, composite_model, directory_digest, loaded_model, model_classes, model_digest, \
+from .architecture import family_of
+from .composite import composite_model, directory_digest, loaded_model, model_classes, model_digest, \
     plan_dtype, plan_parameters, run_dtype
 from .config import EvaluateOptions, read_text
 from .errors import ConfigError, ModelError, first_line
@@ -133,7 +134,8 @@ def window_length(config: dict, tokenizer, options: EvaluateOptions, directory: 
     """The model's context (config.json, or the tokenizer's model_max_length when shorter: RoBERTa's
     514 positions hold 512 tokens), at most max_tokens; or max_length, which must fit the context."""
     section = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    contexts = [section[k] for k in CONTEXT_KEYS if isinstance(section.get(k), int) and section[k] > 1][:1]
+    keys = family_of(config).context_keys
+    contexts = [section[k] for k in keys if isinstance(section.get(k), int) and section[k] > 1][:1]
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and 1 < limit < 10**6:  # transformers' "no limit" is about 1e30
         contexts = [min(contexts + [limit])]
@@ -144,7 +146,7 @@ def window_length(config: dict, tokenizer, options: EvaluateOptions, directory: 
         return options.max_length
     if not contexts:
         raise ConfigError(f"{options.where}: {options.key('max_length')}: {directory}/config.json gives no "
-                          f"context length ({', '.join(CONTEXT_KEYS)}); give the window length")
+                          f"context length ({', '.join(keys)}); give the window length")
     return min(contexts[0], options.max_tokens)
 
 

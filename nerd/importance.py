@@ -37,8 +37,9 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from .architecture import family_of
 from .checkpoint import opened_checkpoints, torch_dtype
-from .composite import CONTEXT_KEYS, blend_key, composite_model, model_classes, model_digest, plan_parameters, \
+from .composite import blend_key, composite_model, model_classes, model_digest, plan_parameters, \
     run_dtype
 from .config import DlecOptions, read_text
 from .engine import Engine, LocalExecutor, Work
@@ -176,7 +177,8 @@ def activation_stats(plan: Plan, layout: Layout, options: DlecOptions, cache: Me
                           f"{options.setting('trust_remote_code', 'true')} (if you trust it), or use "
                           f"{options.setting('importance', 'ner')}")
     text, text_name = calibration_text(options)
-    window = min([WINDOW] + [config[k] for k in CONTEXT_KEYS if isinstance(config.get(k), int) and config[k] > 0])
+    window = min([WINDOW] + [config[k] for k in family_of(config).context_keys
+                             if isinstance(config.get(k), int) and config[k] > 0])
     windows = token_windows(transformers, base_dir, text, options, window)
     tokens = sum(map(len, windows))
     basis = f"{text_name}, {tokens} tokens in {len(windows)} windows of up to {window}"

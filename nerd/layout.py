@@ -1,46 +1,26 @@
 """Where each tensor sits in the network: its depth in the stack of transformer blocks, or none.
 
-Works by name for the common families: model.layers.N (Llama, Mistral, Qwen2/3, Gemma, Phi-3),
-transformer.h.N (GPT-2, GPT-J, Falcon), gpt_neox.layers.N (Pythia), encoder.layer.N (BERT,
-RoBERTa), model.decoder.layers.N (OPT) and blocks.N. Also checks that candidates agree on
-every tensor name, shape and dtype before any spectrum is computed, except for the optional
-tensors: those that carry nothing learned (buffers, a head tied to the embedding) and that one
-transformers version saves where another does not, so some candidates may lack them.
+Works by name, with the block names of the model's family (architecture.py): model.layers.N
+(Llama, Mistral, Qwen2/3, Gemma, Phi-3), transformer.h.N (GPT-2, GPT-J, Falcon), gpt_neox.layers.N
+(Pythia), encoder.layer.N (BERT, RoBERTa), model.decoder.layers.N (OPT), and for a model no family
+claims any of them and blocks.N. Also checks that candidates agree on every tensor name, shape and
+dtype before any spectrum is computed, except for the optional tensors: those that carry nothing
+learned and that one transformers version saves where another does not, so some candidates may
+lack them: integer and bool tensors whatever their names, the buffers transformers computes (the
+family's `buffers`: position_ids, inv_freq, GPT-2's causal mask attn.bias, ...) and a head tied to
+the input embedding (its `tied_head`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass
 
+from .architecture import Architecture, inferred
 from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, numel
 from .errors import ModelError
 
-LAYER_NAME = re.compile(r"^(?P<stack>(?:.*?\.)?(?:layers|layer|h|blocks|block))\.(?P<depth>\d+)\.")
-
-OPTIONAL_TENSORS = (
-    re.compile(r"(?:^|\.)position_ids$"),
-    re.compile(r"(?:^|\.)token_type_ids$"),
-    re.compile(r"(?:^|\.)inv_freq$"),
-    re.compile(r"(?:^|\.)(?:attn|attention)\.(?:bias|masked_bias)$"),
-)
-"""Names of buffers that carry nothing learned and that some checkpoints hold and others do not
-(transformers made them non-persistent at some version, so a model re-saved since lacks them):
-
-- position_ids: the arange(max_position_embeddings) of BERT-family embeddings, a persistent
-  int64 buffer in older transformers, so in many checkpoints on the hub;
-- token_type_ids: the all-zero buffer beside it;
-- inv_freq: a rotary embedding's frequencies, 1 / rope_theta^(2i/d), computed from config.json
-  (rotary_emb.inv_freq in older Llama, GPT-NeoX and Falcon checkpoints);
-- attn.bias and attn.masked_bias (attention.* in GPT-NeoX): the causal mask and its fill value of
-  GPT-2, GPT-J, GPT-Neo and GPT-NeoX, saved by older versions (GPT-2 on the hub has them).
-
-Integer and bool tensors are optional whatever their names (nothing learns through them), and so
-is a head tied to the input embedding (TIED_HEAD)."""
-TIED_HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out)\.weight$|^cls\.predictions\.decoder\.weight$")
-WORD_EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|embed_in|wte|word_embeddings)\.weight$")
 COMPARED_ELEMENTS = 2**22  # elements of a head and its embedding compared at a time
 
 
@@ -77,21 +57,23 @@ class Layout:
         return [name for name, d in self.depths.items() if d is None]
 
 
-def layout_of(names: list[str]) -> Layout:
-    """Find the block stack (the prefix with most numbered tensors) and each tensor's depth."""
-    matches = {name: LAYER_NAME.match(name) for name in names}
-    stacks = Counter(m.group("stack") for m in matches.values() if m)
+def layout_of(names: list[str], architecture: Architecture | None = None) -> Layout:
+    """Find the block stack (the prefix with most numbered tensors) and each tensor's depth, by the
+    block names of `architecture` (default: the inferred table's, every family's at once)."""
+    blocks = {name: (architecture or inferred()).block_of(name) for name in names}
+    stacks = Counter(block[0] for block in blocks.values() if block)
     stack = stacks.most_common(1)[0][0] if stacks else None
-    depths = {name: int(m.group("depth")) if m and m.group("stack") == stack else None
-              for name, m in matches.items()}
+    depths = {name: block[1] if block and block[0] == stack else None for name, block in blocks.items()}
     return Layout(stack=stack, depths=depths)
 
 
-def check_same_architecture(checkpoints: dict[str, Checkpoint], *,
-                            same_dtype: bool = True) -> dict[str, OptionalTensor]:
+def check_same_architecture(checkpoints: dict[str, Checkpoint], *, same_dtype: bool = True,
+                            architecture: Architecture | None = None) -> dict[str, OptionalTensor]:
     """Every candidate must have the same tensor names and shapes (and dtypes if asked) as the
     first, except that an optional tensor may be missing from some (its shape must still agree
-    wherever it is present). Returns the optional tensors that some candidate lacks, by name."""
+    wherever it is present). Returns the optional tensors that some candidate lacks, by name;
+    `architecture` (default: inferred) tells the optional tensors and the blocks by name."""
+    architecture = architecture or inferred()
     names = list(checkpoints)
     holders: dict[str, list[str]] = {}
     for name in names:
@@ -100,7 +82,7 @@ def check_same_architecture(checkpoints: dict[str, Checkpoint], *,
     optional = {}
     for tensor, who in holders.items():
         if len(who) < len(names):
-            found = optional_tensor(tensor, who, checkpoints)
+            found = optional_tensor(tensor, who, checkpoints, architecture)
             if found is not None:
                 optional[tensor] = OptionalTensor(tensor, found[0], tuple(who),
                                                   tuple(n for n in names if n not in who), found[1])
@@ -124,33 +106,33 @@ def check_same_architecture(checkpoints: dict[str, Checkpoint], *,
         if problems:
             shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
             raise ModelError(f"models '{first_name}' and '{name}' differ in {len(problems)} tensor(s): {shown}")
-    if layout_of(list(first.tensors)).stack is None:
+    if layout_of(list(first.tensors), architecture).stack is None:
         raise ModelError(f"model '{first_name}': no numbered transformer blocks found in the tensor names "
                          f"(e.g. model.layers.0...); this architecture is not supported")
     return optional
 
 
-def optional_tensor(tensor: str, holders: list[str],
-                    checkpoints: dict[str, Checkpoint]) -> tuple[str, str | None] | None:
+def optional_tensor(tensor: str, holders: list[str], checkpoints: dict[str, Checkpoint],
+                    architecture: Architecture) -> tuple[str, str | None] | None:
     """Why a tensor that some candidates lack carries nothing learned, and the embedding a tied
     head is tied to; None for a learned weight."""
     info = checkpoints[holders[0]].tensors[tensor]
     if all(checkpoints[h].tensors[tensor].dtype not in FLOAT_DTYPES for h in holders):
         return ("a bool buffer" if info.dtype == "BOOL" else "an integer buffer"), None
-    if any(pattern.search(tensor) for pattern in OPTIONAL_TENSORS):
+    if architecture.is_buffer(tensor):
         return "a buffer transformers computes", None
-    if TIED_HEAD.search(tensor):
-        embedding = tied_embedding(info, checkpoints[holders[0]].tensors)
+    if architecture.is_tied_head(tensor):
+        embedding = tied_embedding(info, checkpoints[holders[0]].tensors, architecture)
         if embedding is not None and (says_tied(next(iter(checkpoints.values())))
                                       or all(same_values(checkpoints[h], tensor, embedding) for h in holders)):
             return f"a head tied to {embedding}", embedding
     return None
 
 
-def tied_embedding(head: TensorInfo, tensors: dict[str, TensorInfo]) -> str | None:
+def tied_embedding(head: TensorInfo, tensors: dict[str, TensorInfo], architecture: Architecture) -> str | None:
     """The one input embedding of the head's shape and dtype, if there is one."""
     found = [t for t, info in tensors.items()
-             if WORD_EMBEDDING.search(t) and (info.shape, info.dtype) == (head.shape, head.dtype)]
+             if architecture.is_word_embedding(t) and (info.shape, info.dtype) == (head.shape, head.dtype)]
     return found[0] if len(found) == 1 else None
 
 

@@ -11,7 +11,7 @@ The Python API, stage by stage (the CLI is a thin layer over it):
 A config with one model (`mastermerge expand`, config.expand_config) has nothing to choose: its
 plan copies the model, and the DLEC pass expands it.
 
-Optional tensors (layout.OPTIONAL_TENSORS: buffers, a head tied to the embedding) that some
+Optional tensors (layout.py: buffers, a head tied to the embedding, by the base's family) that some
 candidates lack are left out of the scores, the tethers and the choices; each comes from the
 first candidate that has it (a tied head: as a copy of the output's embedding), and the plan's
 notes say so.
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from .architecture import Architecture, architecture_of
 from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, opened_checkpoints
 from .config import MergeConfig
 from .dlec import expanded
@@ -55,13 +56,14 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
             return plan_merge(config, cache=own, quiet=quiet)
     computed, reused = cache.computed, cache.reused
     resolved = {spec.ref: resolve_model(spec) for spec in config.candidates}
+    architecture = architecture_of(resolved[config.base.ref].path)  # the tensor names are read as its family's
     notes = module_notes(resolved[config.base.ref].path)  # a modules.json path outside the base is refused here
     with opened_checkpoints({name: r.path for name, r in resolved.items()}) as checkpoints:
-        tensors = candidate_tensors(checkpoints, config)
+        tensors = candidate_tensors(checkpoints, config, architecture)
         decision = Decision()
         if len(checkpoints) > 1:
             decision = decided(config, checkpoints, tensors, Engine(cache, LocalExecutor(config.device)), quiet)
-    plan = composite_plan(config, resolved, tensors, decision, notes)
+    plan = composite_plan(config, resolved, tensors, decision, notes, architecture)
     if config.dlec is not None:
         plan = expanded(plan, config.dlec, cache, pick_device(config.device), quiet)
     if config.evaluate is not None:  # every strategy planned (from the cache) and evaluated; the best one kept
@@ -93,12 +95,13 @@ class Decision:
     warnings: list[str] = field(default_factory=list)
 
 
-def candidate_tensors(checkpoints: dict[str, Checkpoint], config: MergeConfig) -> Tensors:
-    """The tensors of the candidates, checked to be one architecture (optional tensors aside)."""
-    optional = check_same_architecture(checkpoints, same_dtype=config.dtype == "keep")
+def candidate_tensors(checkpoints: dict[str, Checkpoint], config: MergeConfig, architecture: Architecture) -> Tensors:
+    """The tensors of the candidates, checked to be one architecture (optional tensors aside), their
+    names read as the base's family names them."""
+    optional = check_same_architecture(checkpoints, same_dtype=config.dtype == "keep", architecture=architecture)
     infos = dict(checkpoints[config.base.ref].tensors)
     infos |= {t: checkpoints[o.holders[0]].tensors[t] for t, o in optional.items() if t not in infos}
-    layout = layout_of(list(infos))
+    layout = layout_of(list(infos), architecture)
     shared = Layout(layout.stack, {t: d for t, d in layout.depths.items() if t not in optional})
     return Tensors(infos, layout, optional, shared, {t: info for t, info in infos.items() if t not in optional})
 
@@ -135,22 +138,22 @@ def decided(config: MergeConfig, checkpoints: dict[str, Checkpoint], tensors: Te
     return Decision(metrics, tethers, choices, unusable_warnings(health, tensors.layout))
 
 
-def composite_plan(config: MergeConfig, resolved: dict, tensors: Tensors, decision: Decision,
-                   notes: list[str]) -> Plan:
+def composite_plan(config: MergeConfig, resolved: dict, tensors: Tensors, decision: Decision, notes: list[str],
+                   architecture: Architecture) -> Plan:
     """The plan of the composite: every output tensor from its group's winner or blend, in output order."""
     chosen = {t: c for c in decision.choices for t in c.tensors}
     by_name = {t: plan_entry(t, info, chosen.get(t), config) for t, info in tensors.shared_infos.items()}
     for t, tensor in tensors.optional.items():  # after the others: a tied head copies its embedding's entry
         by_name[t] = optional_entry(tensor, tensors.infos[t], by_name, config)
     depths = tensors.layout.depths
-    entries = [by_name[t] for t in sorted(by_name, key=lambda t: output_order(t, depths[t]))]
+    entries = [by_name[t] for t in sorted(by_name, key=lambda t: output_order(t, depths[t], architecture))]
     names = list(resolved)
     return Plan(candidates=names, sources={n: r.path for n, r in resolved.items()},
                 revisions={n: r.revision for n, r in resolved.items()}, base=config.base.ref,
                 output_dir=config.output_dir, shard_size=config.shard_size, entries=entries,
                 choices=decision.choices, metrics=decision.metrics or {n: {} for n in names},
                 selection=config.selection, tethers=decision.tethers, warnings=decision.warnings,
-                notes=optional_notes(tensors.optional, by_name) + notes)
+                notes=optional_notes(tensors.optional, by_name) + notes, architecture=architecture.name)
 
 
 def plan_entry(name: str, info: TensorInfo, choice: Choice | None, config: MergeConfig) -> PlanEntry:

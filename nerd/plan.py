@@ -7,8 +7,10 @@ copy). The plan also carries the per-group choices (depth, each candidate's scor
 the blend), every matrix's metrics, each candidate's compatibility with the base (tethers), and
 after a DLEC pass the expansion (which blocks were copied where, with their
 importance) and the rewritten config.json; the dry run prints it, the report records it, and the
-writer executes it. An optional tensor (layout.OPTIONAL_TENSORS: a buffer, a tied head) that some
-candidates lack is an entry like any other, marked with why it is optional and which lack it.
+writer executes it. An optional tensor (layout.py: a buffer, a tied head) that some candidates
+lack is an entry like any other, marked with why it is optional and which lack it. The plan
+also records the architecture family its tensor names were read with (architecture.py: "llama",
+"gpt2", ..., or "inferred" when no family claims the base's config.json).
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .architecture import INFERRED, Architecture, inferred
 from .config import Selection, TetherOptions
-
-INPUT_EMBEDDING = re.compile(r"embed_tokens|embed_in|\bwte\b|\bwpe\b|embeddings\.")
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)  # tensors that cannot be used (NaN/Inf, all zero)
     notes: list[str] = field(default_factory=list)  # optional tensors' sources, module folders copied as is
     evaluation: Evaluation | None = None  # evaluate: the perplexities, and the strategy written
+    architecture: str = INFERRED  # the family of the base's config.json (architecture.py), or "inferred"
 
     def used_sources(self) -> dict[str, Path]:
         """The directory of every candidate the entries read, by name."""
@@ -184,6 +186,7 @@ class Plan:
         return {
             "candidates": self.candidates,
             "base": self.base,
+            "architecture": self.architecture,
             "selection": asdict(self.selection),
             "choices": [asdict(c) | {"tensors": list(c.tensors)} for c in self.choices],
             "tethers": None if self.tethers is None else asdict(self.tethers),
@@ -200,8 +203,9 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def output_order(name: str, depth: int | None) -> tuple:
-    """Embeddings first, then the blocks in depth order, then the rest (final norm, lm_head)."""
+def output_order(name: str, depth: int | None, architecture: Architecture | None = None) -> tuple:
+    """Embeddings first (the input embeddings of `architecture`, default: inferred), then the
+    blocks in depth order, then the rest (final norm, lm_head)."""
     if depth is not None:
         return (1, depth, natural_key(name))
-    return (0 if INPUT_EMBEDDING.search(name) else 2, 0, natural_key(name))
+    return (0 if (architecture or inferred()).is_input_embedding(name) else 2, 0, natural_key(name))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .architecture import paired_matrix
 from .checkpoint import TensorInfo
 from .config import Selection
 from .errors import ConfigError, ModelError
@@ -211,17 +212,10 @@ def choices_of(layout: Layout, infos: dict[str, TensorInfo], metrics: Metrics, o
         if selection.granularity == "block":
             choices.append(choose(str(depth), depth, block, matrices))
             continue
-        followers = {t: module_matrix(t, matrices) for t in block if t not in matrices}
+        followers = {t: paired_matrix(t, matrices) for t in block if t not in matrices}
         leftovers = [t for t, m in followers.items() if m is None]  # norms: the block's winner, by mean score
         choices.append(choose(str(depth), depth, leftovers, matrices))
         for matrix in matrices:
             own = [matrix] + [t for t, m in followers.items() if m == matrix]
             choices.append(choose(matrix, depth, own, [matrix]))
     return choices
-
-
-def module_matrix(tensor: str, matrices: list[str]) -> str | None:
-    """The 2-D matrix of the same module as a 1-D tensor (x.bias -> x.weight), if there is one."""
-    module = tensor.rsplit(".", 1)[0]
-    same = [m for m in matrices if m.rsplit(".", 1)[0] == module]
-    return same[0] if len(same) == 1 else None

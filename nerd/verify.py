@@ -13,9 +13,9 @@ one function each:
 - check_index: the index json maps every tensor to a shard of this output, inside the directory,
   that holds it; every tensor of every shard is listed; metadata.total_size is the tensors' bytes;
 - check_plan: the shards hold the tensors the report's plan lists, with their dtypes and shapes;
-- check_config: config.json parses, its layer count (num_hidden_layers, n_layer, ...) equals the
-  number of blocks in the tensor names (nerd.layout), and its hidden size is the width of the
-  embedding matrix;
+- check_config: config.json parses, its layer count (num_hidden_layers, n_layer, ...: the keys of
+  the model's family, nerd.architecture) equals the number of blocks in the tensor names
+  (nerd.layout), and its hidden size is the width of the embedding matrix;
 - check_loads: when nothing else is wrong, nerd.checkpoint.Checkpoint.open reads the directory as
   a merge reads its inputs.
 
@@ -27,26 +27,21 @@ ModelError (3): there is nothing to verify against.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
-from .checkpoint import Checkpoint, DuplicateKey, TensorInfo, outside_directory, safetensors_header, unique_keys
-from .dlec import LAYER_COUNT_KEYS, layer_section
+from .architecture import family_of
+from .checkpoint import INDEX, Checkpoint, DuplicateKey, TensorInfo, outside_directory, safetensors_header, unique_keys
 from .errors import ModelError, first_line
+from .hashing import file_digests
 from .layout import layout_of
-from .plan import INPUT_EMBEDDING
 from .sidefiles import WEIGHT_SUFFIXES
-from .write import HASH_CHUNK, INDEX
 
 REPORT = "merge_report.json"
 SHA256 = re.compile(r"[0-9a-f]{64}")
-WIDTH_KEYS = ("embedding_size", "word_embed_proj_dim", "hidden_size", "n_embd", "d_model")  # first found wins
 NAMED = 3  # tensor names shown in a line about several tensors
 
 
@@ -212,17 +207,12 @@ def check_files(directory: Path, report: Report, shards: list[str], quiet: bool)
                 problems.append(Problem(path, f"{size:,} bytes, {REPORT} records {record['bytes']:,} ({how})"))
             else:
                 to_hash.append((path, record))
-    with tqdm(total=sum(r["bytes"] for _, r in to_hash), desc="verify", unit="B", unit_scale=True,
-              disable=quiet) as bar:
-        for path, record in to_hash:
-            try:
-                digest = sha256_of(path, bar)
-            except OSError as exc:
-                problems.append(Problem(path, f"cannot be read ({exc.strerror or exc})"))
-                continue
-            if digest != record["sha256"]:
-                problems.append(Problem(path, f"SHA-256 {digest} differs from the {record['sha256']} that {REPORT} "
-                                              f"records (the content changed)"))
+    for (path, record), digest in zip(to_hash, file_digests([(p, r["bytes"]) for p, r in to_hash], quiet)):
+        if isinstance(digest, OSError):
+            problems.append(Problem(path, f"cannot be read ({digest.strerror or digest})"))
+        elif digest != record["sha256"]:
+            problems.append(Problem(path, f"SHA-256 {digest} differs from the {record['sha256']} that {REPORT} "
+                                          f"records (the content changed)"))
     if report.files and len(shards) > 1 and INDEX not in report.files:
         problems.append(Problem(directory / INDEX, f"has no size or SHA-256 in {REPORT}"))
     known = set(report.files) | set(shards) | ({INDEX} if len(shards) > 1 else set())
@@ -231,32 +221,6 @@ def check_files(directory: Path, report: Report, shards: list[str], quiet: bool)
                 and (path.is_file() or path.is_symlink())):
             problems.append(Problem(path, f"a weight file that {REPORT} does not record (not written by this merge)"))
     return problems, len(to_hash), sum(r["bytes"] for _, r in to_hash)
-
-
-def sha256_of(path: Path, bar) -> str:
-    """The SHA-256 of a file, read in large chunks; the kernel is asked to read each next chunk
-    ahead (POSIX_FADV_WILLNEED) while this one is hashed, so a file not in the page cache costs
-    about the longer of its read and its hash, not their sum."""
-    sha, view = hashlib.sha256(), memoryview(bytearray(HASH_CHUNK))
-    with open(path, "rb", buffering=0) as handle:
-        position = 0
-        while True:
-            read_ahead(handle.fileno(), position + HASH_CHUNK, HASH_CHUNK)
-            count = handle.readinto(view)
-            if not count:
-                return sha.hexdigest()
-            sha.update(view[:count])
-            bar.update(count)
-            position += count
-
-
-def read_ahead(fd: int, offset: int, size: int) -> None:
-    """Ask the kernel to start reading bytes offset..offset + size into the page cache (only a hint)."""
-    if hasattr(os, "posix_fadvise"):
-        try:
-            os.posix_fadvise(fd, offset, size, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
 
 
 def check_headers(directory: Path, shards: list[str]) -> tuple[list[Problem], dict[str, list[TensorInfo]]]:
@@ -371,26 +335,29 @@ def check_config(directory: Path, headers: dict[str, list[TensorInfo]],
                  complete: bool = True) -> tuple[list[Problem], int | None]:
     """config.json parses, its layer count is the number of blocks in the tensor names, and its
     hidden size is the embedding matrix's width (compared only when every shard's header could be
-    read: `complete`). Returns the problems and the layers found."""
+    read: `complete`), the keys and names those of the model's family (architecture.py). Returns
+    the problems and the layers found."""
     path = directory / "config.json"
     infos = {info.name: info for shard in headers.values() for info in shard}
-    layout = layout_of(list(infos))
-    layers = layout.num_layers if layout.stack is not None else None
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
+        problem = None if isinstance(config, dict) else f"a JSON {type(config).__name__}, expected an object"
     except FileNotFoundError:
-        return [Problem(path, "missing")], layers
+        config, problem = None, "missing"
     except OSError as exc:
-        return [Problem(path, f"cannot be read ({exc.strerror or exc})")], layers
+        config, problem = None, f"cannot be read ({exc.strerror or exc})"
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        return [Problem(path, f"not valid JSON ({first_line(exc)})")], layers
-    if not isinstance(config, dict):
-        return [Problem(path, f"a JSON {type(config).__name__}, expected an object")], layers
+        config, problem = None, f"not valid JSON ({first_line(exc)})"
+    architecture = family_of(config)  # the inferred table without a config.json
+    layout = layout_of(list(infos), architecture)
+    layers = layout.num_layers if layout.stack is not None else None
+    if problem is not None:
+        return [Problem(path, problem)], layers
     if not complete:
         return [], None
-    section, prefix = layer_section(config)
+    section, prefix = architecture.layer_section(config)
     problems = []
-    key = next((k for k in LAYER_COUNT_KEYS if k in section), None)
+    key = next((k for k in architecture.layer_count_keys if k in section), None)
     if key is not None and layers is not None:
         value = section[key]
         if type(value) is not int:
@@ -398,9 +365,9 @@ def check_config(directory: Path, headers: dict[str, list[TensorInfo]],
         elif value != layers:
             problems.append(Problem(path, f"{prefix}{key} is {value}, the weights have {layers} layers "
                                           f"({layout.stack}.0 to {layout.stack}.{layers - 1})"))
-    width_key = next((k for k in WIDTH_KEYS if k in section), None)
+    width_key = next((k for k in architecture.width_keys if k in section), None)
     embeddings = [info for name, info in infos.items()
-                  if layout.depths.get(name) is None and INPUT_EMBEDDING.search(name) and info.is_matrix]
+                  if layout.depths.get(name) is None and architecture.is_input_embedding(name) and info.is_matrix]
     if width_key is not None and len({info.shape[1] for info in embeddings}) == 1:
         value, embedding = section[width_key], embeddings[0]
         if value != embedding.shape[1]:

@@ -22,10 +22,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .checkpoint import FLOAT_DTYPES, ITEMSIZES, SAFETENSORS_DTYPES, Checkpoint, numel, opened_checkpoints, tensor_bytes, \
-    torch_dtype
+from .checkpoint import FLOAT_DTYPES, INDEX, ITEMSIZES, SAFETENSORS_DTYPES, Checkpoint, numel, opened_checkpoints, \
+    tensor_bytes, torch_dtype
 from .config import MergeConfig
 from .errors import ModelError, OutputError
+from .hashing import HASH_CHUNK
 from .plan import Plan, PlanEntry
 from .plots import compatibility_heatmap, evaluation_chart, expansion_curve, merge_heatmap
 from .report import model_card, report_of
@@ -33,8 +34,6 @@ from .sidefiles import copy_side_files
 from .staging import staged_dir
 from .tether import blended_slices
 
-INDEX = "model.safetensors.index.json"
-HASH_CHUNK = 8 * 2**20  # bytes read back and hashed at a time
 HASH_BATCH = 2**20  # new bytes handed to the hasher at once, at least (not every layer norm)
 
 

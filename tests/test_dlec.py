@@ -15,9 +15,10 @@ import transformers
 from helpers import REPO, RANK_ONE, build_family, merge, reference_ner, tensors_of
 
 from examples.tiny_models import build_model, build_tokenizer
+from nerd.architecture import inferred
 from nerd.cli import main
 from nerd.config import DlecOptions
-from nerd.dlec import RESIDUAL_WRITER, expanded_config, layers_to_copy
+from nerd.dlec import expanded_config, layers_to_copy
 from nerd.errors import ConfigError, ModelError
 from nerd.layout import layout_of
 
@@ -480,4 +481,4 @@ def test_windows_start_like_documents_when_the_tokenizer_adds_bos(llama, tmp_pat
     ("model.layers.0.self_attn.q_proj.weight", False), ("model.layers.0.mlp.experts.gate_up_proj", False),
 ])
 def test_residual_writers_by_name(name, writes):
-    assert bool(RESIDUAL_WRITER.search(name)) is writes
+    assert (inferred().residual_writer(name) is not None) is writes

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, NoReturn
 
-from .errors import ModelError, first_line
+from .errors import ModelError, first_line, type_name
 
 if TYPE_CHECKING:
     import torch
@@ -180,10 +180,10 @@ def index_map(index: Path) -> dict[str, str]:
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ModelError(f"{index}: not a valid index json ({first_line(exc)})") from None
     if not isinstance(data, dict):
-        raise ModelError(f"{index}: expected a JSON object with a 'weight_map', found {type_name(data)}")
+        raise ModelError(f"{index}: expected a JSON object with a 'weight_map', found {type_name(data, plain=True)}")
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        found = "an empty one" if isinstance(weight_map, dict) else type_name(weight_map)
+        found = "an empty one" if isinstance(weight_map, dict) else type_name(weight_map, plain=True)
         raise ModelError(f"{index}: expected a 'weight_map' object of tensor name -> shard file, found {found}")
     for name, shard in weight_map.items():
         if not isinstance(shard, str):
@@ -312,14 +312,14 @@ def header_json(file: Path, text: bytes) -> dict:
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ModelError(f"{file}: safetensors header is not valid JSON ({first_line(exc)})") from None
     if not isinstance(header, dict):
-        raise ModelError(f"{file}: safetensors header is a JSON {type_name(header)}, expected an object")
+        raise ModelError(f"{file}: safetensors header is a JSON {type_name(header, plain=True)}, expected an object")
     return header
 
 
 def tensor_info(file: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
     """One header entry checked: its dtype, its shape, and its byte range inside the data."""
     if not isinstance(entry, dict):
-        raise ModelError(f"{file}: tensor '{name}': header entry is {type_name(entry)}, expected an object "
+        raise ModelError(f"{file}: tensor '{name}': header entry is {type_name(entry, plain=True)}, expected an object "
                          f"with dtype, shape and data_offsets")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
@@ -369,12 +369,14 @@ def load_pickle(file: Path) -> dict:
         raise ModelError(f"{file}: not a readable PyTorch checkpoint, damaged or truncated? "
                          f"({error_summary(exc)})") from None
     if not isinstance(state, dict):
-        raise ModelError(f"{file}: expected a state dict of tensor name -> tensor, found {type_name(state)}")
+        raise ModelError(f"{file}: expected a state dict of tensor name -> tensor, "
+                         f"found {type_name(state, plain=True)}")
     for name, tensor in state.items():
         if not isinstance(name, str):
-            raise ModelError(f"{file}: key {name!r}: expected a tensor name (a string), found {type_name(name)}")
+            raise ModelError(f"{file}: key {name!r}: expected a tensor name (a string), "
+                             f"found {type_name(name, plain=True)}")
         if not isinstance(tensor, torch.Tensor):
-            raise ModelError(f"{file}: entry '{name}': expected a tensor, found {type_name(tensor)}")
+            raise ModelError(f"{file}: entry '{name}': expected a tensor, found {type_name(tensor, plain=True)}")
     return state
 
 
@@ -418,11 +420,6 @@ def pickle_header(file: Path, state: dict) -> list[TensorInfo]:
                              f"(expected a dense, strided tensor)")
         infos.append(TensorInfo(name, names[torch_name], tuple(tensor.shape), file))
     return infos
-
-
-def type_name(value: object) -> str:
-    """How a JSON or pickled value is described in a message: its type, or null."""
-    return "null" if value is None else type(value).__name__
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, first_line
+from .errors import ConfigError, first_line, type_name
 from .metrics import METRICS
 from .spectra import cuda_available
 from .staging import clean_leftovers
@@ -702,9 +702,3 @@ def os_errors(where: str, key: str, value: str):
     except (OSError, RuntimeError) as exc:
         reason = getattr(exc, "strerror", None) or first_line(exc)
         raise ConfigError(f"{where}: {key}: cannot use {value!r} as a path: {reason}") from None
-
-
-def type_name(value: Any) -> str:
-    names = {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number",
-             bool: "true/false", type(None): "nothing (null)"}
-    return names.get(type(value), type(value).__name__)

@@ -25,8 +25,8 @@ from pathlib import Path
 from . import __version__
 from .analyze import analysis_summary, analyze_models, summary_text, write_figures, write_tables
 from .cache import MetricCache, default_cache_path
-from .config import DEVICES, IMPORTANCE, INITS, evaluate_options, expand_config, index_of_each, load_config, \
-    model_spec, output_path
+from .config import DEVICES, IMPORTANCE, INITS, claim_output, evaluate_options, expand_config, index_of_each, \
+    load_config, model_spec, output_path
 from .evaluate import Subject, evaluate_subjects, tokenization_notes, write_evaluation
 from .errors import ConfigError, IntegrityError, MergeError
 from .interrupts import exit_code, interrupts_raised
@@ -216,14 +216,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_configs([load_config(path, force=args.force, writing=not args.dry_run) for path in args.config], args)
+    return run_configs([load_config(path) for path in args.config], args)
 
 
 def run_expand(args: argparse.Namespace) -> int:
     options = {key: getattr(args, key) for key in ("add_layers", "growth", "layers", "init", "importance",
                                                    "calibration", "max_tokens", "trust_remote_code")}
     config = expand_config(args.model, args.out, {k: v for k, v in options.items() if v is not None},
-                           force=args.force, writing=not args.dry_run, device=args.device, shard_size=args.shard_size)
+                           device=args.device, shard_size=args.shard_size)
     if args.device == "cuda" and not cuda_available():
         raise ConfigError("expand: --device: 'cuda' was asked for but torch sees no CUDA device")
     return run_configs([config], args)
@@ -237,6 +237,8 @@ def run_configs(configs: list, args: argparse.Namespace) -> int:
             raise ConfigError(f"{config.source}: output_dir: {config.output_dir} is also the output of "
                               f"{outputs[config.output_dir]}")
         outputs[config.output_dir] = config.source
+        if not args.dry_run:
+            claim_output(config, force=args.force)  # a killed run's leftovers dealt with, a non-empty output refused
     cache = cache_of(args)
     results = []
     try:

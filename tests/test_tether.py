@@ -208,7 +208,7 @@ def test_tether_sums_are_cached_by_content(tmp_path, family):
     assert compared > 2 * LAYERS * 7
 
     def plan_with(models):
-        config = load_config(config_file(tmp_path, models), writing=False)
+        config = load_config(config_file(tmp_path, models))
         with closing(MetricCache(cache_path)) as cache:
             return plan_merge(config, cache=cache, quiet=True), cache.pairs_computed
 
@@ -247,7 +247,7 @@ def test_blend_then_expand_copies_the_blended_block(tmp_path, family, monkeypatc
     calls = []
     monkeypatch.setattr(nerd.importance, "spectrum_of", lambda *a: calls.append(a) or spectrum_of(*a))
     with closing(MetricCache(tmp_path / "c.sqlite")) as cache:
-        again = plan_merge(load_config(config, writing=False), cache=cache, quiet=True)
+        again = plan_merge(load_config(config), cache=cache, quiet=True)
     assert again.spectra_computed == 0 and not calls and again.expansion.scores == expansion["scores"]
 
 

@@ -185,10 +185,10 @@ def index_map(index: Path) -> dict[str, str]:
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ModelError(f"{index}: not a valid index json ({first_line(exc)})") from None
     if not isinstance(data, dict):
-        raise ModelError(f"{index}: expected a JSON object with a 'weight_map', found {type_name(data)}")
+        raise ModelError(f"{index}: expected a JSON object with a 'weight_map', found {type_name(data, plain=True)}")
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        found = "an empty one" if isinstance(weight_map, dict) else type_name(weight_map)
+        found = "an empty one" if isinstance(weight_map, dict) else type_name(weight_map, plain=True)
         raise ModelError(f"{index}: expected a 'weight_map' object of tensor name -> shard file, found {found}")
     for name, shard in weight_map.items():
         if not isinstance(shard, str):
@@ -316,14 +316,14 @@ def header_json(file: Path, text: bytes) -> dict:
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ModelError(f"{file}: safetensors header is not valid JSON ({first_line(exc)})") from None
     if not isinstance(header, dict):
-        raise ModelError(f"{file}: safetensors header is a JSON {type_name(header)}, expected an object")
+        raise ModelError(f"{file}: safetensors header is a JSON {type_name(header, plain=True)}, expected an object")
     return header
 
 
 def tensor_info(file: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
     """One header entry checked: its dtype, its shape, and its byte range inside the data."""
     if not isinstance(entry, dict):
-        raise ModelError(f"{file}: tensor '{name}': header entry is {type_name(entry)}, expected an object "
+        raise ModelError(f"{file}: tensor '{name}': header entry is {type_name(entry, plain=True)}, expected an object "
                          f"with dtype, shape and data_offsets")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:

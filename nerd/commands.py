@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__
 from .analyze import analysis_summary, analyze_models, summary_text, write_figures, write_tables
 from .store import MetricCache, default_cache_path
-from .config import evaluate_options, expand_config, index_of_each, load_config, model_spec, output_path
+from .config import claim_output, evaluate_options, expand_config, index_of_each, load_config, model_spec, output_path
 from .evaluate import Subject, evaluate_subjects, tokenization_notes, write_evaluation
 from .errors import ConfigError, IntegrityError, MergeError
 from .pipeline import plan_merge
@@ -30,13 +30,13 @@ from .write import write_merge
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    return run_configs([load_config(path, force=args.force, writing=not args.dry_run) for path in args.config], args)
+    return run_configs([load_config(path) for path in args.config], args)
 
 
 def run_expand(args: argparse.Namespace) -> int:
     options = {key: getattr(args, key) for key in args.dlec_keys if getattr(args, key) is not None}
-    config = expand_config(args.model, args.out, options, force=args.force, writing=not args.dry_run,
-                           device=requested_device(args, "expand"), shard_size=args.shard_size)
+    config = expand_config(args.model, args.out, options, device=requested_device(args, "expand"),
+                           shard_size=args.shard_size)
     return run_configs([config], args)
 
 
@@ -48,6 +48,8 @@ def run_configs(configs: list, args: argparse.Namespace) -> int:
             raise ConfigError(f"{config.source}: output_dir: {config.output_dir} is also the output of "
                               f"{outputs[config.output_dir]}")
         outputs[config.output_dir] = config.source
+        if not args.dry_run:
+            claim_output(config, force=args.force)  # a killed run's leftovers dealt with, a non-empty output refused
     cache = cache_of(args)
     results = []
     try:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 from .architecture import Architecture, family_of
 from .checkpoint import numel
 from .config import DlecOptions
+from .schema import option_key, option_setting
 from .errors import ConfigError, ModelError, first_line
 from .importance import block_modules, layer_importance
 from .layout import Layout, layout_of
@@ -77,9 +78,9 @@ def expanded(plan: Plan, options: DlecOptions, cache, device, quiet: bool) -> Pl
 def check_pre_norm(config: dict, options: DlecOptions) -> None:
     """init: identity needs blocks that add their output to an unnormalised residual stream."""
     if family_of(config).post_norm(config):
-        raise ConfigError(f"{options.where}: {options.key('init')}: identity needs pre-norm blocks, but "
+        raise ConfigError(f"{options.where}: {option_key(options, 'init')}: identity needs pre-norm blocks, but "
                           f"{config.get('model_type')} normalises after adding each block's output, so no copy "
-                          f"can pass its input through unchanged; use {options.setting('init', 'copy')}")
+                          f"can pass its input through unchanged; use {option_setting(options, 'init', 'copy')}")
 
 
 def layers_to_copy(scores: list[float | None], sizes: list[int], total: int, options: DlecOptions) -> list[int]:
@@ -88,15 +89,15 @@ def layers_to_copy(scores: list[float | None], sizes: list[int], total: int, opt
     if options.layers is not None:
         missing = [d for d in options.layers if d >= n]
         if missing:
-            raise ConfigError(f"{options.where}: {options.key('layers')}: layer {missing[0]} does not exist; the "
-                              f"model has {n} layers (0 to {n - 1})")
+            raise ConfigError(f"{options.where}: {option_key(options, 'layers')}: layer {missing[0]} does not "
+                              f"exist; the model has {n} layers (0 to {n - 1})")
         return list(options.layers)
     ranked = sorted(range(n), key=lambda d: (scores[d] is None, -(scores[d] or 0.0), d))
     if options.add_layers is not None:
         if options.add_layers > n:
-            raise ConfigError(f"{options.where}: {options.key('add_layers')}: {options.add_layers} is more than the "
-                              f"{n} layers of the model (each is copied at most once; to copy one twice, "
-                              f"list it twice in {options.key('layers')})")
+            raise ConfigError(f"{options.where}: {option_key(options, 'add_layers')}: {options.add_layers} is more "
+                              f"than the {n} layers of the model (each is copied at most once; to copy one twice, "
+                              f"list it twice in {option_key(options, 'layers')})")
         return sorted(ranked[:options.add_layers])
     target, added, count, gap = options.growth * total, 0, 0, options.growth * total
     for i, depth in enumerate(ranked):
@@ -104,8 +105,9 @@ def layers_to_copy(scores: list[float | None], sizes: list[int], total: int, opt
         if abs(added - target) < gap:
             count, gap = i + 1, abs(added - target)
     if count == 0:
-        raise ConfigError(f"{options.where}: {options.key('growth')}: {options.growth:g} of {total:,} parameters is "
-                          f"less than half of one block ({min(sizes):,}); use {options.setting('add_layers', '1')}")
+        raise ConfigError(f"{options.where}: {option_key(options, 'growth')}: {options.growth:g} of {total:,} "
+                          f"parameters is less than half of one block ({min(sizes):,}); "
+                          f"use {option_setting(options, 'add_layers', '1')}")
     return sorted(ranked[:count])
 
 
@@ -140,9 +142,9 @@ def identity_writers(block: list[PlanEntry], depth: int, options: DlecOptions,
     attention = {name for name, part in parts.items() if part == "attention"}
     if not attention or not writers - attention:
         found = ", ".join(sorted(writers)) or "none"
-        raise ConfigError(f"{options.where}: {options.key('init')}: identity needs the residual-writing projections "
-                          f"of both the attention and the MLP of block {depth} (o_proj/down_proj or their kin); "
-                          f"found {found}; use {options.setting('init', 'copy')}")
+        raise ConfigError(f"{options.where}: {option_key(options, 'init')}: identity needs the residual-writing "
+                          f"projections of both the attention and the MLP of block {depth} (o_proj/down_proj or "
+                          f"their kin); found {found}; use {option_setting(options, 'init', 'copy')}")
     return writers
 
 

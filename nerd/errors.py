@@ -29,9 +29,14 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def type_name(value: object) -> str:
-    """How a JSON or pickled value is described in a message: its type, or null."""
-    return "null" if value is None else type(value).__name__
+def type_name(value: object, *, plain: bool = False) -> str:
+    """How a message names a value's type: in words for a config ('a mapping', 'a list', 'a string',
+    'true/false'), or with `plain` as JSON and pickles do ('dict', 'list', 'str'; None is 'null')."""
+    if plain:
+        return "null" if value is None else type(value).__name__
+    names = {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number",
+             bool: "true/false", type(None): "nothing (null)"}
+    return names.get(type(value), type(value).__name__)
 
 
 class OutputError(MergeError):

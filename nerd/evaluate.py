@@ -44,6 +44,7 @@ from .architecture import family_of
 from .composite import composite_model, directory_digest, loaded_model, model_classes, model_digest, \
     plan_dtype, plan_parameters, run_dtype
 from .config import EvaluateOptions, read_text
+from .schema import option_key, option_setting
 from .errors import ConfigError, ModelError, first_line
 from .plan import Perplexity, Plan
 from .report import mean_of
@@ -141,11 +142,11 @@ def window_length(config: dict, tokenizer, options: EvaluateOptions, directory: 
         contexts = [min(contexts + [limit])]
     if options.max_length is not None:
         if contexts and options.max_length > contexts[0]:
-            raise ConfigError(f"{options.where}: {options.key('max_length')}: {options.max_length} is longer "
+            raise ConfigError(f"{options.where}: {option_key(options, 'max_length')}: {options.max_length} is longer "
                               f"than the context of {directory} ({contexts[0]} tokens)")
         return options.max_length
     if not contexts:
-        raise ConfigError(f"{options.where}: {options.key('max_length')}: {directory}/config.json gives no "
+        raise ConfigError(f"{options.where}: {option_key(options, 'max_length')}: {directory}/config.json gives no "
                           f"context length ({', '.join(keys)}); give the window length")
     return min(contexts[0], options.max_tokens)
 
@@ -200,17 +201,17 @@ def text_windows(tokenizer, kind: str, text: str, text_name: str, length: int, o
         prefix, suffix = ([bos] if bos is not None and prefix[-1:] == [bos] else []), []
     needed = length - len(prefix) - len(suffix)
     if len(ids) < needed:
-        raise ConfigError(f"{options.where}: {options.key('texts')}: {text_name} gives {len(ids)} tokens with the "
-                          f"tokenizer of {directory}, fewer than one window of {length} tokens; give a longer text "
-                          f"or a shorter {options.key('max_length')}")
+        raise ConfigError(f"{options.where}: {option_key(options, 'texts')}: {text_name} gives {len(ids)} tokens "
+                          f"with the tokenizer of {directory}, fewer than one window of {length} tokens; give a "
+                          f"longer text or a shorter {option_key(options, 'max_length')}")
     if kind == "masked":
         if tokenizer.mask_token_id is None:
             raise ModelError(f"{directory}: the tokenizer has no mask token, which a masked LM's perplexity needs")
         return masked_windows(ids, tokenizer.mask_token_id, (prefix, suffix), length)
     longest = needed if prefix else needed - 1  # without BOS a window's first token is scored only as context
     if options.stride is not None and options.stride > longest:
-        raise ConfigError(f"{options.where}: {options.key('stride')}: {options.stride} would leave tokens unscored; "
-                          f"at most {longest} with windows of {length} tokens"
+        raise ConfigError(f"{options.where}: {option_key(options, 'stride')}: {options.stride} would leave tokens "
+                          f"unscored; at most {longest} with windows of {length} tokens"
                           + ("" if prefix else " (the tokenizer adds no BOS, so windows must overlap)"))
     return causal_windows(ids, prefix[0] if prefix else None, length, options.stride)
 
@@ -263,7 +264,8 @@ def evaluate_subjects(subjects: list[Subject], texts: list[Path], options: Evalu
     import transformers
     if quiet:
         transformers.utils.logging.disable_progress_bar()
-    contents = [(options.label(path), read_text(path, options.where, options.key("texts"))) for path in texts]
+    names = dict(zip(options.texts, options.names))  # each text as the user wrote it
+    contents = [(names[path], read_text(path, options.where, option_key(options, "texts"))) for path in texts]
     rows = []
     for subject in subjects:
         rows += subject_perplexities(transformers, subject, contents, options, cache, device, quiet)
@@ -277,9 +279,9 @@ def subject_perplexities(transformers, subject: Subject, texts: list[tuple[str, 
     directory = subject.directory
     config = model_config(directory)
     if "auto_map" in config and not options.trust_remote_code:
-        raise ConfigError(f"{options.where}: {options.key('trust_remote_code')}: {directory}/config.json asks for "
-                          f"the model's own code (auto_map), which runs only with "
-                          f"{options.setting('trust_remote_code', 'true')} (if you trust it)")
+        raise ConfigError(f"{options.where}: {option_key(options, 'trust_remote_code')}: {directory}/config.json "
+                          f"asks for the model's own code (auto_map), which runs only with "
+                          f"{option_setting(options, 'trust_remote_code', 'true')} (if you trust it)")
     kind = lm_kind(config, directory)
     tokenizer = tokenizer_of(transformers, directory, options.trust_remote_code)
     length = window_length(subject.plan.config if subject.plan and subject.plan.config else config, tokenizer,

@@ -43,6 +43,7 @@ from .composite import blend_key, composite_model, model_classes, model_digest, 
     run_dtype
 from .config import DlecOptions, read_text
 from .engine import Engine, LocalExecutor, Work
+from .schema import option_key, option_setting
 from .errors import ConfigError, ModelError, first_line
 from .layout import Layout
 from .metrics import every_metric
@@ -120,9 +121,9 @@ def importance_kind(options: DlecOptions) -> tuple[str, str | None]:
     except ImportError:
         if options.importance is None:
             return "ner", "transformers is not installed, so importance is measured on the weights (NER)"
-        raise ConfigError(f"{options.where}: {options.key('importance')}: {options.importance} runs the model "
+        raise ConfigError(f"{options.where}: {option_key(options, 'importance')}: {options.importance} runs the model "
                           f"with transformers, which is not installed (pip install 'mastermerge[transformers]'); "
-                          f"or use {options.setting('importance', 'ner')}") from None
+                          f"or use {option_setting(options, 'importance', 'ner')}") from None
     return options.importance or "block_influence", None
 
 
@@ -172,10 +173,10 @@ def activation_stats(plan: Plan, layout: Layout, options: DlecOptions, cache: Me
     base_dir = plan.sources[plan.base]
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     if "auto_map" in config and not options.trust_remote_code:
-        raise ConfigError(f"{options.where}: {options.key('trust_remote_code')}: {base_dir}/config.json asks for "
-                          f"the model's own code (auto_map), which runs only with "
-                          f"{options.setting('trust_remote_code', 'true')} (if you trust it), or use "
-                          f"{options.setting('importance', 'ner')}")
+        raise ConfigError(f"{options.where}: {option_key(options, 'trust_remote_code')}: {base_dir}/config.json "
+                          f"asks for the model's own code (auto_map), which runs only with "
+                          f"{option_setting(options, 'trust_remote_code', 'true')} (if you trust it), or use "
+                          f"{option_setting(options, 'importance', 'ner')}")
     text, text_name = calibration_text(options)
     window = min([WINDOW] + [config[k] for k in family_of(config).context_keys
                              if isinstance(config.get(k), int) and config[k] > 0])
@@ -193,7 +194,7 @@ def activation_stats(plan: Plan, layout: Layout, options: DlecOptions, cache: Me
     model = composite_model(transformers, plan, config,
                             model_classes(transformers, config, ("AutoModelForCausalLM", "AutoModel")), device, dtype,
                             options.trust_remote_code, "to run the calibration text",
-                            f"; use {options.setting('importance', 'ner')}")
+                            f"; use {option_setting(options, 'importance', 'ner')}")
     backbone = getattr(model, "base_model", model)  # the blocks without the LM head
     blocks = block_modules(backbone, layout.stack, layout.num_layers, f"{base_dir}: transformers model")
     stats = run_calibration(backbone, blocks, windows, device, quiet)
@@ -207,7 +208,7 @@ def activation_stats(plan: Plan, layout: Layout, options: DlecOptions, cache: Me
 
 def calibration_text(options: DlecOptions) -> tuple[str, str]:
     """The text and how to name it: the user's file, or the built-in one."""
-    text = read_text(options.calibration or BUILT_IN_TEXT, options.where, options.key("calibration"))
+    text = read_text(options.calibration or BUILT_IN_TEXT, options.where, option_key(options, "calibration"))
     return text, ("the built-in calibration text" if options.calibration is None else str(options.calibration))
 
 
@@ -219,10 +220,10 @@ def token_windows(transformers, base_dir: Path, text: str, options: DlecOptions,
         tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir, trust_remote_code=options.trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError ... for a missing tokenizer
         raise ModelError(f"{base_dir}: no tokenizer that transformers can load ({first_line(exc)}); the calibration "
-                         f"text needs one, or use {options.setting('importance', 'ner')}") from None
+                         f"text needs one, or use {option_setting(options, 'importance', 'ner')}") from None
     ids = list(tokenizer(text, verbose=False)["input_ids"])[:options.max_tokens]
     if len(ids) < 2:
-        raise ConfigError(f"{options.where}: {options.key('calibration')}: the calibration text gives "
+        raise ConfigError(f"{options.where}: {option_key(options, 'calibration')}: the calibration text gives "
                           f"{len(ids)} token(s); at least 2 are needed")
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None or ids[0] != bos or window < 3:

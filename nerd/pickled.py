@@ -25,12 +25,12 @@ def load_pickle(file: Path) -> dict:
         raise ModelError(f"{file}: not a readable PyTorch checkpoint, damaged or truncated? "
                          f"({error_summary(exc)})") from None
     if not isinstance(state, dict):
-        raise ModelError(f"{file}: expected a state dict of tensor name -> tensor, found {type_name(state)}")
+        raise ModelError(f"{file}: expected a state dict of tensor name -> tensor, found {type_name(state, plain=True)}")
     for name, tensor in state.items():
         if not isinstance(name, str):
-            raise ModelError(f"{file}: key {name!r}: expected a tensor name (a string), found {type_name(name)}")
+            raise ModelError(f"{file}: key {name!r}: expected a tensor name (a string), found {type_name(name, plain=True)}")
         if not isinstance(tensor, torch.Tensor):
-            raise ModelError(f"{file}: entry '{name}': expected a tensor, found {type_name(tensor)}")
+            raise ModelError(f"{file}: entry '{name}': expected a tensor, found {type_name(tensor, plain=True)}")
     return state
 
 

@@ -3,8 +3,9 @@ blend), expand if asked, evaluate the strategies if asked (strategies.py), and r
 
 The Python API, stage by stage (the CLI is a thin layer over it):
 
-    from nerd import load_config, plan_merge, write_merge, MetricCache
+    from nerd import claim_output, load_config, plan_merge, write_merge, MetricCache
     config = load_config("my.yaml")
+    claim_output(config)  # before writing: a killed run's leftovers, a non-empty output_dir refused
     plan = plan_merge(config, cache=MetricCache())
     write_merge(plan, config)
 

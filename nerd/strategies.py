@@ -35,7 +35,7 @@ def chosen_strategy(config: MergeConfig, plan: Plan, plan_variant: Callable[[Mer
     subjects += [Subject(f"composite: {s.name}", "composite", plan.sources[plan.base], p)
                  for s, p in zip(strategies, plans)]
     rows = evaluate_subjects(subjects, list(options.texts), options, cache, pick_device(config.device), quiet)
-    texts = [options.label(path) for path in options.texts]
+    texts = list(options.names)  # each text as the user wrote it
     scores = [strategy_score(rows, f"composite: {s.name}", texts, options.choose_by) for s in strategies]
     ranked = sorted((i for i in range(len(strategies)) if scores[i] is not None), key=lambda i: (scores[i], i))
     if not ranked:

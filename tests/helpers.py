@@ -27,7 +27,7 @@ import yaml
 from safetensors import safe_open
 
 from examples.tiny_models import build_model
-from nerd import MetricCache, plan_merge, write_merge
+from nerd import MetricCache, claim_output, plan_merge, write_merge
 from nerd.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,18 +111,18 @@ def write_config(path: Path, models, out: Path, **options) -> Path:
     return path
 
 
-def config_of(models, out: Path, *, force: bool = False, writing: bool = True, **options):
+def config_of(models, out: Path, **options):
     """The validated config of `raw_config`, built in Python, as load_config would read it from a
-    file beside the output directory (force and writing as load_config takes them)."""
+    file beside the output directory."""
     from nerd.config import config_from_dict
-    return config_from_dict(raw_config(models, out, **options), base_dir=Path(out).parent, force=force,
-                            writing=writing)
+    return config_from_dict(raw_config(models, out, **options), base_dir=Path(out).parent)
 
 
 def api_merge(models, out: Path, *, cache: Path | None = None, **options):
     """Plan and write the merge of `config_of` through the Python API, as the command line does
     with --quiet, with the metric cache file `cache` (None: one in memory); the plan."""
     config = config_of(models, out, **options)
+    claim_output(config)
     with contextlib.closing(MetricCache(cache)) as metrics:
         plan = plan_merge(config, cache=metrics, quiet=True)
     write_merge(plan, config, quiet=True)

@@ -3,12 +3,14 @@
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
 
 from nerd.cli import main
-from nerd.config import load_config
+from nerd.config import claim_output, load_config
+from nerd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "models"
@@ -98,7 +100,11 @@ def test_output_dir_not_empty_needs_force(tmp_path, capsys):
     assert code == 2 and "was not written by mastermerge (no merge_report.json); refusing to replace it" in line
     assert (out / "precious.txt").read_text() == "keep me"
     (out / "merge_report.json").write_text("{}")
-    assert load_config(path, force=True).output_dir == out.resolve()
+    config = load_config(path)  # loading judges nothing on disk; claiming the output before writing does
+    claim_output(config, force=True)
+    assert config.output_dir == out.resolve()
+    with pytest.raises(ConfigError, match="exists and is not empty"):
+        claim_output(config)
 
 
 @pytest.mark.parametrize("output", [".", "..", "{home}"])
@@ -165,7 +171,7 @@ def test_every_config_is_validated_before_any_work(tmp_path, capsys):
 
 
 def test_relative_paths_are_relative_to_the_config_file(tmp_path):
-    config = load_config(REPO / "mastermerge_config.yaml", force=True)
+    config = load_config(REPO / "mastermerge_config.yaml")
     assert config.base.path == (EXAMPLES / "tiny-base").resolve()
     assert config.output_dir == (REPO / "merged" / "tiny-composite").resolve()
     assert [c.ref for c in config.candidates][0] == "examples/models/tiny-base"
@@ -193,3 +199,36 @@ def test_no_traceback_without_debug(tmp_path):
     run = subprocess.run([sys.executable, str(REPO / "mastermerge.py"), "--config", str(path), "--debug"],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "Traceback" in run.stderr
+
+
+def test_loading_changes_nothing_on_disk_and_claiming_the_output_cleans_up(tmp_path, capsys):
+    path = write_config(tmp_path)
+    leftover = tmp_path / ".out.mastermerge-999999999.tmp"  # what a killed run (no such process) left
+    leftover.mkdir()
+    config = load_config(path)
+    assert leftover.exists() and not (tmp_path / "out").exists()
+    claim_output(config)
+    assert not leftover.exists() and "left by a run that was killed" in capsys.readouterr().err
+
+
+def test_every_key_says_what_it_expects():
+    """The one-line messages come from the schema: each key is a section, a choice or has a description."""
+    from nerd.config import core, description_of, field_type, keys_of
+    from nerd.schema import MergeConfig, Schema
+
+    checked = []
+
+    def check(schema, loc):
+        annotation = field_type(MergeConfig, loc)
+        inner = core(annotation)
+        if isinstance(inner, type) and issubclass(inner, Schema):
+            for key in keys_of(inner):
+                check(schema, loc + (key,))
+        elif getattr(inner, "__origin__", None) is tuple and isinstance(core(inner.__args__[0]), type) \
+                and issubclass(core(inner.__args__[0]), Schema):
+            check(schema, loc + (0,))
+        else:
+            assert description_of(annotation) or getattr(inner, "__origin__", None) is Literal, loc
+            checked.append(loc)
+    check(MergeConfig, ())
+    assert ("evaluate", "strategies", 0, "tether", "weights") in checked and len(checked) > 40

@@ -5,8 +5,9 @@ Three generators: (a) arbitrary bytes and YAML-ish token soup (invalid UTF-8, ta
 huge numbers, deep nesting), (b) random Python structures written with yaml.safe_dump, and (c) the
 most effective one, a valid config mutated at random key paths (values replaced, keys deleted or
 added, types changed), which reaches the deep checks of every section. Nothing is ever written:
-configs are loaded with writing=False and the CLI test stubs out the merge itself. Each crash the
-fuzzing found is also kept as a plain regression case (test_found_crashes_stay_fixed).
+configs are loaded and their output claimed (with no leftovers of a killed run there to clean up),
+and the CLI test stubs out the merge itself. Each crash the fuzzing found is also kept as a plain
+regression case (test_found_crashes_stay_fixed).
 """
 
 import contextlib
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nerd.cli
-from nerd.config import MergeConfig, load_config
+from nerd.config import MergeConfig, claim_output, load_config
 from nerd.errors import ConfigError, MergeError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
@@ -75,9 +76,11 @@ def valid_configs(root: Path) -> list[dict]:
 
 
 def check_load(path: Path, force: bool = False) -> MergeConfig | None:
-    """Load `path`: a config, or a one-line, printable error naming the file. Anything else fails the test."""
+    """Load `path` and claim its output: a config, or a one-line, printable error naming the file. Anything
+    else fails the test."""
     try:
-        config = load_config(path, force=force, writing=False)
+        config = load_config(path)
+        claim_output(config, force=force)
     except MergeError as exc:
         message = str(exc)
         assert message, f"empty message from {type(exc).__name__}"
@@ -146,7 +149,7 @@ def test_found_crashes_stay_fixed(root, text, message):
     path = root / "found.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
     with pytest.raises(ConfigError) as caught:
-        load_config(path, writing=False)
+        load_config(path)
     assert message in str(caught.value)
     assert check_load(path) is None  # one printable line naming the file
 
@@ -156,7 +159,7 @@ def test_yaml_merge_keys_are_read(root):
     path = root / "merge-keys.yaml"
     path.write_text(HEAD + "output_dir: out\nselection: {<<: {granularity: tensor, goal: min}, goal: max}\n"
                     "tether: {<<: &t {mode: blend, weights: equal}, mode: blend}\n")
-    config = load_config(path, writing=False)
+    config = load_config(path)
     assert (config.selection.granularity, config.selection.goal, config.tether.mode) == ("tensor", "max", "blend")
 
 
@@ -350,7 +353,7 @@ def test_the_seeds_are_valid(root):
     for i, config in enumerate(valid_configs(root)):
         path = root / f"seed{i}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        assert check_load(path) is not None, config
+        assert check_load(path, force=True) is not None, config  # force: seed 1 replaces an earlier output
 
 
 @settings(FUZZ, max_examples=300)

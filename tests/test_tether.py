@@ -191,7 +191,7 @@ def test_tether_sums_are_cached_by_content(tmp_path, family):
     assert compared > 2 * LAYERS * 7
 
     def plan_with(models):
-        config = config_of(models, tmp_path / "out", writing=False)
+        config = config_of(models, tmp_path / "out")
         with closing(MetricCache(cache_path)) as cache:
             return plan_merge(config, cache=cache, quiet=True), cache.pairs_computed
 
@@ -229,7 +229,7 @@ def test_blend_then_expand_copies_the_blended_block(tmp_path, family, monkeypatc
     calls = []
     monkeypatch.setattr(nerd.importance, "spectrum_of", lambda *a: calls.append(a) or spectrum_of(*a))
     with closing(MetricCache(tmp_path / "c.sqlite")) as cache:
-        again = plan_merge(config_of(models, out, writing=False, **options), cache=cache, quiet=True)
+        again = plan_merge(config_of(models, out, **options), cache=cache, quiet=True)
     assert again.spectra_computed == 0 and not calls and again.expansion.scores == expansion["scores"]
 
 

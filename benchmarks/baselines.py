@@ -75,6 +75,9 @@ def run(kind: str, directory: Path) -> dict:
 
 if __name__ == "__main__":
     what = sys.argv[1]
-    result = ({"gflops": gemm_rate(), "torch": torch.__version__, "numpy": np.__version__} if what == "gemm"
-              else run(what, Path(sys.argv[2])))
+    result = (
+        {"gflops": gemm_rate(), "torch": torch.__version__, "numpy": np.__version__}
+        if what == "gemm"
+        else run(what, Path(sys.argv[2]))
+    )
     print(json.dumps(result))

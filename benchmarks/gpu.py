@@ -49,8 +49,11 @@ NER_AGREEMENT = 1e-12
 def default_models(work: Path) -> list[Path]:
     """The 0.39B trained-spectra base and two fine-tunes of it that benchmarks/run.py builds."""
     base = build(work / "llama-trained", LLAMA_TRAINED, seed=5, spectrum=TRAINED_EXPONENT)
-    return [base, build(work / "llama-trained-ft1", LLAMA_TRAINED, seed=6, base=base, noise=0.02),
-            build(work / "llama-trained-ft2", LLAMA_TRAINED, seed=7, base=base, noise=0.02)]
+    return [
+        base,
+        build(work / "llama-trained-ft1", LLAMA_TRAINED, seed=6, base=base, noise=0.02),
+        build(work / "llama-trained-ft2", LLAMA_TRAINED, seed=7, base=base, noise=0.02),
+    ]
 
 
 def matrices_of(model: Path) -> dict[str, torch.Tensor]:
@@ -120,8 +123,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "gpu.json")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu.py: CUDA was asked for (--device cuda) but torch sees no CUDA device; "
-              "use --device cpu to exercise the script", file=sys.stderr)
+        print(
+            "gpu.py: CUDA was asked for (--device cuda) but torch sees no CUDA device; "
+            "use --device cpu to exercise the script",
+            file=sys.stderr,
+        )
         return 2
     models = args.model or default_models(args.work)
     labels = [m.name for m in models]
@@ -134,8 +140,10 @@ def main() -> int:
         matrices = matrices_of(model)
         names = names or list(matrices)
         if list(matrices) != names:
-            print(f"gpu.py: {model} has other 2-D tensors than {models[0]}: give models of one architecture",
-                  file=sys.stderr)
+            print(
+                f"gpu.py: {model} has other 2-D tensors than {models[0]}: give models of one architecture",
+                file=sys.stderr,
+            )
             return 2
         tensors = list(matrices.values())
         if label == labels[0]:  # untimed: one matrix of each shape sets up CUDA, the solvers and LAPACK
@@ -146,41 +154,64 @@ def main() -> int:
         dev, dev_s = timed(lambda t=tensors: device_spectra(t, args.device), args.device)
         for path, spectra in (("cpu", cpu), ("device", dev)):
             ner[path][label] = {n: metrics_of(s)["ner"] for n, s in zip(matrices, spectra)}
-        differences = [abs(a - b) if a is not None and b is not None else (0.0 if a is b else float("inf"))
-                       for a, b in zip(ner["cpu"][label].values(), ner["device"][label].values())]
-        rows.append({"model": label, "matrices": len(tensors), "parameters": sum(t.numel() for t in tensors),
-                     "cpu_seconds": round(cpu_s, 3), "device_seconds": round(dev_s, 3),
-                     "cpu_matrices_per_s": round(len(tensors) / cpu_s, 1),
-                     "device_matrices_per_s": round(len(tensors) / dev_s, 1),
-                     "speedup": round(cpu_s / dev_s, 2), "max_ner_difference": max(differences),
-                     "ner_within_1e-12": sum(d <= NER_AGREEMENT for d in differences),
-                     "cpu_paths": paths(cpu), "device_paths": paths(dev)})
+        differences = [
+            abs(a - b) if a is not None and b is not None else (0.0 if a is b else float("inf"))
+            for a, b in zip(ner["cpu"][label].values(), ner["device"][label].values())
+        ]
+        rows.append(
+            {
+                "model": label,
+                "matrices": len(tensors),
+                "parameters": sum(t.numel() for t in tensors),
+                "cpu_seconds": round(cpu_s, 3),
+                "device_seconds": round(dev_s, 3),
+                "cpu_matrices_per_s": round(len(tensors) / cpu_s, 1),
+                "device_matrices_per_s": round(len(tensors) / dev_s, 1),
+                "speedup": round(cpu_s / dev_s, 2),
+                "max_ner_difference": max(differences),
+                "ner_within_1e-12": sum(d <= NER_AGREEMENT for d in differences),
+                "cpu_paths": paths(cpu),
+                "device_paths": paths(dev),
+            }
+        )
 
     same_winners = None
     if len(models) > 1:
         cpu_winners, dev_winners = winners(ner["cpu"], names), winners(ner["device"], names)
         same_winners = cpu_winners == dev_winners
     ner_ok = all(r["ner_within_1e-12"] == r["matrices"] for r in rows)
-    result = {"device": device_name(args.device), "device_path": args.device, "torch": torch.__version__,
-              "cpu": f"{platform.machine()}, {torch.get_num_threads()} threads",
-              "rows": rows, "same_winners": same_winners,
-              "winners": None if same_winners is None else cpu_winners, "passed": ner_ok and same_winners is not False}
+    result = {
+        "device": device_name(args.device),
+        "device_path": args.device,
+        "torch": torch.__version__,
+        "cpu": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "rows": rows,
+        "same_winners": same_winners,
+        "winners": None if same_winners is None else cpu_winners,
+        "passed": ner_ok and same_winners is not False,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     path = "CUDA (spectra_of)" if args.device == "cuda" else "torch batched on the CPU (batched_spectra)"
     print(f"Device: {result['device']}; torch {torch.__version__}; device path: {path}\n")
-    print("| model | matrices | CPU path | device path | speed-up | CPU matrices/s | device matrices/s "
-          "| max NER difference | NER within 1e-12 | paths (CPU; device) |")
+    print(
+        "| model | matrices | CPU path | device path | speed-up | CPU matrices/s | device matrices/s "
+        "| max NER difference | NER within 1e-12 | paths (CPU; device) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['matrices']} | {r['cpu_seconds']:.2f} s | {r['device_seconds']:.2f} s "
-              f"| {r['speedup']}x | {r['cpu_matrices_per_s']} | {r['device_matrices_per_s']} "
-              f"| {r['max_ner_difference']:.1e} | {r['ner_within_1e-12']}/{r['matrices']} "
-              f"| {listed(r['cpu_paths'])}; {listed(r['device_paths'])} |")
+        print(
+            f"| {r['model']} | {r['matrices']} | {r['cpu_seconds']:.2f} s | {r['device_seconds']:.2f} s "
+            f"| {r['speedup']}x | {r['cpu_matrices_per_s']} | {r['device_matrices_per_s']} "
+            f"| {r['max_ner_difference']:.1e} | {r['ner_within_1e-12']}/{r['matrices']} "
+            f"| {listed(r['cpu_paths'])}; {listed(r['device_paths'])} |"
+        )
     if same_winners is not None:
-        print(f"\nPer-depth winners (highest block mean NER): "
-              f"{'the same on both paths' if same_winners else 'DIFFER'}: CPU {cpu_winners}, device {dev_winners}")
+        print(
+            f"\nPer-depth winners (highest block mean NER): "
+            f"{'the same on both paths' if same_winners else 'DIFFER'}: CPU {cpu_winners}, device {dev_winners}"
+        )
     print(f"\n{'PASSED' if result['passed'] else 'FAILED'}; wrote {args.out}")
     return 0 if result["passed"] else 1
 

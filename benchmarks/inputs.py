@@ -38,26 +38,40 @@ class Shape:
         shapes = {"model.embed_tokens.weight": (self.vocab, self.hidden)}
         for i in range(self.layers):
             p = f"model.layers.{i}."
-            shapes |= {p + "input_layernorm.weight": (self.hidden,),
-                       p + "self_attn.q_proj.weight": (self.hidden, self.hidden),
-                       p + "self_attn.k_proj.weight": (kv, self.hidden),
-                       p + "self_attn.v_proj.weight": (kv, self.hidden),
-                       p + "self_attn.o_proj.weight": (self.hidden, self.hidden),
-                       p + "post_attention_layernorm.weight": (self.hidden,),
-                       p + "mlp.gate_proj.weight": (self.intermediate, self.hidden),
-                       p + "mlp.up_proj.weight": (self.intermediate, self.hidden),
-                       p + "mlp.down_proj.weight": (self.hidden, self.intermediate)}
+            shapes |= {
+                p + "input_layernorm.weight": (self.hidden,),
+                p + "self_attn.q_proj.weight": (self.hidden, self.hidden),
+                p + "self_attn.k_proj.weight": (kv, self.hidden),
+                p + "self_attn.v_proj.weight": (kv, self.hidden),
+                p + "self_attn.o_proj.weight": (self.hidden, self.hidden),
+                p + "post_attention_layernorm.weight": (self.hidden,),
+                p + "mlp.gate_proj.weight": (self.intermediate, self.hidden),
+                p + "mlp.up_proj.weight": (self.intermediate, self.hidden),
+                p + "mlp.down_proj.weight": (self.hidden, self.intermediate),
+            }
         return shapes | {"model.norm.weight": (self.hidden,), "lm_head.weight": (self.vocab, self.hidden)}
 
     def parameters(self) -> int:
         return sum(torch.Size(s).numel() for s in self.tensors().values())
 
     def config(self) -> dict:
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.hidden,
-                "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
-                "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "vocab_size": self.vocab,
-                "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "hidden_act": "silu",
-                "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "vocab_size": self.vocab,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        }
 
 
 # 0.39B parameters: the Llama-shaped checkpoint the issue measured weightwatcher on
@@ -83,8 +97,14 @@ def power_law_matrix(shape: tuple[int, ...], exponent: float, g: torch.Generator
     return (u * s) @ v.T
 
 
-def build(directory: Path, shape: Shape, seed: int = 0, base: Path | None = None, noise: float = 0.0,
-          spectrum: float | None = None) -> Path:
+def build(
+    directory: Path,
+    shape: Shape,
+    seed: int = 0,
+    base: Path | None = None,
+    noise: float = 0.0,
+    spectrum: float | None = None,
+) -> Path:
     """Write the checkpoint (or, with `base`, a fine-tune of it) unless it is already there; with
     `spectrum`, every matrix has power-law singular values of that exponent."""
     if (directory / "model.safetensors").is_file():
@@ -93,16 +113,21 @@ def build(directory: Path, shape: Shape, seed: int = 0, base: Path | None = None
     g = torch.Generator().manual_seed(seed)
     if base is not None:
         from safetensors.torch import load_file
+
         state = load_file(str(base / "model.safetensors"))
         for name, w in state.items():
             if ".layers." in name and w.dim() == 2:
                 w = w.float()
                 state[name] = (w + torch.randn(w.shape, generator=g) * (noise * w.std())).to(torch.bfloat16)
     else:
+
         def matrix(s):
             return torch.randn(s, generator=g) * 0.02 if spectrum is None else power_law_matrix(s, spectrum, g)
-        state = {name: (torch.ones(s) if len(s) == 1 else matrix(s)).to(torch.bfloat16)
-                 for name, s in shape.tensors().items()}
+
+        state = {
+            name: (torch.ones(s) if len(s) == 1 else matrix(s)).to(torch.bfloat16)
+            for name, s in shape.tensors().items()
+        }
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(shape.config(), indent=2) + "\n")
     return directory
@@ -111,26 +136,43 @@ def build(directory: Path, shape: Shape, seed: int = 0, base: Path | None = None
 def main() -> None:
     import argparse
     import sys
+
     parser = argparse.ArgumentParser()
     parser.add_argument("work", type=Path)
     parser.add_argument("--7b-block", dest="block", action="store_true")
     args = parser.parse_args()
     base = build(args.work / "llama-390m", LLAMA_390M, seed=0)
-    built = {"base": (base, LLAMA_390M),
-             "ft1": (build(args.work / "llama-390m-ft1", LLAMA_390M, seed=1, base=base, noise=0.02), LLAMA_390M),
-             "ft2": (build(args.work / "llama-390m-ft2", LLAMA_390M, seed=2, base=base, noise=0.02), LLAMA_390M),
-             "small": (build(args.work / "llama-200m", LLAMA_200M, seed=3), LLAMA_200M)}
+    built = {
+        "base": (base, LLAMA_390M),
+        "ft1": (build(args.work / "llama-390m-ft1", LLAMA_390M, seed=1, base=base, noise=0.02), LLAMA_390M),
+        "ft2": (build(args.work / "llama-390m-ft2", LLAMA_390M, seed=2, base=base, noise=0.02), LLAMA_390M),
+        "small": (build(args.work / "llama-200m", LLAMA_200M, seed=3), LLAMA_200M),
+    }
     trained = build(args.work / "llama-trained", LLAMA_TRAINED, seed=5, spectrum=TRAINED_EXPONENT)
-    built |= {"trained": (trained, LLAMA_TRAINED),
-              "trained_ft1": (build(args.work / "llama-trained-ft1", LLAMA_TRAINED, seed=6, base=trained, noise=0.02),
-                              LLAMA_TRAINED),
-              "trained_ft2": (build(args.work / "llama-trained-ft2", LLAMA_TRAINED, seed=7, base=trained, noise=0.02),
-                              LLAMA_TRAINED)}
+    built |= {
+        "trained": (trained, LLAMA_TRAINED),
+        "trained_ft1": (
+            build(args.work / "llama-trained-ft1", LLAMA_TRAINED, seed=6, base=trained, noise=0.02),
+            LLAMA_TRAINED,
+        ),
+        "trained_ft2": (
+            build(args.work / "llama-trained-ft2", LLAMA_TRAINED, seed=7, base=trained, noise=0.02),
+            LLAMA_TRAINED,
+        ),
+    }
     if args.block:
         built["block_7b"] = (build(args.work / "llama-7b-block", LLAMA_7B_BLOCK, seed=4), LLAMA_7B_BLOCK)
-    json.dump({name: {"path": str(path), "parameters": shape.parameters(),
-                      "largest_tensor_bytes": 2 * max(torch.Size(s).numel() for s in shape.tensors().values())}
-               for name, (path, shape) in built.items()}, sys.stdout)
+    json.dump(
+        {
+            name: {
+                "path": str(path),
+                "parameters": shape.parameters(),
+                "largest_tensor_bytes": 2 * max(torch.Size(s).numel() for s in shape.tensors().values()),
+            }
+            for name, (path, shape) in built.items()
+        },
+        sys.stdout,
+    )
 
 
 if __name__ == "__main__":

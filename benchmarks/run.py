@@ -35,10 +35,11 @@ ROOT = HERE.parent
 
 REFERENCE = HERE / ".venv-ref"
 REFERENCE_PACKAGES = ["weightwatcher==0.7.7", "powerlaw==1.5", "mergekit"]
-WW = ("import sys, weightwatcher as ww; d = ww.WeightWatcher().analyze(model=sys.argv[1]); "
-      "print(len(d), int(d['alpha'].isna().sum()))")
-TARGETS = {"analysis / floor": 1.2, "weightwatcher / analysis": 2.5, "warm / cold": 0.10,
-           "merge / mergekit": 0.5}
+WW = (
+    "import sys, weightwatcher as ww; d = ww.WeightWatcher().analyze(model=sys.argv[1]); "
+    "print(len(d), int(d['alpha'].isna().sum()))"
+)
+TARGETS = {"analysis / floor": 1.2, "weightwatcher / analysis": 2.5, "warm / cold": 0.10, "merge / mergekit": 0.5}
 
 
 class Measured(subprocess.Popen):
@@ -88,8 +89,9 @@ def baseline(kind: str, model: Path | None = None) -> dict:
 def analysis(model: Path, work: Path, cache: Path) -> dict:
     out = work / "analysis"
     shutil.rmtree(out, ignore_errors=True)
-    return measured(mastermerge("analyze", str(model), "--out", str(out), "--no-plots", "--cache", str(cache),
-                                "--quiet", "--force"))
+    return measured(
+        mastermerge("analyze", str(model), "--out", str(out), "--no-plots", "--cache", str(cache), "--quiet", "--force")
+    )
 
 
 def spectrum_paths(work: Path) -> dict[str, int]:
@@ -106,10 +108,17 @@ def benchmark_analysis(model: Path, work: Path, ref: Path) -> dict:
     warm = analysis(model, work, cache)
     bare, syrk, svdvals = baseline("bare", model), baseline("syrk", model), baseline("svdvals", model)
     ww = measured([str(ref), "-c", WW, str(model)], env=os.environ | {"HF_HUB_OFFLINE": "1"}) if ref else None
-    return {"cold": cold | {"paths": paths}, "warm": warm, "bare": bare, "syrk": syrk, "svdvals": svdvals,
-            "weightwatcher": ww, "floor": min(bare["seconds"], syrk["seconds"]),
-            "gflops": bare["flops"] / cold["seconds"] / 1e9,
-            "executed_gflops": bare["syrk_flops"] / cold["seconds"] / 1e9}
+    return {
+        "cold": cold | {"paths": paths},
+        "warm": warm,
+        "bare": bare,
+        "syrk": syrk,
+        "svdvals": svdvals,
+        "weightwatcher": ww,
+        "floor": min(bare["seconds"], syrk["seconds"]),
+        "gflops": bare["flops"] / cold["seconds"] / 1e9,
+        "executed_gflops": bare["syrk_flops"] / cold["seconds"] / 1e9,
+    }
 
 
 def benchmark_merge(models: list[Path], work: Path, ref: Path | None) -> dict:
@@ -117,22 +126,28 @@ def benchmark_merge(models: list[Path], work: Path, ref: Path | None) -> dict:
     cache, out = work / "merge.sqlite", work / "merged"
     cache.unlink(missing_ok=True)  # the plan computes every spectrum; the merge after it finds them cached
     config = work / "merge.yaml"
-    config.write_text(yaml.safe_dump({"models": [str(m) for m in models], "base_model": str(models[0]),
-                                      "output_dir": str(out)}))
+    config.write_text(
+        yaml.safe_dump({"models": [str(m) for m in models], "base_model": str(models[0]), "output_dir": str(out)})
+    )
     plan = measured(mastermerge("--config", str(config), "--cache", str(cache), "--dry-run", "--json", "--quiet"))
     choices = json.loads(plan["stdout"])["results"][0]["choices"]
     shutil.rmtree(out, ignore_errors=True)  # both tools write a fresh directory
     merge = measured(mastermerge("--config", str(config), "--cache", str(cache), "--quiet"))
     result = {"plan_cold": plan, "merge_warm": merge}
     if ref:
-        slices = [{"sources": [{"model": c["winner"], "layer_range": [c["depth"], c["depth"] + 1]}]}
-                  for c in choices if c["depth"] is not None]
+        slices = [
+            {"sources": [{"model": c["winner"], "layer_range": [c["depth"], c["depth"] + 1]}]}
+            for c in choices
+            if c["depth"] is not None
+        ]
         kit = work / "mergekit.yaml"
         kit.write_text(yaml.safe_dump({"slices": slices, "merge_method": "passthrough", "dtype": "bfloat16"}))
         kit_out = work / "mergekit-out"
         shutil.rmtree(kit_out, ignore_errors=True)
-        result["mergekit"] = measured([str(ref.parent / "mergekit-yaml"), str(kit), str(kit_out), "--quiet"],
-                                      env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        result["mergekit"] = measured(
+            [str(ref.parent / "mergekit-yaml"), str(kit), str(kit_out), "--quiet"],
+            env=os.environ | {"HF_HUB_OFFLINE": "1"},
+        )
     return result
 
 
@@ -140,27 +155,72 @@ def family_rows(label: str, a: dict, m: dict, memory_target_mb: float) -> list[t
     """The table rows of one checkpoint family: its analysis against the baselines, its merge."""
     cold, floor = a["cold"]["seconds"], a["floor"]
     paths = ", ".join(f"{n} {p}" for p, n in a["cold"]["paths"].items())
-    rows = [(f"{label}: mastermerge analyze, cold cache", cold, a["cold"]["peak_mb"],
-             f"= {cold / floor:.2f}x the floor (target <= {TARGETS['analysis / floor']}x); spectra: {paths}")]
-    rows.append((f"{label}: mastermerge analyze, warm cache", a["warm"]["seconds"], a["warm"]["peak_mb"],
-                 f"{a['warm']['seconds'] / cold:.1%} of cold (target < 10%)"))
-    rows.append((f"{label}: bare float64 Gram (gemm) + eigvalsh, torch (work only)", a["bare"]["seconds"],
-                 a["bare"]["peak_mb"], "the floor" if a["bare"]["seconds"] == floor else ""))
-    rows.append((f"{label}: bare float64 Gram (syrk) + eigvalsh, numpy (work only)", a["syrk"]["seconds"],
-                 a["syrk"]["peak_mb"], "the floor" if a["syrk"]["seconds"] == floor else ""))
-    rows.append((f"{label}: torch.linalg.svdvals loop, float32 (work only)", a["svdvals"]["seconds"],
-                 a["svdvals"]["peak_mb"], f"{a['svdvals']['seconds'] / cold:.2f}x the analysis"))
+    rows = [
+        (
+            f"{label}: mastermerge analyze, cold cache",
+            cold,
+            a["cold"]["peak_mb"],
+            f"= {cold / floor:.2f}x the floor (target <= {TARGETS['analysis / floor']}x); spectra: {paths}",
+        )
+    ]
+    rows.append(
+        (
+            f"{label}: mastermerge analyze, warm cache",
+            a["warm"]["seconds"],
+            a["warm"]["peak_mb"],
+            f"{a['warm']['seconds'] / cold:.1%} of cold (target < 10%)",
+        )
+    )
+    rows.append(
+        (
+            f"{label}: bare float64 Gram (gemm) + eigvalsh, torch (work only)",
+            a["bare"]["seconds"],
+            a["bare"]["peak_mb"],
+            "the floor" if a["bare"]["seconds"] == floor else "",
+        )
+    )
+    rows.append(
+        (
+            f"{label}: bare float64 Gram (syrk) + eigvalsh, numpy (work only)",
+            a["syrk"]["seconds"],
+            a["syrk"]["peak_mb"],
+            "the floor" if a["syrk"]["seconds"] == floor else "",
+        )
+    )
+    rows.append(
+        (
+            f"{label}: torch.linalg.svdvals loop, float32 (work only)",
+            a["svdvals"]["seconds"],
+            a["svdvals"]["peak_mb"],
+            f"{a['svdvals']['seconds'] / cold:.2f}x the analysis",
+        )
+    )
     if a["weightwatcher"]:
-        rows.append((f"{label}: weightwatcher 0.7.7 analyze", a["weightwatcher"]["seconds"],
-                     a["weightwatcher"]["peak_mb"],
-                     f"{a['weightwatcher']['seconds'] / cold:.2f}x the analysis (target >= 2.5x)"))
-    rows.append((f"{label}: mastermerge merge of 3 candidates, warm cache", m["merge_warm"]["seconds"],
-                 m["merge_warm"]["peak_mb"], f"peak within largest tensor + 1 GB = {memory_target_mb:.0f} MB"))
+        rows.append(
+            (
+                f"{label}: weightwatcher 0.7.7 analyze",
+                a["weightwatcher"]["seconds"],
+                a["weightwatcher"]["peak_mb"],
+                f"{a['weightwatcher']['seconds'] / cold:.2f}x the analysis (target >= 2.5x)",
+            )
+        )
+    rows.append(
+        (
+            f"{label}: mastermerge merge of 3 candidates, warm cache",
+            m["merge_warm"]["seconds"],
+            m["merge_warm"]["peak_mb"],
+            f"peak within largest tensor + 1 GB = {memory_target_mb:.0f} MB",
+        )
+    )
     if "mergekit" in m:
-        rows.append((f"{label}: mergekit passthrough, same per-layer selection", m["mergekit"]["seconds"],
-                     m["mergekit"]["peak_mb"],
-                     f"mastermerge = {m['merge_warm']['seconds'] / m['mergekit']['seconds']:.2f}x this "
-                     f"(target <= 0.5x)"))
+        rows.append(
+            (
+                f"{label}: mergekit passthrough, same per-layer selection",
+                m["mergekit"]["seconds"],
+                m["mergekit"]["peak_mb"],
+                f"mastermerge = {m['merge_warm']['seconds'] / m['mergekit']['seconds']:.2f}x this (target <= 0.5x)",
+            )
+        )
     return rows
 
 
@@ -170,23 +230,39 @@ def table(results: dict) -> str:
     for family in results["families"]:
         rows += family_rows(family["label"], family["analysis"], family["merge"], family["memory_target_mb"])
     small = results["small"]
-    rows.append((f"Gaussian: mastermerge analyze, {small['parameters'] / 1e9:.2f}B checkpoint, cold", small["seconds"],
-                 small["peak_mb"], "peak memory for a second size"))
+    rows.append(
+        (
+            f"Gaussian: mastermerge analyze, {small['parameters'] / 1e9:.2f}B checkpoint, cold",
+            small["seconds"],
+            small["peak_mb"],
+            "peak memory for a second size",
+        )
+    )
     for name, run in results.get("block_7b", {}).items():
-        rows.append((f"7B-shaped block: {name}" + ("" if name.startswith("mastermerge") else " (work only)"),
-                     run["seconds"], run["peak_mb"], ""))
+        rows.append(
+            (
+                f"7B-shaped block: {name}" + ("" if name.startswith("mastermerge") else " (work only)"),
+                run["seconds"],
+                run["peak_mb"],
+                "",
+            )
+        )
     lines = ["| run | wall s | peak MB | comparison |", "|---|---|---|---|"]
     lines += [f"| {name} | {seconds:.1f} | {peak:.0f} | {note} |" for name, seconds, peak, note in rows]
     gemm = results["machine"]["gemm_gflops"]
     for family in results["families"]:
         a = family["analysis"]
-        lines.append(f"\n{family['label']}: analysis of {family['parameters'] / 1e9:.2f}B parameters "
-                     f"({a['bare']['matrices']} matrices): {a['gflops']:.1f} GFLOP/s of nominal float64 work "
-                     f"(2mk^2 + 4/3k^3 per matrix), {a['gflops'] / gemm:.0%} of the machine's float64 GEMM rate "
-                     f"({gemm:.1f} GFLOP/s); the work executed (mk^2 + 4/3k^3 with the symmetric update) ran at "
-                     f"{a['executed_gflops']:.1f} GFLOP/s, {a['executed_gflops'] / gemm:.0%}.")
-    lines.append("\n\"work only\": the loop's own seconds, weights in memory; the other rows are whole processes. "
-                 "The floor is the faster of the two bare loops.")
+        lines.append(
+            f"\n{family['label']}: analysis of {family['parameters'] / 1e9:.2f}B parameters "
+            f"({a['bare']['matrices']} matrices): {a['gflops']:.1f} GFLOP/s of nominal float64 work "
+            f"(2mk^2 + 4/3k^3 per matrix), {a['gflops'] / gemm:.0%} of the machine's float64 GEMM rate "
+            f"({gemm:.1f} GFLOP/s); the work executed (mk^2 + 4/3k^3 with the symmetric update) ran at "
+            f"{a['executed_gflops']:.1f} GFLOP/s, {a['executed_gflops'] / gemm:.0%}."
+        )
+    lines.append(
+        '\n"work only": the loop\'s own seconds, weights in memory; the other rows are whole processes. '
+        "The floor is the faster of the two bare loops."
+    )
     return "\n".join(lines)
 
 
@@ -199,24 +275,41 @@ def main() -> None:
     work = args.work.resolve()
     ref = None if args.no_reference else reference_python()
     print("building inputs ...", flush=True)
-    built = json.loads(measured([sys.executable, str(HERE / "inputs.py"), str(work)]
-                                + (["--7b-block"] if args.block else []))["stdout"])
+    built = json.loads(
+        measured([sys.executable, str(HERE / "inputs.py"), str(work)] + (["--7b-block"] if args.block else []))[
+            "stdout"
+        ]
+    )
     small = Path(built["small"]["path"])
     print("machine GEMM rate ...", flush=True)
     gemm = baseline("gemm")
-    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-               "torch": gemm["torch"], "numpy": gemm["numpy"], "gemm_gflops": gemm["gflops"]}
+    machine = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": gemm["torch"],
+        "numpy": gemm["numpy"],
+        "gemm_gflops": gemm["gflops"],
+    }
     results = {"machine": machine, "families": []}
-    for label, key, *fine_tunes in (("Gaussian", "base", "ft1", "ft2"),
-                                    ("Trained spectra", "trained", "trained_ft1", "trained_ft2")):
+    for label, key, *fine_tunes in (
+        ("Gaussian", "base", "ft1", "ft2"),
+        ("Trained spectra", "trained", "trained_ft1", "trained_ft2"),
+    ):
         base = Path(built[key]["path"])
         models = [base] + [Path(built[name]["path"]) for name in fine_tunes]
-        print(f"{label}: analysis (mastermerge, bare work, svdvals loop, weightwatcher), merge (mergekit) ...",
-              flush=True)
-        results["families"].append({
-            "label": label, "parameters": built[key]["parameters"],
-            "analysis": benchmark_analysis(base, work, ref), "merge": benchmark_merge(models, work, ref),
-            "memory_target_mb": built[key]["largest_tensor_bytes"] / 2**20 + 1024})
+        print(
+            f"{label}: analysis (mastermerge, bare work, svdvals loop, weightwatcher), merge (mergekit) ...", flush=True
+        )
+        results["families"].append(
+            {
+                "label": label,
+                "parameters": built[key]["parameters"],
+                "analysis": benchmark_analysis(base, work, ref),
+                "merge": benchmark_merge(models, work, ref),
+                "memory_target_mb": built[key]["largest_tensor_bytes"] / 2**20 + 1024,
+            }
+        )
     cache = work / "small.sqlite"
     cache.unlink(missing_ok=True)
     results["small"] = analysis(small, work, cache) | {"parameters": built["small"]["parameters"]}
@@ -225,10 +318,12 @@ def main() -> None:
         block = Path(built["block_7b"]["path"])
         cache = work / "block.sqlite"
         cache.unlink(missing_ok=True)
-        results["block_7b"] = {"mastermerge analyze": analysis(block, work, cache),
-                               "bare (gemm) + eigvalsh": baseline("bare", block),
-                               "bare (syrk) + eigvalsh": baseline("syrk", block),
-                               "svdvals loop": baseline("svdvals", block)}
+        results["block_7b"] = {
+            "mastermerge analyze": analysis(block, work, cache),
+            "bare (gemm) + eigvalsh": baseline("bare", block),
+            "bare (syrk) + eigvalsh": baseline("syrk", block),
+            "svdvals loop": baseline("svdvals", block),
+        }
     text = table(results)
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "benchmark.json").write_text(json.dumps(results | {"table": text}, indent=2) + "\n")

@@ -49,7 +49,7 @@ def main() -> None:
         for exponent in args.exponents:
             shape = tuple(int(x) for x in text.split("x"))
             g = torch.Generator().manual_seed(0)
-            w = (torch.randn(shape, generator=g) if exponent == 0 else power_law_matrix(shape, exponent, g))
+            w = torch.randn(shape, generator=g) if exponent == 0 else power_law_matrix(shape, exponent, g)
             w = w.to(torch.bfloat16)
             ours = seconds(lambda: spectrum_of(w))
             svd = seconds(lambda: np.linalg.svd(w.double().numpy(), compute_uv=False))
@@ -57,18 +57,29 @@ def main() -> None:
             p = s / s.sum()
             spectrum = spectrum_of(w)
             error = abs(metrics_of(spectrum)["ner"] - float(-(p * np.log(p)).sum() / np.log(len(s))))
-            rows.append({"shape": text, "spectrum": "Gaussian" if exponent == 0 else f"i^-{exponent:g}",
-                         "condition": float(s[0] / s[-1]), "path": spectrum.path,
-                         "mastermerge_s": round(ours, 2), "numpy_svd_float64_s": round(svd, 2),
-                         "speedup": round(svd / ours, 2), "ner_abs_error": error})
+            rows.append(
+                {
+                    "shape": text,
+                    "spectrum": "Gaussian" if exponent == 0 else f"i^-{exponent:g}",
+                    "condition": float(s[0] / s[-1]),
+                    "path": spectrum.path,
+                    "mastermerge_s": round(ours, 2),
+                    "numpy_svd_float64_s": round(svd, 2),
+                    "speedup": round(svd / ours, 2),
+                    "ner_abs_error": error,
+                }
+            )
     machine = f"{os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}"
     print(f"Machine: {machine}\n")
-    print("| matrix (bf16) | spectrum | condition | path | mastermerge | numpy float64 SVD | speed-up "
-          "| NER difference |")
+    print(
+        "| matrix (bf16) | spectrum | condition | path | mastermerge | numpy float64 SVD | speed-up | NER difference |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {r['spectrum']} | {r['condition']:.3g} | {r['path']} | {r['mastermerge_s']} s "
-              f"| {r['numpy_svd_float64_s']} s | {r['speedup']}x | {r['ner_abs_error']:.1e} |")
+        print(
+            f"| {r['shape']} | {r['spectrum']} | {r['condition']:.3g} | {r['path']} | {r['mastermerge_s']} s "
+            f"| {r['numpy_svd_float64_s']} s | {r['speedup']}x | {r['ner_abs_error']:.1e} |"
+        )
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "spectrum_paths.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")

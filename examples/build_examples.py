@@ -62,8 +62,20 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples.train_tiny import CONTEXT, build_model, deterministic, held_out_loss, license_files, \
-    random_windows, read_texts, save, stdlib_files, token_stream, train, train_tokenizer  # noqa: E402
+from examples.train_tiny import (
+    CONTEXT,
+    build_model,
+    deterministic,
+    held_out_loss,
+    license_files,
+    random_windows,
+    read_texts,
+    save,
+    stdlib_files,
+    token_stream,
+    train,
+    train_tokenizer,
+)  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DOMAINS = ("code", "docs", "legal")
@@ -83,9 +95,12 @@ MIN_COSINE = 0.8  # the fine-tunes' blocks must stay this close to the base's (t
 def domain_documents() -> dict[str, list[str]]:
     """Each domain's documents, in a fixed order."""
     from pydoc_data.topics import topics
-    return {"code": read_texts(stdlib_files()),  # the stdlib sources train_tiny.py trains on
-            "docs": list(topics.values()),  # the reference manual's topics, as pydoc shows them
-            "legal": read_texts(license_files())}
+
+    return {
+        "code": read_texts(stdlib_files()),  # the stdlib sources train_tiny.py trains on
+        "docs": list(topics.values()),  # the reference manual's topics, as pydoc shows them
+        "legal": read_texts(license_files()),
+    }
 
 
 def split(documents: list[str]) -> tuple[list[str], str, int]:
@@ -101,7 +116,7 @@ def split(documents: list[str]) -> tuple[list[str], str, int]:
         tail.insert(0, document)
         need -= len(document)
     held_out = "".join(tail)
-    passages = {held_out[i:i + PASSAGE] for i in range(0, len(held_out) - PASSAGE + 1, PASSAGE_STEP)}
+    passages = {held_out[i : i + PASSAGE] for i in range(0, len(held_out) - PASSAGE + 1, PASSAGE_STEP)}
     kept = [d for d in documents if d and not any(p in d for p in passages)]
     return kept, held_out, sum(1 for d in documents if d) - len(kept)
 
@@ -112,13 +127,14 @@ def eval_windows(tokenizer, text: str) -> torch.Tensor:
     ids = tokenizer.backend_tokenizer.encode(text).ids
     assert ids[0] == tokenizer.bos_token_id, "the tokenizer adds BOS"
     body, n = ids[1:], CONTEXT - 1
-    return torch.tensor([[ids[0], *body[i:i + n]] for i in range(0, len(body) - n + 1, n)])
+    return torch.tensor([[ids[0], *body[i : i + n]] for i in range(0, len(body) - n + 1, n)])
 
 
 def block_cosines(model: Path, base: Path) -> list[float]:
     """Per depth: the cosine of the model's 2-D block weights with the base's, all flattened and
     concatenated (the merge's compatibility measure)."""
     from safetensors.torch import load_file
+
     tensors, reference = load_file(model / "model.safetensors"), load_file(base / "model.safetensors")
     cosines, depth = [], 0
     while names := sorted(k for k in tensors if k.startswith(f"model.layers.{depth}.") and tensors[k].dim() == 2):
@@ -132,6 +148,7 @@ def block_cosines(model: Path, base: Path) -> list[float]:
 def perplexities(paths: dict[str, Path], texts: dict[str, str]) -> dict[str, dict[str, float]]:
     """exp of the mean loss over each text's windows, for each model as saved (loaded in float32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     table = {}
     for name, path in paths.items():
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -156,8 +173,10 @@ def build_examples(out: Path, texts_dir: Path = HERE / "texts") -> dict[str, Pat
     for domain, documents in domain_documents().items():
         training[domain], held_out, dropped = split(documents)
         (texts_dir / f"{domain}.txt").write_text(held_out, encoding="utf-8")
-        print(f"{domain}: {len(training[domain])} training documents ({sum(map(len, training[domain])):,} "
-              f"characters; {dropped} dropped for holding held-out text), {len(held_out):,} held out")
+        print(
+            f"{domain}: {len(training[domain])} training documents ({sum(map(len, training[domain])):,} "
+            f"characters; {dropped} dropped for holding held-out text), {len(held_out):,} held out"
+        )
     tokenizer = train_tokenizer([t for domain in DOMAINS for t in training[domain]], VOCAB, CONTEXT, add_bos=True)
     streams = {domain: token_stream(tokenizer, training[domain]) for domain in DOMAINS}
     bos = tokenizer.bos_token_id
@@ -165,14 +184,28 @@ def build_examples(out: Path, texts_dir: Path = HERE / "texts") -> dict[str, Pat
 
     base = build_model(tokenizer, HIDDEN, INTERMEDIATE)
     g = torch.Generator().manual_seed(SEED)
-    train(base, lambda: torch.cat([random_windows(streams[d], BATCH // len(DOMAINS), g, bos=bos) for d in DOMAINS]),
-          BASE_STEPS, BASE_LR, BASE_WARMUP, started, f"{BASE} ")
+    train(
+        base,
+        lambda: torch.cat([random_windows(streams[d], BATCH // len(DOMAINS), g, bos=bos) for d in DOMAINS]),
+        BASE_STEPS,
+        BASE_LR,
+        BASE_WARMUP,
+        started,
+        f"{BASE} ",
+    )
     save(base, tokenizer, paths[BASE])
     for index, domain in enumerate(DOMAINS, start=1):
         tuned = copy.deepcopy(base).float()  # from the base as saved
         g = torch.Generator().manual_seed(SEED + index)
-        train(tuned, lambda: random_windows(streams[domain], BATCH, g, bos=bos),
-              TUNE_STEPS, TUNE_LR, TUNE_WARMUP, started, f"{NAMES[domain]} ")
+        train(
+            tuned,
+            lambda: random_windows(streams[domain], BATCH, g, bos=bos),
+            TUNE_STEPS,
+            TUNE_LR,
+            TUNE_WARMUP,
+            started,
+            f"{NAMES[domain]} ",
+        )
         save(tuned, tokenizer, paths[NAMES[domain]])
     print(f"trained in {time.perf_counter() - started:.0f} s")
     return paths
@@ -203,10 +236,18 @@ def _dir_size(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=HERE / "models",
-                        help="output directory (default: examples/models next to this script)")
-    parser.add_argument("--texts", type=Path, default=HERE / "texts",
-                        help="where the held-out texts go (default: examples/texts next to this script)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=HERE / "models",
+        help="output directory (default: examples/models next to this script)",
+    )
+    parser.add_argument(
+        "--texts",
+        type=Path,
+        default=HERE / "texts",
+        help="where the held-out texts go (default: examples/texts next to this script)",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     paths = build_examples(args.out, args.texts)

@@ -95,8 +95,15 @@ def tiny_config(
 
     if family == "gpt2":  # the one family with its own key names
         return transformers.GPT2Config(
-            vocab_size=vocab_size, n_positions=positions, n_embd=hidden_size, n_layer=num_layers,
-            n_head=heads, n_inner=ffn, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+            vocab_size=vocab_size,
+            n_positions=positions,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=heads,
+            n_inner=ffn,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            pad_token_id=PAD_ID,
             **extra,
         )
     kwargs = dict(

@@ -55,8 +55,9 @@ def stdlib_files(limit: int = CORPUS_BYTES) -> list[Path]:
     """The standard library's *.py files, sorted by their path inside it, up to `limit` bytes."""
     root = Path(sysconfig.get_paths()["stdlib"])
     chosen, total = [], 0
-    for path in sorted((p for p in root.rglob("*.py") if "site-packages" not in p.parts),
-                       key=lambda p: p.relative_to(root).as_posix()):
+    for path in sorted(
+        (p for p in root.rglob("*.py") if "site-packages" not in p.parts), key=lambda p: p.relative_to(root).as_posix()
+    ):
         if total >= limit:
             break
         chosen.append(path)
@@ -91,18 +92,25 @@ def train_tokenizer(texts: list[str], vocab: int = VOCAB, context: int = CONTEXT
     "<s> $A <s> $B")."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
+
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     pad, bos, eos, unk = SPECIAL_TOKENS
     if add_bos:
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=pad, bos_token=bos, eos_token=eos,
-                                   unk_token=unk, model_max_length=context)
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=pad, bos_token=bos, eos_token=eos, unk_token=unk, model_max_length=context
+    )
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -117,11 +125,20 @@ def build_model(tokenizer, hidden_size: int = 128, intermediate_size: int = 352,
     """A freshly initialised tiny LlamaForCausalLM of 4 layers and 4 heads (the global torch seed decides
     its weights)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=context,
-                         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=context,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -129,13 +146,14 @@ def windows(stream: torch.Tensor, starts: torch.Tensor, context: int = CONTEXT, 
     """Sequences of `context` tokens of the stream from each start; with `bos`, each is that token and
     the stream's next context - 1 tokens."""
     if bos is None:
-        return torch.stack([stream[s:s + context] for s in starts.tolist()])
+        return torch.stack([stream[s : s + context] for s in starts.tolist()])
     head = torch.tensor([bos], dtype=stream.dtype)
-    return torch.stack([torch.cat([head, stream[s:s + context - 1]]) for s in starts.tolist()])
+    return torch.stack([torch.cat([head, stream[s : s + context - 1]]) for s in starts.tolist()])
 
 
-def random_windows(stream: torch.Tensor, count: int, generator: torch.Generator, context: int = CONTEXT,
-                   bos: int | None = None) -> torch.Tensor:
+def random_windows(
+    stream: torch.Tensor, count: int, generator: torch.Generator, context: int = CONTEXT, bos: int | None = None
+) -> torch.Tensor:
     """`count` windows of the stream at starts drawn uniformly by the generator."""
     return windows(stream, torch.randint(0, len(stream) - context, (count,), generator=generator), context, bos)
 
@@ -164,8 +182,15 @@ def deterministic(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(model, next_batch, steps: int, peak: float = LEARNING_RATE, warmup: int = WARMUP,
-          started: float | None = None, label: str = "") -> float:
+def train(
+    model,
+    next_batch,
+    steps: int,
+    peak: float = LEARNING_RATE,
+    warmup: int = WARMUP,
+    started: float | None = None,
+    label: str = "",
+) -> float:
     """`steps` steps of AdamW (betas 0.9, 0.95, weight decay 0.1, gradients clipped to norm 1) on the
     batches `next_batch()` returns, at the learning_rate schedule; returns the last training loss."""
     started = time.perf_counter() if started is None else started
@@ -204,8 +229,10 @@ def main() -> None:
     train_texts, held_out_texts = corpus(args.licenses)
     tokenizer = train_tokenizer(train_texts)
     train_stream, held_out = token_stream(tokenizer, train_texts), token_stream(tokenizer, held_out_texts)
-    print(f"corpus: {sum(map(len, train_texts)):,} characters, {len(train_stream):,} training tokens, "
-          f"{len(held_out):,} held-out tokens, vocabulary {len(tokenizer)}")
+    print(
+        f"corpus: {sum(map(len, train_texts)):,} characters, {len(train_stream):,} training tokens, "
+        f"{len(held_out):,} held-out tokens, vocabulary {len(tokenizer)}"
+    )
 
     model = build_model(tokenizer)
     g = torch.Generator().manual_seed(args.seed)

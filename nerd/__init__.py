@@ -20,6 +20,20 @@ from .store import MetricCache, default_cache_path  # noqa: E402
 from .verify import verify_output  # noqa: E402
 from .write import write_merge  # noqa: E402
 
-__all__ = ["ConfigError", "IntegrityError", "MergeConfig", "MergeError", "MetricCache", "ModelError", "OutputError",
-           "Plan", "claim_output", "default_cache_path", "load_config", "plan_merge", "verify_output", "write_merge",
-           "__version__"]
+__all__ = [
+    "ConfigError",
+    "IntegrityError",
+    "MergeConfig",
+    "MergeError",
+    "MetricCache",
+    "ModelError",
+    "OutputError",
+    "Plan",
+    "claim_output",
+    "default_cache_path",
+    "load_config",
+    "plan_merge",
+    "verify_output",
+    "write_merge",
+    "__version__",
+]

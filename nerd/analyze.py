@@ -50,14 +50,14 @@ class Analysis:
         return [row for row in self.rows if row["model"] == model]
 
 
-def analyze_models(specs: list[ModelSpec], cache: MetricCache, device: str = "auto",
-                   quiet: bool = False, esd: re.Pattern | None = None) -> Analysis:
+def analyze_models(
+    specs: list[ModelSpec], cache: MetricCache, device: str = "auto", quiet: bool = False, esd: re.Pattern | None = None
+) -> Analysis:
     """Resolve the models and compute every metric of every matrix (cached); the singular values
     of the matrices whose names match `esd` are kept for their figures."""
     resolved = {spec.ref: resolve_model(spec) for spec in specs}
     names = list(resolved)
-    analysis = Analysis(names, {n: r.path for n, r in resolved.items()},
-                        {n: r.revision for n, r in resolved.items()})
+    analysis = Analysis(names, {n: r.path for n, r in resolved.items()}, {n: r.revision for n, r in resolved.items()})
     engine = Engine(cache, LocalExecutor(device))
     computed = cache.computed
     with opened_checkpoints({n: resolved[n].path for n in names}) as checkpoints:
@@ -73,8 +73,15 @@ def analyze_models(specs: list[ModelSpec], cache: MetricCache, device: str = "au
                     tensor = work.tensor
                     if esd is not None and esd.search(tensor):
                         analysis.spectra[(name, tensor)] = engine.spectrum(work).values
-                    analysis.rows.append({"model": name, "tensor": tensor, "depth": depths[tensor],
-                                          "shape": list(checkpoint.tensors[tensor].shape), **metrics})
+                    analysis.rows.append(
+                        {
+                            "model": name,
+                            "tensor": tensor,
+                            "depth": depths[tensor],
+                            "shape": list(checkpoint.tensors[tensor].shape),
+                            **metrics,
+                        }
+                    )
     analysis.spectra_computed = cache.computed - computed
     analysis.spectra_reused = len(analysis.rows) - analysis.spectra_computed
     return analysis
@@ -88,8 +95,11 @@ def analysis_summary(analysis: Analysis) -> dict[str, dict]:
         stats = {}
         for metric in METRICS:
             values = [r[metric] for r in rows if r[metric] is not None]
-            stats[metric] = ({"mean": float(np.mean(values)), "min": float(min(values)), "max": float(max(values))}
-                             if values else None)
+            stats[metric] = (
+                {"mean": float(np.mean(values)), "min": float(min(values)), "max": float(max(values))}
+                if values
+                else None
+            )
         summary[model] = {
             "matrices": len(rows),
             "layers": len({r["depth"] for r in rows if r["depth"] is not None}),
@@ -116,8 +126,11 @@ def summary_text(analysis: Analysis, summary: dict[str, dict]) -> str:
             lines.append(f"  {metric.ljust(width)}  " + "  ".join(c.rjust(11) for c in cells))
         lines.append(f"  alpha < {ALPHA_LOW:g} (very heavy tail, possibly over-fit): {listing(s['alpha_below_2'])}")
         lines.append(f"  alpha > {ALPHA_HIGH:g} (close to random, under-trained): {listing(s['alpha_above_6'])}")
-        lines.append("  spectra: " + ", ".join(f"{n} {path}" for path, n in s["spectrum_paths"].items())
-                     + " (gram: exact from the Gram matrix; refined: smallest values recomputed; svd: float64 SVD)")
+        lines.append(
+            "  spectra: "
+            + ", ".join(f"{n} {path}" for path, n in s["spectrum_paths"].items())
+            + " (gram: exact from the Gram matrix; refined: smallest values recomputed; svd: float64 SVD)"
+        )
         lines.append("  rank loss: " + listing([f"{t} (-{n})" for t, n in s["rank_loss"].items()]))
         if s["no_spectrum"]:
             lines.append("  no spectrum: " + listing([f"{t} ({p})" for t, p in s["no_spectrum"].items()]))
@@ -142,8 +155,9 @@ def write_tables(analysis: Analysis, summary: dict, out: Path) -> None:
             writer.writerow([csv_cell(row[c]) if c != "shape" else "x".join(map(str, row[c])) for c in columns])
     document = {
         "mastermerge_version": __version__,
-        "models": [{"model": m, "path": str(analysis.paths[m]), "revision": analysis.revisions[m]}
-                   for m in analysis.models],
+        "models": [
+            {"model": m, "path": str(analysis.paths[m]), "revision": analysis.revisions[m]} for m in analysis.models
+        ],
         "metrics": METRICS,
         "summary": summary,
         "rows": analysis.rows,
@@ -161,19 +175,31 @@ def write_figures(analysis: Analysis, out: Path, quiet: bool) -> list[Path]:
     """heatmap_ner.png (one column per depth), smin_histogram.png, and esd/<model>/<tensor>.png
     for the matrices whose spectra were kept; empty without matplotlib."""
     labels = short_names(analysis.models)
-    written = [ner_heatmap(analysis, out, labels),
-               plots.smin_histogram(out / "smin_histogram.png",
-                                    {labels[m]: [r["s_min"] for r in analysis.rows_of(m) if r["s_min"] is not None]
-                                     for m in analysis.models})]
-    chosen = [r for r in analysis.rows if analysis.spectra.get((r["model"], r["tensor"])) is not None
-              and not r["problem"]]
+    written = [
+        ner_heatmap(analysis, out, labels),
+        plots.smin_histogram(
+            out / "smin_histogram.png",
+            {labels[m]: [r["s_min"] for r in analysis.rows_of(m) if r["s_min"] is not None] for m in analysis.models},
+        ),
+    ]
+    chosen = [
+        r for r in analysis.rows if analysis.spectra.get((r["model"], r["tensor"])) is not None and not r["problem"]
+    ]
     for row in tqdm(chosen, desc="ESD figures", unit="figure", disable=quiet or not chosen):
         values = analysis.spectra[(row["model"], row["tensor"])]
-        title = (f"{labels[row['model']]}: {row['tensor']} {row['shape'][0]}x{row['shape'][1]}\n"
-                 f"alpha {fmt(row['alpha'])}, KS {fmt(row['alpha_ks'])}, detX tail {row['detx_tail']}, "
-                 f"NER {row['ner']:.4f}")
-        written.append(plots.esd(out / "esd" / plots.file_name(labels[row["model"]]) /
-                                 f"{plots.file_name(row['tensor'])}.png", values ** 2, row, title))
+        title = (
+            f"{labels[row['model']]}: {row['tensor']} {row['shape'][0]}x{row['shape'][1]}\n"
+            f"alpha {fmt(row['alpha'])}, KS {fmt(row['alpha_ks'])}, detX tail {row['detx_tail']}, "
+            f"NER {row['ner']:.4f}"
+        )
+        written.append(
+            plots.esd(
+                out / "esd" / plots.file_name(labels[row["model"]]) / f"{plots.file_name(row['tensor'])}.png",
+                values**2,
+                row,
+                title,
+            )
+        )
     return [p for p in written if p is not None]
 
 
@@ -199,5 +225,11 @@ def ner_heatmap(analysis: Analysis, out: Path, labels: dict[str, str]) -> Path |
             column = values[:, depth]
             best[depth] = int(np.nanargmax(column)) if np.isfinite(column).any() else None
     title = "mean NER per block" + ("; red boxes: best at each depth" if any(b is not None for b in best) else "")
-    return plots.heatmap(out / "heatmap_ner.png", values, [labels[m] for m in analysis.models], title,
-                         "mean ner", [(r, d) for d, r in enumerate(best) if r is not None])
+    return plots.heatmap(
+        out / "heatmap_ner.png",
+        values,
+        [labels[m] for m in analysis.models],
+        title,
+        "mean ner",
+        [(r, d) for d, r in enumerate(best) if r is not None],
+    )

@@ -190,8 +190,12 @@ def read_data(path: Path) -> dict:
 def architecture(path: Path, family: bool) -> Architecture:
     """One data file, checked: every key present with the right type, every pattern compiling."""
     data = read_data(path)
-    expected = set(LISTS) | set(PATTERNS) | {"name", "norm", "post_norm_when"} | ({"model_types", "classes"}
-                                                                                 if family else set())
+    expected = (
+        set(LISTS)
+        | set(PATTERNS)
+        | {"name", "norm", "post_norm_when"}
+        | ({"model_types", "classes"} if family else set())
+    )
     if set(data) != expected:
         raise ValueError(f"{path}: keys {sorted(set(data) ^ expected)} missing or unknown")
     name = path.stem if family else INFERRED
@@ -199,8 +203,12 @@ def architecture(path: Path, family: bool) -> Architecture:
         if not (isinstance(data[key], list) and all(isinstance(v, str) for v in data[key])):
             raise ValueError(f"{path}: {key}: expected a list of strings")
     when = data["post_norm_when"]
-    if (data["name"] != name or data["norm"] not in ("pre", "post") or not isinstance(when, dict)
-            or not all(isinstance(v, bool) for v in when.values())):
+    if (
+        data["name"] != name
+        or data["norm"] not in ("pre", "post")
+        or not isinstance(when, dict)
+        or not all(isinstance(v, bool) for v in when.values())
+    ):
         raise ValueError(f"{path}: expected name: {name}, norm: pre or post, post_norm_when: {{key: true/false}}")
     try:
         patterns = {key: re.compile(data[key]) for key in PATTERNS}
@@ -210,9 +218,16 @@ def architecture(path: Path, family: bool) -> Architecture:
     stacks = "|".join(map(re.escape, data["blocks"])) or "(?!)"
     writers = "|".join(map(re.escape, data["residual_writers"])) or "(?!)"
     return Architecture(
-        name=name, model_types=tuple(data.get("model_types", ())), classes=tuple(data.get("classes", ())),
+        name=name,
+        model_types=tuple(data.get("model_types", ())),
+        classes=tuple(data.get("classes", ())),
         blocks=re.compile(rf"^(?P<stack>(?:.*?\.)?(?:{stacks}))\.(?P<depth>\d+)\."),
-        layer_count_keys=tuple(data["layer_count"]), width_keys=tuple(data["width"]),
-        context_keys=tuple(data["context"]), residual_writers=re.compile(
-            rf"(?:^|\.)(?:{writers})(?:_bias)?(?:\.(?:weight|bias))?$"),
-        norm=data["norm"], post_norm_when=tuple(when.items()), buffers=buffers, **patterns)
+        layer_count_keys=tuple(data["layer_count"]),
+        width_keys=tuple(data["width"]),
+        context_keys=tuple(data["context"]),
+        residual_writers=re.compile(rf"(?:^|\.)(?:{writers})(?:_bias)?(?:\.(?:weight|bias))?$"),
+        norm=data["norm"],
+        post_norm_when=tuple(when.items()),
+        buffers=buffers,
+        **patterns,
+    )

@@ -98,12 +98,16 @@ def proven(values: np.ndarray, errors: np.ndarray, shape: tuple[int, ...]) -> bo
     the ranks are exact: k)."""
     s_min, e_min = values[-1], errors[-1]
     rank_tolerance = (values[0] + errors[0]) * EPS * max(max(shape), 0.5 * math.sqrt(sum(shape) + 1))
-    return bool(s_min - e_min > rank_tolerance and e_min <= SMIN_TOLERANCE * (s_min - e_min)
-                and ner_error_bound(values, errors) <= NER_TOLERANCE)
+    return bool(
+        s_min - e_min > rank_tolerance
+        and e_min <= SMIN_TOLERANCE * (s_min - e_min)
+        and ner_error_bound(values, errors) <= NER_TOLERANCE
+    )
 
 
-def ritz_errors(values: np.ndarray, residual: float, above: float, s_max: float,
-                shape: tuple[int, ...]) -> np.ndarray | None:
+def ritz_errors(
+    values: np.ndarray, residual: float, above: float, s_max: float, shape: tuple[int, ...]
+) -> np.ndarray | None:
     """The error bound of each singular value of Y = W V (`values`, descending), V the computed
     eigenvectors of the Gram matrix's smallest eigenvalues, as a singular value of W; None if the
     subspace is not separated from the rest of the spectrum.

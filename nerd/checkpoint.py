@@ -34,16 +34,22 @@ if TYPE_CHECKING:
 # (importing it takes over a second, which a warm merge or a config error should not pay).
 # Integer and bool tensors are buffers (position_ids, masks); int8 weights mean a quantized checkpoint.
 SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "U8": "uint8", "BOOL": "bool",
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
 ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "U8": 1, "BOOL": 1}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 QUANTIZED_DTYPES = ("I8", "int8", "qint8", "quint8", "qint32", "quint4x2", "quint2x4")  # safetensors and torch names
 MAX_HEADER = 100 * 2**20
 INDEX = "model.safetensors.index.json"  # the index of a sharded safetensors checkpoint
-WEIGHT_LAYOUTS = ((INDEX, "model.safetensors"),
-                  ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+WEIGHT_LAYOUTS = ((INDEX, "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,10 @@ class Checkpoint:
             infos = safetensors_header(file) if file not in pickles else pickle_header(file, pickles[file])
             for info in infos:
                 if info.name in tensors:
-                    raise ModelError(f"{file}: tensor '{info.name}' is also in {tensors[info.name].file.name}; "
-                                     f"expected each tensor in one file")
+                    raise ModelError(
+                        f"{file}: tensor '{info.name}' is also in {tensors[info.name].file.name}; "
+                        f"expected each tensor in one file"
+                    )
                 tensors[info.name] = info
         if index is not None:
             check_index(directory, index, tensors)
@@ -118,6 +126,7 @@ class Checkpoint:
         if info.file.suffix != ".safetensors":
             return self.read(name).reshape(-1)[start:stop].clone()
         import torch
+
         size = ITEMSIZES[info.dtype]
         data = self.read_span(info, info.begin + start * size, info.begin + stop * size)
         dtype = torch_dtype(info.dtype)
@@ -135,8 +144,10 @@ class Checkpoint:
         except OSError as exc:
             raise ModelError(f"{info.file}: tensor '{info.name}' cannot be read ({exc.strerror or exc})") from None
         if count != len(buffer):
-            raise ModelError(f"{info.file}: tensor '{info.name}' is cut short: expected {len(buffer)} bytes at "
-                             f"offset {begin}, found {count} (file truncated?)")
+            raise ModelError(
+                f"{info.file}: tensor '{info.name}' is cut short: expected {len(buffer)} bytes at "
+                f"offset {begin}, found {count} (file truncated?)"
+            )
         return buffer
 
     def close(self) -> None:
@@ -200,8 +211,9 @@ def shard_path(directory: Path, index: Path, shard: str) -> Path:
     """A shard named by an index, refused if it is absolute or climbs out with '..' (a symlinked
     shard, as in the hub cache, is followed)."""
     if outside_directory(shard):
-        raise ModelError(f"{index}: shard '{shard}' points outside the model directory; refused "
-                         f"(expected a file inside {directory})")
+        raise ModelError(
+            f"{index}: shard '{shard}' points outside the model directory; refused (expected a file inside {directory})"
+        )
     path = directory / shard
     if not path.is_file():
         raise ModelError(f"{index}: shard '{shard}' is missing")
@@ -241,17 +253,21 @@ def refuse_quantized_names(file: Path, names: Iterable[str]) -> None:
     for name in names:
         method = quantization_of(name)
         if method is not None:
-            raise ModelError(f"{file}: tensor '{name}': quantized checkpoint ({method}) is not supported; "
-                             f"dequantize it first")
+            raise ModelError(
+                f"{file}: tensor '{name}': quantized checkpoint ({method}) is not supported; dequantize it first"
+            )
 
 
 def refuse_dtype(file: Path, name: str, dtype: object, supported: Iterable[str]) -> NoReturn:
     """A dtype mastermerge does not read, int8 and quantized ones with their own message."""
     if dtype in QUANTIZED_DTYPES:
-        raise ModelError(f"{file}: tensor '{name}': dtype {dtype} means an integer-quantized checkpoint; quantized "
-                         f"checkpoints are not supported (dequantize it first)")
-    raise ModelError(f"{file}: tensor '{name}': dtype {dtype} is not supported "
-                     f"(expected one of {', '.join(supported)})")
+        raise ModelError(
+            f"{file}: tensor '{name}': dtype {dtype} means an integer-quantized checkpoint; quantized "
+            f"checkpoints are not supported (dequantize it first)"
+        )
+    raise ModelError(
+        f"{file}: tensor '{name}': dtype {dtype} is not supported (expected one of {', '.join(supported)})"
+    )
 
 
 class DuplicateKey(ValueError):
@@ -292,15 +308,20 @@ def header_text(file: Path) -> tuple[int, bytes]:
         with open(file, "rb") as handle:
             head = handle.read(8)
             if len(head) < 8:
-                raise ModelError(f"{file}: truncated safetensors file: {size} bytes, expected at least 8 "
-                                 f"(the header length)")
+                raise ModelError(
+                    f"{file}: truncated safetensors file: {size} bytes, expected at least 8 (the header length)"
+                )
             (length,) = struct.unpack("<Q", head)
             if length > size - 8:
-                raise ModelError(f"{file}: safetensors header length {length} is larger than the file ({size} bytes; "
-                                 f"truncated, or not a safetensors file?)")
+                raise ModelError(
+                    f"{file}: safetensors header length {length} is larger than the file ({size} bytes; "
+                    f"truncated, or not a safetensors file?)"
+                )
             if length > MAX_HEADER:
-                raise ModelError(f"{file}: safetensors header length {length} is above the {MAX_HEADER}-byte limit "
-                                 f"(not a safetensors file?)")
+                raise ModelError(
+                    f"{file}: safetensors header length {length} is above the {MAX_HEADER}-byte limit "
+                    f"(not a safetensors file?)"
+                )
             return size, handle.read(length)
     except OSError as exc:
         raise ModelError(f"{file}: cannot read ({exc.strerror or exc})") from None
@@ -311,8 +332,10 @@ def header_json(file: Path, text: bytes) -> dict:
     try:
         header = json.loads(text, object_pairs_hook=unique_keys)
     except DuplicateKey as exc:
-        raise ModelError(f"{file}: safetensors header names '{exc.key}' twice; expected each tensor name "
-                         f"(and each field of an entry) once") from None
+        raise ModelError(
+            f"{file}: safetensors header names '{exc.key}' twice; expected each tensor name "
+            f"(and each field of an entry) once"
+        ) from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ModelError(f"{file}: safetensors header is not valid JSON ({first_line(exc)})") from None
     if not isinstance(header, dict):
@@ -323,8 +346,10 @@ def header_json(file: Path, text: bytes) -> dict:
 def tensor_info(file: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
     """One header entry checked: its dtype, its shape, and its byte range inside the data."""
     if not isinstance(entry, dict):
-        raise ModelError(f"{file}: tensor '{name}': header entry is {type_name(entry, plain=True)}, expected an object "
-                         f"with dtype, shape and data_offsets")
+        raise ModelError(
+            f"{file}: tensor '{name}': header entry is {type_name(entry, plain=True)}, expected an object "
+            f"with dtype, shape and data_offsets"
+        )
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         refuse_dtype(file, name, dtype, SAFETENSORS_DTYPES)
@@ -335,12 +360,14 @@ def tensor_info(file: Path, name: str, entry: object, data_start: int, data_size
     if offsets[0] > offsets[1]:
         raise ModelError(f"{file}: tensor '{name}': data offsets {offsets} end before they begin")
     if offsets[0] < 0 or offsets[1] > data_size:
-        raise ModelError(f"{file}: tensor '{name}': data offsets {offsets} lie outside the data "
-                         f"({data_size} bytes; file truncated?)")
+        raise ModelError(
+            f"{file}: tensor '{name}': data offsets {offsets} lie outside the data ({data_size} bytes; file truncated?)"
+        )
     info = TensorInfo(name, dtype, tuple(shape), file, data_start + offsets[0], data_start + offsets[1])
     if info.end - info.begin != info.nbytes:
-        raise ModelError(f"{file}: tensor '{name}': {info.end - info.begin} bytes for shape {shape} "
-                         f"{dtype}, expected {info.nbytes}")
+        raise ModelError(
+            f"{file}: tensor '{name}': {info.end - info.begin} bytes for shape {shape} {dtype}, expected {info.nbytes}"
+        )
     return info
 
 
@@ -349,9 +376,11 @@ def refuse_overlaps(file: Path, infos: list[TensorInfo], data_start: int) -> Non
     last = None
     for info in infos:
         if last is not None and info.begin < last.end and info.begin < info.end:
-            raise ModelError(f"{file}: tensors '{last.name}' (data offsets {offsets_of(last, data_start)}) and "
-                             f"'{info.name}' (data offsets {offsets_of(info, data_start)}) overlap; "
-                             f"expected disjoint byte ranges")
+            raise ModelError(
+                f"{file}: tensors '{last.name}' (data offsets {offsets_of(last, data_start)}) and "
+                f"'{info.name}' (data offsets {offsets_of(info, data_start)}) overlap; "
+                f"expected disjoint byte ranges"
+            )
         if last is None or info.end > last.end:
             last = info
 
@@ -364,6 +393,7 @@ def offsets_of(info: TensorInfo, data_start: int) -> list[int]:
 def pickle_header(file: Path, state: dict) -> list[TensorInfo]:
     """The TensorInfo of every tensor of a pickled state dict, dtypes and layouts checked."""
     import torch
+
     refuse_quantized_names(file, state)
     names = {torch_name: name for name, torch_name in SAFETENSORS_DTYPES.items()}
     infos = []
@@ -372,8 +402,9 @@ def pickle_header(file: Path, state: dict) -> list[TensorInfo]:
         if torch_name not in names or tensor.is_quantized:
             refuse_dtype(file, name, torch_name, names)
         if tensor.layout != torch.strided:
-            raise ModelError(f"{file}: tensor '{name}': layout {tensor.layout} is not supported "
-                             f"(expected a dense, strided tensor)")
+            raise ModelError(
+                f"{file}: tensor '{name}': layout {tensor.layout} is not supported (expected a dense, strided tensor)"
+            )
         infos.append(TensorInfo(name, names[torch_name], tuple(tensor.shape), file))
     return infos
 
@@ -381,12 +412,14 @@ def pickle_header(file: Path, state: dict) -> list[TensorInfo]:
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a safetensors dtype name."""
     import torch
+
     return getattr(torch, SAFETENSORS_DTYPES[name])
 
 
 def as_tensor(data: bytearray, info: TensorInfo) -> torch.Tensor:
     """A tensor over the given raw bytes (no copy), with the dtype and shape of `info`."""
     import torch
+
     dtype = torch_dtype(info.dtype)
     if not data:
         return torch.empty(info.shape, dtype=dtype)
@@ -396,6 +429,7 @@ def as_tensor(data: bytearray, info: TensorInfo) -> torch.Tensor:
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor (what safetensors stores)."""
     import torch
+
     flat = tensor.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 

@@ -28,8 +28,10 @@ from .config import DEVICES, IMPORTANCE, INITS
 from .errors import MergeError
 from .interrupts import exit_code, interrupts_raised
 
-EXIT_CODES = ("Exit codes: 0 ok, 1 internal error, 2 bad config/arguments, 3 bad or unreachable model, "
-              "4 output not writable, 5 verify found a problem, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).")
+EXIT_CODES = (
+    "Exit codes: 0 ok, 1 internal error, 2 bad config/arguments, 3 bad or unreachable model, "
+    "4 output not writable, 5 verify found a problem, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."
+)
 MODELS_HELP = "local model directories or hub ids org/name[@revision]"
 
 
@@ -37,26 +39,39 @@ def layer_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected layer indices separated by commas, e.g. 3,7,7; found '{text}'") \
-            from None
+        raise argparse.ArgumentTypeError(
+            f"expected layer indices separated by commas, e.g. 3,7,7; found '{text}'"
+        ) from None
 
 
 # The DLEC options of `expand`, named as in a config's `dlec:` section (their dest is the config key).
 DLEC_FLAGS: dict[str, dict] = {
     "add_layers": dict(type=int, metavar="N", help="duplicate the N most important blocks"),
-    "growth": dict(type=float, metavar="F",
-                   help="duplicate the most important blocks until the parameters grow by about F (0.16: ~16%%)"),
-    "layers": dict(type=layer_list, metavar="D,D,...",
-                   help="duplicate exactly these blocks (0-based; a block listed twice gets two copies)"),
-    "init": dict(choices=INITS, help="copy (default): exact duplicates; identity: the copies' residual-writing "
-                                     "projections are zero, so the model computes the same function"),
-    "importance": dict(choices=IMPORTANCE,
-                       help="block_influence (default with transformers), heavy_tail, or ner (weights only)"),
+    "growth": dict(
+        type=float,
+        metavar="F",
+        help="duplicate the most important blocks until the parameters grow by about F (0.16: ~16%%)",
+    ),
+    "layers": dict(
+        type=layer_list,
+        metavar="D,D,...",
+        help="duplicate exactly these blocks (0-based; a block listed twice gets two copies)",
+    ),
+    "init": dict(
+        choices=INITS,
+        help="copy (default): exact duplicates; identity: the copies' residual-writing "
+        "projections are zero, so the model computes the same function",
+    ),
+    "importance": dict(
+        choices=IMPORTANCE, help="block_influence (default with transformers), heavy_tail, or ner (weights only)"
+    ),
     "calibration": dict(metavar="FILE", help="calibration text (default: a built-in text)"),
     "max_tokens": dict(type=int, metavar="N", help="use the first N tokens of the text (default 4096)"),
-    "trust_remote_code": dict(action="store_true", default=None,
-                              help="let transformers run the model's own code (config.json auto_map) for the "
-                                   "calibration"),
+    "trust_remote_code": dict(
+        action="store_true",
+        default=None,
+        help="let transformers run the model's own code (config.json auto_map) for the calibration",
+    ),
 }
 
 
@@ -64,16 +79,25 @@ def shared_parsers() -> dict[str, argparse.ArgumentParser]:
     """The option sets the commands share, each declared once (argparse parent parsers)."""
     reporting = argparse.ArgumentParser(add_help=False)
     reporting.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
-    reporting.add_argument("--quiet", action="store_true",
-                           help="no progress bars, no table and no summary (errors and problems still shown)")
+    reporting.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars, no table and no summary (errors and problems still shown)",
+    )
     reporting.add_argument("--debug", action="store_true", help="show tracebacks")
     reporting.add_argument("--version", action="version", version=f"mastermerge {__version__}")
     device = argparse.ArgumentParser(add_help=False)
-    device.add_argument("--device", choices=DEVICES, default="auto",
-                        help="where models and spectra run (default auto: CUDA when torch sees a device)")
+    device.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where models and spectra run (default auto: CUDA when torch sees a device)",
+    )
     caching = argparse.ArgumentParser(add_help=False)
     cache = caching.add_mutually_exclusive_group()
-    cache.add_argument("--cache", type=Path, metavar="FILE", help=f"metric cache (SQLite); default {default_cache_path()}")
+    cache.add_argument(
+        "--cache", type=Path, metavar="FILE", help=f"metric cache (SQLite); default {default_cache_path()}"
+    )
     cache.add_argument("--no-cache", action="store_true", help="keep spectra in memory only")
     writing = argparse.ArgumentParser(add_help=False)
     writing.add_argument("--force", action="store_true", help="replace an earlier mastermerge output")
@@ -88,9 +112,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mastermerge",
         description="Merge fine-tunes layer by layer: at every depth, keep the candidate whose weight matrices have "
-                    "the highest Normalized Effective Rank (or another metric). `mastermerge --config FILE.yaml` "
-                    "merges (the same as `mastermerge merge --config FILE.yaml`; see mastermerge merge --help).",
-        epilog=EXIT_CODES)
+        "the highest Normalized Effective Rank (or another metric). `mastermerge --config FILE.yaml` "
+        "merges (the same as `mastermerge merge --config FILE.yaml`; see mastermerge merge --help).",
+        epilog=EXIT_CODES,
+    )
     p.add_argument("--version", action="version", version=f"mastermerge {__version__}")
     commands = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -98,63 +123,104 @@ def parser() -> argparse.ArgumentParser:
         return commands.add_parser(name, parents=[shared[u] for u in uses], epilog=EXIT_CODES, **kwargs)
 
     every = ("reporting", "caching", "writing")  # a merge's device is its config's
-    merge = command("merge", (*every, "planning"), prog="mastermerge [merge]",
-                    help="merge the candidates of one or more configs (the default command)",
-                    description="Merge the candidates of each config: all are validated first, then run in order, "
-                                "sharing one metric cache.")
-    merge.add_argument("--config", nargs="+", required=True, metavar="YAML", type=Path,
-                       help="one or more merge configs; all are validated first, then run in order")
+    merge = command(
+        "merge",
+        (*every, "planning"),
+        prog="mastermerge [merge]",
+        help="merge the candidates of one or more configs (the default command)",
+        description="Merge the candidates of each config: all are validated first, then run in order, "
+        "sharing one metric cache.",
+    )
+    merge.add_argument(
+        "--config",
+        nargs="+",
+        required=True,
+        metavar="YAML",
+        type=Path,
+        help="one or more merge configs; all are validated first, then run in order",
+    )
     merge.set_defaults(action=run_merge)
 
-    analyze = command("analyze", (*every, "device"), help="every metric of every weight matrix, with figures",
-                      description="Every metric of every weight matrix (NER, alpha, detX, rank collapse, ...): "
-                                  "metrics.csv, metrics.json, figures and a per-model summary.")
+    analyze = command(
+        "analyze",
+        (*every, "device"),
+        help="every metric of every weight matrix, with figures",
+        description="Every metric of every weight matrix (NER, alpha, detX, rank collapse, ...): "
+        "metrics.csv, metrics.json, figures and a per-model summary.",
+    )
     analyze.add_argument("models", nargs="+", metavar="MODEL", help=MODELS_HELP)
     analyze.add_argument("--out", required=True, metavar="DIR", help="directory for the tables and figures")
-    analyze.add_argument("--esd", metavar="REGEX",
-                         help="also draw the ESD of every matrix whose name matches, e.g. 'layers\\.0\\.' or '.' for "
-                              "all (about 0.3 s per figure; default: none)")
+    analyze.add_argument(
+        "--esd",
+        metavar="REGEX",
+        help="also draw the ESD of every matrix whose name matches, e.g. 'layers\\.0\\.' or '.' for "
+        "all (about 0.3 s per figure; default: none)",
+    )
     analyze.add_argument("--no-plots", action="store_true", help="tables only, no figures")
     analyze.set_defaults(action=run_analyze)
 
-    expand = command("expand", (*every, "device", "planning"), help="DLEC layer expansion of one model",
-                     description="DLEC layer expansion of one model: duplicate its most important blocks (by block "
-                                 "influence on a calibration text, heavy-tail share, or the NER of the weights), each "
-                                 "right after its source, and write the expanded model. Give exactly one of "
-                                 "--add-layers, --growth, --layers.")
+    expand = command(
+        "expand",
+        (*every, "device", "planning"),
+        help="DLEC layer expansion of one model",
+        description="DLEC layer expansion of one model: duplicate its most important blocks (by block "
+        "influence on a calibration text, heavy-tail share, or the NER of the weights), each "
+        "right after its source, and write the expanded model. Give exactly one of "
+        "--add-layers, --growth, --layers.",
+    )
     expand.add_argument("model", metavar="MODEL", help="a local model directory or a hub id org/name[@revision]")
     expand.add_argument("--out", required=True, metavar="DIR", help="directory for the expanded model")
     for key, options in DLEC_FLAGS.items():
         expand.add_argument(f"--{key.replace('_', '-')}", dest=key, **options)
-    expand.add_argument("--shard-size", default="2GB", metavar="SIZE",
-                        help="maximum size of one output file (default 2GB)")
+    expand.add_argument(
+        "--shard-size", default="2GB", metavar="SIZE", help="maximum size of one output file (default 2GB)"
+    )
     expand.set_defaults(action=run_expand, dlec_keys=tuple(DLEC_FLAGS))
 
-    evaluate = command("evaluate", (*every, "device"), help="perplexity of models on texts",
-                       description="The perplexity of each model on each text (causal LMs: next-token; masked LMs: "
-                                   "a seeded 15%% of the tokens masked), as a table with each model's difference "
-                                   "from the first (the base): evaluation.csv, evaluation.json and perplexity.png.")
+    evaluate = command(
+        "evaluate",
+        (*every, "device"),
+        help="perplexity of models on texts",
+        description="The perplexity of each model on each text (causal LMs: next-token; masked LMs: "
+        "a seeded 15%% of the tokens masked), as a table with each model's difference "
+        "from the first (the base): evaluation.csv, evaluation.json and perplexity.png.",
+    )
     evaluate.add_argument("models", nargs="+", metavar="MODEL", help=f"{MODELS_HELP}; the first is the base")
-    evaluate.add_argument("--text", action="append", required=True, metavar="FILE",
-                          help="a UTF-8 text (repeat for more)")
+    evaluate.add_argument(
+        "--text", action="append", required=True, metavar="FILE", help="a UTF-8 text (repeat for more)"
+    )
     evaluate.add_argument("--out", required=True, metavar="DIR", help="directory for the tables and the figure")
-    evaluate.add_argument("--max-tokens", type=int, metavar="N",
-                          help="use the first N tokens of each text (default 4096)")
-    evaluate.add_argument("--max-length", type=int, metavar="N",
-                          help="window length in tokens (default: the model's context, at most --max-tokens)")
-    evaluate.add_argument("--stride", type=int, metavar="N",
-                          help="tokens between window starts (default: half a window)")
-    evaluate.add_argument("--trust-remote-code", action="store_true", default=None,
-                          help="let transformers run a model's own code (config.json auto_map)")
+    evaluate.add_argument(
+        "--max-tokens", type=int, metavar="N", help="use the first N tokens of each text (default 4096)"
+    )
+    evaluate.add_argument(
+        "--max-length",
+        type=int,
+        metavar="N",
+        help="window length in tokens (default: the model's context, at most --max-tokens)",
+    )
+    evaluate.add_argument(
+        "--stride", type=int, metavar="N", help="tokens between window starts (default: half a window)"
+    )
+    evaluate.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=None,
+        help="let transformers run a model's own code (config.json auto_map)",
+    )
     evaluate.add_argument("--no-plots", action="store_true", help="tables only, no figure")
     evaluate.set_defaults(action=run_evaluate)
 
-    verify = command("verify", ("reporting",), help="check a written output against its merge_report.json",
-                     description="Check a directory written by mastermerge against its merge_report.json: every "
-                                 "shard and the index json exist with their recorded sizes and SHA-256, no weight "
-                                 "file was added, the safetensors headers and the index are valid and agree, and "
-                                 "config.json's layer count and hidden size match the weights. One line per "
-                                 "problem. Exit code 5 when a problem is found, 3 when DIR is not an output.")
+    verify = command(
+        "verify",
+        ("reporting",),
+        help="check a written output against its merge_report.json",
+        description="Check a directory written by mastermerge against its merge_report.json: every "
+        "shard and the index json exist with their recorded sizes and SHA-256, no weight "
+        "file was added, the safetensors headers and the index are valid and agree, and "
+        "config.json's layer count and hidden size match the weights. One line per "
+        "problem. Exit code 5 when a problem is found, 3 when DIR is not an output.",
+    )
     verify.add_argument("directory", metavar="DIR", type=Path, help="a mastermerge output directory")
     verify.set_defaults(action=run_verify)
     return p
@@ -175,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(with_command(sys.argv[1:] if argv is None else list(argv)))
     if args.quiet:
         from huggingface_hub.utils import disable_progress_bars
+
         disable_progress_bars()
     try:
         with interrupts_raised():

@@ -35,8 +35,9 @@ def run_merge(args: argparse.Namespace) -> int:
 
 def run_expand(args: argparse.Namespace) -> int:
     options = {key: getattr(args, key) for key in args.dlec_keys if getattr(args, key) is not None}
-    config = expand_config(args.model, args.out, options, device=requested_device(args, "expand"),
-                           shard_size=args.shard_size)
+    config = expand_config(
+        args.model, args.out, options, device=requested_device(args, "expand"), shard_size=args.shard_size
+    )
     return run_configs([config], args)
 
 
@@ -45,8 +46,9 @@ def run_configs(configs: list, args: argparse.Namespace) -> int:
     outputs: dict[Path, Path] = {}
     for config in configs:
         if not args.dry_run and config.output_dir in outputs:
-            raise ConfigError(f"{config.source}: output_dir: {config.output_dir} is also the output of "
-                              f"{outputs[config.output_dir]}")
+            raise ConfigError(
+                f"{config.source}: output_dir: {config.output_dir} is also the output of {outputs[config.output_dir]}"
+            )
         outputs[config.output_dir] = config.source
         if not args.dry_run:
             claim_output(config, force=args.force)  # a killed run's leftovers dealt with, a non-empty output refused
@@ -69,8 +71,13 @@ def run_configs(configs: list, args: argparse.Namespace) -> int:
                         print(f"wrote {plan.output_dir}")
                 results.append(summary_of(config, plan, written=not args.dry_run))
             except MergeError as exc:
-                results.append({"config": str(config.source) if config.source else None, "error": str(exc),
-                                "exit_code": exc.exit_code})
+                results.append(
+                    {
+                        "config": str(config.source) if config.source else None,
+                        "error": str(exc),
+                        "exit_code": exc.exit_code,
+                    }
+                )
                 raise
             except KeyboardInterrupt as exc:
                 finished = [r["output_dir"] for r in results if r["written"]]
@@ -86,11 +93,12 @@ def run_configs(configs: list, args: argparse.Namespace) -> int:
 
 def run_analyze(args: argparse.Namespace) -> int:
     where = "analyze"
-    specs = [model_spec(item, Path.cwd(), where, f"MODEL {i + 1}", require_config=False)
-             for i, item in enumerate(args.models)]
+    specs = [
+        model_spec(item, Path.cwd(), where, f"MODEL {i + 1}", require_config=False)
+        for i, item in enumerate(args.models)
+    ]
     index_of_each(tuple(specs), where, lambda i: f"MODEL {i + 1}")
-    out = output_path(args.out, Path.cwd(), where, tuple(specs), args.force, True, marker="metrics.json",
-                      key="--out")
+    out = output_path(args.out, Path.cwd(), where, tuple(specs), args.force, True, marker="metrics.json", key="--out")
     try:
         pattern = None if args.no_plots or args.esd is None else re.compile(args.esd)
     except re.error as exc:
@@ -105,10 +113,19 @@ def run_analyze(args: argparse.Namespace) -> int:
         if not args.no_plots:
             figures = write_figures(analysis, tmp, args.quiet)
     if args.json:
-        print(json.dumps({"mastermerge_version": __version__, "out": str(out), "summary": summary,
-                          "figures": [str(out / f.relative_to(tmp)) for f in figures],
-                          "spectra_computed": analysis.spectra_computed,
-                          "spectra_reused": analysis.spectra_reused}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "mastermerge_version": __version__,
+                    "out": str(out),
+                    "summary": summary,
+                    "figures": [str(out / f.relative_to(tmp)) for f in figures],
+                    "spectra_computed": analysis.spectra_computed,
+                    "spectra_reused": analysis.spectra_reused,
+                },
+                indent=2,
+            )
+        )
     elif not args.quiet:
         print(summary_text(analysis, summary))
         if not args.no_plots and not figures:
@@ -121,14 +138,25 @@ def run_evaluate(args: argparse.Namespace) -> int:
     where = "evaluate"
     specs = [model_spec(item, Path.cwd(), where, f"MODEL {i + 1}") for i, item in enumerate(args.models)]
     index_of_each(tuple(specs), where, lambda i: f"MODEL {i + 1}")
-    options = evaluate_options({"texts": args.text, "max_tokens": args.max_tokens, "max_length": args.max_length,
-                                "stride": args.stride, "trust_remote_code": bool(args.trust_remote_code)},
-                               Path.cwd(), where, cli=True)
-    out = output_path(args.out, Path.cwd(), where, tuple(specs), args.force, True, marker="evaluation.json",
-                      key="--out")
+    options = evaluate_options(
+        {
+            "texts": args.text,
+            "max_tokens": args.max_tokens,
+            "max_length": args.max_length,
+            "stride": args.stride,
+            "trust_remote_code": bool(args.trust_remote_code),
+        },
+        Path.cwd(),
+        where,
+        cli=True,
+    )
+    out = output_path(
+        args.out, Path.cwd(), where, tuple(specs), args.force, True, marker="evaluation.json", key="--out"
+    )
     device = requested_device(args, where)
-    subjects = [Subject(spec.ref, "base" if i == 0 else "candidate", resolve_model(spec).path)
-                for i, spec in enumerate(specs)]
+    subjects = [
+        Subject(spec.ref, "base" if i == 0 else "candidate", resolve_model(spec).path) for i, spec in enumerate(specs)
+    ]
     with closing(cache_of(args)) as cache:
         rows = evaluate_subjects(subjects, list(options.texts), options, cache, pick_device(device), args.quiet)
     texts = list(options.names)
@@ -143,8 +171,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for note in tokenization_notes(rows) if not args.quiet else ():
         print(f"mastermerge: note: {note}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"mastermerge_version": __version__, "out": str(out), **asdict(evaluation),
-                          "figure": str(out / "perplexity.png") if figure else None}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "mastermerge_version": __version__,
+                    "out": str(out),
+                    **asdict(evaluation),
+                    "figure": str(out / "perplexity.png") if figure else None,
+                },
+                indent=2,
+            )
+        )
     elif not args.quiet:
         print(evaluation_table(evaluation))
         if not args.no_plots and figure is None:
@@ -201,9 +238,19 @@ def summary_of(config, plan, written: bool) -> dict:
         "written": written,
         "candidates": plan.candidates,
         "base": plan.base,
-        "choices": [{"group": c.group, "depth": c.depth, "scores": c.scores, "winner": c.winner,
-                     "runner_up": c.runner_up, "margin": c.margin, "blend": c.blend, "note": c.note}
-                    for c in plan.choices],
+        "choices": [
+            {
+                "group": c.group,
+                "depth": c.depth,
+                "scores": c.scores,
+                "winner": c.winner,
+                "runner_up": c.runner_up,
+                "margin": c.margin,
+                "blend": c.blend,
+                "note": c.note,
+            }
+            for c in plan.choices
+        ],
         "tethers": None if plan.tethers is None else asdict(plan.tethers),
         "expansion": None if plan.expansion is None else asdict(plan.expansion),
         "evaluation": None if plan.evaluation is None else asdict(plan.evaluation),

@@ -41,8 +41,16 @@ def dtype_keyword(transformers) -> str:
     return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
 
-def loaded_model(transformers, directory: Path, classes: list, dtype, trust_remote_code: bool, purpose: str,
-                 hint: str = "", complete: bool = False) -> torch.nn.Module:
+def loaded_model(
+    transformers,
+    directory: Path,
+    classes: list,
+    dtype,
+    trust_remote_code: bool,
+    purpose: str,
+    hint: str = "",
+    complete: bool = False,
+) -> torch.nn.Module:
     """The model of a directory, by the first class that loads it; ModelError naming the purpose
     ('to run the calibration text') and a hint ('; use dlec.importance: ner') when none does, and
     with `complete` when the checkpoint lacks weights the class has (transformers would draw them
@@ -57,21 +65,35 @@ def loaded_model(transformers, directory: Path, classes: list, dtype, trust_remo
             continue
         missing = sorted(info.get("missing_keys") or ())
         if complete and missing:
-            raise ModelError(f"{directory}: the checkpoint has no weights for {len(missing)} tensor(s) of "
-                             f"{type(model).__name__} ({', '.join(missing[:3])}), which transformers would draw at "
-                             f"random, so its results would mean nothing")
+            raise ModelError(
+                f"{directory}: the checkpoint has no weights for {len(missing)} tensor(s) of "
+                f"{type(model).__name__} ({', '.join(missing[:3])}), which transformers would draw at "
+                f"random, so its results would mean nothing"
+            )
         return model
-    raise ModelError(f"{directory}: transformers {transformers.__version__} cannot load this model {purpose} "
-                     f"({first_line(error)}){hint}")
+    raise ModelError(
+        f"{directory}: transformers {transformers.__version__} cannot load this model {purpose} "
+        f"({first_line(error)}){hint}"
+    )
 
 
-def composite_model(transformers, plan: Plan, config: dict, classes: list, device: torch.device | str, dtype,
-                    trust_remote_code: bool, purpose: str, hint: str = "") -> torch.nn.Module:
+def composite_model(
+    transformers,
+    plan: Plan,
+    config: dict,
+    classes: list,
+    device: torch.device | str,
+    dtype,
+    trust_remote_code: bool,
+    purpose: str,
+    hint: str = "",
+) -> torch.nn.Module:
     """The model the plan describes, in memory: the base loaded with transformers and every tensor
     the plan takes from another candidate (or blends) copied in; after an expansion (plan.config),
     the model built from the rewritten config.json with every tensor copied in. `config` is the
     base's config.json, parsed."""
     import torch
+
     base_dir = plan.sources[plan.base]
     if plan.config is None:
         model = loaded_model(transformers, base_dir, classes, dtype, trust_remote_code, purpose, hint)
@@ -86,8 +108,10 @@ def composite_model(transformers, plan: Plan, config: dict, classes: list, devic
             if name is None and entry.optional:  # a buffer this version of transformers does not keep
                 continue
             if name is None:
-                raise ModelError(f"{base_dir}: the composite's tensor '{entry.name}' (from "
-                                 f"{', '.join(entry.candidates)}) has no place in the transformers model{hint}")
+                raise ModelError(
+                    f"{base_dir}: the composite's tensor '{entry.name}' (from "
+                    f"{', '.join(entry.candidates)}) has no place in the transformers model{hint}"
+                )
             state[name].copy_(entry_tensor(entry, checkpoints))
         if plan.config is not None and getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
@@ -98,8 +122,12 @@ def composite_model(transformers, plan: Plan, config: dict, classes: list, devic
 
 def unchanged(entry: PlanEntry, base: str, checkpoints: dict[str, Checkpoint]) -> bool:
     """An entry that copies the base's own tensor in its own dtype."""
-    return (entry.candidates == (base,) and entry.transform is None and entry.tensor == entry.name
-            and checkpoints[base].tensors[entry.tensor].dtype == entry.dtype)
+    return (
+        entry.candidates == (base,)
+        and entry.transform is None
+        and entry.tensor == entry.name
+        and checkpoints[base].tensors[entry.tensor].dtype == entry.dtype
+    )
 
 
 def plan_dtype(plan: Plan) -> torch.dtype:
@@ -120,8 +148,10 @@ def grown_model(transformers, plan: Plan, classes: list, dtype, purpose: str, hi
             return build(config, dtype=dtype)
         except Exception as exc:  # ValueError for a class that does not fit the config
             error = error or exc
-    raise ModelError(f"{plan.sources[plan.base]}: transformers {transformers.__version__} cannot build the expanded "
-                     f"model {purpose} ({first_line(error)}){hint}")
+    raise ModelError(
+        f"{plan.sources[plan.base]}: transformers {transformers.__version__} cannot build the expanded "
+        f"model {purpose} ({first_line(error)}){hint}"
+    )
 
 
 def entry_tensor(entry: PlanEntry, opened: dict[str, Checkpoint]) -> torch.Tensor:
@@ -129,6 +159,7 @@ def entry_tensor(entry: PlanEntry, opened: dict[str, Checkpoint]) -> torch.Tenso
     in the output dtype."""
     if entry.transform == "zero":
         import torch
+
         return torch.zeros(entry.shape, dtype=torch_dtype(entry.dtype))
     if entry.transform == "blend":
         return blended_tensor(entry, opened, torch_dtype(entry.dtype))
@@ -147,8 +178,9 @@ def state_name(name: str, state: dict, prefix: str) -> str | None:
 def code_digest(directory: Path, config: dict | None = None):
     """A running digest of what a model is besides its tensors: its config.json (`config`, the
     rewritten one of an expansion, when given) and its own code (*.py)."""
-    digest = hashlib.sha256(repr(sorted(config.items())).encode() if config is not None
-                            else (directory / "config.json").read_bytes())
+    digest = hashlib.sha256(
+        repr(sorted(config.items())).encode() if config is not None else (directory / "config.json").read_bytes()
+    )
     for code in sorted(directory.glob("*.py")):
         digest.update(code.name.encode() + b"\0" + code.read_bytes())
     return digest
@@ -200,6 +232,7 @@ def run_dtype(parameters: int, device: torch.device | str) -> torch.dtype | str:
     """float32 on a CPU when 4 bytes per parameter fit in half the available memory, else the
     stored dtype ("auto"): CPUs multiply bf16/fp16 several times slower than float32."""
     import torch
+
     if torch.device(device).type != "cpu":
         return "auto"
     return torch.float32 if 4 * parameters < available_memory() / 2 else "auto"

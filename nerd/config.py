@@ -26,17 +26,58 @@ from pydantic import TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from .errors import ConfigError, first_line, type_name
-from .filesystem import OUR_REPORT, checked_output_path, claim_dir, claim_output, index_of_each, read_text, \
-    resolved_dlec, resolved_evaluate, resolved_spec
-from .schema import CONFIGURED, DEVICES, IMPORTANCE, INITS, DlecOptions, EvaluateOptions, MergeConfig, ModelSpec, \
-    Schema, Selection, Strategy, TetherOptions, keys_of
+from .filesystem import (
+    OUR_REPORT,
+    checked_output_path,
+    claim_dir,
+    claim_output,
+    index_of_each,
+    read_text,
+    resolved_dlec,
+    resolved_evaluate,
+    resolved_spec,
+)
+from .schema import (
+    CONFIGURED,
+    DEVICES,
+    IMPORTANCE,
+    INITS,
+    DlecOptions,
+    EvaluateOptions,
+    MergeConfig,
+    ModelSpec,
+    Schema,
+    Selection,
+    Strategy,
+    TetherOptions,
+    keys_of,
+)
 from .spectra import cuda_available
 from .values import DirectoryPath, Reading, ShardSize, flag
 
-__all__ = ["CONFIGURED", "DEVICES", "IMPORTANCE", "INITS", "DlecOptions", "EvaluateOptions", "MergeConfig",
-           "ModelSpec", "Selection", "Strategy", "TetherOptions", "claim_output", "config_from_dict", "dlec_options",
-           "evaluate_options", "expand_config", "index_of_each", "load_config", "model_spec", "output_path",
-           "read_text"]
+__all__ = [
+    "CONFIGURED",
+    "DEVICES",
+    "IMPORTANCE",
+    "INITS",
+    "DlecOptions",
+    "EvaluateOptions",
+    "MergeConfig",
+    "ModelSpec",
+    "Selection",
+    "Strategy",
+    "TetherOptions",
+    "claim_output",
+    "config_from_dict",
+    "dlec_options",
+    "evaluate_options",
+    "expand_config",
+    "index_of_each",
+    "load_config",
+    "model_spec",
+    "output_path",
+    "read_text",
+]
 
 UNKNOWN_KEY = ("unexpected_keyword_argument", "extra_forbidden", "unknown_key")  # and "invalid_key": not a string
 NOT_A_CONTAINER = ("not_a_list", "list_type", "tuple_type", "dict_type", "dataclass_type", "dataclass_args_type")
@@ -55,8 +96,7 @@ class StrictLoader(yaml.SafeLoader):
             if not isinstance(key, str):
                 continue  # the schema reports non-string keys with their place in the config
             if key in keys:
-                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice",
-                                                        key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice", key_node.start_mark)
             keys.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -68,8 +108,9 @@ class StrictLoader(yaml.SafeLoader):
             text = f"{node.value[:40]!r} " if isinstance(node, yaml.ScalarNode) else ""
             tag = node.tag.replace("tag:yaml.org,2002:", "!!")
             why = f" ({first_line(exc)})" if isinstance(exc, (ValueError, OverflowError)) else ""
-            raise yaml.constructor.ConstructorError(None, None, f"cannot read {text}as {tag}{why}",
-                                                    node.start_mark) from None
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {text}as {tag}{why}", node.start_mark
+            ) from None
 
     def construct_yaml_int(self, node):
         """An integer beyond any float is refused: no setting needs one, and Python may not even print it."""
@@ -92,8 +133,9 @@ def load_config(path: str | Path) -> MergeConfig:
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        reason = getattr(exc, "problem", None) or ("nested too deeply" if isinstance(exc, RecursionError)
-                                                   else first_line(exc))
+        reason = getattr(exc, "problem", None) or (
+            "nested too deeply" if isinstance(exc, RecursionError) else first_line(exc)
+        )
         raise ConfigError(f"{path}: not valid YAML{at}: {reason}") from None
     return config_from_dict(raw, base_dir=path.resolve().parent, source=path)
 
@@ -103,8 +145,10 @@ def config_from_dict(raw: Any, *, base_dir: Path, source: Path | None = None) ->
     the schema, then the models, the output directory and the text files on disk."""
     where = str(source) if source else "config"
     config = validated(MergeConfig, raw, Reading(where, sections=own_sections(raw)))
-    models = tuple(resolved_spec(spec, base_dir, where, entry_key(raw["models"][i], f"models[{i}]"))
-                   for i, spec in enumerate(config.models))
+    models = tuple(
+        resolved_spec(spec, base_dir, where, entry_key(raw["models"][i], f"models[{i}]"))
+        for i, spec in enumerate(config.models)
+    )
     seen = index_of_each(models, where, lambda i: f"models[{i}]")
     base = resolved_spec(config.base, base_dir, where, entry_key(raw["base_model"], "base_model"))
     if base.identity not in seen:
@@ -112,12 +156,22 @@ def config_from_dict(raw: Any, *, base_dir: Path, source: Path | None = None) ->
         raise ConfigError(f"{where}: base_model: '{base.ref}' is not among the models ({listed})")
     output_dir = checked_output_path(raw["output_dir"], base_dir, where, models)
     if config.device == "cuda" and not cuda_available():
-        raise ConfigError(f"{where}: device: 'cuda' was asked for but torch sees no CUDA device "
-                          f"(is a CUDA build of torch installed?); use auto or cpu")
+        raise ConfigError(
+            f"{where}: device: 'cuda' was asked for but torch sees no CUDA device "
+            f"(is a CUDA build of torch installed?); use auto or cpu"
+        )
     dlec = config.dlec and resolved_dlec(config.dlec, raw["dlec"], base_dir)
     evaluate = config.evaluate and resolved_evaluate(config.evaluate, raw["evaluate"], base_dir)
-    return dataclasses.replace(config, models=models, base=models[seen[base.identity]], output_dir=output_dir,
-                               dlec=dlec, evaluate=evaluate, source=source, raw=raw)
+    return dataclasses.replace(
+        config,
+        models=models,
+        base=models[seen[base.identity]],
+        output_dir=output_dir,
+        dlec=dlec,
+        evaluate=evaluate,
+        source=source,
+        raw=raw,
+    )
 
 
 def own_sections(raw: Any) -> dict:
@@ -135,11 +189,23 @@ def expand_config(model: str, out: str, options: dict, *, device: str = "auto", 
     `options` holds the command line's DLEC options under their config names."""
     where, cwd = "expand", Path.cwd()
     spec = model_spec(model, cwd, where, "MODEL")
-    return MergeConfig(models=(spec,), base=spec, output_dir=output_path(out, cwd, where, (spec,), key="--out"),
-                       shard_size=validated(ShardSize, shard_size, Reading(where, cli=True), "--shard-size"),
-                       device=device, dlec=dlec_options(options, cwd, where, cli=True),
-                       raw={"expand": {"model": model, "out": out, "device": device, "shard_size": shard_size,
-                                       **{k: v for k, v in options.items() if v is not None}}})
+    return MergeConfig(
+        models=(spec,),
+        base=spec,
+        output_dir=output_path(out, cwd, where, (spec,), key="--out"),
+        shard_size=validated(ShardSize, shard_size, Reading(where, cli=True), "--shard-size"),
+        device=device,
+        dlec=dlec_options(options, cwd, where, cli=True),
+        raw={
+            "expand": {
+                "model": model,
+                "out": out,
+                "device": device,
+                "shard_size": shard_size,
+                **{k: v for k, v in options.items() if v is not None},
+            }
+        },
+    )
 
 
 def dlec_options(value: Any, base_dir: Path, where: str, cli: bool = False) -> DlecOptions:
@@ -148,8 +214,9 @@ def dlec_options(value: Any, base_dir: Path, where: str, cli: bool = False) -> D
     return resolved_dlec(options, value, base_dir)
 
 
-def evaluate_options(value: Any, base_dir: Path, where: str, raw: dict | None = None,
-                     cli: bool = False) -> EvaluateOptions:
+def evaluate_options(
+    value: Any, base_dir: Path, where: str, raw: dict | None = None, cli: bool = False
+) -> EvaluateOptions:
     """Validate the `evaluate:` section (or the evaluate command's options, with `cli`); `raw` is
     the whole config, whose selection and tether sections the strategies vary."""
     reading = Reading(where, cli=cli, sections=own_sections(raw))
@@ -164,8 +231,16 @@ def model_spec(item: Any, base_dir: Path, where: str, key: str, require_config: 
     return resolved_spec(spec, base_dir, where, entry_key(item, key), require_config)
 
 
-def output_path(value: Any, base_dir: Path, where: str, models: tuple[ModelSpec, ...], replace: bool = False,
-                writing: bool = False, marker: str = OUR_REPORT, key: str = "output_dir") -> Path:
+def output_path(
+    value: Any,
+    base_dir: Path,
+    where: str,
+    models: tuple[ModelSpec, ...],
+    replace: bool = False,
+    writing: bool = False,
+    marker: str = OUR_REPORT,
+    key: str = "output_dir",
+) -> Path:
     """A command's output directory (filesystem.checked_output_path); with `writing`, also claimed
     (filesystem.claim_dir, `replace` being --force), for the commands that write right after."""
     validated(DirectoryPath, value, Reading(where), key)
@@ -176,6 +251,7 @@ def output_path(value: Any, base_dir: Path, where: str, models: tuple[ModelSpec,
 
 
 # ---- pydantic's first error as one line -----------------------------------------------------------------------
+
 
 @cache
 def adapter(schema: Any) -> TypeAdapter:
@@ -194,11 +270,13 @@ def validated(schema: Any, value: Any, reading: Reading, key: str = "") -> Any:
 def first_error(errors: list[dict], schema: Any) -> dict:
     """The error to report: the first in the order of the schema's keys, where in each mapping an
     unknown key comes first, then a missing one, then the values."""
+
     def rank(error: dict) -> tuple:
         loc = tuple(error["loc"]) + tuple((error.get("ctx") or {}).get("at", ()))
         if error["type"] in UNKNOWN_KEY or error["type"] in ("invalid_key", "missing"):
             return positions(schema, loc[:-1]) + (-1 if error["type"] == "missing" else -2,)
         return positions(schema, loc)
+
     return min(errors, key=rank)
 
 
@@ -223,15 +301,19 @@ def error_line(exc: ValidationError, schema: Any, value: Any, reading: Reading, 
     name = lambda place: key_name(place, reading, key)  # noqa: E731
     if kind in UNKNOWN_KEY:
         allowed = keys_of(schema_at(schema, loc[:-1]))
-        nested = ({f"{k}": f"{s}.{k}" for s in SECTIONS for k in keys_of(schema_at(schema, (s,)))}
-                  if schema is MergeConfig and len(loc) == 1 else {})
+        nested = (
+            {f"{k}": f"{s}.{k}" for s in SECTIONS for k in keys_of(schema_at(schema, (s,)))}
+            if schema is MergeConfig and len(loc) == 1
+            else {}
+        )
         close = difflib.get_close_matches(str(loc[-1]), list(allowed) + list(nested), n=1)
-        hint = (f"; did you mean '{nested.get(close[0], close[0])}'?" if close
-                else f"; known keys: {', '.join(allowed)}")
+        hint = f"; did you mean '{nested.get(close[0], close[0])}'?" if close else f"; known keys: {', '.join(allowed)}"
         return f"{name(loc)}: unknown key{hint}"
     if kind == "invalid_key":  # the key itself is the input (the loc has it as a string)
-        return f"{name(loc[:-1]) + '.' if name(loc[:-1]) else ''}{error['input']!r}: keys must be strings, " \
-               f"found {type_name(error['input'])}"
+        return (
+            f"{name(loc[:-1]) + '.' if name(loc[:-1]) else ''}{error['input']!r}: keys must be strings, "
+            f"found {type_name(error['input'])}"
+        )
     if kind == "missing":
         return f"{name(loc[:-1]) + ': ' if name(loc[:-1]) else ''}missing required key '{loc[-1]}'"
     at = f"{name(loc)}: " if name(loc) else ""
@@ -272,8 +354,13 @@ def key_name(loc: tuple, reading: Reading, key: str) -> str:
 def value_at(value: Any, loc: tuple, default: Any) -> Any:
     """The value at `loc` in what was validated (`default` where it is not there as written)."""
     for part in loc:
-        if isinstance(value, dict) and part in value or isinstance(value, list) and isinstance(part, int) \
-                and part < len(value):
+        if (
+            isinstance(value, dict)
+            and part in value
+            or isinstance(value, list)
+            and isinstance(part, int)
+            and part < len(value)
+        ):
             value = value[part]
         else:
             return default
@@ -305,8 +392,11 @@ def field_type(schema: Any, loc: tuple) -> Any:
             field = next((f for n, f in inner.__pydantic_fields__.items() if (f.alias or n) == part), None)
             if field is None:
                 return None
-            annotation = Annotated[(field.annotation, *field.metadata, field)] if field.metadata or \
-                field.description else field.annotation
+            annotation = (
+                Annotated[(field.annotation, *field.metadata, field)]
+                if field.metadata or field.description
+                else field.annotation
+            )
         else:
             return None
     return annotation

@@ -129,8 +129,10 @@ class Database:
         except FileNotFoundError:
             current = None
         if current is None or (found is not None and current != found):
-            warn(f"metric cache {self.path} is corrupt ({first_line(reason)}); another run already moved it "
-                 f"aside; going on with the new file")
+            warn(
+                f"metric cache {self.path} is corrupt ({first_line(reason)}); another run already moved it "
+                f"aside; going on with the new file"
+            )
             return
         aside = unused_name(self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"))
         for suffix in ("-wal", "-shm", ""):  # the main file last: a new file never meets the old -wal
@@ -157,8 +159,11 @@ class Database:
             try:
                 return retry_busy(lambda: work(self.connection))
             except sqlite3.Error as exc:
-                if attempt == 2 or self.in_memory or isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError,
-                                                                       sqlite3.IntegrityError)):
+                if (
+                    attempt == 2
+                    or self.in_memory
+                    or isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError, sqlite3.IntegrityError))
+                ):
                     raise
                 close_quietly(self.connection)
                 if is_corrupt(exc) and attempt == 0:
@@ -186,10 +191,12 @@ class Database:
     def write_together(self, statements: list[tuple[str, list[tuple]]]) -> None:
         """Several statements, each with its rows, committed at once (BEGIN IMMEDIATE: the write lock
         is taken first, so no read snapshot has to be upgraded)."""
+
         def work(db: sqlite3.Connection) -> None:
             with immediate(db):
                 for sql, rows in statements:
                     db.executemany(sql, rows)
+
         self.run(work)
 
     def close(self) -> None:

@@ -63,24 +63,38 @@ def expanded(plan: Plan, options: DlecOptions, cache, device, quiet: bool) -> Pl
     layer_map = expanded_layers(layout.num_layers, layers_to_copy(importance.scores, sizes, before, options))
     entries = expanded_entries(plan.entries, layout, layer_map, options, architecture)
     new_config, changes = expanded_config(config, layout.num_layers, layer_map, config_file)
-    unchecked = check_with_transformers(config, new_config, layout.num_layers, layer_map, layout.stack, changes,
-                                        config_file)
-    added = [AddedLayer(source, depth, importance.scores[source])
-             for depth, source in enumerate(layer_map) if depth and layer_map[depth - 1] == source]
-    expansion = Expansion(importance=importance.kind, scores=importance.scores, added=added, init=options.init,
-                          params_before=before, params_after=sum(numel(e.shape) for e in entries),
-                          layer_map=layer_map, basis=importance.basis, config_changes=changes,
-                          note="; ".join(filter(None, [importance.note, unchecked])) or None,
-                          stats_reused=importance.reused)
+    unchecked = check_with_transformers(
+        config, new_config, layout.num_layers, layer_map, layout.stack, changes, config_file
+    )
+    added = [
+        AddedLayer(source, depth, importance.scores[source])
+        for depth, source in enumerate(layer_map)
+        if depth and layer_map[depth - 1] == source
+    ]
+    expansion = Expansion(
+        importance=importance.kind,
+        scores=importance.scores,
+        added=added,
+        init=options.init,
+        params_before=before,
+        params_after=sum(numel(e.shape) for e in entries),
+        layer_map=layer_map,
+        basis=importance.basis,
+        config_changes=changes,
+        note="; ".join(filter(None, [importance.note, unchecked])) or None,
+        stats_reused=importance.reused,
+    )
     return dataclasses.replace(plan, entries=entries, config=new_config, expansion=expansion)
 
 
 def check_pre_norm(config: dict, options: DlecOptions) -> None:
     """init: identity needs blocks that add their output to an unnormalised residual stream."""
     if family_of(config).post_norm(config):
-        raise ConfigError(f"{options.where}: {option_key(options, 'init')}: identity needs pre-norm blocks, but "
-                          f"{config.get('model_type')} normalises after adding each block's output, so no copy "
-                          f"can pass its input through unchanged; use {option_setting(options, 'init', 'copy')}")
+        raise ConfigError(
+            f"{options.where}: {option_key(options, 'init')}: identity needs pre-norm blocks, but "
+            f"{config.get('model_type')} normalises after adding each block's output, so no copy "
+            f"can pass its input through unchanged; use {option_setting(options, 'init', 'copy')}"
+        )
 
 
 def layers_to_copy(scores: list[float | None], sizes: list[int], total: int, options: DlecOptions) -> list[int]:
@@ -89,25 +103,31 @@ def layers_to_copy(scores: list[float | None], sizes: list[int], total: int, opt
     if options.layers is not None:
         missing = [d for d in options.layers if d >= n]
         if missing:
-            raise ConfigError(f"{options.where}: {option_key(options, 'layers')}: layer {missing[0]} does not "
-                              f"exist; the model has {n} layers (0 to {n - 1})")
+            raise ConfigError(
+                f"{options.where}: {option_key(options, 'layers')}: layer {missing[0]} does not "
+                f"exist; the model has {n} layers (0 to {n - 1})"
+            )
         return list(options.layers)
     ranked = sorted(range(n), key=lambda d: (scores[d] is None, -(scores[d] or 0.0), d))
     if options.add_layers is not None:
         if options.add_layers > n:
-            raise ConfigError(f"{options.where}: {option_key(options, 'add_layers')}: {options.add_layers} is more "
-                              f"than the {n} layers of the model (each is copied at most once; to copy one twice, "
-                              f"list it twice in {option_key(options, 'layers')})")
-        return sorted(ranked[:options.add_layers])
+            raise ConfigError(
+                f"{options.where}: {option_key(options, 'add_layers')}: {options.add_layers} is more "
+                f"than the {n} layers of the model (each is copied at most once; to copy one twice, "
+                f"list it twice in {option_key(options, 'layers')})"
+            )
+        return sorted(ranked[: options.add_layers])
     target, added, count, gap = options.growth * total, 0, 0, options.growth * total
     for i, depth in enumerate(ranked):
         added += sizes[depth]
         if abs(added - target) < gap:
             count, gap = i + 1, abs(added - target)
     if count == 0:
-        raise ConfigError(f"{options.where}: {option_key(options, 'growth')}: {options.growth:g} of {total:,} "
-                          f"parameters is less than half of one block ({min(sizes):,}); "
-                          f"use {option_setting(options, 'add_layers', '1')}")
+        raise ConfigError(
+            f"{options.where}: {option_key(options, 'growth')}: {options.growth:g} of {total:,} "
+            f"parameters is less than half of one block ({min(sizes):,}); "
+            f"use {option_setting(options, 'add_layers', '1')}"
+        )
     return sorted(ranked[:count])
 
 
@@ -116,25 +136,26 @@ def expanded_layers(num_layers: int, copies: list[int]) -> list[int]:
     return [d for d in range(num_layers) for _ in range(1 + copies.count(d))]
 
 
-def expanded_entries(entries: list[PlanEntry], layout: Layout, layer_map: list[int], options: DlecOptions,
-                     architecture: Architecture) -> list[PlanEntry]:
+def expanded_entries(
+    entries: list[PlanEntry], layout: Layout, layer_map: list[int], options: DlecOptions, architecture: Architecture
+) -> list[PlanEntry]:
     """The plan's entries with every block at its new depth and each copy as entries of its own
     (the residual writers of `architecture` zeroed with init: identity), in output order."""
     placed = [(e, layout.depths[e.name]) for e in entries if layout.depths[e.name] is None]
     for depth, source in enumerate(layer_map):
         is_copy = depth > 0 and layer_map[depth - 1] == source
         block = [e for e in entries if layout.depths[e.name] == source]
-        zeroed = (identity_writers(block, source, options, architecture) if is_copy and options.init == "identity"
-                  else set())
+        zeroed = (
+            identity_writers(block, source, options, architecture) if is_copy and options.init == "identity" else set()
+        )
         prefix, renamed = f"{layout.stack}.{source}.", f"{layout.stack}.{depth}."
         for e in block:
             zero = {"transform": "zero", "blend": ()} if e.name in zeroed else {}
-            placed.append((dataclasses.replace(e, name=renamed + e.name[len(prefix):], **zero), depth))
+            placed.append((dataclasses.replace(e, name=renamed + e.name[len(prefix) :], **zero), depth))
     return [e for e, _ in sorted(placed, key=lambda p: output_order(p[0].name, p[1], architecture))]
 
 
-def identity_writers(block: list[PlanEntry], depth: int, options: DlecOptions,
-                     architecture: Architecture) -> set[str]:
+def identity_writers(block: list[PlanEntry], depth: int, options: DlecOptions, architecture: Architecture) -> set[str]:
     """The tensors of a block that write into the residual stream, for both the attention and the
     MLP; refused when either is not found (an architecture we do not know)."""
     parts = {e.name: architecture.residual_writer(e.name) for e in block}
@@ -142,9 +163,11 @@ def identity_writers(block: list[PlanEntry], depth: int, options: DlecOptions,
     attention = {name for name, part in parts.items() if part == "attention"}
     if not attention or not writers - attention:
         found = ", ".join(sorted(writers)) or "none"
-        raise ConfigError(f"{options.where}: {option_key(options, 'init')}: identity needs the residual-writing "
-                          f"projections of both the attention and the MLP of block {depth} (o_proj/down_proj or "
-                          f"their kin); found {found}; use {option_setting(options, 'init', 'copy')}")
+        raise ConfigError(
+            f"{options.where}: {option_key(options, 'init')}: identity needs the residual-writing "
+            f"projections of both the attention and the MLP of block {depth} (o_proj/down_proj or "
+            f"their kin); found {found}; use {option_setting(options, 'init', 'copy')}"
+        )
     return writers
 
 
@@ -160,8 +183,9 @@ def expanded_config(config: dict, num_layers: int, layer_map: list[int], config_
     changes = []
     for key in counts:
         if section[key] != num_layers:
-            raise ModelError(f"{config_file}: {where}{key} is {section[key]!r}, but the weights have "
-                             f"{num_layers} blocks")
+            raise ModelError(
+                f"{config_file}: {where}{key} is {section[key]!r}, but the weights have {num_layers} blocks"
+            )
         section[key] = len(layer_map)
         changes.append(f"{where}{key}: {num_layers} -> {len(layer_map)}")
     for key, value in section.items():
@@ -178,13 +202,15 @@ def expanded_config(config: dict, num_layers: int, layer_map: list[int], config_
     return new, changes
 
 
-def check_with_transformers(config: dict, new_config: dict, num_layers: int, layer_map: list[int], stack: str,
-                            changes: list[str], config_file) -> str | None:
+def check_with_transformers(
+    config: dict, new_config: dict, num_layers: int, layer_map: list[int], stack: str, changes: list[str], config_file
+) -> str | None:
     """Build the original and the expanded architecture with transformers on the meta device and
     make every output block match its source: a per-layer setting transformers derives from a rule
     is written into `new_config` as an explicit list (noted in `changes`); a block transformers
     would build differently is refused. Returns why the check could not run, or None."""
     import torch
+
     try:
         import transformers
     except ImportError:
@@ -201,8 +227,11 @@ def check_with_transformers(config: dict, new_config: dict, num_layers: int, lay
     except Exception as exc:  # an architecture transformers cannot build from this config as it stands
         return f"config.json not checked against transformers (it cannot build the original: {first_line(exc)})"
     section, where = family_of(new_config).layer_section(new_config)
-    expected = {key: [value[source] for source in layer_map] for key, value in old.items()
-                if isinstance(value, list) and len(value) == num_layers and not NOT_PER_LAYER.match(key)}
+    expected = {
+        key: [value[source] for source in layer_map]
+        for key, value in old.items()
+        if isinstance(value, list) and len(value) == num_layers and not NOT_PER_LAYER.match(key)
+    }
     derived = layer_config(config_class.from_dict(new_config)).to_dict()
     rewritten = [key for key in expected if derived.get(key) != expected[key]]
     for key in rewritten:
@@ -212,23 +241,29 @@ def check_with_transformers(config: dict, new_config: dict, num_layers: int, lay
         derived = layer_config(config_class.from_dict(new_config)).to_dict()
         ignored = [key for key in rewritten if derived.get(key) != expected[key]]
         if ignored:
-            raise ModelError(f"{config_file}: {where}{ignored[0]}: transformers does not keep the expanded per-layer "
-                             f"values; this expansion of {model_type} is not supported")
+            raise ModelError(
+                f"{config_file}: {where}{ignored[0]}: transformers does not keep the expanded per-layer "
+                f"values; this expansion of {model_type} is not supported"
+            )
     try:
         with torch.device("meta"):
             after = model_class(config_class.from_dict(new_config))
     except Exception as exc:
-        raise ModelError(f"{config_file}: transformers cannot build the expanded {model_type} "
-                         f"({first_line(exc)}); this expansion is refused") from None
+        raise ModelError(
+            f"{config_file}: transformers cannot build the expanded {model_type} "
+            f"({first_line(exc)}); this expansion is refused"
+        ) from None
     old_blocks = block_modules(before, stack, num_layers, f"{config_file}:")
     new_blocks = block_modules(after, stack, len(layer_map), f"{config_file}: expanded,")
     for depth, source in enumerate(layer_map):
         built, wanted = parameter_shapes(new_blocks[depth]), parameter_shapes(old_blocks[source])
         if built != wanted:
             differ = sorted(set(built.items()) ^ set(wanted.items()))[0][0]
-            raise ModelError(f"{config_file}: after the expansion, transformers would build block {depth} unlike its "
-                             f"source block {source} (e.g. '{differ}'): {model_type} lays out its layers by a rule "
-                             f"(such as decoder_sparse_step) that copies cannot follow; this expansion is refused")
+            raise ModelError(
+                f"{config_file}: after the expansion, transformers would build block {depth} unlike its "
+                f"source block {source} (e.g. '{differ}'): {model_type} lays out its layers by a rule "
+                f"(such as decoder_sparse_step) that copies cannot follow; this expansion is refused"
+            )
     return None
 
 

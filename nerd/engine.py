@@ -86,8 +86,11 @@ class LocalExecutor:
             if cached(work, key):
                 continue
             info = work.info
-            if batch and (device == "cpu" or info.shape != batch[0][0].info.shape
-                          or (len(batch) + 1) * numel(info.shape) * 8 > BATCH_BYTES):
+            if batch and (
+                device == "cpu"
+                or info.shape != batch[0][0].info.shape
+                or (len(batch) + 1) * numel(info.shape) * 8 > BATCH_BYTES
+            ):
                 yield from flushed(batch, device)
             batch.append((work, key, numpy_matrix(data, info.dtype, info.shape)))
             if device == "cpu":
@@ -140,8 +143,10 @@ class Engine:
                 self.store.put_metrics(key, values)
                 done(work, values)
 
-        with ThreadPoolExecutor(1, thread_name_prefix="mastermerge-metrics") as pool, \
-                closing(self.new_spectra(works, cached)) as spectra:
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="mastermerge-metrics") as pool,
+            closing(self.new_spectra(works, cached)) as spectra,
+        ):
             for work, key, spectrum in spectra:
                 pending.append((work, key, pool.submit(every_metric, spectrum)))
                 settle(keep=1)
@@ -159,7 +164,9 @@ class Engine:
         fresh = [spectrum for _, _, spectrum in self.new_spectra([work], cached)]
         return fresh[0] if fresh else stored[work]
 
-    def new_spectra(self, works: list[Work], cached: Callable[[Work, str], bool]) -> Iterator[tuple[Work, str, Spectrum]]:
+    def new_spectra(
+        self, works: list[Work], cached: Callable[[Work, str], bool]
+    ) -> Iterator[tuple[Work, str, Spectrum]]:
         """The works whose results the store has, as `cached(work, digest)` takes them, counted as
         reused; the spectra of the others computed by the executor, each counted, stored and yielded
         with its digest. The store is asked with the digest it remembers for an unchanged file before
@@ -212,15 +219,18 @@ class Engine:
         self.store.put_metrics(key, values)
         return values
 
-    def tether_sums(self, pairs: list[Pair], compute: Callable[[Checkpoint, Checkpoint, str], Sums | None],
-                    bar=None) -> dict[Pair, Sums | None]:
+    def tether_sums(
+        self, pairs: list[Pair], compute: Callable[[Checkpoint, Checkpoint, str], Sums | None], bar=None
+    ) -> dict[Pair, Sums | None]:
         """The tether sums of each pair (tether.py), None where either tensor has a NaN or Inf: stored
         by the two content digests, else `compute(candidate, base, tensor)`, stored for next time.
         `bar` counts them done."""
         sums: dict[Pair, Sums | None] = {}
         for pair in pairs:
-            keys = (self.store.content_digest(pair.candidate, pair.tensor),
-                    self.store.content_digest(pair.base, pair.tensor))
+            keys = (
+                self.store.content_digest(pair.candidate, pair.tensor),
+                self.store.content_digest(pair.base, pair.tensor),
+            )
             row = self.store.tether_sums(*keys)
             if row is not None:
                 sums[pair] = None if row[0] is None else tuple(row)

@@ -34,8 +34,15 @@ def type_name(value: object, *, plain: bool = False) -> str:
     'true/false'), or with `plain` as JSON and pickles do ('dict', 'list', 'str'; None is 'null')."""
     if plain:
         return "null" if value is None else type(value).__name__
-    names = {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number",
-             bool: "true/false", type(None): "nothing (null)"}
+    names = {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        int: "a number",
+        float: "a number",
+        bool: "true/false",
+        type(None): "nothing (null)",
+    }
     return names.get(type(value), type(value).__name__)
 
 

@@ -41,8 +41,16 @@ import numpy as np
 from tqdm import tqdm
 
 from .architecture import family_of
-from .composite import composite_model, directory_digest, loaded_model, model_classes, model_digest, \
-    plan_dtype, plan_parameters, run_dtype
+from .composite import (
+    composite_model,
+    directory_digest,
+    loaded_model,
+    model_classes,
+    model_digest,
+    plan_dtype,
+    plan_parameters,
+    run_dtype,
+)
 from .config import EvaluateOptions, read_text
 from .schema import option_key, option_setting
 from .errors import ConfigError, ModelError, first_line
@@ -86,8 +94,12 @@ class Windows:
         """What a cached result depends on besides the weights: the windows and how they ran."""
         import torch
         import transformers
-        return hashlib.sha256(json.dumps([kind, self.inputs, self.labels, str(dtype), torch.device(device).type,
-                                          transformers.__version__]).encode()).hexdigest()
+
+        return hashlib.sha256(
+            json.dumps(
+                [kind, self.inputs, self.labels, str(dtype), torch.device(device).type, transformers.__version__]
+            ).encode()
+        ).hexdigest()
 
 
 def model_config(directory: Path) -> dict:
@@ -104,30 +116,38 @@ def model_config(directory: Path) -> dict:
 def lm_kind(config: dict, directory: Path) -> str:
     """'causal' or 'masked', from the class config.json names; ModelError for any other class."""
     from transformers.models.auto import modeling_auto as auto
+
     named = (config.get("architectures") or [None])[0]
     if named in set(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
         return "causal"
     if named in set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()):
         return "masked"
     if named is None:
-        raise ModelError(f"{directory}/config.json: names no architectures, so it is not known to be a causal or "
-                         f"masked language model; evaluate measures the perplexity of those only")
-    raise ModelError(f"{directory}: {named} is neither a causal LM (...ForCausalLM) nor a masked LM with its head "
-                     f"(...ForMaskedLM); evaluate measures the perplexity of those only")
+        raise ModelError(
+            f"{directory}/config.json: names no architectures, so it is not known to be a causal or "
+            f"masked language model; evaluate measures the perplexity of those only"
+        )
+    raise ModelError(
+        f"{directory}: {named} is neither a causal LM (...ForCausalLM) nor a masked LM with its head "
+        f"(...ForMaskedLM); evaluate measures the perplexity of those only"
+    )
 
 
 def lm_classes(transformers, kind: str, config: dict) -> list:
     """The class config.json names, then the auto class of the kind."""
-    return model_classes(transformers, config, ("AutoModelForCausalLM",) if kind == "causal" else
-                         ("AutoModelForMaskedLM",))
+    return model_classes(
+        transformers, config, ("AutoModelForCausalLM",) if kind == "causal" else ("AutoModelForMaskedLM",)
+    )
 
 
 def tokenizer_of(transformers, directory: Path, trust_remote_code: bool):
     try:
         return transformers.AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError, ValueError, KeyError ... for a missing or broken tokenizer
-        raise ModelError(f"{directory}: no tokenizer that transformers can load ({first_line(exc)}); "
-                         f"the perplexity of a text needs the model's own tokenizer") from None
+        raise ModelError(
+            f"{directory}: no tokenizer that transformers can load ({first_line(exc)}); "
+            f"the perplexity of a text needs the model's own tokenizer"
+        ) from None
 
 
 def window_length(config: dict, tokenizer, options: EvaluateOptions, directory: Path) -> int:
@@ -141,12 +161,16 @@ def window_length(config: dict, tokenizer, options: EvaluateOptions, directory: 
         contexts = [min(contexts + [limit])]
     if options.max_length is not None:
         if contexts and options.max_length > contexts[0]:
-            raise ConfigError(f"{options.where}: {option_key(options, 'max_length')}: {options.max_length} is longer "
-                              f"than the context of {directory} ({contexts[0]} tokens)")
+            raise ConfigError(
+                f"{options.where}: {option_key(options, 'max_length')}: {options.max_length} is longer "
+                f"than the context of {directory} ({contexts[0]} tokens)"
+            )
         return options.max_length
     if not contexts:
-        raise ConfigError(f"{options.where}: {option_key(options, 'max_length')}: {directory}/config.json gives no "
-                          f"context length ({', '.join(keys)}); give the window length")
+        raise ConfigError(
+            f"{options.where}: {option_key(options, 'max_length')}: {directory}/config.json gives no "
+            f"context length ({', '.join(keys)}); give the window length"
+        )
     return min(contexts[0], options.max_tokens)
 
 
@@ -173,8 +197,9 @@ def causal_windows(ids: list[int], bos: int | None, length: int, stride: int | N
 def masked_windows(ids: list[int], mask: int, wrapping: tuple[list[int], list[int]], length: int) -> Windows:
     """Windows of the text (the tokenizer's special tokens around each, `length` in all, no overlap)
     with a seeded MASK_SHARE of its tokens masked and scored."""
-    positions = np.random.default_rng(MASK_SEED).choice(len(ids), size=max(1, round(MASK_SHARE * len(ids))),
-                                                        replace=False)
+    positions = np.random.default_rng(MASK_SEED).choice(
+        len(ids), size=max(1, round(MASK_SHARE * len(ids))), replace=False
+    )
     masked = np.zeros(len(ids), dtype=bool)
     masked[positions] = True
     prefix, suffix = wrapping
@@ -183,35 +208,41 @@ def masked_windows(ids: list[int], mask: int, wrapping: tuple[list[int], list[in
     for begin in range(0, len(ids), span):
         chunk = range(begin, min(begin + span, len(ids)))
         inputs.append(prefix + [mask if masked[j] else ids[j] for j in chunk] + suffix)
-        labels.append([IGNORE] * len(prefix) + [ids[j] if masked[j] else IGNORE for j in chunk]
-                      + [IGNORE] * len(suffix))
+        labels.append(
+            [IGNORE] * len(prefix) + [ids[j] if masked[j] else IGNORE for j in chunk] + [IGNORE] * len(suffix)
+        )
     return Windows(inputs, labels, length, None)
 
 
-def text_windows(tokenizer, kind: str, text: str, text_name: str, length: int, options: EvaluateOptions,
-                 directory: Path) -> Windows:
+def text_windows(
+    tokenizer, kind: str, text: str, text_name: str, length: int, options: EvaluateOptions, directory: Path
+) -> Windows:
     """The text's first max_tokens tokens in windows for this model; ConfigError for a text shorter
     than one window, a stride longer than a window's text; ModelError for a masked LM's tokenizer
     without a mask token."""
-    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])[:options.max_tokens]
+    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])[: options.max_tokens]
     prefix, suffix = special_wrapping(tokenizer)
     if kind == "causal":  # a causal window is [BOS] + text when the tokenizer starts texts with BOS
         bos = getattr(tokenizer, "bos_token_id", None)
         prefix, suffix = ([bos] if bos is not None and prefix[-1:] == [bos] else []), []
     needed = length - len(prefix) - len(suffix)
     if len(ids) < needed:
-        raise ConfigError(f"{options.where}: {option_key(options, 'texts')}: {text_name} gives {len(ids)} tokens "
-                          f"with the tokenizer of {directory}, fewer than one window of {length} tokens; give a "
-                          f"longer text or a shorter {option_key(options, 'max_length')}")
+        raise ConfigError(
+            f"{options.where}: {option_key(options, 'texts')}: {text_name} gives {len(ids)} tokens "
+            f"with the tokenizer of {directory}, fewer than one window of {length} tokens; give a "
+            f"longer text or a shorter {option_key(options, 'max_length')}"
+        )
     if kind == "masked":
         if tokenizer.mask_token_id is None:
             raise ModelError(f"{directory}: the tokenizer has no mask token, which a masked LM's perplexity needs")
         return masked_windows(ids, tokenizer.mask_token_id, (prefix, suffix), length)
     longest = needed if prefix else needed - 1  # without BOS a window's first token is scored only as context
     if options.stride is not None and options.stride > longest:
-        raise ConfigError(f"{options.where}: {option_key(options, 'stride')}: {options.stride} would leave tokens "
-                          f"unscored; at most {longest} with windows of {length} tokens"
-                          + ("" if prefix else " (the tokenizer adds no BOS, so windows must overlap)"))
+        raise ConfigError(
+            f"{options.where}: {option_key(options, 'stride')}: {options.stride} would leave tokens "
+            f"unscored; at most {longest} with windows of {length} tokens"
+            + ("" if prefix else " (the tokenizer adds no BOS, so windows must overlap)")
+        )
     return causal_windows(ids, prefix[0] if prefix else None, length, options.stride)
 
 
@@ -221,8 +252,8 @@ def special_wrapping(tokenizer) -> tuple[list[int], list[int]]:
     body = tokenizer(sample, add_special_tokens=False, verbose=False)["input_ids"]
     full = tokenizer(sample, verbose=False)["input_ids"]
     for i in range(len(full) - len(body) + 1):
-        if full[i:i + len(body)] == body:
-            return full[:i], full[i + len(body):]
+        if full[i : i + len(body)] == body:
+            return full[:i], full[i + len(body) :]
     return [], []
 
 
@@ -230,14 +261,16 @@ def summed_nll(model: torch.nn.Module, windows: Windows, kind: str, device, bar,
     """The negative log-likelihood of every scored token, summed in float64 (NaN or Inf when the
     model's logits hold them); ModelError naming `where` when the model cannot run a window."""
     import torch
+
     total = 0.0
     with torch.inference_mode():
         for index, (window, label) in enumerate(zip(windows.inputs, windows.labels)):
             try:
                 logits = model(input_ids=torch.tensor([window], device=device)).logits[0]
             except (RuntimeError, IndexError, ValueError) as exc:  # out of memory, positions beyond the model's
-                raise ModelError(f"{where}: the model cannot run window {index + 1} ({len(window)} tokens): "
-                                 f"{first_line(exc)}") from None
+                raise ModelError(
+                    f"{where}: the model cannot run window {index + 1} ({len(window)} tokens): {first_line(exc)}"
+                ) from None
             targets = torch.tensor(label, device=device)
             if kind == "causal":  # position i predicts token i + 1
                 logits, targets = logits[:-1], targets[1:]
@@ -252,15 +285,19 @@ def check_vocabulary(tokenizer, model: torch.nn.Module, directory: Path) -> None
     """The tokenizer's ids must all have a row in the input embedding."""
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
-        raise ModelError(f"{directory}: the tokenizer has {len(tokenizer)} tokens but the input embedding has "
-                         f"{rows} rows; this tokenizer does not belong to these weights")
+        raise ModelError(
+            f"{directory}: the tokenizer has {len(tokenizer)} tokens but the input embedding has "
+            f"{rows} rows; this tokenizer does not belong to these weights"
+        )
 
 
-def evaluate_subjects(subjects: list[Subject], texts: list[Path], options: EvaluateOptions, cache: MetricCache,
-                      device, quiet: bool) -> list[Perplexity]:
+def evaluate_subjects(
+    subjects: list[Subject], texts: list[Path], options: EvaluateOptions, cache: MetricCache, device, quiet: bool
+) -> list[Perplexity]:
     """The perplexity of every subject on every text, one model in memory at a time, from the cache
     where it has them."""
     import transformers
+
     if quiet:
         transformers.utils.logging.disable_progress_bar()
     names = dict(zip(options.texts, options.names))  # each text as the user wrote it
@@ -271,20 +308,31 @@ def evaluate_subjects(subjects: list[Subject], texts: list[Path], options: Evalu
     return rows
 
 
-def subject_perplexities(transformers, subject: Subject, texts: list[tuple[str, str]], options: EvaluateOptions,
-                         cache: MetricCache, device, quiet: bool) -> list[Perplexity]:
+def subject_perplexities(
+    transformers,
+    subject: Subject,
+    texts: list[tuple[str, str]],
+    options: EvaluateOptions,
+    cache: MetricCache,
+    device,
+    quiet: bool,
+) -> list[Perplexity]:
     """One subject's perplexity on every text: its windows, then the cached results or one run."""
     import torch
+
     directory = subject.directory
     config = model_config(directory)
     if "auto_map" in config and not options.trust_remote_code:
-        raise ConfigError(f"{options.where}: {option_key(options, 'trust_remote_code')}: {directory}/config.json "
-                          f"asks for the model's own code (auto_map), which runs only with "
-                          f"{option_setting(options, 'trust_remote_code', 'true')} (if you trust it)")
+        raise ConfigError(
+            f"{options.where}: {option_key(options, 'trust_remote_code')}: {directory}/config.json "
+            f"asks for the model's own code (auto_map), which runs only with "
+            f"{option_setting(options, 'trust_remote_code', 'true')} (if you trust it)"
+        )
     kind = lm_kind(config, directory)
     tokenizer = tokenizer_of(transformers, directory, options.trust_remote_code)
-    length = window_length(subject.plan.config if subject.plan and subject.plan.config else config, tokenizer,
-                           options, directory)
+    length = window_length(
+        subject.plan.config if subject.plan and subject.plan.config else config, tokenizer, options, directory
+    )
     windows = {name: text_windows(tokenizer, kind, text, name, length, options, directory) for name, text in texts}
     model_key = model_digest(subject.plan, cache) if subject.plan else directory_digest(directory, cache)
     dtype = run_dtype(plan_parameters(subject.plan) if subject.plan else checkpoint_parameters(directory), device)
@@ -307,9 +355,17 @@ def subject_perplexities(transformers, subject: Subject, texts: list[tuple[str, 
             if not math.isfinite(nll):  # NaN or Inf in the logits: no perplexity, and nothing cached
                 found[name] = {"nll": None, "tokens": w.tokens, "windows": len(w.inputs), "computed": True}
                 continue
-            run = {"model_ref": subject.name, "text_name": name, "kind": kind, "nll": nll, "tokens": w.tokens,
-                   "windows": len(w.inputs), "dtype": str(model.dtype).removeprefix("torch."), "device": str(device),
-                   "seconds": time.perf_counter() - started}
+            run = {
+                "model_ref": subject.name,
+                "text_name": name,
+                "kind": kind,
+                "nll": nll,
+                "tokens": w.tokens,
+                "windows": len(w.inputs),
+                "dtype": str(model.dtype).removeprefix("torch."),
+                "device": str(device),
+                "seconds": time.perf_counter() - started,
+            }
             cache.put_evaluation(model_key, keys[name], run)
             found[name] = run | {"computed": True}
     finally:
@@ -317,10 +373,22 @@ def subject_perplexities(transformers, subject: Subject, texts: list[tuple[str, 
         gc.collect()
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-    return [Perplexity(model=subject.name, role=subject.role, text=name, kind=kind,
-                       perplexity=perplexity_of(found[name]["nll"], found[name]["tokens"]), nll=found[name]["nll"],
-                       tokens=found[name]["tokens"], windows=found[name]["windows"], window=w.length, stride=w.stride,
-                       reused="computed" not in found[name]) for name, w in windows.items()]
+    return [
+        Perplexity(
+            model=subject.name,
+            role=subject.role,
+            text=name,
+            kind=kind,
+            perplexity=perplexity_of(found[name]["nll"], found[name]["tokens"]),
+            nll=found[name]["nll"],
+            tokens=found[name]["tokens"],
+            windows=found[name]["windows"],
+            window=w.length,
+            stride=w.stride,
+            reused="computed" not in found[name],
+        )
+        for name, w in windows.items()
+    ]
 
 
 def perplexity_of(nll: float | None, tokens: int) -> float | None:
@@ -331,14 +399,24 @@ def perplexity_of(nll: float | None, tokens: int) -> float | None:
         return None
 
 
-def subject_model(transformers, subject: Subject, config: dict, kind: str, device, dtype,
-                  options: EvaluateOptions) -> torch.nn.Module:
+def subject_model(
+    transformers, subject: Subject, config: dict, kind: str, device, dtype, options: EvaluateOptions
+) -> torch.nn.Module:
     classes = lm_classes(transformers, kind, config)
     if subject.plan is not None:
-        return composite_model(transformers, subject.plan, config, classes, device, dtype, options.trust_remote_code,
-                               "to evaluate its composite")
-    model = loaded_model(transformers, subject.directory, classes, dtype, options.trust_remote_code, "to evaluate it",
-                         complete=True)
+        return composite_model(
+            transformers,
+            subject.plan,
+            config,
+            classes,
+            device,
+            dtype,
+            options.trust_remote_code,
+            "to evaluate its composite",
+        )
+    model = loaded_model(
+        transformers, subject.directory, classes, dtype, options.trust_remote_code, "to evaluate it", complete=True
+    )
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
     return model.to(device).eval()
@@ -346,6 +424,7 @@ def subject_model(transformers, subject: Subject, config: dict, kind: str, devic
 
 def checkpoint_parameters(directory: Path) -> int:
     from .checkpoint import Checkpoint, numel
+
     with Checkpoint.open(directory) as checkpoint:
         return sum(numel(info.shape) for info in checkpoint.tensors.values())
 
@@ -358,6 +437,8 @@ def tokenization_notes(rows: list[Perplexity]) -> list[str]:
         counts = {r.model: r.tokens for r in rows if r.text == text and r.kind == "causal"}
         if len(set(counts.values())) > 1:
             shown = ", ".join(f"{Path(m).name} {n}" for m, n in counts.items())
-            notes.append(f"{Path(text).name}: the models score different numbers of tokens ({shown}); perplexities "
-                         f"of different tokenizers are not comparable")
+            notes.append(
+                f"{Path(text).name}: the models score different numbers of tokens ({shown}); perplexities "
+                f"of different tokenizers are not comparable"
+            )
     return notes

@@ -37,8 +37,9 @@ def resolved_spec(spec: ModelSpec, base_dir: Path, where: str, key: str, require
                 raise ConfigError(f"{where}: {key}: '{ref}' is a local directory; 'revision' applies to hub ids only")
             if not local.is_dir():
                 hint = f"; for the hub repo, write '{ref}@main'" if HUB_ID.match(ref) else ""
-                raise ConfigError(f"{where}: {key}: local model directory '{ref}' does not exist "
-                                  f"(looked at {local}){hint}")
+                raise ConfigError(
+                    f"{where}: {key}: local model directory '{ref}' does not exist (looked at {local}){hint}"
+                )
             if require_config and not (local / "config.json").is_file():
                 raise ConfigError(f"{where}: {key}: '{ref}' has no config.json; is it a transformers model directory?")
             return ModelSpec(ref=ref, path=local.resolve())
@@ -46,11 +47,17 @@ def resolved_spec(spec: ModelSpec, base_dir: Path, where: str, key: str, require
     if at_revision and revision is not None:
         raise ConfigError(f"{where}: {key}: revision given twice ('{ref}' and revision: {revision})")
     if not HUB_ID.match(repo_id) or (not at_revision and "@" in ref):
-        hint = f"; a hub model without an organisation is written org/name, e.g. openai-community/{ref}" \
-            if "/" not in ref and "@" not in ref else ""
-        raise ConfigError(f"{where}: {key}: '{ref}' is neither an existing directory nor a hub id "
-                          f"(org/name or org/name@revision){hint}")
+        hint = (
+            f"; a hub model without an organisation is written org/name, e.g. openai-community/{ref}"
+            if "/" not in ref and "@" not in ref
+            else ""
+        )
+        raise ConfigError(
+            f"{where}: {key}: '{ref}' is neither an existing directory nor a hub id "
+            f"(org/name or org/name@revision){hint}"
+        )
     from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
@@ -76,8 +83,9 @@ def index_of_each(specs: tuple[ModelSpec, ...], where: str, label: Callable[[int
     return seen
 
 
-def checked_output_path(value: str, base_dir: Path, where: str, models: tuple[ModelSpec, ...],
-                        key: str = "output_dir") -> Path:
+def checked_output_path(
+    value: str, base_dir: Path, where: str, models: tuple[ModelSpec, ...], key: str = "output_dir"
+) -> Path:
     """The resolved output directory (`value` as written, a path string), refused where writing it
     could destroy something the user has: an input model, the Hugging Face cache, the working
     directory or the config's, a file."""
@@ -85,17 +93,18 @@ def checked_output_path(value: str, base_dir: Path, where: str, models: tuple[Mo
         path = Path(value).expanduser()
         path = (path if path.is_absolute() else base_dir / path).resolve()
         for spec in models:
-            if spec.path is not None and (path == spec.path or spec.path in path.parents
-                                          or path in spec.path.parents):
+            if spec.path is not None and (path == spec.path or spec.path in path.parents or path in spec.path.parents):
                 raise ConfigError(f"{where}: {key}: '{value}' overlaps the input model '{spec.ref}'")
         from huggingface_hub import constants
+
         hub_cache = Path(constants.HF_HUB_CACHE).expanduser().resolve()
         if path == hub_cache or hub_cache in path.parents or path in hub_cache.parents:
             raise ConfigError(f"{where}: {key}: '{value}' overlaps the Hugging Face cache ({hub_cache})")
         for name, protected in (("the current directory", Path.cwd().resolve()), ("the config file", base_dir)):
             if path == protected or path in protected.parents:
-                raise ConfigError(f"{where}: {key}: '{value}' would contain or replace {name}; "
-                                  f"give the output a directory of its own")
+                raise ConfigError(
+                    f"{where}: {key}: '{value}' would contain or replace {name}; give the output a directory of its own"
+                )
         if path.exists() and not path.is_dir():
             raise ConfigError(f"{where}: {key}: '{value}' exists and is a file, not a directory")
     return path
@@ -112,8 +121,10 @@ def claim_dir(path: Path, value: str, where: str, key: str, force: bool, marker:
             if not force:
                 raise ConfigError(f"{where}: {key}: '{value}' exists and is not empty (use --force to replace it)")
             if not (path / marker).is_file():
-                raise ConfigError(f"{where}: {key}: '{value}' is not empty and was not written by "
-                                  f"mastermerge (no {marker}); refusing to replace it even with --force")
+                raise ConfigError(
+                    f"{where}: {key}: '{value}' is not empty and was not written by "
+                    f"mastermerge (no {marker}); refusing to replace it even with --force"
+                )
 
 
 def claim_output(config: MergeConfig, *, force: bool = False) -> None:
@@ -133,8 +144,9 @@ def resolved_dlec(options: DlecOptions, value: dict, base_dir: Path) -> DlecOpti
     """The `dlec:` section (or the expand command's options) with its calibration text found."""
     if options.calibration is None:
         return options
-    calibration = text_path(value["calibration"], base_dir, options.where, option_key(options, "calibration"),
-                            "calibration text")
+    calibration = text_path(
+        value["calibration"], base_dir, options.where, option_key(options, "calibration"), "calibration text"
+    )
     return dataclasses.replace(options, calibration=calibration)
 
 
@@ -143,8 +155,10 @@ def resolved_evaluate(options: EvaluateOptions, value: dict, base_dir: Path) -> 
     refused without transformers, which runs the models."""
     where = options.where
     if importlib.util.find_spec("transformers") is None:
-        raise ConfigError(f"{where}: {'' if options.cli else 'evaluate: '}runs the models with transformers, which "
-                          f"is not installed (pip install 'mastermerge[transformers]')")
+        raise ConfigError(
+            f"{where}: {'' if options.cli else 'evaluate: '}runs the models with transformers, which "
+            f"is not installed (pip install 'mastermerge[transformers]')"
+        )
     texts = value["texts"]
     keys = [option_key(options, "texts") + ("" if options.cli else f"[{i}]") for i in range(len(texts))]
     paths = tuple(text_path(t, base_dir, where, k, "text") for t, k in zip(texts, keys))

@@ -39,8 +39,7 @@ from tqdm import tqdm
 
 from .architecture import family_of
 from .checkpoint import opened_checkpoints, torch_dtype
-from .composite import blend_key, composite_model, model_classes, model_digest, plan_parameters, \
-    run_dtype
+from .composite import blend_key, composite_model, model_classes, model_digest, plan_parameters, run_dtype
 from .config import DlecOptions, read_text
 from .engine import Engine, LocalExecutor, Work
 from .schema import option_key, option_setting
@@ -97,8 +96,9 @@ class Importance:
     reused: bool = False
 
 
-def layer_importance(plan: Plan, layout: Layout, options: DlecOptions, cache: MetricCache, device: torch.device | str,
-                     quiet: bool) -> Importance:
+def layer_importance(
+    plan: Plan, layout: Layout, options: DlecOptions, cache: MetricCache, device: torch.device | str, quiet: bool
+) -> Importance:
     """Every block's importance, by the kind the options ask for (see the module docstring)."""
     kind, note = importance_kind(options)
     if kind == "none":
@@ -121,22 +121,28 @@ def importance_kind(options: DlecOptions) -> tuple[str, str | None]:
     except ImportError:
         if options.importance is None:
             return "ner", "transformers is not installed, so importance is measured on the weights (NER)"
-        raise ConfigError(f"{options.where}: {option_key(options, 'importance')}: {options.importance} runs the model "
-                          f"with transformers, which is not installed (pip install 'mastermerge[transformers]'); "
-                          f"or use {option_setting(options, 'importance', 'ner')}") from None
+        raise ConfigError(
+            f"{options.where}: {option_key(options, 'importance')}: {options.importance} runs the model "
+            f"with transformers, which is not installed (pip install 'mastermerge[transformers]'); "
+            f"or use {option_setting(options, 'importance', 'ner')}"
+        ) from None
     return options.importance or "block_influence", None
 
 
-def weight_scores(plan: Plan, layout: Layout, cache: MetricCache, device: torch.device,
-                  quiet: bool) -> list[float | None]:
+def weight_scores(
+    plan: Plan, layout: Layout, cache: MetricCache, device: torch.device, quiet: bool
+) -> list[float | None]:
     """Mean NER of each block's 2-D matrices in the plan (None if any has none), reusing the plan's
     metrics and computing (and caching) those it lacks."""
     engine = Engine(cache, LocalExecutor(str(device)))
-    blocks = [[e for e in plan.entries if layout.depths[e.name] == d and len(e.shape) == 2]
-              for d in range(layout.num_layers)]
+    blocks = [
+        [e for e in plan.entries if layout.depths[e.name] == d and len(e.shape) == 2] for d in range(layout.num_layers)
+    ]
     scores = []
-    with opened_checkpoints(plan.used_sources()) as checkpoints, \
-            tqdm(total=sum(map(len, blocks)), desc="importance", unit="matrix", disable=quiet) as bar:
+    with (
+        opened_checkpoints(plan.used_sources()) as checkpoints,
+        tqdm(total=sum(map(len, blocks)), desc="importance", unit="matrix", disable=quiet) as bar,
+    ):
         for entries in blocks:
             values = []
             for entry in entries:
@@ -147,6 +153,7 @@ def weight_scores(plan: Plan, layout: Layout, cache: MetricCache, device: torch.
                     def compute(entry=entry, opened=opened):
                         spectrum = spectrum_of(blended_tensor(entry, opened, torch_dtype(entry.dtype)), device)
                         return every_metric(spectrum)
+
                     metrics = engine.derived_metrics(blend_key(entry, opened, cache), compute)
                 elif metrics is None:
                     checkpoint = checkpoints[entry.source]
@@ -161,8 +168,9 @@ def weight_scores(plan: Plan, layout: Layout, cache: MetricCache, device: torch.
     return scores
 
 
-def activation_stats(plan: Plan, layout: Layout, options: DlecOptions, cache: MetricCache, device: torch.device,
-                     quiet: bool) -> tuple[list[LayerStats], str, bool]:
+def activation_stats(
+    plan: Plan, layout: Layout, options: DlecOptions, cache: MetricCache, device: torch.device, quiet: bool
+) -> tuple[list[LayerStats], str, bool]:
     """The LayerStats of every block on the calibration text, from the cache or from a run; with a
     sentence saying what they were computed from, and whether they came from the cache."""
     import torch
@@ -173,13 +181,17 @@ def activation_stats(plan: Plan, layout: Layout, options: DlecOptions, cache: Me
     base_dir = plan.sources[plan.base]
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     if "auto_map" in config and not options.trust_remote_code:
-        raise ConfigError(f"{options.where}: {option_key(options, 'trust_remote_code')}: {base_dir}/config.json "
-                          f"asks for the model's own code (auto_map), which runs only with "
-                          f"{option_setting(options, 'trust_remote_code', 'true')} (if you trust it), or use "
-                          f"{option_setting(options, 'importance', 'ner')}")
+        raise ConfigError(
+            f"{options.where}: {option_key(options, 'trust_remote_code')}: {base_dir}/config.json "
+            f"asks for the model's own code (auto_map), which runs only with "
+            f"{option_setting(options, 'trust_remote_code', 'true')} (if you trust it), or use "
+            f"{option_setting(options, 'importance', 'ner')}"
+        )
     text, text_name = calibration_text(options)
-    window = min([WINDOW] + [config[k] for k in family_of(config).context_keys
-                             if isinstance(config.get(k), int) and config[k] > 0])
+    window = min(
+        [WINDOW]
+        + [config[k] for k in family_of(config).context_keys if isinstance(config.get(k), int) and config[k] > 0]
+    )
     windows = token_windows(transformers, base_dir, text, options, window)
     tokens = sum(map(len, windows))
     basis = f"{text_name}, {tokens} tokens in {len(windows)} windows of up to {window}"
@@ -191,18 +203,34 @@ def activation_stats(plan: Plan, layout: Layout, options: DlecOptions, cache: Me
     if rows is not None:
         return [LayerStats(*row) for row in rows], basis, True
     started = time.perf_counter()
-    model = composite_model(transformers, plan, config,
-                            model_classes(transformers, config, ("AutoModelForCausalLM", "AutoModel")), device, dtype,
-                            options.trust_remote_code, "to run the calibration text",
-                            f"; use {option_setting(options, 'importance', 'ner')}")
+    model = composite_model(
+        transformers,
+        plan,
+        config,
+        model_classes(transformers, config, ("AutoModelForCausalLM", "AutoModel")),
+        device,
+        dtype,
+        options.trust_remote_code,
+        "to run the calibration text",
+        f"; use {option_setting(options, 'importance', 'ner')}",
+    )
     backbone = getattr(model, "base_model", model)  # the blocks without the LM head
     blocks = block_modules(backbone, layout.stack, layout.num_layers, f"{base_dir}: transformers model")
     stats = run_calibration(backbone, blocks, windows, device, quiet)
-    cache.put_calibration(model_key, text_key, [astuple(s) for s in stats],
-                          {"model_ref": plan.base if len(plan.candidates) == 1 else f"merge of {plan.candidates}",
-                           "text_name": text_name, "tokens": tokens, "windows": len(windows),
-                           "dtype": str(model.dtype).removeprefix("torch."), "device": str(device),
-                           "seconds": time.perf_counter() - started})
+    cache.put_calibration(
+        model_key,
+        text_key,
+        [astuple(s) for s in stats],
+        {
+            "model_ref": plan.base if len(plan.candidates) == 1 else f"merge of {plan.candidates}",
+            "text_name": text_name,
+            "tokens": tokens,
+            "windows": len(windows),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "device": str(device),
+            "seconds": time.perf_counter() - started,
+        },
+    )
     return stats, basis, False
 
 
@@ -219,17 +247,21 @@ def token_windows(transformers, base_dir: Path, text: str, options: DlecOptions,
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(base_dir, trust_remote_code=options.trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError ... for a missing tokenizer
-        raise ModelError(f"{base_dir}: no tokenizer that transformers can load ({first_line(exc)}); the calibration "
-                         f"text needs one, or use {option_setting(options, 'importance', 'ner')}") from None
-    ids = list(tokenizer(text, verbose=False)["input_ids"])[:options.max_tokens]
+        raise ModelError(
+            f"{base_dir}: no tokenizer that transformers can load ({first_line(exc)}); the calibration "
+            f"text needs one, or use {option_setting(options, 'importance', 'ner')}"
+        ) from None
+    ids = list(tokenizer(text, verbose=False)["input_ids"])[: options.max_tokens]
     if len(ids) < 2:
-        raise ConfigError(f"{options.where}: {option_key(options, 'calibration')}: the calibration text gives "
-                          f"{len(ids)} token(s); at least 2 are needed")
+        raise ConfigError(
+            f"{options.where}: {option_key(options, 'calibration')}: the calibration text gives "
+            f"{len(ids)} token(s); at least 2 are needed"
+        )
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None or ids[0] != bos or window < 3:
-        return [ids[i:i + window] for i in range(0, len(ids), window)]
+        return [ids[i : i + window] for i in range(0, len(ids), window)]
     body = ids[1:]
-    return [[bos] + body[i:i + window - 1] for i in range(0, len(body), window - 1)]
+    return [[bos] + body[i : i + window - 1] for i in range(0, len(body), window - 1)]
 
 
 def block_modules(model: torch.nn.Module, stack: str, count: int, where: str) -> torch.nn.ModuleList:
@@ -237,6 +269,7 @@ def block_modules(model: torch.nn.Module, stack: str, count: int, where: str) ->
     block stack (model.layers, transformer.h, ...), or that name with a prefix added or removed (a
     model class with or without a task head around the same blocks)."""
     import torch
+
     found = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
@@ -249,10 +282,12 @@ def block_modules(model: torch.nn.Module, stack: str, count: int, where: str) ->
     raise ModelError(f"{where} {type(model).__name__} has no single list of {count} blocks named like '{stack}'")
 
 
-def run_calibration(model: torch.nn.Module, blocks: torch.nn.ModuleList, windows: list[list[int]], device: torch.device,
-                    quiet: bool) -> list[LayerStats]:
+def run_calibration(
+    model: torch.nn.Module, blocks: torch.nn.ModuleList, windows: list[list[int]], device: torch.device, quiet: bool
+) -> list[LayerStats]:
     """Run every window through the model and sum each block's statistics over every token position."""
     import torch
+
     sums = [[0, 0.0, 0, 0, 0.0] for _ in blocks]
     problems: list[str] = []
 
@@ -264,6 +299,7 @@ def run_calibration(model: torch.nn.Module, blocks: torch.nn.ModuleList, windows
                 problems.append(f"block {depth} does not map hidden states to hidden states")
                 return
             add_block_sums(sums[depth], x.detach().reshape(-1, x.shape[-1]), y.detach().reshape(-1, y.shape[-1]))
+
         return hook
 
     handles = [block.register_forward_hook(recorder(depth), with_kwargs=True) for depth, block in enumerate(blocks)]
@@ -282,6 +318,7 @@ def run_calibration(model: torch.nn.Module, blocks: torch.nn.ModuleList, windows
 def add_block_sums(sums: list, x: torch.Tensor, y: torch.Tensor) -> None:
     """Add one window's positions (rows of x: block input, y: block output) to a block's sums."""
     import torch
+
     x, y = x.double(), y.double()
     centred = y - y.mean(dim=1, keepdim=True)
     spread = centred.pow(2).mean(dim=1, keepdim=True).sqrt()

@@ -67,8 +67,9 @@ def layout_of(names: list[str], architecture: Architecture | None = None) -> Lay
     return Layout(stack=stack, depths=depths)
 
 
-def check_same_architecture(checkpoints: dict[str, Checkpoint], *, same_dtype: bool = True,
-                            architecture: Architecture | None = None) -> dict[str, OptionalTensor]:
+def check_same_architecture(
+    checkpoints: dict[str, Checkpoint], *, same_dtype: bool = True, architecture: Architecture | None = None
+) -> dict[str, OptionalTensor]:
     """Every candidate must have the same tensor names and shapes (and dtypes if asked) as the
     first, except that an optional tensor may be missing from some (its shape must still agree
     wherever it is present). Returns the optional tensors that some candidate lacks, by name;
@@ -84,8 +85,9 @@ def check_same_architecture(checkpoints: dict[str, Checkpoint], *, same_dtype: b
         if len(who) < len(names):
             found = optional_tensor(tensor, who, checkpoints, architecture)
             if found is not None:
-                optional[tensor] = OptionalTensor(tensor, found[0], tuple(who),
-                                                  tuple(n for n in names if n not in who), found[1])
+                optional[tensor] = OptionalTensor(
+                    tensor, found[0], tuple(who), tuple(n for n in names if n not in who), found[1]
+                )
     (first_name, first), *others = checkpoints.items()
     for name, other in others:
         problems = []
@@ -107,13 +109,16 @@ def check_same_architecture(checkpoints: dict[str, Checkpoint], *, same_dtype: b
             shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
             raise ModelError(f"models '{first_name}' and '{name}' differ in {len(problems)} tensor(s): {shown}")
     if layout_of(list(first.tensors), architecture).stack is None:
-        raise ModelError(f"model '{first_name}': no numbered transformer blocks found in the tensor names "
-                         f"(e.g. model.layers.0...); this architecture is not supported")
+        raise ModelError(
+            f"model '{first_name}': no numbered transformer blocks found in the tensor names "
+            f"(e.g. model.layers.0...); this architecture is not supported"
+        )
     return optional
 
 
-def optional_tensor(tensor: str, holders: list[str], checkpoints: dict[str, Checkpoint],
-                    architecture: Architecture) -> tuple[str, str | None] | None:
+def optional_tensor(
+    tensor: str, holders: list[str], checkpoints: dict[str, Checkpoint], architecture: Architecture
+) -> tuple[str, str | None] | None:
     """Why a tensor that some candidates lack carries nothing learned, and the embedding a tied
     head is tied to; None for a learned weight."""
     info = checkpoints[holders[0]].tensors[tensor]
@@ -123,16 +128,21 @@ def optional_tensor(tensor: str, holders: list[str], checkpoints: dict[str, Chec
         return "a buffer transformers computes", None
     if architecture.is_tied_head(tensor):
         embedding = tied_embedding(info, checkpoints[holders[0]].tensors, architecture)
-        if embedding is not None and (says_tied(next(iter(checkpoints.values())))
-                                      or all(same_values(checkpoints[h], tensor, embedding) for h in holders)):
+        if embedding is not None and (
+            says_tied(next(iter(checkpoints.values())))
+            or all(same_values(checkpoints[h], tensor, embedding) for h in holders)
+        ):
             return f"a head tied to {embedding}", embedding
     return None
 
 
 def tied_embedding(head: TensorInfo, tensors: dict[str, TensorInfo], architecture: Architecture) -> str | None:
     """The one input embedding of the head's shape and dtype, if there is one."""
-    found = [t for t, info in tensors.items()
-             if architecture.is_word_embedding(t) and (info.shape, info.dtype) == (head.shape, head.dtype)]
+    found = [
+        t
+        for t, info in tensors.items()
+        if architecture.is_word_embedding(t) and (info.shape, info.dtype) == (head.shape, head.dtype)
+    ]
     return found[0] if len(found) == 1 else None
 
 
@@ -149,6 +159,7 @@ def says_tied(checkpoint: Checkpoint) -> bool:
 def same_values(checkpoint: Checkpoint, a: str, b: str) -> bool:
     """Whether two tensors of a checkpoint hold the same bytes (compared a slice at a time)."""
     import torch
+
     infos = [checkpoint.tensors.get(a), checkpoint.tensors.get(b)]
     if None in infos or (infos[0].shape, infos[0].dtype) != (infos[1].shape, infos[1].dtype):
         return False

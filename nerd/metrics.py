@@ -91,21 +91,39 @@ def metrics_of(spectrum: Spectrum) -> dict[str, float | int | None]:
     values, shape = spectrum.values.astype(np.float64), spectrum.shape
     k = len(values)
     rank = numerical_rank(values, numpy_tolerance(values[0], shape))
-    result.update(s_min=float(values[-1]), rank_numpy=rank, rank_loss=k - rank,
-                  rank_nr=numerical_rank(values, nr_tolerance(values[0], shape)))
+    result.update(
+        s_min=float(values[-1]),
+        rank_numpy=rank,
+        rank_loss=k - rank,
+        rank_nr=numerical_rank(values, nr_tolerance(values[0], shape)),
+    )
     if values[0] <= 0:
         return result
-    eigenvalues = values ** 2
+    eigenvalues = values**2
     h = entropy(values)
     total, top = float(eigenvalues.sum()), float(eigenvalues[0])
     tail, threshold = detx(eigenvalues)
-    result.update(ner=ner(values), erank=math.exp(h), entropy=h, stable_rank=total / top,
-                  log_norm=math.log10(total), log_spectral_norm=math.log10(top), detx_tail=tail,
-                  detx_lambda=threshold, s_min_ratio=float(values[-1] / values[0]))
+    result.update(
+        ner=ner(values),
+        erank=math.exp(h),
+        entropy=h,
+        stable_rank=total / top,
+        log_norm=math.log10(total),
+        log_spectral_norm=math.log10(top),
+        detx_tail=tail,
+        detx_lambda=threshold,
+        s_min_ratio=float(values[-1] / values[0]),
+    )
     fit = power_law_fit(eigenvalues)
     if fit is not None:
-        result.update(alpha=fit.alpha, alpha_xmin=fit.xmin, alpha_ks=fit.ks, alpha_tail=fit.tail,
-                      alpha_std_err=fit.std_err, alpha_hat=fit.alpha * math.log10(top))
+        result.update(
+            alpha=fit.alpha,
+            alpha_xmin=fit.xmin,
+            alpha_ks=fit.ks,
+            alpha_tail=fit.tail,
+            alpha_std_err=fit.std_err,
+            alpha_hat=fit.alpha * math.log10(top),
+        )
     return {key: None if isinstance(v, float) and not math.isfinite(v) else v for key, v in result.items()}
 
 
@@ -159,8 +177,9 @@ def power_law_fit(eigenvalues: np.ndarray) -> PowerLawFit | None:
     if not valid.any():
         return None
     best = int(np.argmin(np.where(valid, distances, np.inf)))
-    return PowerLawFit(alpha=float(alphas[best]), xmin=float(unique[best]), ks=float(distances[best]),
-                       tail=int(tail_sizes[best]))
+    return PowerLawFit(
+        alpha=float(alphas[best]), xmin=float(unique[best]), ks=float(distances[best]), tail=int(tail_sizes[best])
+    )
 
 
 def ks_distances(log_u: np.ndarray, first: np.ndarray, n: int, alphas: np.ndarray) -> np.ndarray:

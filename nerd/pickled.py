@@ -16,19 +16,26 @@ from .errors import ModelError, first_line, type_name
 def load_pickle(file: Path) -> dict:
     """A pickled state dict, loaded with weights_only=True (no code runs) and memory-mapped."""
     import torch
+
     try:
         state = torch_load(file)
     except pickle.UnpicklingError as exc:
-        raise ModelError(f"{file}: refused to load pickled weights with weights_only=True: "
-                         f"{unpickling_reason(exc)}") from None
+        raise ModelError(
+            f"{file}: refused to load pickled weights with weights_only=True: {unpickling_reason(exc)}"
+        ) from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError, ... for files that are not checkpoints
-        raise ModelError(f"{file}: not a readable PyTorch checkpoint, damaged or truncated? "
-                         f"({error_summary(exc)})") from None
+        raise ModelError(
+            f"{file}: not a readable PyTorch checkpoint, damaged or truncated? ({error_summary(exc)})"
+        ) from None
     if not isinstance(state, dict):
-        raise ModelError(f"{file}: expected a state dict of tensor name -> tensor, found {type_name(state, plain=True)}")
+        raise ModelError(
+            f"{file}: expected a state dict of tensor name -> tensor, found {type_name(state, plain=True)}"
+        )
     for name, tensor in state.items():
         if not isinstance(name, str):
-            raise ModelError(f"{file}: key {name!r}: expected a tensor name (a string), found {type_name(name, plain=True)}")
+            raise ModelError(
+                f"{file}: key {name!r}: expected a tensor name (a string), found {type_name(name, plain=True)}"
+            )
         if not isinstance(tensor, torch.Tensor):
             raise ModelError(f"{file}: entry '{name}': expected a tensor, found {type_name(tensor, plain=True)}")
     return state
@@ -37,6 +44,7 @@ def load_pickle(file: Path) -> dict:
 def torch_load(file: Path) -> object:
     """torch.load with weights_only=True, memory-mapped where the file allows it (torch.save's zip format)."""
     import torch
+
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:

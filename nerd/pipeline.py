@@ -68,8 +68,9 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
     if config.dlec is not None:
         plan = expanded(plan, config.dlec, cache, pick_device(config.device), quiet)
     if config.evaluate is not None:  # every strategy planned (from the cache) and evaluated; the best one kept
-        plan = chosen_strategy(config, plan, lambda variant: plan_merge(variant, cache=cache, quiet=quiet), cache,
-                               quiet)
+        plan = chosen_strategy(
+            config, plan, lambda variant: plan_merge(variant, cache=cache, quiet=quiet), cache, quiet
+        )
     plan.spectra_computed, plan.spectra_reused = cache.computed - computed, cache.reused - reused
     return plan
 
@@ -107,8 +108,9 @@ def candidate_tensors(checkpoints: dict[str, Checkpoint], config: MergeConfig, a
     return Tensors(infos, layout, optional, shared, {t: info for t, info in infos.items() if t not in optional})
 
 
-def candidate_metrics(checkpoints: dict[str, Checkpoint], tensors: Tensors, engine: Engine,
-                      quiet: bool) -> dict[str, dict[str, dict]]:
+def candidate_metrics(
+    checkpoints: dict[str, Checkpoint], tensors: Tensors, engine: Engine, quiet: bool
+) -> dict[str, dict[str, dict]]:
     """Every metric of every shared matrix of every candidate, by candidate and tensor."""
     matrices = [t for t, info in tensors.shared_infos.items() if info.is_matrix]
     metrics = {}
@@ -119,13 +121,15 @@ def candidate_metrics(checkpoints: dict[str, Checkpoint], tensors: Tensors, engi
     return metrics
 
 
-def decided(config: MergeConfig, checkpoints: dict[str, Checkpoint], tensors: Tensors, engine: Engine,
-            quiet: bool) -> Decision:
+def decided(
+    config: MergeConfig, checkpoints: dict[str, Checkpoint], tensors: Tensors, engine: Engine, quiet: bool
+) -> Decision:
     """Score the candidates, tether them to the base (the first) and choose at every depth."""
     names = list(checkpoints)
     metrics = candidate_metrics(checkpoints, tensors, engine, quiet)
-    health = health_of(metrics, {n: nonfinite_tensors(checkpoints[n], tensors.optional) for n in names},
-                       config.selection)
+    health = health_of(
+        metrics, {n: nonfinite_tensors(checkpoints[n], tensors.optional) for n in names}, config.selection
+    )
     groups = tether_groups(tensors.shared, tensors.shared_infos, config.selection)
     scores = compatibility_of(checkpoints, groups, names[0], names[1:], config.tether.measure, engine, quiet)
     base_nonfinite = {t for t, why in health.unusable[names[0]].items() if why == NOT_FINITE}
@@ -139,8 +143,14 @@ def decided(config: MergeConfig, checkpoints: dict[str, Checkpoint], tensors: Te
     return Decision(metrics, tethers, choices, unusable_warnings(health, tensors.layout))
 
 
-def composite_plan(config: MergeConfig, resolved: dict, tensors: Tensors, decision: Decision, notes: list[str],
-                   architecture: Architecture) -> Plan:
+def composite_plan(
+    config: MergeConfig,
+    resolved: dict,
+    tensors: Tensors,
+    decision: Decision,
+    notes: list[str],
+    architecture: Architecture,
+) -> Plan:
     """The plan of the composite: every output tensor from its group's winner or blend, in output order."""
     chosen = {t: c for c in decision.choices for t in c.tensors}
     by_name = {t: plan_entry(t, info, chosen.get(t), config) for t, info in tensors.shared_infos.items()}
@@ -149,12 +159,22 @@ def composite_plan(config: MergeConfig, resolved: dict, tensors: Tensors, decisi
     depths = tensors.layout.depths
     entries = [by_name[t] for t in sorted(by_name, key=lambda t: output_order(t, depths[t], architecture))]
     names = list(resolved)
-    return Plan(candidates=names, sources={n: r.path for n, r in resolved.items()},
-                revisions={n: r.revision for n, r in resolved.items()}, base=config.base.ref,
-                output_dir=config.output_dir, shard_size=config.shard_size, entries=entries,
-                choices=decision.choices, metrics=decision.metrics or {n: {} for n in names},
-                selection=config.selection, tethers=decision.tethers, warnings=decision.warnings,
-                notes=optional_notes(tensors.optional, by_name) + notes, architecture=architecture.name)
+    return Plan(
+        candidates=names,
+        sources={n: r.path for n, r in resolved.items()},
+        revisions={n: r.revision for n, r in resolved.items()},
+        base=config.base.ref,
+        output_dir=config.output_dir,
+        shard_size=config.shard_size,
+        entries=entries,
+        choices=decision.choices,
+        metrics=decision.metrics or {n: {} for n in names},
+        selection=config.selection,
+        tethers=decision.tethers,
+        warnings=decision.warnings,
+        notes=optional_notes(tensors.optional, by_name) + notes,
+        architecture=architecture.name,
+    )
 
 
 def plan_entry(name: str, info: TensorInfo, choice: Choice | None, config: MergeConfig) -> PlanEntry:
@@ -167,16 +187,18 @@ def plan_entry(name: str, info: TensorInfo, choice: Choice | None, config: Merge
     return PlanEntry(name, source, name, dtype, info.shape)
 
 
-def optional_entry(tensor: OptionalTensor, info: TensorInfo, entries: dict[str, PlanEntry],
-                   config: MergeConfig) -> PlanEntry:
+def optional_entry(
+    tensor: OptionalTensor, info: TensorInfo, entries: dict[str, PlanEntry], config: MergeConfig
+) -> PlanEntry:
     """An optional tensor, never chosen by score: a tied head is a copy of the output's embedding
     entry (so the two stay equal, whichever candidate supplies the embedding); anything else comes
     as is from the first candidate that has it, the base when it does."""
     why = f"{tensor.why}, missing from {quoted(tensor.missing_from)}"
     if tensor.tied_to is not None:
         return dataclasses.replace(entries[tensor.tied_to], name=tensor.name, optional=why)
-    return PlanEntry(tensor.name, tensor.holders[0], tensor.name, output_dtype(info.dtype, config.dtype),
-                     info.shape, optional=why)
+    return PlanEntry(
+        tensor.name, tensor.holders[0], tensor.name, output_dtype(info.dtype, config.dtype), info.shape, optional=why
+    )
 
 
 def optional_notes(optional: dict[str, OptionalTensor], entries: dict[str, PlanEntry]) -> list[str]:
@@ -185,10 +207,12 @@ def optional_notes(optional: dict[str, OptionalTensor], entries: dict[str, PlanE
     groups: dict[tuple[str, tuple[str, ...], str], list[str]] = {}
     for name, tensor in optional.items():
         entry = entries[name]
-        source = (f"a blend of {quoted(entry.candidates)}" if entry.transform == "blend"
-                  else quoted([entry.source]))
-        how = (f"written as a copy of the output's {tensor.tied_to} (from {source})" if tensor.tied_to
-               else f"taken from {source}")
+        source = f"a blend of {quoted(entry.candidates)}" if entry.transform == "blend" else quoted([entry.source])
+        how = (
+            f"written as a copy of the output's {tensor.tied_to} (from {source})"
+            if tensor.tied_to
+            else f"taken from {source}"
+        )
         groups.setdefault((tensor.why, tensor.missing_from, how), []).append(name)
     lines = []
     for (why, missing, how), names in groups.items():
@@ -205,9 +229,14 @@ def nonfinite_tensors(checkpoint: Checkpoint, skip=()) -> dict[str, str]:
     """The floating-point tensors other than matrices (norms, biases) that hold a NaN or Inf, except
     those in `skip` (optional tensors: a mask buffer may hold -inf); the matrices' own come with
     their spectra."""
-    return {name: NOT_FINITE for name, info in checkpoint.tensors.items()
-            if info.dtype in FLOAT_DTYPES and not info.is_matrix and name not in skip
-            and finite_problem(checkpoint.read_bytes(name), info.dtype) is not None}
+    return {
+        name: NOT_FINITE
+        for name, info in checkpoint.tensors.items()
+        if info.dtype in FLOAT_DTYPES
+        and not info.is_matrix
+        and name not in skip
+        and finite_problem(checkpoint.read_bytes(name), info.dtype) is not None
+    }
 
 
 def unusable_warnings(health: Health, layout: Layout) -> list[str]:
@@ -218,8 +247,10 @@ def unusable_warnings(health: Health, layout: Layout) -> list[str]:
             shown = "; ".join(f"{t} {why}" for t, why in list(tensors.items())[:3])
             more = f" and {len(tensors) - 3} more" if len(tensors) > 3 else ""
             depths = sorted({layout.depths[t] for t in tensors if layout.depths[t] is not None})
-            where = ", ".join(["the non-layer group"] * any(layout.depths[t] is None for t in tensors)
-                              + [f"depth {d}" for d in depths])
+            where = ", ".join(
+                ["the non-layer group"] * any(layout.depths[t] is None for t in tensors)
+                + [f"depth {d}" for d in depths]
+            )
             lines.append(f"'{candidate}': {shown}{more}: it cannot supply {where}")
     return lines
 

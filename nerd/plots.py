@@ -41,12 +41,21 @@ def pyplot():
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
-def heatmap(path: Path, values: np.ndarray, candidates: list[str], title: str, label: str,
-            boxes: list[tuple[int, int]], lower_wins: bool = False, crosses: list[tuple[int, int]] = (),
-            threshold: float | None = None) -> Path | None:
+def heatmap(
+    path: Path,
+    values: np.ndarray,
+    candidates: list[str],
+    title: str,
+    label: str,
+    boxes: list[tuple[int, int]],
+    lower_wins: bool = False,
+    crosses: list[tuple[int, int]] = (),
+    threshold: float | None = None,
+) -> Path | None:
     """values[candidate, depth] as colours (NaN: no score), with red boxes on the (row, depth)
     cells in `boxes` (what was chosen), red crosses on those in `crosses` (what was refused), and
     `threshold` marked on the colour bar."""
@@ -57,21 +66,28 @@ def heatmap(path: Path, values: np.ndarray, candidates: list[str], title: str, l
     fig, ax = plt.subplots(figsize=(min(max(6.0, 3 + 0.45 * depths), 24), 1.8 + 0.55 * rows))
     bounds = values[np.isfinite(values)].tolist() + ([threshold] if threshold is not None else [])
     low, high = (min(bounds), max(bounds)) if bounds else (0.0, 1.0)  # the threshold's line stays on the bar
-    image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", interpolation="nearest",
-                      cmap="viridis_r" if lower_wins else "viridis", vmin=low, vmax=high)
+    image = ax.imshow(
+        np.ma.masked_invalid(values),
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis_r" if lower_wins else "viridis",
+        vmin=low,
+        vmax=high,
+    )
     if threshold is None:
         fig.colorbar(image, ax=ax, label=label + (" (lower wins)" if lower_wins else " (higher wins)"))
     else:
         fig.colorbar(image, ax=ax, label=f"{label} (eligible from the red line up)").ax.axhline(
-            threshold, color="red", linewidth=2)
+            threshold, color="red", linewidth=2
+        )
     if rows * depths <= MARKED_CELLS:
         middle = (low + high) / 2
         for (r, d), v in np.ndenumerate(values):
             if np.isfinite(v):
                 dark = (v > middle) == lower_wins
-                ax.text(d, r, f"{v:.4g}", ha="center", va="center", fontsize=7,
-                        color="white" if dark else "black")
+                ax.text(d, r, f"{v:.4g}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
     from matplotlib.patches import Rectangle
+
     for r, d in boxes:
         ax.add_patch(Rectangle((d - 0.46, r - 0.46), 0.92, 0.92, fill=False, edgecolor="red", linewidth=2.2))
     for r, d in crosses:
@@ -95,16 +111,19 @@ def merge_heatmap(plan: Plan, directory: Path) -> str | None:
     blocks = block_choices(plan)
     if not blocks:
         return None
-    values = np.array([[math.nan if c.scores[m] is None else c.scores[m] for c in blocks]
-                       for m in plan.candidates], dtype=float)
+    values = np.array(
+        [[math.nan if c.scores[m] is None else c.scores[m] for c in blocks] for m in plan.candidates], dtype=float
+    )
     rule = rule_of(plan.selection)
     labels = short_names(plan.candidates)
     name = f"heatmap_{plan.selection.metric}.png"
     title = f"{rule.label} per block; red boxes: chosen" + (
-        " (block winners; per-matrix winners in merge_report.json)" if plan.selection.granularity == "tensor" else "")
+        " (block winners; per-matrix winners in merge_report.json)" if plan.selection.granularity == "tensor" else ""
+    )
     boxes = [(plan.candidates.index(m), d) for d, c in enumerate(blocks) for m in (c.blend or [c.winner])]
-    written = heatmap(directory / name, values, [labels[c] for c in plan.candidates], title, rule.label,
-                      boxes, rule.lower_wins)
+    written = heatmap(
+        directory / name, values, [labels[c] for c in plan.candidates], title, rule.label, boxes, rule.lower_wins
+    )
     return name if written else None
 
 
@@ -116,17 +135,29 @@ def compatibility_heatmap(plan: Plan, directory: Path) -> str | None:
     if plan.tethers is None or not blocks:
         return None
     tethers, others = plan.tethers, [c for c in plan.candidates if c != plan.base]
-    values = np.array([[math.nan if tethers.scores[str(d)][m] is None else tethers.scores[str(d)][m]
-                        for d in range(len(blocks))] for m in others], dtype=float)
+    values = np.array(
+        [
+            [math.nan if tethers.scores[str(d)][m] is None else tethers.scores[str(d)][m] for d in range(len(blocks))]
+            for m in others
+        ],
+        dtype=float,
+    )
     crosses = [(r, d) for r, m in enumerate(others) for d in range(len(blocks)) if not tethers.eligible(str(d), m)]
     boxes = [(others.index(m), d) for d, c in enumerate(blocks) for m in (c.blend or [c.winner]) if m in others]
     labels = short_names(plan.candidates)
     name = "heatmap_compatibility.png"
     options = tethers.options
-    written = heatmap(directory / name, values, [labels[c] for c in others],
-                      f"{options.measure} with the base '{labels[plan.base]}' per block\nred x: drifts "
-                      f"(below {options.min_compatibility:g}); red boxes: supplies the block",
-                      options.measure, boxes, crosses=crosses, threshold=options.min_compatibility)
+    written = heatmap(
+        directory / name,
+        values,
+        [labels[c] for c in others],
+        f"{options.measure} with the base '{labels[plan.base]}' per block\nred x: drifts "
+        f"(below {options.min_compatibility:g}); red boxes: supplies the block",
+        options.measure,
+        boxes,
+        crosses=crosses,
+        threshold=options.min_compatibility,
+    )
     return name if written else None
 
 
@@ -145,15 +176,24 @@ def expansion_curve(plan: Plan, directory: Path) -> str | None:
     ax.plot(depths, values, marker="o", markersize=4, color="tab:blue", label=label)
     copies = Counter(a.source for a in expansion.added)
     chosen = sorted(copies)
-    ax.scatter(chosen, values[chosen], s=140, facecolors="none", edgecolors="red", linewidths=2,
-               label=f"duplicated ({len(expansion.added)} copies)", zorder=3)
+    ax.scatter(
+        chosen,
+        values[chosen],
+        s=140,
+        facecolors="none",
+        edgecolors="red",
+        linewidths=2,
+        label=f"duplicated ({len(expansion.added)} copies)",
+        zorder=3,
+    )
     for depth, count in copies.items():
         if count > 1 and np.isfinite(values[depth]):
-            ax.annotate(f"x{count}", (depth, values[depth]), textcoords="offset points", xytext=(6, 6),
-                        color="red", fontsize=8)
+            ax.annotate(
+                f"x{count}", (depth, values[depth]), textcoords="offset points", xytext=(6, 6), color="red", fontsize=8
+            )
     ax.set_xlabel("depth (layer, before the expansion)")
     ax.set_ylabel(expansion.importance)
-    ax.set_xticks(depths if len(depths) <= 40 else depths[::max(1, len(depths) // 20)])
+    ax.set_xticks(depths if len(depths) <= 40 else depths[:: max(1, len(depths) // 20)])
     ax.set_title(f"DLEC expansion curve: {parameter_line(expansion)}", fontsize=10, loc="left")
     ax.legend(fontsize=7)
     name = "expansion_curve.png"
@@ -176,17 +216,24 @@ def esd(path: Path, eigenvalues: np.ndarray, metrics: dict, title: str) -> Path 
     ax.set_xscale("log")
     ax.set_yscale("log")
     from matplotlib.ticker import NullFormatter
+
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide when the ESD spans under a decade
     alpha, xmin, tail = metrics.get("alpha"), metrics.get("alpha_xmin"), metrics.get("alpha_tail")
     if alpha is not None:
         x = np.logspace(math.log10(xmin), math.log10(lam.max()), 50)
         share = tail / len(lam)  # the fit describes the tail's share of the whole ESD
-        ax.plot(x, share * (alpha - 1) / xmin * (x / xmin) ** -alpha, color="red",
-                label=f"power law, alpha = {alpha:.2f}")
+        ax.plot(
+            x, share * (alpha - 1) / xmin * (x / xmin) ** -alpha, color="red", label=f"power law, alpha = {alpha:.2f}"
+        )
         ax.axvline(xmin, color="red", linestyle="--", label=f"xmin = {xmin:.3g} (tail of {tail})")
     if metrics.get("detx_lambda") is not None:
-        ax.axvline(metrics["detx_lambda"], color="purple", linestyle=":", linewidth=2,
-                   label=f"detX = 1 at {metrics['detx_lambda']:.3g} (tail of {metrics['detx_tail']})")
+        ax.axvline(
+            metrics["detx_lambda"],
+            color="purple",
+            linestyle=":",
+            linewidth=2,
+            label=f"detX = 1 at {metrics['detx_lambda']:.3g} (tail of {metrics['detx_tail']})",
+        )
     ax.set_xlabel("eigenvalue of W^T W (squared singular value)")
     ax.set_ylabel("density")
     ax.set_title(title, fontsize=9, loc="left")
@@ -208,8 +255,13 @@ def smin_histogram(path: Path, smallest: dict[str, list[float]]) -> Path | None:
         bins = np.logspace(low - 0.1, high + 0.1, 30)
         for model, values in smallest.items():
             zeros = sum(v <= 0 for v in values)
-            ax.hist([v for v in values if v > 0], bins=bins, histtype="step", linewidth=1.5,
-                    label=model + (f" ({zeros} exactly zero)" if zeros else ""))
+            ax.hist(
+                [v for v in values if v > 0],
+                bins=bins,
+                histtype="step",
+                linewidth=1.5,
+                label=model + (f" ({zeros} exactly zero)" if zeros else ""),
+            )
     ax.set_xscale("log")
     ax.set_xlabel("smallest singular value s_min of each matrix")
     ax.set_ylabel("matrices")
@@ -238,8 +290,11 @@ def evaluation_chart(plan: Plan, directory: Path) -> str | None:
     if evaluation is None:
         return None
     written = next(f"composite: {s.name}" for s in evaluation.strategies if s.written)
-    return "perplexity.png" if perplexity_chart(directory / "perplexity.png", evaluation.rows, evaluation.texts,
-                                                written) else None
+    return (
+        "perplexity.png"
+        if perplexity_chart(directory / "perplexity.png", evaluation.rows, evaluation.texts, written)
+        else None
+    )
 
 
 def perplexity_chart(path: Path, rows: list, texts: list[str], written: str | None = None) -> Path | None:
@@ -259,15 +314,24 @@ def perplexity_chart(path: Path, rows: list, texts: list[str], written: str | No
     labels = short_names([m for m in models if not m.startswith("composite: ")])
     for i, m in enumerate(models):
         xs = [g + (i - (len(models) - 1) / 2) * width for g in range(len(groups))]
-        bars = ax.bar(xs, [table[m, g] for g in groups], width * 0.92, label=labels.get(m, m),
-                      edgecolor="red" if m == written else "none", linewidth=2 if m == written else 0)
+        bars = ax.bar(
+            xs,
+            [table[m, g] for g in groups],
+            width * 0.92,
+            label=labels.get(m, m),
+            edgecolor="red" if m == written else "none",
+            linewidth=2 if m == written else 0,
+        )
         if len(models) * len(groups) <= 40:
             ax.bar_label(bars, fmt="%.3g", fontsize=6, padding=1)
     for g in range(len(groups)):
         ax.hlines(table[base, groups[g]], g - 0.45, g + 0.45, colors="black", linestyles="dashed", linewidth=1)
     ax.set_xticks(range(len(groups)), [Path(g).name for g in groups])
     ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title("Perplexity by model and text (dashed: the base)" + ("; red outline: written" if written else ""),
-                 fontsize=10, loc="left")
+    ax.set_title(
+        "Perplexity by model and text (dashed: the base)" + ("; red outline: written" if written else ""),
+        fontsize=10,
+        loc="left",
+    )
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return save(fig, plt, path)

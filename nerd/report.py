@@ -31,8 +31,11 @@ def choice_rows(plan: Plan) -> list[list[str]]:
     rows = [["depth"] + [labels[c] for c in plan.candidates] + ["margin", "winner"]]
     for choice in plan.choices:
         cells = ["-" if choice.scores[c] is None else f"{choice.scores[c]:.6g}" for c in plan.candidates]
-        chosen = labels[choice.winner] if not choice.blend else "blend " + " + ".join(
-            f"{labels[c]} {w:.3g}" for c, w in choice.blend.items())
+        chosen = (
+            labels[choice.winner]
+            if not choice.blend
+            else "blend " + " + ".join(f"{labels[c]} {w:.3g}" for c, w in choice.blend.items())
+        )
         margin = "-" if choice.margin is None else f"{choice.margin:.3g} over {labels[choice.runner_up]}"
         rows.append([choice.group] + cells + [margin, chosen + (f"  ({choice.note})" if choice.note else "")])
     return rows
@@ -59,22 +62,33 @@ def tether_rows(plan: Plan) -> list[list[str]]:
     others = [c for c in plan.candidates if c != plan.base]
     rows = [["depth"] + [labels[c] for c in others]]
     for group, scores in tethers.scores.items():
-        rows.append([group] + [("-" if scores[c] is None else f"{scores[c]:.6g}")
-                               + ("" if tethers.eligible(group, c) else " drifts")
-                               for c in others])
+        rows.append(
+            [group]
+            + [
+                ("-" if scores[c] is None else f"{scores[c]:.6g}") + ("" if tethers.eligible(group, c) else " drifts")
+                for c in others
+            ]
+        )
     return rows
 
 
 def tether_line(tethers: Tethers) -> str:
     """What the compatibility is and what it gates."""
     options = tethers.options
-    what = {"cosine": "cosine similarity of each block's weight matrices with the base's",
-            "min_cosine": "smallest cosine similarity of a block's weight matrices with the base's",
-            "l2": "1 - |candidate - base| / |base| over each block's weight matrices"}[options.measure]
-    mode = ("compatible candidates compete" if options.mode == "select"
-            else f"compatible candidates are averaged, {options.weights} weights")
-    return (f"tethers: {what}; below {options.min_compatibility:g} a candidate drifts (not eligible there); "
-            f"mode {options.mode}: {mode}")
+    what = {
+        "cosine": "cosine similarity of each block's weight matrices with the base's",
+        "min_cosine": "smallest cosine similarity of a block's weight matrices with the base's",
+        "l2": "1 - |candidate - base| / |base| over each block's weight matrices",
+    }[options.measure]
+    mode = (
+        "compatible candidates compete"
+        if options.mode == "select"
+        else f"compatible candidates are averaged, {options.weights} weights"
+    )
+    return (
+        f"tethers: {what}; below {options.min_compatibility:g} a candidate drifts (not eligible there); "
+        f"mode {options.mode}: {mode}"
+    )
 
 
 def tether_table(plan: Plan) -> str:
@@ -85,8 +99,9 @@ def tether_table(plan: Plan) -> str:
     return "\n".join([tether_line(plan.tethers), *lines])
 
 
-def model_card(plan: Plan, heatmaps: list[str] | None = None, curve: str | None = None,
-               figure: str | None = None) -> str:
+def model_card(
+    plan: Plan, heatmaps: list[str] | None = None, curve: str | None = None, figure: str | None = None
+) -> str:
     """README.md of the output: what it was made from, the choice at every depth, the tethers, the
     expansion, the evaluation, and the figures that were drawn (`heatmaps`: the score's, then the
     compatibility's; `figure`: the perplexities)."""
@@ -98,10 +113,14 @@ tags:
 - mastermerge
 ---
 """
-    body = merge_section(plan, heatmaps or []) if len(plan.candidates) > 1 else f"""# Expanded model
+    body = (
+        merge_section(plan, heatmaps or [])
+        if len(plan.candidates) > 1
+        else f"""# Expanded model
 
 Made by mastermerge {__version__} from `{plan.base}` by duplicating its most important blocks (DLEC).
 """
+    )
     if plan.expansion is not None:
         body += "\n" + expansion_section(plan.expansion, curve)
     if plan.evaluation is not None:
@@ -117,8 +136,11 @@ def merge_section(plan: Plan, heatmaps: list[str]) -> str:
     images = " ".join(f"![{Path(h).stem.replace('_', ' ')}]({h})" for h in heatmaps)
     figures = f"\n{images}\n" if heatmaps else ""
     blend = plan.tethers is not None and plan.tethers.options.mode == "blend"
-    how = ("the candidates whose blocks are still compatible with the base's are averaged" if blend
-           else "the candidate whose weight matrices score best supplies the block")
+    how = (
+        "the candidates whose blocks are still compatible with the base's are averaged"
+        if blend
+        else "the candidate whose weight matrices score best supplies the block"
+    )
     return f"""# Composite model
 
 Made by mastermerge {__version__}: at every depth, {how}. {selection_sentence(plan.selection)}
@@ -128,7 +150,8 @@ Candidates (ties go to the earlier one):
 {models}
 {warning_lines(plan.warnings)}
 Scores are the {rule_of(plan.selection).label} over the matrices of each group; the {
-"blend (each candidate's weight given)" if blend else "winner"} supplies its tensors.
+        "blend (each candidate's weight given)" if blend else "winner"
+    } supplies its tensors.
 
 {markdown_table(rows)}
 {figures}
@@ -149,8 +172,9 @@ def evaluation_rows(evaluation: Evaluation) -> list[list[str]]:
         change = "" if diff is None else f"{diff:+.4g} ({diff / means[base]:+.1%})"
         name = short_names([m])[m] if not m.startswith("composite: ") else m
         label = name + (" (base)" if m == base else " (written)" if m in written else "")
-        rows.append([label] + [fmt_perplexity(table[m, t]) for t in evaluation.texts]
-                    + [fmt_perplexity(means[m]), change])
+        rows.append(
+            [label] + [fmt_perplexity(table[m, t]) for t in evaluation.texts] + [fmt_perplexity(means[m]), change]
+        )
     return rows
 
 
@@ -167,9 +191,13 @@ def evaluation_header(evaluation: Evaluation) -> str:
     """What the numbers are: the kind of perplexity and the windows."""
     first = evaluation.rows[0]
     kinds = {r.kind for r in evaluation.rows}
-    kind = ("causal LM: exp of the mean next-token NLL" if kinds == {"causal"}
-            else "masked LM: exp of the mean NLL of the masked tokens" if kinds == {"masked"}
-            else "causal LMs: next-token NLL, masked LMs: NLL of the masked tokens, exp of the mean")
+    kind = (
+        "causal LM: exp of the mean next-token NLL"
+        if kinds == {"causal"}
+        else "masked LM: exp of the mean NLL of the masked tokens"
+        if kinds == {"masked"}
+        else "causal LMs: next-token NLL, masked LMs: NLL of the masked tokens, exp of the mean"
+    )
     if len({(r.window, r.stride) for r in evaluation.rows}) > 1:
         windows = "windows of each model's context (evaluation.csv has each one's)"
     else:
@@ -219,9 +247,12 @@ def markdown_table(rows: list[list[str]]) -> str:
 
 def expansion_section(expansion: Expansion, curve: str | None) -> str:
     rows = "\n".join(f"| {a.source} | {a.depth} | {fmt_score(a.score)} |" for a in expansion.added)
-    init = ("`identity`: each copy's residual-writing projections are zero, so the expanded model computes "
-            "the same function as before and can be fine-tuned from there" if expansion.init == "identity"
-            else "`copy`: each copy is an exact duplicate of its source block")
+    init = (
+        "`identity`: each copy's residual-writing projections are zero, so the expanded model computes "
+        "the same function as before and can be fine-tuned from there"
+        if expansion.init == "identity"
+        else "`copy`: each copy is an exact duplicate of its source block"
+    )
     curve = f"\n![importance by depth]({curve})\n" if curve else ""
     note = f" ({expansion.note})" if expansion.note else ""
     return f"""## Layer expansion (DLEC)
@@ -243,8 +274,10 @@ def expansion_table(plan: Plan) -> str:
     copies: dict[int, list[int]] = {}
     for added in expansion.added:
         copies.setdefault(added.source, []).append(added.depth)
-    lines = [f"expansion: {parameter_line(expansion)}; init: {expansion.init}",
-             f"importance: {importance_line(expansion)}" + (" (cached)" if expansion.stats_reused else "")]
+    lines = [
+        f"expansion: {parameter_line(expansion)}; init: {expansion.init}",
+        f"importance: {importance_line(expansion)}" + (" (cached)" if expansion.stats_reused else ""),
+    ]
     if expansion.note:
         lines.append(f"note: {expansion.note}")
     lines.append(f"{'depth':<7}{'importance':<14}copied to")
@@ -280,8 +313,11 @@ def fmt_score(score: float | None) -> str:
 
 def selection_sentence(selection: Selection) -> str:
     """What wins, in words."""
-    what = ("Normalized Effective Rank (NER, the entropy of the singular values divided by its maximum)"
-            if selection.metric == "ner" else f"`{selection.metric}` ({METRICS[selection.metric]})")
+    what = (
+        "Normalized Effective Rank (NER, the entropy of the singular values divided by its maximum)"
+        if selection.metric == "ner"
+        else f"`{selection.metric}` ({METRICS[selection.metric]})"
+    )
     if selection.goal == "target":
         return f"Score: the mean distance of {what} to {selection.target:g}; the lowest wins."
     return f"Score: the mean {what}; the {'highest' if selection.goal == 'max' else 'lowest'} wins."
@@ -301,8 +337,10 @@ def report_of(plan: Plan, config: MergeConfig, files: dict[str, dict]) -> dict:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config_file": str(config.source) if config.source else None,
         "config": config.raw,
-        "inputs": [{"model": c, "path": str(plan.sources[c]), "revision": plan.revisions[c],
-                    "base": c == plan.base} for c in plan.candidates],
+        "inputs": [
+            {"model": c, "path": str(plan.sources[c]), "revision": plan.revisions[c], "base": c == plan.base}
+            for c in plan.candidates
+        ],
         "selection": asdict(plan.selection),
         "metrics": plan.metrics,
         "spectrum_paths": spectrum_paths(plan),
@@ -319,15 +357,41 @@ def write_evaluation(rows: list[Perplexity], texts: list[str], out: Path, extra:
     means = mean_rows(rows, texts)
     base = next(r.model for r in rows if r.role == "base")
     reference = {r.text: r.perplexity for r in rows + means if r.model == base}
-    columns = ["model", "role", "text", "perplexity", "diff_from_base", "relative_diff", "nll", "tokens", "windows",
-               "window", "stride", "kind", "reused"]
+    columns = [
+        "model",
+        "role",
+        "text",
+        "perplexity",
+        "diff_from_base",
+        "relative_diff",
+        "nll",
+        "tokens",
+        "windows",
+        "window",
+        "stride",
+        "kind",
+        "reused",
+    ]
     records = []
     for r in rows + means:
         diff = None if None in (r.perplexity, reference[r.text]) else r.perplexity - reference[r.text]
-        records.append({"model": r.model, "role": r.role, "text": r.text, "perplexity": r.perplexity,
-                        "diff_from_base": diff, "relative_diff": None if diff is None else diff / reference[r.text],
-                        "nll": r.nll, "tokens": r.tokens, "windows": r.windows, "window": r.window,
-                        "stride": r.stride, "kind": r.kind, "reused": r.reused})
+        records.append(
+            {
+                "model": r.model,
+                "role": r.role,
+                "text": r.text,
+                "perplexity": r.perplexity,
+                "diff_from_base": diff,
+                "relative_diff": None if diff is None else diff / reference[r.text],
+                "nll": r.nll,
+                "tokens": r.tokens,
+                "windows": r.windows,
+                "window": r.window,
+                "stride": r.stride,
+                "kind": r.kind,
+                "reused": r.reused,
+            }
+        )
     with open(out / "evaluation.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, columns)
         writer.writeheader()
@@ -343,8 +407,19 @@ def mean_rows(rows: list[Perplexity], texts: list[str]) -> list[Perplexity]:
     for model in dict.fromkeys(r.model for r in rows):
         mine = [r for r in rows if r.model == model and r.text in texts]
         nll = None if any(r.nll is None for r in mine) else sum(r.nll for r in mine)
-        means.append(Perplexity(model, mine[0].role, "mean", mine[0].kind, mean_of([r.perplexity for r in mine]),
-                                nll, sum(r.tokens for r in mine),
-                                sum(r.windows for r in mine), mine[0].window, mine[0].stride,
-                                all(r.reused for r in mine)))
+        means.append(
+            Perplexity(
+                model,
+                mine[0].role,
+                "mean",
+                mine[0].kind,
+                mean_of([r.perplexity for r in mine]),
+                nll,
+                sum(r.tokens for r in mine),
+                sum(r.windows for r in mine),
+                mine[0].window,
+                mine[0].stride,
+                all(r.reused for r in mine),
+            )
+        )
     return means

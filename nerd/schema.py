@@ -18,15 +18,42 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import AfterValidator, BeforeValidator, Field, Strict, StrictInt, StrictStr, ValidationInfo, \
-    model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    Strict,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    model_validator,
+)
 from pydantic.dataclasses import dataclass
 from pydantic_core import ArgsKwargs, PydanticCustomError
 
 from .metrics import METRICS
-from .values import CONFIG, MODEL_REF, DependsOn, DirectoryPath, Flag, NullIsDefault, Reading, ShardSize, TextPath, \
-    Tokens, finite_number, flag, internal, listed, model_ref, printable, printable_text, quoted_revision, rule, \
-    two_or_more
+from .values import (
+    CONFIG,
+    MODEL_REF,
+    DependsOn,
+    DirectoryPath,
+    Flag,
+    NullIsDefault,
+    Reading,
+    ShardSize,
+    TextPath,
+    Tokens,
+    finite_number,
+    flag,
+    internal,
+    listed,
+    model_ref,
+    printable,
+    printable_text,
+    quoted_revision,
+    rule,
+    two_or_more,
+)
 
 CONFIGURED = "as configured"  # the name of the config's own selection and tether settings among the strategies
 Dtype = Literal["keep", "float32", "float16", "bfloat16"]
@@ -54,15 +81,21 @@ def option_setting(options: Any, name: str, value: str) -> str:
 @cache
 def keys_of(cls: type) -> tuple[str, ...]:
     """The keys a config may give a section, in order (aliases where they differ from the attribute)."""
-    return tuple(cls.__pydantic_fields__[f.name].alias or f.name for f in dataclasses.fields(cls)
-                 if not f.metadata.get("internal"))
+    return tuple(
+        cls.__pydantic_fields__[f.name].alias or f.name
+        for f in dataclasses.fields(cls)
+        if not f.metadata.get("internal")
+    )
 
 
 @cache
 def dependents(cls: type, key: str) -> frozenset[str]:
     """The keys chosen with `key` (DependsOn), and those chosen with them."""
-    direct = {name for name, info in cls.__pydantic_fields__.items()
-              if any(isinstance(m, DependsOn) and m.key == key for m in info.metadata)}
+    direct = {
+        name
+        for name, info in cls.__pydantic_fields__.items()
+        if any(isinstance(m, DependsOn) and m.key == key for m in info.metadata)
+    }
     return frozenset(direct.union(*(dependents(cls, k) for k in direct)))
 
 
@@ -90,8 +123,15 @@ class Schema:
         for key in data:
             if isinstance(key, str) and key in cls.__pydantic_fields__ and key not in keys_of(cls):
                 raise PydanticCustomError("unknown_key", "unknown key", {"at": (key,)})
-        return {k: v for k, v in data.items() if not (v is None and k in cls.__pydantic_fields__ and any(
-            isinstance(m, NullIsDefault) for m in cls.__pydantic_fields__[k].metadata))}
+        return {
+            k: v
+            for k, v in data.items()
+            if not (
+                v is None
+                and k in cls.__pydantic_fields__
+                and any(isinstance(m, NullIsDefault) for m in cls.__pydantic_fields__[k].metadata)
+            )
+        }
 
 
 @dataclass(frozen=True, config=CONFIG)
@@ -104,9 +144,12 @@ class ModelSpec(Schema):
     ref: Annotated[StrictStr, AfterValidator(model_ref), Field(alias="model", description=MODEL_REF)]
     path: Path | None = internal(None)
     repo_id: str | None = internal(None)
-    revision: Annotated[StrictStr | None, BeforeValidator(quoted_revision),
-                        AfterValidator(lambda v: v if v is None else printable_text(v)),
-                        Field(description="a branch, tag or commit")] = None
+    revision: Annotated[
+        StrictStr | None,
+        BeforeValidator(quoted_revision),
+        AfterValidator(lambda v: v if v is None else printable_text(v)),
+        Field(description="a branch, tag or commit"),
+    ] = None
 
     @classmethod
     def read(cls, data: Any, reading: Reading | None) -> Any:
@@ -135,8 +178,7 @@ class Selection(Schema):
     non_layer: Literal["base", "compete"] = "base"
     metric: Literal[tuple(METRICS)] = "ner"
     goal: Annotated[Literal["max", "min", "target"], DependsOn("metric")] = "max"
-    target: Annotated[Annotated[float, Strict()] | None, DependsOn("goal"),
-                      Field(description="a finite number")] = None
+    target: Annotated[Annotated[float, Strict()] | None, DependsOn("goal"), Field(description="a finite number")] = None
     zero_matrices: Literal["exclude", "allow"] = "exclude"
 
     @classmethod
@@ -148,8 +190,11 @@ class Selection(Schema):
         if not (isinstance(metric, str) and metric in METRICS):
             return data  # refused as the choice it is
         if "goal" not in data and metric != "ner":
-            raise rule(f"required with selection.metric: {metric} (max, min, or target with selection.target, "
-                       f"e.g. goal: target, target: 2.0 for alpha)", ("goal",))
+            raise rule(
+                f"required with selection.metric: {metric} (max, min, or target with selection.target, "
+                f"e.g. goal: target, target: 2.0 for alpha)",
+                ("goal",),
+            )
         if goal == "target" and not finite_number(target):
             raise rule(f"goal: target needs a finite number, found {target!r}", ("target",))
         if goal in ("max", "min") and target is not None:
@@ -182,8 +227,10 @@ class TetherOptions(Schema):
         if not finite_number(threshold) or not low <= threshold <= 1:
             span = "between -1 and 1" if measure != "l2" else "at most 1"
             everyone = "-1" if measure != "l2" else "a large negative number"
-            raise rule(f"expected a number {span} ({measure}; {everyone} lets every candidate through), "
-                       f"found {threshold!r}", ("min_compatibility",))
+            raise rule(
+                f"expected a number {span} ({measure}; {everyone} lets every candidate through), found {threshold!r}",
+                ("min_compatibility",),
+            )
         return data
 
     @model_validator(mode="after")
@@ -191,16 +238,22 @@ class TetherOptions(Schema):
         if self.weights != "equal" and self.mode != "blend":
             raise rule(f"only used with tether.mode: blend (mode is {self.mode})", ("weights",))
         if self.weights == "compatibility" and self.min_compatibility <= 0:
-            raise rule(f"compatibility needs tether.min_compatibility > 0, so every weight is positive "
-                       f"(found {self.min_compatibility:g}); use equal", ("weights",))
+            raise rule(
+                f"compatibility needs tether.min_compatibility > 0, so every weight is positive "
+                f"(found {self.min_compatibility:g}); use equal",
+                ("weights",),
+            )
         return self
 
 
 def check_score_weights(selection: Selection, tether: TetherOptions) -> None:
     """Weights by the selection score need a score where higher is better."""
     if tether.weights == "score" and selection.goal != "max":
-        raise rule(f"score weighs candidates by their selection score, which needs selection.goal: max (goal is "
-                   f"{selection.goal}, so a lower score is better); use equal or compatibility", ("tether", "weights"))
+        raise rule(
+            f"score weighs candidates by their selection score, which needs selection.goal: max (goal is "
+            f"{selection.goal}, so a lower score is better); use equal or compatibility",
+            ("tether", "weights"),
+        )
 
 
 @dataclass(frozen=True, config=CONFIG)
@@ -229,11 +282,23 @@ class DlecOptions(Options):
     shape: ClassVar[str] = "a mapping (add_layers, growth or layers, ...)"
 
     add_layers: Annotated[StrictInt, Field(ge=1, description="a whole number of layers >= 1")] | None = None
-    growth: Annotated[float, Strict(), Field(gt=0, le=1, description="a fraction of the parameters in (0, 1], "
-                                                                      "e.g. 0.16 for ~16% more")] | None = None
-    layers: Annotated[tuple[Annotated[StrictInt, Field(ge=0)], ...], BeforeValidator(listed),
-                      Field(min_length=1, description="a list of layer indices (0-based) to duplicate, e.g. [3, 7]"),
-                      AfterValidator(lambda layers: tuple(sorted(layers)))] | None = None
+    growth: (
+        Annotated[
+            float,
+            Strict(),
+            Field(gt=0, le=1, description="a fraction of the parameters in (0, 1], e.g. 0.16 for ~16% more"),
+        ]
+        | None
+    ) = None
+    layers: (
+        Annotated[
+            tuple[Annotated[StrictInt, Field(ge=0)], ...],
+            BeforeValidator(listed),
+            Field(min_length=1, description="a list of layer indices (0-based) to duplicate, e.g. [3, 7]"),
+            AfterValidator(lambda layers: tuple(sorted(layers))),
+        ]
+        | None
+    ) = None
     importance: Importance | None = None
     calibration: TextPath | None = None
     max_tokens: Annotated[StrictInt, Field(ge=2, description="a number of tokens >= 2")] = 4096
@@ -248,8 +313,11 @@ class DlecOptions(Options):
             found = " and ".join(key(k) for k in given) if given else "none"
             raise rule(f"give exactly one of {key('add_layers')}, {key('growth')} or {key('layers')}, found {found}")
         if self.calibration is not None and self.importance == "ner":
-            raise rule(f"not used with {option_setting(self, 'importance', 'ner')} (importance from the weights "
-                       f"needs no text)", ("calibration",))
+            raise rule(
+                f"not used with {option_setting(self, 'importance', 'ner')} (importance from the weights "
+                f"needs no text)",
+                ("calibration",),
+            )
         return self
 
 
@@ -302,14 +370,21 @@ class EvaluateOptions(Options):
 
     shape: ClassVar[str] = "a mapping (texts, max_tokens, strategies, ...)"
 
-    texts: Annotated[tuple[TextPath, ...], BeforeValidator(listed),
-                     Field(min_length=1, description="a list of text files, e.g. [held_out.txt]")]
+    texts: Annotated[
+        tuple[TextPath, ...],
+        BeforeValidator(listed),
+        Field(min_length=1, description="a list of text files, e.g. [held_out.txt]"),
+    ]
     names: tuple[str, ...] = internal()
     max_tokens: Annotated[Tokens, NullIsDefault()] = 4096
     max_length: Tokens | None = None
     stride: Annotated[StrictInt, Field(ge=1, description="a whole number of tokens >= 1")] | None = None
-    strategies: Annotated[tuple[Strategy, ...], BeforeValidator(listed), NullIsDefault(),
-                          Field(description="a list of variants, e.g. [{tether: {mode: blend}}]")] = ()
+    strategies: Annotated[
+        tuple[Strategy, ...],
+        BeforeValidator(listed),
+        NullIsDefault(),
+        Field(description="a list of variants, e.g. [{tether: {mode: blend}}]"),
+    ] = ()
     choose_by: Annotated[StrictStr, Field(description="mean or one of the texts")] = "mean"
     trust_remote_code: Flag = False
 
@@ -325,14 +400,21 @@ class EvaluateOptions(Options):
     def check_lengths(self) -> "EvaluateOptions":
         key = lambda name: option_key(self, name)  # noqa: E731
         if self.max_length and self.max_length > self.max_tokens:
-            raise rule(f"{self.max_length} is longer than the {self.max_tokens} tokens used of each text "
-                       f"({key('max_tokens')})", ("max_length",))
+            raise rule(
+                f"{self.max_length} is longer than the {self.max_tokens} tokens used of each text "
+                f"({key('max_tokens')})",
+                ("max_length",),
+            )
         if self.max_length and self.stride and self.stride >= self.max_length:
-            raise rule(f"{self.stride} must be shorter than the window ({key('max_length')}: {self.max_length}), "
-                       f"or no window would overlap the next", ("stride",))
+            raise rule(
+                f"{self.stride} must be shorter than the window ({key('max_length')}: {self.max_length}), "
+                f"or no window would overlap the next",
+                ("stride",),
+            )
         if self.choose_by != "mean" and self.choose_by not in self.names:
-            raise rule(f"expected mean or one of the texts ({', '.join(self.names)}), found {self.choose_by!r}",
-                       ("choose_by",))
+            raise rule(
+                f"expected mean or one of the texts ({', '.join(self.names)}), found {self.choose_by!r}", ("choose_by",)
+            )
         taken = [CONFIGURED]
         for i, strategy in enumerate(self.strategies):
             if strategy.name in taken:
@@ -349,8 +431,12 @@ class MergeConfig(Schema):
 
     shape: ClassVar[str] = "a mapping of keys (models, base_model, output_dir, ...)"
 
-    models: Annotated[tuple[ModelSpec, ...], BeforeValidator(two_or_more), BeforeValidator(listed),
-                      Field(description="a list of models")]
+    models: Annotated[
+        tuple[ModelSpec, ...],
+        BeforeValidator(two_or_more),
+        BeforeValidator(listed),
+        Field(description="a list of models"),
+    ]
     base: Annotated[ModelSpec, Field(alias="base_model")]
     output_dir: DirectoryPath
     selection: Annotated[Selection, NullIsDefault()] = dataclasses.field(default_factory=Selection)

@@ -56,10 +56,12 @@ def rule_of(selection: Selection) -> Rule:
 
 def scores_of(metrics: Metrics, selection: Selection) -> Scores:
     """Each matrix's score: its metric, or its distance to the target; None where undefined."""
+
     def score(value):
         if value is None or selection.goal != "target":
             return value
         return abs(value - selection.target)
+
     return {c: {t: score(m[selection.metric]) for t, m in per.items()} for c, per in metrics.items()}
 
 
@@ -109,21 +111,34 @@ def health_of(metrics: Metrics, vector_problems: dict[str, dict[str, str]], sele
     return Health(unusable, zeros)
 
 
-def group_choice(label: str, depth: int | None, tensors: list[str], matrices: list[str],
-                 scores: Scores, order: list[str], rule: Rule,
-                 health: Health, tethers: Tethers, fixed: str | None = None) -> Choice:
+def group_choice(
+    label: str,
+    depth: int | None,
+    tensors: list[str],
+    matrices: list[str],
+    scores: Scores,
+    order: list[str],
+    rule: Rule,
+    health: Health,
+    tethers: Tethers,
+    fixed: str | None = None,
+) -> Choice:
     """Choose one candidate for a group of tensors, by mean score among those its tethers let
     through and that have no unusable tensor in it, unless `fixed` names it; or, with tether.mode
     blend, average the eligible ones. ModelError when nothing usable can supply the group."""
     place = "the non-layer group" if depth is None else f"depth {depth}" if label == str(depth) else label
     broken = {c: health.of(c, tensors) for c in order}
-    per_candidate = {c: None if broken[c] else group_score(scores, c, [m for m in matrices if m not in health.zeros[c]])
-                     for c in order}
+    per_candidate = {
+        c: None if broken[c] else group_score(scores, c, [m for m in matrices if m not in health.zeros[c]])
+        for c in order
+    }
     if fixed is not None:
         if broken[fixed]:
-            raise ModelError(f"{place}: the base '{fixed}' cannot supply it ({'; '.join(broken[fixed])}) and "
-                             f"selection.non_layer is base; set selection.non_layer: compete to take it from "
-                             f"another candidate")
+            raise ModelError(
+                f"{place}: the base '{fixed}' cannot supply it ({'; '.join(broken[fixed])}) and "
+                f"selection.non_layer is base; set selection.non_layer: compete to take it from "
+                f"another candidate"
+            )
         return Choice(label, depth, per_candidate, fixed, tuple(tensors), "taken from the base")
     key = "non-layer" if depth is None else str(depth)
     drifted = [c for c in order if not tethers.eligible(key, c)]
@@ -135,24 +150,33 @@ def group_choice(label: str, depth: int | None, tensors: list[str], matrices: li
     if winner is None:
         usable = [c for c in eligible if not broken[c]]
         if not usable:
-            raise ModelError(f"{place}: no candidate can supply it: "
-                             + "; ".join(f"'{c}' " + ("; ".join(broken[c]) if broken[c] else "drifts from the base")
-                                         for c in order) + "; nothing written")
+            raise ModelError(
+                f"{place}: no candidate can supply it: "
+                + "; ".join(f"'{c}' " + ("; ".join(broken[c]) if broken[c] else "drifts from the base") for c in order)
+                + "; nothing written"
+            )
         winner = usable[0]
-        notes.append(f"no {'eligible ' if drifted else ''}candidate has a score here; taken from "
-                     + ("the base" if winner == order[0] else f"{winner}, the first usable one"))
+        notes.append(
+            f"no {'eligible ' if drifted else ''}candidate has a score here; taken from "
+            + ("the base" if winner == order[0] else f"{winner}, the first usable one")
+        )
     else:
         unscored = []
         for c in order:
             if per_candidate[c] is None and not broken[c]:
-                reasons = [f"{m}: {rule.metric} undefined" for m in matrices
-                           if scores[c][m] is None and m not in health.zeros[c]]
+                reasons = [
+                    f"{m}: {rule.metric} undefined"
+                    for m in matrices
+                    if scores[c][m] is None and m not in health.zeros[c]
+                ]
                 unscored.append(f"{c} ({'; '.join(reasons)})")
         if unscored and matrices:
             notes.append(f"not selectable, no {rule.metric}: " + "; ".join(unscored))
     if key in tethers.unmeasured:
-        notes.append(f"the base's block has a NaN or Inf, so no {tethers.options.measure} was measured here; "
-                     f"candidates compatible with the base at other depths are eligible")
+        notes.append(
+            f"the base's block has a NaN or Inf, so no {tethers.options.measure} was measured here; "
+            f"candidates compatible with the base at other depths are eligible"
+        )
     elif any(per_candidate[c] is not None for c in drifted):  # those without a score are already explained
         notes.append(drift_note(tethers, key, [c for c in drifted if per_candidate[c] is not None]))
     members = [c for c in eligible if per_candidate[c] is not None]
@@ -163,20 +187,29 @@ def group_choice(label: str, depth: int | None, tensors: list[str], matrices: li
         runner_up = winner_of(per_candidate, [c for c in eligible if c != winner], rule.lower_wins)
         if runner_up is not None:
             margin = abs(per_candidate[winner] - per_candidate[runner_up])
-    return Choice(label, depth, per_candidate, winner, tuple(tensors), "; ".join(notes) or None, blend,
-                  runner_up, margin)
+    return Choice(
+        label, depth, per_candidate, winner, tuple(tensors), "; ".join(notes) or None, blend, runner_up, margin
+    )
 
 
 def drift_note(tethers: Tethers, key: str, drifted: list[str]) -> str:
     """'drifts (cosine below 0.5): alien 0.0012', or 'alien no cosine (NaN/Inf or all-zero weights)'."""
     options = tethers.options
-    found = ", ".join(f"{c} " + (f"no {options.measure} (NaN/Inf or all-zero weights)" if tethers.scores[key][c] is None
-                                 else f"{tethers.scores[key][c]:.6g}") for c in drifted)
+    found = ", ".join(
+        f"{c} "
+        + (
+            f"no {options.measure} (NaN/Inf or all-zero weights)"
+            if tethers.scores[key][c] is None
+            else f"{tethers.scores[key][c]:.6g}"
+        )
+        for c in drifted
+    )
     return f"drifts ({options.measure} below {options.min_compatibility:g}): {found}"
 
 
-def blend_weights(members: list[str], per_candidate: dict[str, float | None], tethers: Tethers, key: str,
-                  place: str, rule: Rule) -> dict[str, float]:
+def blend_weights(
+    members: list[str], per_candidate: dict[str, float | None], tethers: Tethers, key: str, place: str, rule: Rule
+) -> dict[str, float]:
     """Each member's share of the average: equal, or proportional to its score or compatibility
     (ConfigError without the config file's name, which the caller adds, if one is not positive)."""
     kind = tethers.options.weights
@@ -188,14 +221,23 @@ def blend_weights(members: list[str], per_candidate: dict[str, float | None], te
     for c, value in raw.items():
         if value <= 0:
             what = rule.label if kind == "score" else tethers.options.measure
-            raise ConfigError(f"tether.weights: {kind}: '{c}' has {what} {value:.4g} at {place}; weights "
-                              f"proportional to it need positive values; use tether.weights: equal")
+            raise ConfigError(
+                f"tether.weights: {kind}: '{c}' has {what} {value:.4g} at {place}; weights "
+                f"proportional to it need positive values; use tether.weights: equal"
+            )
     total = sum(raw.values())
     return {c: value / total for c, value in raw.items()}
 
 
-def choices_of(layout: Layout, infos: dict[str, TensorInfo], metrics: Metrics, order: list[str],
-               selection: Selection, tethers: Tethers, health: Health) -> list[Choice]:
+def choices_of(
+    layout: Layout,
+    infos: dict[str, TensorInfo],
+    metrics: Metrics,
+    order: list[str],
+    selection: Selection,
+    tethers: Tethers,
+    health: Health,
+) -> list[Choice]:
     """All selection decisions, non-layer group first, then depth by depth."""
     base, rule = order[0], rule_of(selection)
     scores = scores_of(metrics, selection)
@@ -204,8 +246,15 @@ def choices_of(layout: Layout, infos: dict[str, TensorInfo], metrics: Metrics, o
         return group_choice(label, depth, tensors, matrices, scores, order, rule, health, tethers, fixed)
 
     rest = layout.non_layer()
-    choices = [choose("non-layer", None, rest, [t for t in rest if infos[t].is_matrix],
-                      fixed=base if selection.non_layer == "base" else None)]
+    choices = [
+        choose(
+            "non-layer",
+            None,
+            rest,
+            [t for t in rest if infos[t].is_matrix],
+            fixed=base if selection.non_layer == "base" else None,
+        )
+    ]
     for depth in range(layout.num_layers):
         block = layout.block(depth)
         matrices = [t for t in block if infos[t].is_matrix]

@@ -34,9 +34,14 @@ def copy_side_files(base: Path, tmp: Path) -> None:
     """Every top-level file of the base that is kept (see the module docstring), then the module
     folders its modules.json names."""
     for path in sorted(base.iterdir()):
-        if (path.is_file() and not path.name.startswith(".") and path.suffix not in WEIGHT_SUFFIXES
-                and not path.name.endswith(".index.json") and path.name not in NOT_COPIED
-                and not OUR_FIGURES.match(path.name)):
+        if (
+            path.is_file()
+            and not path.name.startswith(".")
+            and path.suffix not in WEIGHT_SUFFIXES
+            and not path.name.endswith(".index.json")
+            and path.name not in NOT_COPIED
+            and not OUR_FIGURES.match(path.name)
+        ):
             shutil.copyfile(path, tmp / path.name)
     for folder in module_folders(base):
         for source in module_files(base / folder):
@@ -55,19 +60,24 @@ def module_folders(base: Path) -> list[str]:
     try:
         modules = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ModelError(f"{path}: not valid JSON ({first_line(exc)}); expected sentence-transformers' list "
-                         f"of modules") from None
+        raise ModelError(
+            f"{path}: not valid JSON ({first_line(exc)}); expected sentence-transformers' list of modules"
+        ) from None
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
-        raise ModelError(f"{path}: expected a list of modules ({{\"idx\", \"name\", \"path\", \"type\"}}), found "
-                         f"{type(modules).__name__ if not isinstance(modules, list) else 'other items'}")
+        raise ModelError(
+            f'{path}: expected a list of modules ({{"idx", "name", "path", "type"}}), found '
+            f"{type(modules).__name__ if not isinstance(modules, list) else 'other items'}"
+        )
     folders = []
     for i, module in enumerate(modules):
         folder = module.get("path", "")
         if not isinstance(folder, str):
             raise ModelError(f"{path}: module {i}: path is {folder!r}, expected a folder name")
         if outside_directory(folder):
-            raise ModelError(f"{path}: module {i}: path '{folder}' points outside the model directory; refused "
-                             f"(expected a folder inside {base})")
+            raise ModelError(
+                f"{path}: module {i}: path '{folder}' points outside the model directory; refused "
+                f"(expected a folder inside {base})"
+            )
         if Path(folder).parts and folder not in folders:
             folders.append(folder)
     return folders
@@ -89,9 +99,10 @@ def module_notes(base: Path) -> list[str]:
     from the base; checks the base's modules.json (module_folders) on the way."""
     notes = []
     for folder in module_folders(base):
-        weights = [p.relative_to(base).as_posix() for p in module_files(base / folder)
-                   if p.suffix in WEIGHT_SUFFIXES]
+        weights = [p.relative_to(base).as_posix() for p in module_files(base / folder) if p.suffix in WEIGHT_SUFFIXES]
         if weights:
-            notes.append(f"sentence-transformers module '{folder}' (modules.json) has weights of its own "
-                         f"({', '.join(weights)}): copied as is from the base, not merged")
+            notes.append(
+                f"sentence-transformers module '{folder}' (modules.json) has weights of its own "
+                f"({', '.join(weights)}): copied as is from the base, not merged"
+            )
     return notes

@@ -17,11 +17,24 @@ from .config import ModelSpec
 from .errors import ModelError
 from .sidefiles import MODULES, module_folders
 
-SIDE_FILES = ["*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt", "vocab.json",
-              "spiece.model", "sentencepiece.bpe.model", "*.jinja"]
+SIDE_FILES = [
+    "*.json",
+    "tokenizer.model",
+    "*.tiktoken",
+    "merges.txt",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "*.jinja",
+]
 WEIGHT_CHOICES = (  # first match wins; the first pattern of each choice is what must be present
-    ["model.safetensors.index.json", "model-*.safetensors"], ["model.safetensors"], ["*.safetensors"],
-    ["pytorch_model.bin.index.json", "pytorch_model-*.bin"], ["pytorch_model.bin"], ["*.bin"],
+    ["model.safetensors.index.json", "model-*.safetensors"],
+    ["model.safetensors"],
+    ["*.safetensors"],
+    ["pytorch_model.bin.index.json", "pytorch_model-*.bin"],
+    ["pytorch_model.bin"],
+    ["*.bin"],
 )
 
 
@@ -39,9 +52,14 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
     if spec.path is not None:
         return ResolvedModel(spec=spec, path=spec.path)
     from huggingface_hub import HfApi, constants, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     revision = spec.revision or "main"
     try:
@@ -55,19 +73,28 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
                 raise
             except Exception:  # the hub is unreachable: use what the local cache holds
                 patterns = None
-        folder = Path(snapshot_download(spec.repo_id, revision=revision, allow_patterns=patterns,
-                                        local_files_only=patterns is None))
+        folder = Path(
+            snapshot_download(
+                spec.repo_id, revision=revision, allow_patterns=patterns, local_files_only=patterns is None
+            )
+        )
     except GatedRepoError:
-        raise ModelError(f"model '{spec.ref}': the repo is gated; accept its terms on the hub and log in "
-                         f"(HF_TOKEN or `hf auth login`)") from None
+        raise ModelError(
+            f"model '{spec.ref}': the repo is gated; accept its terms on the hub and log in "
+            f"(HF_TOKEN or `hf auth login`)"
+        ) from None
     except RepositoryNotFoundError:
-        raise ModelError(f"model '{spec.ref}': no such repo on the hub (or it is private and no token "
-                         f"with access was found)") from None
+        raise ModelError(
+            f"model '{spec.ref}': no such repo on the hub (or it is private and no token with access was found)"
+        ) from None
     except RevisionNotFoundError:
         raise ModelError(f"model '{spec.ref}': revision '{revision}' not found on the hub") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as exc:
-        why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if constants.HF_HUB_OFFLINE
-               else f"the hub cannot be reached and it is not in the local cache ({type(exc).__name__})")
+        why = (
+            "HF_HUB_OFFLINE is set and it is not in the local cache"
+            if constants.HF_HUB_OFFLINE
+            else f"the hub cannot be reached and it is not in the local cache ({type(exc).__name__})"
+        )
         raise ModelError(f"model '{spec.ref}': cannot download: {why}") from None
     return ResolvedModel(spec=spec, path=folder, revision=folder.name)
 
@@ -77,6 +104,7 @@ def module_patterns(spec: ModelSpec, revision: str, files: list[str]) -> list[st
     if MODULES not in files:
         return []
     from huggingface_hub import hf_hub_download
+
     folder = Path(hf_hub_download(spec.repo_id, MODULES, revision=revision)).parent
     return [f"{module}/*" for module in module_folders(folder)]
 
@@ -87,5 +115,4 @@ def weight_patterns(files: list[str], ref: str) -> list[str]:
     for patterns in WEIGHT_CHOICES:
         if any(fnmatch.fnmatch(f, patterns[0]) for f in top_level):
             return patterns
-    raise ModelError(f"model '{ref}': the repo has no .safetensors or .bin weights "
-                     f"(files: {', '.join(top_level)})")
+    raise ModelError(f"model '{ref}': the repo has no .safetensors or .bin weights (files: {', '.join(top_level)})")

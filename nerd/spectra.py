@@ -74,6 +74,7 @@ def cuda_available() -> bool:
     if sys.platform == "linux" and not any(os.path.exists(p) for p in GPU_DEVICE_FILES):
         return False
     import torch
+
     return torch.cuda.is_available()
 
 
@@ -91,9 +92,12 @@ def spectrum_of(matrix: torch.Tensor | np.ndarray, device: torch.device | str = 
     matrix = as_numpy(matrix)
     tall = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T
     gram = gram_matrix(tall)
-    return spectrum_from_gram(eigenvalues_of(gram) if gram is not None else None, tuple(matrix.shape),
-                              lambda: np.linalg.svd(float64_rows(tall, 0, tall.shape[0]), compute_uv=False),
-                              lambda count, s_max: refined_tail(tall, gram, count, s_max))
+    return spectrum_from_gram(
+        eigenvalues_of(gram) if gram is not None else None,
+        tuple(matrix.shape),
+        lambda: np.linalg.svd(float64_rows(tall, 0, tall.shape[0]), compute_uv=False),
+        lambda count, s_max: refined_tail(tall, gram, count, s_max),
+    )
 
 
 def spectra_of(matrices: list[torch.Tensor | np.ndarray], device: torch.device | str = "cpu") -> list[Spectrum]:
@@ -109,6 +113,7 @@ def batched_spectra(matrices: list[torch.Tensor], device: torch.device) -> list[
     A matrix the Gram route cannot resolve goes to torch's float64 SVD on the device (no refined
     path there: the SVD of one matrix on a GPU costs little next to moving it)."""
     import torch
+
     results: list[Spectrum | None] = [None] * len(matrices)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, m in enumerate(matrices):
@@ -116,7 +121,7 @@ def batched_spectra(matrices: list[torch.Tensor], device: torch.device) -> list[
     for shape, members in by_shape.items():
         per_batch = max(1, BATCH_BYTES // (8 * math.prod(shape)))
         for start in range(0, len(members), per_batch):
-            batch = members[start:start + per_batch]
+            batch = members[start : start + per_batch]
             stacked = torch.stack([matrices[i].to(device) for i in batch]).to(torch.float64)
             tall = stacked if shape[0] >= shape[1] else stacked.transpose(1, 2)
             grams = tall.transpose(1, 2) @ tall
@@ -124,8 +129,10 @@ def batched_spectra(matrices: list[torch.Tensor], device: torch.device) -> list[
             eigenvalues = torch.linalg.eigvalsh(torch.where(torch.isfinite(grams), grams, 0)).cpu().numpy()
             for j, i in enumerate(batch):
                 results[i] = spectrum_from_gram(
-                    eigenvalues[j] if finite[j] else None, shape,
-                    lambda j=j: torch.linalg.svdvals(tall[j]).cpu().numpy())
+                    eigenvalues[j] if finite[j] else None,
+                    shape,
+                    lambda j=j: torch.linalg.svdvals(tall[j]).cpu().numpy(),
+                )
     return results
 
 
@@ -158,6 +165,7 @@ def refined_tail(tall: np.ndarray, gram: np.ndarray, count: int, s_max: float) -
     values of Y = W V, whose condition number is only that of the tail, and the residual
     W^T Y - V Y^T Y of the subspace (`s_max` bounds the largest singular value)."""
     from scipy.linalg import eigh
+
     eigenvalues, basis = eigh(gram, subset_by_index=[0, count], driver="evr", check_finite=False)
     basis = np.ascontiguousarray(basis[:, :count])  # the last one only gives the next eigenvalue
     projected = np.empty((tall.shape[0], count))
@@ -197,6 +205,7 @@ def eigenvalues_of(gram: np.ndarray) -> np.ndarray:
     if len(gram) < LARGE_K:
         return np.linalg.eigvalsh(gram)
     import torch
+
     return torch.linalg.eigvalsh(torch.from_numpy(gram)).numpy()
 
 
@@ -219,8 +228,9 @@ def finite_problem(data: bytearray, dtype: str) -> str | None:
     """NOT_FINITE if a floating-point tensor's raw bytes (any shape) hold a NaN or an Inf."""
     n = len(data) // np.dtype(NUMPY_DTYPES[dtype]).itemsize
     column = numpy_matrix(data, dtype, (n, 1))  # widened a slice at a time
-    finite = all(np.isfinite(float64_rows(column, start, start + SLICE_ELEMENTS)).all()
-                 for start in range(0, n, SLICE_ELEMENTS))
+    finite = all(
+        np.isfinite(float64_rows(column, start, start + SLICE_ELEMENTS)).all() for start in range(0, n, SLICE_ELEMENTS)
+    )
     return None if finite else NOT_FINITE
 
 
@@ -234,6 +244,7 @@ def as_numpy(matrix) -> np.ndarray:
     if isinstance(matrix, np.ndarray):
         return matrix
     import torch
+
     matrix = matrix.detach().cpu()
     if matrix.dtype == torch.bfloat16:
         return matrix.contiguous().view(torch.int16).numpy().view(np.uint16)
@@ -243,6 +254,7 @@ def as_numpy(matrix) -> np.ndarray:
 def as_torch(matrix) -> torch.Tensor:
     """A tensor of a numpy matrix (uint16: bfloat16 bits), or the tensor itself."""
     import torch
+
     if not isinstance(matrix, np.ndarray):
         return matrix
     if matrix.dtype == np.uint16:

@@ -45,8 +45,9 @@ def staged_dir(out: Path, needed: int = 0) -> Iterator[Path]:
         yield tmp
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"{exc.filename or out}: cannot write the output ({exc.strerror or exc}); "
-                          f"{untouched(out, existed)}") from None
+        raise OutputError(
+            f"{exc.filename or out}: cannot write the output ({exc.strerror or exc}); {untouched(out, existed)}"
+        ) from None
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, KeyboardInterrupt):
@@ -55,19 +56,26 @@ def staged_dir(out: Path, needed: int = 0) -> Iterator[Path]:
     try:
         with deferred():
             if not filled and out.is_dir() and any(out.iterdir()):
-                raise OutputError(f"{out}: something else filled it while this run was writing; not replaced "
-                                  f"without --force (the new output was discarded; a rerun reuses the metric cache)")
+                raise OutputError(
+                    f"{out}: something else filled it while this run was writing; not replaced "
+                    f"without --force (the new output was discarded; a rerun reuses the metric cache)"
+                )
             replace_dir(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"{exc.filename or out}: cannot move the output into place ({exc.strerror or exc}); "
-                          f"{untouched(out, existed)}") from None
+        raise OutputError(
+            f"{exc.filename or out}: cannot move the output into place ({exc.strerror or exc}); "
+            f"{untouched(out, existed)}"
+        ) from None
     except BaseException as exc:
         moved = not tmp.exists()  # a signal may land just before the renames: then nothing was moved
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, KeyboardInterrupt):
-            exc.add_note(f"{out} had been written completely" if moved
-                         else f"the partial output was removed; {untouched(out, existed)}")
+            exc.add_note(
+                f"{out} had been written completely"
+                if moved
+                else f"the partial output was removed; {untouched(out, existed)}"
+            )
         raise
 
 
@@ -100,8 +108,11 @@ def check_free_space(out: Path, needed: int) -> None:
         return
     free = shutil.disk_usage(out.parent).free
     if needed + MARGIN > free:
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the output needs {gigabytes(needed + MARGIN)}, "
-                                    f"{gigabytes(free)} is free", str(out.parent))
+        raise OSError(
+            errno.ENOSPC,
+            f"{os.strerror(errno.ENOSPC)}: the output needs {gigabytes(needed + MARGIN)}, {gigabytes(free)} is free",
+            str(out.parent),
+        )
 
 
 def gigabytes(n: int) -> str:
@@ -121,15 +132,19 @@ def clean_leftovers(out: Path) -> None:
                     out.rmdir()  # an empty directory made since (mkdir -p): the earlier output goes first
                 os.rename(path, out)
             except OSError as exc:
-                print(f"mastermerge: warning: {out}: the earlier output is in {path} (a killed run moved it "
-                      f"there) and could not be put back: {exc.strerror}", file=sys.stderr)
+                print(
+                    f"mastermerge: warning: {out}: the earlier output is in {path} (a killed run moved it "
+                    f"there) and could not be put back: {exc.strerror}",
+                    file=sys.stderr,
+                )
                 continue
-            print(f"mastermerge: warning: {out}: put back the earlier output that a killed run had moved "
-                  f"to {path.name}", file=sys.stderr)
+            print(
+                f"mastermerge: warning: {out}: put back the earlier output that a killed run had moved to {path.name}",
+                file=sys.stderr,
+            )
         else:
             shutil.rmtree(path, ignore_errors=True)
-            print(f"mastermerge: warning: {out}: removed {path.name}, left by a run that was killed",
-                  file=sys.stderr)
+            print(f"mastermerge: warning: {out}: removed {path.name}, left by a run that was killed", file=sys.stderr)
 
 
 def process_alive(pid: int) -> bool:

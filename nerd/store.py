@@ -54,7 +54,9 @@ SCHEMA_VERSION = "5"  # of the table layout below: a change drops the weights' t
 TETHER_VERSION = "1"  # bump when tether.sums_of changes: cached sums are then recomputed
 ACTIVATION_VERSION = "1"  # bump when importance.py measures its LayerStats otherwise: the cache then measures again
 EVALUATION_VERSION = "1"  # bump when evaluate.py scores tokens differently: evaluations are then rerun
-TABLES = Schema(SCHEMA_VERSION, """
+TABLES = Schema(
+    SCHEMA_VERSION,
+    """
 CREATE TABLE IF NOT EXISTS tensors (
     file TEXT NOT NULL, stat TEXT NOT NULL, tensor TEXT NOT NULL, digest TEXT NOT NULL,
     PRIMARY KEY (file, tensor));
@@ -78,10 +80,17 @@ CREATE TABLE IF NOT EXISTS evaluations (
     model TEXT NOT NULL, text TEXT NOT NULL, version TEXT NOT NULL, model_ref TEXT NOT NULL, text_name TEXT NOT NULL,
     kind TEXT NOT NULL, nll REAL NOT NULL, tokens INTEGER NOT NULL, windows INTEGER NOT NULL, dtype TEXT NOT NULL,
     device TEXT NOT NULL, seconds REAL NOT NULL, created REAL NOT NULL, PRIMARY KEY (model, text, version));
-""", dropped=("tensors", "spectra", "metrics"),
-    versions=(("spectra", SPECTRUM_VERSION), ("metrics", METRICS_VERSION), ("tether_sums", TETHER_VERSION),
-              ("activation_runs", ACTIVATION_VERSION), ("layer_stats", ACTIVATION_VERSION),
-              ("evaluations", EVALUATION_VERSION)))
+""",
+    dropped=("tensors", "spectra", "metrics"),
+    versions=(
+        ("spectra", SPECTRUM_VERSION),
+        ("metrics", METRICS_VERSION),
+        ("tether_sums", TETHER_VERSION),
+        ("activation_runs", ACTIVATION_VERSION),
+        ("layer_stats", ACTIVATION_VERSION),
+        ("evaluations", EVALUATION_VERSION),
+    ),
+)
 
 
 def default_cache_path() -> Path:
@@ -118,8 +127,9 @@ class MetricCache:
     def digest_of(self, checkpoint: Checkpoint, name: str) -> str | None:
         """The digest recorded for this tensor of this file, if the file is unchanged since."""
         file, stat = file_identity(checkpoint.tensors[name])
-        row = self.database.read_one("SELECT digest FROM tensors WHERE file=? AND tensor=? AND stat=?",
-                                     (file, name, stat))
+        row = self.database.read_one(
+            "SELECT digest FROM tensors WHERE file=? AND tensor=? AND stat=?", (file, name, stat)
+        )
         return None if row is None else row[0]
 
     def remember_digest(self, checkpoint: Checkpoint, name: str, key: str) -> None:
@@ -141,81 +151,129 @@ class MetricCache:
     def spectrum(self, key: str, shape: tuple[int, ...]) -> Spectrum | None:
         """The stored spectrum of a content digest (of a matrix of `shape`); None if there is none, or
         its row is damaged."""
-        row = self.database.read_one("SELECT problem, singular_values, path FROM spectra WHERE digest=? AND version=?",
-                                     (key, SPECTRUM_VERSION))
+        row = self.database.read_one(
+            "SELECT problem, singular_values, path FROM spectra WHERE digest=? AND version=?", (key, SPECTRUM_VERSION)
+        )
         return None if row is None else spectrum_from_row(*row, shape)
 
     def put_spectrum(self, key: str, shape: tuple[int, ...], spectrum: Spectrum) -> None:
         """Store the spectrum of a content digest (committed)."""
         blob = None if spectrum.values is None else spectrum.values.astype("<f8").tobytes()
-        self.database.write("INSERT OR REPLACE INTO spectra VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (key, SPECTRUM_VERSION, str(list(shape)), spectrum.problem, blob, spectrum.path,
-                             time.time()))
+        self.database.write(
+            "INSERT OR REPLACE INTO spectra VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key, SPECTRUM_VERSION, str(list(shape)), spectrum.problem, blob, spectrum.path, time.time()),
+        )
 
     def metrics(self, key: str) -> dict | None:
         """The metrics stored under a content digest (or a blend's key) as they were put, with their
         `problem`; None if there are none, or their row is damaged."""
-        row = self.database.read_one("SELECT metrics FROM metrics WHERE digest=? AND version=?",
-                                     (key, METRICS_VERSION))
+        row = self.database.read_one("SELECT metrics FROM metrics WHERE digest=? AND version=?", (key, METRICS_VERSION))
         return None if row is None else parsed(row[0])
 
     def put_metrics(self, key: str, values: dict) -> None:
         """Store the metrics of a content digest or a blend's key (committed)."""
-        self.database.write("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?)",
-                            (key, METRICS_VERSION, json.dumps(values, allow_nan=False)))
+        self.database.write(
+            "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?)",
+            (key, METRICS_VERSION, json.dumps(values, allow_nan=False)),
+        )
 
     # tether sums, by the content digests of a candidate's tensor and the base's
 
     def tether_sums(self, candidate: str, base: str) -> tuple | None:
         """The stored row of a pair (dot, candidate_sq, base_sq), all None for a pair with a NaN or Inf;
         None if the pair was never compared."""
-        return self.database.read_one("SELECT dot, candidate_sq, base_sq FROM tether_sums WHERE candidate=? "
-                                      "AND base=? AND version=?", (candidate, base, TETHER_VERSION))
+        return self.database.read_one(
+            "SELECT dot, candidate_sq, base_sq FROM tether_sums WHERE candidate=? AND base=? AND version=?",
+            (candidate, base, TETHER_VERSION),
+        )
 
     def put_tether_sums(self, candidate: str, base: str, sums: tuple[float, float, float] | None) -> None:
         """Store the sums of a pair, None for a pair with a NaN or Inf (committed)."""
-        self.database.write("INSERT OR REPLACE INTO tether_sums VALUES (?, ?, ?, ?, ?, ?)",
-                            (candidate, base, TETHER_VERSION, *(sums or (None, None, None))))
+        self.database.write(
+            "INSERT OR REPLACE INTO tether_sums VALUES (?, ?, ?, ?, ?, ?)",
+            (candidate, base, TETHER_VERSION, *(sums or (None, None, None))),
+        )
 
     # calibration runs (importance.py), by model digest and text digest
 
     def calibration(self, model: str, text: str) -> list[tuple] | None:
         """The statistics of an earlier calibration run of this model on this text, one row per layer
         (tokens, cos_sum, tail_count, entries, update_sum); None if there was none (or it is incomplete)."""
-        run = self.database.read_one("SELECT layers FROM activation_runs WHERE model=? AND text=? AND version=?",
-                                     (model, text, ACTIVATION_VERSION))
+        run = self.database.read_one(
+            "SELECT layers FROM activation_runs WHERE model=? AND text=? AND version=?",
+            (model, text, ACTIVATION_VERSION),
+        )
         if run is None:
             return None
-        rows = self.database.read("SELECT tokens, cos_sum, tail_count, entries, update_sum FROM layer_stats "
-                                  "WHERE model=? AND text=? AND version=? ORDER BY layer",
-                                  (model, text, ACTIVATION_VERSION))
+        rows = self.database.read(
+            "SELECT tokens, cos_sum, tail_count, entries, update_sum FROM layer_stats "
+            "WHERE model=? AND text=? AND version=? ORDER BY layer",
+            (model, text, ACTIVATION_VERSION),
+        )
         return rows if len(rows) == run[0] else None
 
     def put_calibration(self, model: str, text: str, layers: list[tuple], run: dict) -> None:
         """Record one calibration run, its rows (as `calibration` gives them) together: `run` has
         model_ref, text_name, tokens, windows, dtype, device and seconds."""
-        self.database.write_together([
-            ("INSERT OR REPLACE INTO activation_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-             [(model, text, ACTIVATION_VERSION, run["model_ref"], run["text_name"], run["tokens"], run["windows"],
-               len(layers), run["dtype"], run["device"], run["seconds"], time.time())]),
-            ("INSERT OR REPLACE INTO layer_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-             [(model, text, ACTIVATION_VERSION, layer, *row) for layer, row in enumerate(layers)])])
+        self.database.write_together(
+            [
+                (
+                    "INSERT OR REPLACE INTO activation_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            model,
+                            text,
+                            ACTIVATION_VERSION,
+                            run["model_ref"],
+                            run["text_name"],
+                            run["tokens"],
+                            run["windows"],
+                            len(layers),
+                            run["dtype"],
+                            run["device"],
+                            run["seconds"],
+                            time.time(),
+                        )
+                    ],
+                ),
+                (
+                    "INSERT OR REPLACE INTO layer_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(model, text, ACTIVATION_VERSION, layer, *row) for layer, row in enumerate(layers)],
+                ),
+            ]
+        )
 
     # evaluations (evaluate.py), by model digest and the digest of the scored windows
 
     def evaluation(self, model: str, text: str) -> dict | None:
         """An earlier evaluation of this model on these token windows: nll, tokens, windows, seconds."""
-        row = self.database.read_one("SELECT nll, tokens, windows, seconds FROM evaluations WHERE model=? AND text=? "
-                                     "AND version=?", (model, text, EVALUATION_VERSION))
+        row = self.database.read_one(
+            "SELECT nll, tokens, windows, seconds FROM evaluations WHERE model=? AND text=? AND version=?",
+            (model, text, EVALUATION_VERSION),
+        )
         return None if row is None else dict(zip(("nll", "tokens", "windows", "seconds"), row))
 
     def put_evaluation(self, model: str, text: str, run: dict) -> None:
         """Record one evaluation: `run` has model_ref, text_name, kind, nll, tokens, windows, dtype,
         device and seconds."""
-        self.database.write("INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (model, text, EVALUATION_VERSION, run["model_ref"], run["text_name"], run["kind"],
-                             run["nll"], run["tokens"], run["windows"], run["dtype"], run["device"], run["seconds"],
-                             time.time()))
+        self.database.write(
+            "INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                model,
+                text,
+                EVALUATION_VERSION,
+                run["model_ref"],
+                run["text_name"],
+                run["kind"],
+                run["nll"],
+                run["tokens"],
+                run["windows"],
+                run["dtype"],
+                run["device"],
+                run["seconds"],
+                time.time(),
+            ),
+        )
 
 
 def parsed(text: str) -> dict | None:
@@ -227,8 +285,9 @@ def parsed(text: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def spectrum_from_row(problem: str | None, blob: bytes | None, path: str | None,
-                      shape: tuple[int, ...]) -> Spectrum | None:
+def spectrum_from_row(
+    problem: str | None, blob: bytes | None, path: str | None, shape: tuple[int, ...]
+) -> Spectrum | None:
     """The stored spectrum; None if the row is damaged (not a whole number of float64 values, or an
     unknown path)."""
     if blob is not None and (not isinstance(blob, bytes) or len(blob) % 8) or path not in (*PATHS, None):

@@ -24,31 +24,39 @@ if TYPE_CHECKING:
     from .store import MetricCache
 
 
-def chosen_strategy(config: MergeConfig, plan: Plan, plan_variant: Callable[[MergeConfig], Plan],
-                    cache: MetricCache, quiet: bool) -> Plan:
+def chosen_strategy(
+    config: MergeConfig, plan: Plan, plan_variant: Callable[[MergeConfig], Plan], cache: MetricCache, quiet: bool
+) -> Plan:
     """The plan of the best strategy, with the evaluation of all of them attached."""
     options = config.evaluate
     strategies = [Strategy(CONFIGURED, config.selection, config.tether)] + list(options.strategies)
-    plans = [plan] + [plan_variant(dataclasses.replace(config, selection=s.selection, tether=s.tether,
-                                                       evaluate=None)) for s in options.strategies]
+    plans = [plan] + [
+        plan_variant(dataclasses.replace(config, selection=s.selection, tether=s.tether, evaluate=None))
+        for s in options.strategies
+    ]
     subjects = [Subject(c, "base" if c == plan.base else "candidate", plan.sources[c]) for c in plan.candidates]
-    subjects += [Subject(f"composite: {s.name}", "composite", plan.sources[plan.base], p)
-                 for s, p in zip(strategies, plans)]
+    subjects += [
+        Subject(f"composite: {s.name}", "composite", plan.sources[plan.base], p) for s, p in zip(strategies, plans)
+    ]
     rows = evaluate_subjects(subjects, list(options.texts), options, cache, pick_device(config.device), quiet)
     texts = list(options.names)  # each text as the user wrote it
     scores = [strategy_score(rows, f"composite: {s.name}", texts, options.choose_by) for s in strategies]
     ranked = sorted((i for i in range(len(strategies)) if scores[i] is not None), key=lambda i: (scores[i], i))
     if not ranked:
-        raise ModelError(f"{config.source or 'config'}: evaluate: no strategy's composite has a finite perplexity "
-                         f"(NaN or Inf in its logits); nothing written")
+        raise ModelError(
+            f"{config.source or 'config'}: evaluate: no strategy's composite has a finite perplexity "
+            f"(NaN or Inf in its logits); nothing written"
+        )
     best, runner = ranked[0], (ranked[1] if len(ranked) > 1 else None)
     results = [StrategyResult(s.name, dict(s.settings), scores[i], i == best) for i, s in enumerate(strategies)]
     warnings = unmeasured(rows) + worse_than_base(rows, texts, f"composite: {strategies[best].name}", options.choose_by)
-    evaluation = Evaluation(texts=texts, choose_by=options.choose_by, rows=rows, strategies=results,
-                            reason="", warnings=warnings)
+    evaluation = Evaluation(
+        texts=texts, choose_by=options.choose_by, rows=rows, strategies=results, reason="", warnings=warnings
+    )
     if runner is not None:
-        evaluation = dataclasses.replace(evaluation, runner_up=strategies[runner].name,
-                                         margin=scores[runner] - scores[best])
+        evaluation = dataclasses.replace(
+            evaluation, runner_up=strategies[runner].name, margin=scores[runner] - scores[best]
+        )
     evaluation = dataclasses.replace(evaluation, reason=reason_of(evaluation, results[best]))
     return dataclasses.replace(plans[best], evaluation=evaluation)
 
@@ -62,8 +70,11 @@ def strategy_score(rows: list[Perplexity], model: str, texts: list[str], choose_
 
 def unmeasured(rows: list[Perplexity]) -> list[str]:
     """A warning for each model and text without a perplexity (NaN or Inf in the logits)."""
-    return [f"{r.model} on {r.text}: NaN or Inf in the model's logits, so no perplexity" for r in rows
-            if r.perplexity is None]
+    return [
+        f"{r.model} on {r.text}: NaN or Inf in the model's logits, so no perplexity"
+        for r in rows
+        if r.perplexity is None
+    ]
 
 
 def reason_of(evaluation: Evaluation, written: StrategyResult) -> str:
@@ -72,8 +83,10 @@ def reason_of(evaluation: Evaluation, written: StrategyResult) -> str:
     if evaluation.runner_up is None:
         return f"written: {written.name} (the only strategy), {by} {written.score:.4f}"
     runner = evaluation.margin + written.score
-    return (f"written: {written.name}, the lowest {by} ({written.score:.4f}), {evaluation.margin:.4g} "
-            f"({evaluation.margin / runner:.1%}) below the runner-up {evaluation.runner_up} ({runner:.4f})")
+    return (
+        f"written: {written.name}, the lowest {by} ({written.score:.4f}), {evaluation.margin:.4g} "
+        f"({evaluation.margin / runner:.1%}) below the runner-up {evaluation.runner_up} ({runner:.4f})"
+    )
 
 
 def worse_than_base(rows: list[Perplexity], texts: list[str], written: str, choose_by: str = "mean") -> list[str]:
@@ -83,5 +96,7 @@ def worse_than_base(rows: list[Perplexity], texts: list[str], written: str, choo
     if ours is None or theirs is None or ours <= theirs:
         return []
     what = "mean perplexity" if choose_by == "mean" else f"perplexity on {Path(choose_by).name}"
-    return [f"the written composite's {what} ({ours:.4f}) is higher than the base's ({theirs:.4f}): "
-            f"the merge did not help on these texts"]
+    return [
+        f"the written composite's {what} ({ours:.4f}) is higher than the base's ({theirs:.4f}): "
+        f"the merge did not help on these texts"
+    ]

@@ -56,21 +56,28 @@ def tether_groups(layout: Layout, infos: dict[str, TensorInfo], selection: Selec
     """The floating-point tensors compared for each group: every depth's block, and the non-layer
     group when it competes (taken from the base, it needs no gate). The layout holds the tensors
     every candidate has: optional ones that some lack (buffers, a tied head) are not compared."""
+
     def floats(tensors):
         return [t for t in tensors if infos[t].dtype in FLOAT_DTYPES]
+
     groups = {str(d): floats(layout.block(d)) for d in range(layout.num_layers)}
     if selection.non_layer == "compete":
         groups = {NON_LAYER: floats(layout.non_layer())} | groups
     return groups
 
 
-def compatibility_of(checkpoints: dict[str, Checkpoint], groups: dict[str, list[str]], base: str,
-                     others: list[str], measure: str, engine: Engine,
-                     quiet: bool = False) -> dict[str, dict[str, float | None]]:
+def compatibility_of(
+    checkpoints: dict[str, Checkpoint],
+    groups: dict[str, list[str]],
+    base: str,
+    others: list[str],
+    measure: str,
+    engine: Engine,
+    quiet: bool = False,
+) -> dict[str, dict[str, float | None]]:
     """Group -> candidate (other than the base) -> its compatibility with the base's group."""
     scores: dict[str, dict[str, float | None]] = {}
-    with tqdm(total=len(others) * sum(map(len, groups.values())), desc="tethers", unit="tensor",
-              disable=quiet) as bar:
+    with tqdm(total=len(others) * sum(map(len, groups.values())), desc="tethers", unit="tensor", disable=quiet) as bar:
         for group, tensors in groups.items():
             scores[group] = {}
             for candidate in others:
@@ -86,6 +93,7 @@ def sums_of(candidate: Checkpoint, base: Checkpoint, tensor: str) -> Sums | None
     """<c, b>, |c|^2 and |b|^2 of one tensor of two models, in float64, read a slice at a time;
     None if either has a NaN or Inf."""
     import torch
+
     dot = c_sq = b_sq = 0.0
     for start, stop in slices(numel(base.tensors[tensor].shape)):
         x = candidate.read_flat(tensor, start, stop).to(torch.float64)
@@ -134,13 +142,21 @@ def tether_warnings(tethers: Tethers, others: list[str]) -> list[str]:
     if len(far) == len(others):
         known = [b for b in map(best, far) if b is not None]
         top = f"best {options.measure} {max(known):.4g}" if known else f"no {options.measure} could be computed"
-        return [f"no candidate is compatible with the base '{base}' at any depth ({top}, "
-                f"tether.min_compatibility {options.min_compatibility:g}): the models do not look like fine-tunes "
-                f"of one base, so every block comes from the base"]
-    return [f"'{c}' is compatible with the base at no depth ("
-            + (f"best {options.measure} {best(c):.4g} < {options.min_compatibility:g}" if best(c) is not None
-               else f"no {options.measure} could be computed")
-            + f"): it does not look like a fine-tune of '{base}'" for c in far]
+        return [
+            f"no candidate is compatible with the base '{base}' at any depth ({top}, "
+            f"tether.min_compatibility {options.min_compatibility:g}): the models do not look like fine-tunes "
+            f"of one base, so every block comes from the base"
+        ]
+    return [
+        f"'{c}' is compatible with the base at no depth ("
+        + (
+            f"best {options.measure} {best(c):.4g} < {options.min_compatibility:g}"
+            if best(c) is not None
+            else f"no {options.measure} could be computed"
+        )
+        + f"): it does not look like a fine-tune of '{base}'"
+        for c in far
+    ]
 
 
 def blended_slices(entry: PlanEntry, checkpoints: dict[str, Checkpoint], dtype: torch.dtype) -> Iterator[torch.Tensor]:
@@ -148,6 +164,7 @@ def blended_slices(entry: PlanEntry, checkpoints: dict[str, Checkpoint], dtype: 
     blend's candidates, summed in float64 and rounded once to `dtype` (with equal weights, the sum
     divided by their number: the mean as a user would compute it, not a sum of thirds)."""
     import torch
+
     equal = len({weight for _, weight in entry.blend}) == 1
     for start, stop in slices(numel(entry.shape)):
         total = torch.zeros(stop - start, dtype=torch.float64)
@@ -160,4 +177,5 @@ def blended_slices(entry: PlanEntry, checkpoints: dict[str, Checkpoint], dtype: 
 def blended_tensor(entry: PlanEntry, checkpoints: dict[str, Checkpoint], dtype: torch.dtype) -> torch.Tensor:
     """The whole blend of an entry, in its shape (blended_slices joined)."""
     import torch
+
     return torch.cat(list(blended_slices(entry, checkpoints, dtype))).reshape(entry.shape)

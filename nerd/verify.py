@@ -76,14 +76,22 @@ class Verification:
         if not self.ok:
             return f"{self.directory}: verification failed: {len(self.problems)} problem(s)"
         layers = f", {self.layers} layers" if self.layers is not None else ""
-        return (f"{self.directory}: ok: {len(self.shards)} shard(s), {self.tensors} tensors{layers}; "
-                f"{self.files_hashed} file(s), {self.bytes_hashed:,} bytes, match the sizes and SHA-256 of {REPORT}")
+        return (
+            f"{self.directory}: ok: {len(self.shards)} shard(s), {self.tensors} tensors{layers}; "
+            f"{self.files_hashed} file(s), {self.bytes_hashed:,} bytes, match the sizes and SHA-256 of {REPORT}"
+        )
 
     def to_dict(self) -> dict:
-        return {"directory": str(self.directory), "ok": self.ok,
-                "problems": [{"file": str(p.file), "problem": p.message} for p in self.problems],
-                "shards": self.shards, "tensors": self.tensors, "layers": self.layers,
-                "files_hashed": self.files_hashed, "bytes_hashed": self.bytes_hashed}
+        return {
+            "directory": str(self.directory),
+            "ok": self.ok,
+            "problems": [{"file": str(p.file), "problem": p.message} for p in self.problems],
+            "shards": self.shards,
+            "tensors": self.tensors,
+            "layers": self.layers,
+            "files_hashed": self.files_hashed,
+            "bytes_hashed": self.bytes_hashed,
+        }
 
 
 @dataclass
@@ -150,19 +158,31 @@ def read_report(path: Path) -> tuple[Report, list[Problem]]:
         problems.append(Problem(path, f"'shards' is {shards!r}, expected a list of file names"))
     files = data.get("files")
     if files is None:
-        problems.append(Problem(path, "records no sizes or SHA-256 hashes of the weight files (written by an "
-                                      "earlier mastermerge); their content cannot be checked"))
+        problems.append(
+            Problem(
+                path,
+                "records no sizes or SHA-256 hashes of the weight files (written by an "
+                "earlier mastermerge); their content cannot be checked",
+            )
+        )
     elif not isinstance(files, dict):
-        problems.append(Problem(path, f"'files' is {type(files).__name__}, expected an object of file name -> "
-                                      "{bytes, sha256}"))
+        problems.append(
+            Problem(path, f"'files' is {type(files).__name__}, expected an object of file name -> {{bytes, sha256}}")
+        )
     else:
         for name, record in files.items():
-            if (isinstance(record, dict) and type(record.get("bytes")) is int and record["bytes"] >= 0
-                    and isinstance(record.get("sha256"), str) and SHA256.fullmatch(record["sha256"])):
+            if (
+                isinstance(record, dict)
+                and type(record.get("bytes")) is int
+                and record["bytes"] >= 0
+                and isinstance(record.get("sha256"), str)
+                and SHA256.fullmatch(record["sha256"])
+            ):
                 report.files[name] = record
             else:
-                problems.append(Problem(path, f"files: '{name}': {record!r} is not {{\"bytes\": size, "
-                                              "\"sha256\": 64 hex digits}"))
+                problems.append(
+                    Problem(path, f'files: \'{name}\': {record!r} is not {{"bytes": size, "sha256": 64 hex digits}}')
+                )
     plan = data.get("plan")
     entries = plan.get("entries") if isinstance(plan, dict) else None
     if isinstance(entries, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in entries):
@@ -211,14 +231,21 @@ def check_files(directory: Path, report: Report, shards: list[str], quiet: bool)
         if isinstance(digest, OSError):
             problems.append(Problem(path, f"cannot be read ({digest.strerror or digest})"))
         elif digest != record["sha256"]:
-            problems.append(Problem(path, f"SHA-256 {digest} differs from the {record['sha256']} that {REPORT} "
-                                          f"records (the content changed)"))
+            problems.append(
+                Problem(
+                    path,
+                    f"SHA-256 {digest} differs from the {record['sha256']} that {REPORT} records (the content changed)",
+                )
+            )
     if report.files and len(shards) > 1 and INDEX not in report.files:
         problems.append(Problem(directory / INDEX, f"has no size or SHA-256 in {REPORT}"))
     known = set(report.files) | set(shards) | ({INDEX} if len(shards) > 1 else set())
     for path in sorted(directory.iterdir()):
-        if (path.name not in known and (path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json"))
-                and (path.is_file() or path.is_symlink())):
+        if (
+            path.name not in known
+            and (path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json"))
+            and (path.is_file() or path.is_symlink())
+        ):
             problems.append(Problem(path, f"a weight file that {REPORT} does not record (not written by this merge)"))
     return problems, len(to_hash), sum(r["bytes"] for _, r in to_hash)
 
@@ -252,17 +279,28 @@ def coverage_problems(path: Path, infos: list[TensorInfo]) -> list[Problem]:
     size, problems, covered = path.stat().st_size, [], data_start
     for info in sorted(infos, key=lambda i: (i.begin, i.end)):
         if info.begin > covered:
-            problems.append(Problem(path, f"data bytes {covered - data_start}..{info.begin - data_start} before "
-                                          f"tensor '{info.name}' belong to no tensor"))
+            problems.append(
+                Problem(
+                    path,
+                    f"data bytes {covered - data_start}..{info.begin - data_start} before "
+                    f"tensor '{info.name}' belong to no tensor",
+                )
+            )
         covered = max(covered, info.end)
     if size > covered:
-        problems.append(Problem(path, f"{size - covered:,} bytes after the last tensor's data belong to no tensor "
-                                      f"(the file is longer than its header says)"))
+        problems.append(
+            Problem(
+                path,
+                f"{size - covered:,} bytes after the last tensor's data belong to no tensor "
+                f"(the file is longer than its header says)",
+            )
+        )
     return problems
 
 
-def check_index(directory: Path, shards: list[str], headers: dict[str, list[TensorInfo]],
-                recorded: bool) -> list[Problem]:
+def check_index(
+    directory: Path, shards: list[str], headers: dict[str, list[TensorInfo]], recorded: bool
+) -> list[Problem]:
     """The index json (when merge_report.json records one, or there are several shards): every
     tensor maps to a shard of this output that holds it, every tensor of every shard is listed,
     and metadata.total_size is their bytes."""
@@ -326,13 +364,19 @@ def check_plan(report_path: Path, entries: list[dict], headers: dict[str, list[T
         if entry is None:
             problems.append(Problem(info.file, f"tensor '{name}' is not in the plan of {REPORT}"))
         elif (info.dtype, list(info.shape)) != (entry.get("dtype"), entry.get("shape")):
-            problems.append(Problem(info.file, f"tensor '{name}' is {info.dtype} {list(info.shape)}, the plan has "
-                                               f"{entry.get('dtype')} {entry.get('shape')}"))
+            problems.append(
+                Problem(
+                    info.file,
+                    f"tensor '{name}' is {info.dtype} {list(info.shape)}, the plan has "
+                    f"{entry.get('dtype')} {entry.get('shape')}",
+                )
+            )
     return problems
 
 
-def check_config(directory: Path, headers: dict[str, list[TensorInfo]],
-                 complete: bool = True) -> tuple[list[Problem], int | None]:
+def check_config(
+    directory: Path, headers: dict[str, list[TensorInfo]], complete: bool = True
+) -> tuple[list[Problem], int | None]:
     """config.json parses, its layer count is the number of blocks in the tensor names, and its
     hidden size is the embedding matrix's width (compared only when every shard's header could be
     read: `complete`), the keys and names those of the model's family (architecture.py). Returns
@@ -363,16 +407,29 @@ def check_config(directory: Path, headers: dict[str, list[TensorInfo]],
         if type(value) is not int:
             problems.append(Problem(path, f"{prefix}{key} is {value!r}, expected an integer ({layers} in the weights)"))
         elif value != layers:
-            problems.append(Problem(path, f"{prefix}{key} is {value}, the weights have {layers} layers "
-                                          f"({layout.stack}.0 to {layout.stack}.{layers - 1})"))
+            problems.append(
+                Problem(
+                    path,
+                    f"{prefix}{key} is {value}, the weights have {layers} layers "
+                    f"({layout.stack}.0 to {layout.stack}.{layers - 1})",
+                )
+            )
     width_key = next((k for k in architecture.width_keys if k in section), None)
-    embeddings = [info for name, info in infos.items()
-                  if layout.depths.get(name) is None and architecture.is_input_embedding(name) and info.is_matrix]
+    embeddings = [
+        info
+        for name, info in infos.items()
+        if layout.depths.get(name) is None and architecture.is_input_embedding(name) and info.is_matrix
+    ]
     if width_key is not None and len({info.shape[1] for info in embeddings}) == 1:
         value, embedding = section[width_key], embeddings[0]
         if value != embedding.shape[1]:
-            problems.append(Problem(path, f"{prefix}{width_key} is {value!r}, the embedding matrix '{embedding.name}' "
-                                          f"is {list(embedding.shape)} (width {embedding.shape[1]})"))
+            problems.append(
+                Problem(
+                    path,
+                    f"{prefix}{width_key} is {value!r}, the embedding matrix '{embedding.name}' "
+                    f"is {list(embedding.shape)} (width {embedding.shape[1]})",
+                )
+            )
     return problems, layers
 
 

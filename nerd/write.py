@@ -22,8 +22,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .checkpoint import FLOAT_DTYPES, INDEX, ITEMSIZES, SAFETENSORS_DTYPES, Checkpoint, numel, opened_checkpoints, \
-    tensor_bytes, torch_dtype
+from .checkpoint import (
+    FLOAT_DTYPES,
+    INDEX,
+    ITEMSIZES,
+    SAFETENSORS_DTYPES,
+    Checkpoint,
+    numel,
+    opened_checkpoints,
+    tensor_bytes,
+    torch_dtype,
+)
 from .config import MergeConfig
 from .errors import ModelError, OutputError
 from .hashing import HASH_CHUNK
@@ -40,8 +49,10 @@ HASH_BATCH = 2**20  # new bytes handed to the hasher at once, at least (not ever
 def write_merge(plan: Plan, config: MergeConfig, quiet: bool = False) -> Path:
     """Write the plan's output directory; return its path."""
     needed = sum(map(entry_bytes, plan.entries))
-    with staged_dir(plan.output_dir, needed) as tmp, \
-            ThreadPoolExecutor(1, thread_name_prefix="mastermerge-figures") as pool:
+    with (
+        staged_dir(plan.output_dir, needed) as tmp,
+        ThreadPoolExecutor(1, thread_name_prefix="mastermerge-figures") as pool,
+    ):
         write_config(plan, tmp)
         copy_side_files(plan.sources[plan.base], tmp)
         figures = pool.submit(draw_figures, plan, tmp)  # drawn while the shards are written (I/O-bound)
@@ -49,8 +60,9 @@ def write_merge(plan: Plan, config: MergeConfig, quiet: bool = False) -> Path:
         heatmaps, curve, perplexities = figures.result()
         (tmp / "README.md").write_text(model_card(plan, heatmaps, curve, perplexities), encoding="utf-8")
         report = report_of(plan, config, files)
-        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2, default=str, allow_nan=False) + "\n",
-                                               encoding="utf-8")
+        (tmp / "merge_report.json").write_text(
+            json.dumps(report, indent=2, default=str, allow_nan=False) + "\n", encoding="utf-8"
+        )
     return plan.output_dir
 
 
@@ -79,20 +91,26 @@ def write_shards(plan: Plan, tmp: Path, quiet: bool) -> dict[str, dict]:
     """The weight files plus, when there is more than one, the standard index json; returns each
     file's name -> {"bytes": its size, "sha256": its SHA-256 in hex}, the shards in order, then the index."""
     groups = shard_groups(plan.entries, plan.shard_size)
-    names = (["model.safetensors"] if len(groups) == 1 else
-             [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)])
+    names = (
+        ["model.safetensors"]
+        if len(groups) == 1
+        else [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)]
+    )
     files = {}
     with opened_checkpoints(plan.used_sources()) as checkpoints:
-        with tqdm(total=sum(entry_bytes(e) for e in plan.entries), desc="write", unit="B",
-                  unit_scale=True, disable=quiet) as bar:
+        with tqdm(
+            total=sum(entry_bytes(e) for e in plan.entries), desc="write", unit="B", unit_scale=True, disable=quiet
+        ) as bar:
             for name, group in zip(names, groups):
                 try:
                     files[name] = write_shard(tmp / name, group, checkpoints, bar)
                 except OSError as exc:  # a failed write() names no file: name the shard
                     raise OSError(exc.errno, exc.strerror, exc.filename or str(plan.output_dir / name)) from None
     if len(groups) > 1:
-        index = {"metadata": {"total_size": sum(entry_bytes(e) for e in plan.entries)},
-                 "weight_map": {e.name: name for name, group in zip(names, groups) for e in group}}
+        index = {
+            "metadata": {"total_size": sum(entry_bytes(e) for e in plan.entries)},
+            "weight_map": {e.name: name for name, group in zip(names, groups) for e in group},
+        }
         data = (json.dumps(index, indent=2) + "\n").encode()
         (tmp / INDEX).write_bytes(data)
         files[INDEX] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -192,7 +210,7 @@ class ShardHasher:
         self.reader.seek(begin)
         position = begin
         while position < end and not self.stopped:
-            count = self.reader.readinto(view[:min(len(view), end - position)])
+            count = self.reader.readinto(view[: min(len(view), end - position)])
             if not count:
                 raise OutputError(f"{self.path}: ends at byte {position} while being hashed, expected {end}")
             self.sha.update(view[:count])
@@ -227,8 +245,9 @@ def copied_in_kernel(handle, entry: PlanEntry, checkpoint: Checkpoint) -> int | 
         copied = 0
         while copied < info.end - info.begin:
             try:
-                n = os.copy_file_range(source.fileno(), handle.fileno(), info.end - info.begin - copied,
-                                       info.begin + copied)
+                n = os.copy_file_range(
+                    source.fileno(), handle.fileno(), info.end - info.begin - copied, info.begin + copied
+                )
             except OSError:  # not supported between these files: the caller copies through memory
                 if copied:
                     raise

@@ -30,8 +30,12 @@ def llama_family(tmp_path_factory):
             root = tmp_path_factory.mktemp(f"llama-{num_layers}-layers")
             base, ft_a, ft_b = build_family(root, num_layers=num_layers)
             families[num_layers] = {
-                "base": base, "ft-a": ft_a, "ft-b": ft_b,
+                "base": base,
+                "ft-a": ft_a,
+                "ft-b": ft_b,
                 "ft": build_model("llama", root / "ft", seed=1, base_dir=base, noise=0.1),
-                "alien": build_model("llama", root / "alien", seed=7, num_layers=num_layers)}
+                "alien": build_model("llama", root / "alien", seed=7, num_layers=num_layers),
+            }
         return families[num_layers]
+
     return family

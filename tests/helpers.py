@@ -88,16 +88,21 @@ def assert_bytes_follow_plan(out: Path, sources: dict[str, Path]) -> dict:
 
 # -- the tiny models ----------------------------------------------------------------------------------
 
-def build_family(root: Path, family: str = "llama", fine_tunes: int = 2, *, recipe: dict = NOISE,
-                 prefix: str = "", **architecture) -> list[Path]:
+
+def build_family(
+    root: Path, family: str = "llama", fine_tunes: int = 2, *, recipe: dict = NOISE, prefix: str = "", **architecture
+) -> list[Path]:
     """A base (seed 0, built with the `architecture` arguments of build_model) and the first
     `fine_tunes` fine-tunes of `recipe`, each saved as root / (prefix + its name)."""
     base = build_model(family, root / f"{prefix}base", seed=0, **architecture)
-    return [base] + [build_model(family, root / f"{prefix}{name}", base_dir=base, **arguments)
-                     for name, arguments in list(recipe.items())[:fine_tunes]]
+    return [base] + [
+        build_model(family, root / f"{prefix}{name}", base_dir=base, **arguments)
+        for name, arguments in list(recipe.items())[:fine_tunes]
+    ]
 
 
 # -- configs ------------------------------------------------------------------------------------------
+
 
 def raw_config(models, out: Path, **options) -> dict:
     """A config as its YAML file holds it: the models, base_model the first of them (unless
@@ -115,6 +120,7 @@ def config_of(models, out: Path, **options):
     """The validated config of `raw_config`, built in Python, as load_config would read it from a
     file beside the output directory."""
     from nerd.config import config_from_dict
+
     return config_from_dict(raw_config(models, out, **options), base_dir=Path(out).parent)
 
 
@@ -131,6 +137,7 @@ def api_merge(models, out: Path, *, cache: Path | None = None, **options):
 
 # -- the command line ---------------------------------------------------------------------------------
 
+
 def run_cli(*args) -> tuple[int, str, str]:
     """mastermerge's command line, run in this process: the exit code, stdout and stderr. Both
     streams are captured here (not by capsys), so any scope may run it, module fixtures too."""
@@ -143,6 +150,7 @@ def run_cli(*args) -> tuple[int, str, str]:
 @dataclass
 class Merged:
     """What one run of the command line's merge did."""
+
     code: int  # the exit code
     stdout: str
     stderr: str
@@ -166,22 +174,39 @@ class Merged:
         return [line for line in self.stderr.splitlines() if line.startswith("mastermerge:")]
 
 
-def merge(models, where: Path, *flags, output: Path | None = None, config: str = "m.yaml",
-          cache: str | Path | None = "c.sqlite", quiet: bool = True, as_json: bool = True, **options) -> Merged:
+def merge(
+    models,
+    where: Path,
+    *flags,
+    output: Path | None = None,
+    config: str = "m.yaml",
+    cache: str | Path | None = "c.sqlite",
+    quiet: bool = True,
+    as_json: bool = True,
+    **options,
+) -> Merged:
     """Write the config of `raw_config` (output_dir `output`, by default where / "out") to
     where / config and run the command line's merge on it (`run_merge`), with the metric cache
     where / cache (an absolute path is used as it is; None: --no-cache)."""
     output = Path(output or where / "out")
     path = write_config(where / config, models, output, **options)
-    return run_merge(path, *flags, cache=None if cache is None else where / cache, quiet=quiet, as_json=as_json,
-                     output=output)
+    return run_merge(
+        path, *flags, cache=None if cache is None else where / cache, quiet=quiet, as_json=as_json, output=output
+    )
 
 
-def run_merge(config: Path, *flags, cache: Path | None, quiet: bool = True, as_json: bool = True,
-              output: Path | None = None) -> Merged:
+def run_merge(
+    config: Path, *flags, cache: Path | None, quiet: bool = True, as_json: bool = True, output: Path | None = None
+) -> Merged:
     """The command line's merge of a config file, in this process: `--cache cache` (`--no-cache`
     for None), --quiet and --json unless turned off, then the `flags`."""
-    argv = ["--config", config, *(["--no-cache"] if cache is None else ["--cache", cache]),
-            *(["--quiet"] if quiet else []), *(["--json"] if as_json else []), *flags]
+    argv = [
+        "--config",
+        config,
+        *(["--no-cache"] if cache is None else ["--cache", cache]),
+        *(["--quiet"] if quiet else []),
+        *(["--json"] if as_json else []),
+        *flags,
+    ]
     code, stdout, stderr = run_cli(*argv)
     return Merged(code, stdout, stderr, output, json.loads(stdout)["results"] if as_json and stdout.strip() else [])

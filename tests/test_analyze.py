@@ -58,7 +58,9 @@ def test_tables_hold_one_row_per_matrix_with_every_metric(analyzed):
     for model in analyzed["models"]:  # every matrix's path is in the rows, and counted in the summary
         paths = [r["path"] for r in rows if r["model"] == str(model)]
         assert set(paths) <= {"gram", "refined", "svd"}
-        assert document["summary"][str(model)]["spectrum_paths"] == {p: paths.count(p) for p in ("gram", "refined", "svd")}
+        assert document["summary"][str(model)]["spectrum_paths"] == {
+            p: paths.count(p) for p in ("gram", "refined", "svd")
+        }
     assert "spectra: " in analyzed["printed"] and " gram, " in analyzed["printed"]
     for model in analyzed["models"]:
         mine = {r["tensor"]: r for r in rows if r["model"] == str(model)}
@@ -105,8 +107,12 @@ def test_figures_are_real_pngs(analyzed):
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
         assert image[..., :3].std() > 0.05  # not blank
     esd = sorted((out / "esd").rglob("*.png"))
-    chosen = [(m.name, t) for m in analyzed["models"] for t in matrices_of(m)
-              if t.startswith("model.layers.1.") or "embed" in t]
+    chosen = [
+        (m.name, t)
+        for m in analyzed["models"]
+        for t in matrices_of(m)
+        if t.startswith("model.layers.1.") or "embed" in t
+    ]
     assert sorted(esd) == sorted(out / "esd" / m / f"{t}.png" for m, t in chosen)
     assert (out / "esd" / "qwen3-tiny" / "model.layers.1.mlp.up_proj.weight.png") in esd
     assert plt.imread(esd[0]).shape[0] > 200
@@ -118,8 +124,9 @@ def test_second_run_reuses_the_cache_and_needs_force(analyzed, capsys):
     assert analyze(*models, "--out", out, "--cache", root / "c.sqlite", "--no-plots") == 2
     assert "exists and is not empty (use --force" in capsys.readouterr().err
     other = root / "second"
-    assert analyze(*models[:2], "--out", other, "--cache", root / "c.sqlite", "--json", "--quiet",
-                   "--esd", "embed") == 0
+    assert (
+        analyze(*models[:2], "--out", other, "--cache", root / "c.sqlite", "--json", "--quiet", "--esd", "embed") == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["spectra_computed"] == 0 and result["spectra_reused"] == 60
     assert sorted(p.name for p in (other / "esd").rglob("*.png")) == ["model.embed_tokens.weight.png"] * 2
@@ -127,13 +134,19 @@ def test_second_run_reuses_the_cache_and_needs_force(analyzed, capsys):
     assert sorted(p.name for p in other.iterdir()) == ["metrics.csv", "metrics.json"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["./missing-dir", "--out", "{root}/x"], "MODEL 1: local model directory './missing-dir' does not exist"),
-    (["gpt2", "--out", "{root}/x"], "MODEL 1: 'gpt2' is neither an existing directory nor a hub id"),
-    ([str(EXAMPLES / "tiny-base"), str(EXAMPLES / "tiny-base"), "--out", "{root}/x"], "' repeats MODEL 1"),
-    ([str(EXAMPLES / "tiny-base"), "--out", str(EXAMPLES / "tiny-base")], "--out: "),
-    ([str(EXAMPLES / "tiny-base"), "--out", "{root}/x", "--esd", "("], "--esd: '(' is not a valid regular expression"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["./missing-dir", "--out", "{root}/x"], "MODEL 1: local model directory './missing-dir' does not exist"),
+        (["gpt2", "--out", "{root}/x"], "MODEL 1: 'gpt2' is neither an existing directory nor a hub id"),
+        ([str(EXAMPLES / "tiny-base"), str(EXAMPLES / "tiny-base"), "--out", "{root}/x"], "' repeats MODEL 1"),
+        ([str(EXAMPLES / "tiny-base"), "--out", str(EXAMPLES / "tiny-base")], "--out: "),
+        (
+            [str(EXAMPLES / "tiny-base"), "--out", "{root}/x", "--esd", "("],
+            "--esd: '(' is not a valid regular expression",
+        ),
+    ],
+)
 def test_bad_arguments_get_one_line(tmp_path, capsys, args, message):
     assert analyze(*[a.format(root=tmp_path) for a in args]) == 2
     err = capsys.readouterr().err.strip()
@@ -155,7 +168,11 @@ def test_weights_without_config_json_and_no_esd_by_default(tmp_path, capsys):
     shutil.copy(EXAMPLES / "tiny-code" / "model.safetensors", bare / "model.safetensors")
     assert analyze(bare, "--out", tmp_path / "x", "--no-cache", "--quiet") == 0
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == [
-        "heatmap_ner.png", "metrics.csv", "metrics.json", "smin_histogram.png"]
+        "heatmap_ner.png",
+        "metrics.csv",
+        "metrics.json",
+        "smin_histogram.png",
+    ]
     with pytest.raises(SystemExit) as exited:  # a command comes first: otherwise it is a merge, wanting --config
         main(["--quiet", "analyze", str(bare), "--out", str(tmp_path / "y")])
     assert exited.value.code == 2

@@ -9,8 +9,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nerd.architecture import DATA, INFERRED, architecture_of, claims, families, family_of, inferred, \
-    paired_matrix, quantization_of
+from nerd.architecture import (
+    DATA,
+    INFERRED,
+    architecture_of,
+    claims,
+    families,
+    family_of,
+    inferred,
+    paired_matrix,
+    quantization_of,
+)
 from nerd.cli import main
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
@@ -20,7 +29,9 @@ TWO_LAYERS = {"gpt_neo": {"attention_types": [[["global", "local"], 1]]}}  # bes
 
 def test_every_data_file_is_a_family_or_the_fallback():
     assert {p.name for p in DATA.glob("*.yaml")} == {f"{name}.yaml" for name in families()} | {
-        "_inferred.yaml", "_quantization.yaml"}
+        "_inferred.yaml",
+        "_quantization.yaml",
+    }
     assert {"llama", "gpt2", "gpt_neox", "bert"} <= set(families())
     by_type, by_class = claims()  # no model type or class claimed twice
     assert len(by_type) == len(MODEL_TYPES) and by_type["qwen3"].name == "llama"
@@ -28,19 +39,22 @@ def test_every_data_file_is_a_family_or_the_fallback():
     assert inferred().name == INFERRED
 
 
-@pytest.mark.parametrize("config, family", [
-    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "llama"),
-    ({"model_type": "qwen2_moe"}, "llama"),
-    ({"model_type": "gpt2"}, "gpt2"),
-    ({"model_type": "gpt_neox"}, "gpt_neox"),
-    ({"model_type": "bert"}, "bert"),
-    ({"architectures": ["BertForMaskedLM"]}, "bert"),  # no model_type: by class
-    ({"model_type": "mystery", "architectures": ["MysteryForCausalLM"]}, INFERRED),
-    ({"model_type": "llava", "text_config": {"model_type": "llama"}}, INFERRED),  # a multimodal wrapper
-    ({"model_type": ["llama"], "architectures": "LlamaForCausalLM"}, INFERRED),  # malformed
-    ([], INFERRED),
-    (None, INFERRED),
-])
+@pytest.mark.parametrize(
+    "config, family",
+    [
+        ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "llama"),
+        ({"model_type": "qwen2_moe"}, "llama"),
+        ({"model_type": "gpt2"}, "gpt2"),
+        ({"model_type": "gpt_neox"}, "gpt_neox"),
+        ({"model_type": "bert"}, "bert"),
+        ({"architectures": ["BertForMaskedLM"]}, "bert"),  # no model_type: by class
+        ({"model_type": "mystery", "architectures": ["MysteryForCausalLM"]}, INFERRED),
+        ({"model_type": "llava", "text_config": {"model_type": "llama"}}, INFERRED),  # a multimodal wrapper
+        ({"model_type": ["llama"], "architectures": "LlamaForCausalLM"}, INFERRED),  # malformed
+        ([], INFERRED),
+        (None, INFERRED),
+    ],
+)
 def test_family_of_config(config, family):
     assert family_of(config).name == family
 
@@ -73,8 +87,16 @@ def test_quantization_markers_and_pairing():
 def answers(architecture, names: list[str]) -> dict:
     """Every answer an architecture gives about a list of tensor names."""
     blocks = {name: architecture.block_of(name) for name in names}
-    return {name: (blocks[name], architecture.is_input_embedding(name), architecture.is_word_embedding(name),
-                   architecture.is_tied_head(name), architecture.is_buffer(name)) for name in names}
+    return {
+        name: (
+            blocks[name],
+            architecture.is_input_embedding(name),
+            architecture.is_word_embedding(name),
+            architecture.is_tied_head(name),
+            architecture.is_buffer(name),
+        )
+        for name in names
+    }
 
 
 def found(keys, config: dict) -> list[str]:
@@ -88,6 +110,7 @@ def test_family_reads_its_models_as_the_inference_does(model_type):
     the same config.json keys, and for a pre-norm family finds both residual writers of every block."""
     transformers = pytest.importorskip("transformers")
     import torch
+
     if model_type not in transformers.CONFIG_MAPPING:
         pytest.skip(f"transformers {transformers.__version__} does not know {model_type}")
     family = families()[family_of({"model_type": model_type}).name]
@@ -95,8 +118,18 @@ def test_family_reads_its_models_as_the_inference_does(model_type):
     key = next(k for k in family.layer_count_keys if k in config_class().to_dict())
     config = config_class(**{key: 2}, **TWO_LAYERS.get(model_type, {}))
     with torch.device("meta"):
-        model = next(model for model in (auto_model(cls, config) for cls in (
-            transformers.AutoModelForCausalLM, transformers.AutoModelForMaskedLM, transformers.AutoModel)) if model)
+        model = next(
+            model
+            for model in (
+                auto_model(cls, config)
+                for cls in (
+                    transformers.AutoModelForCausalLM,
+                    transformers.AutoModelForMaskedLM,
+                    transformers.AutoModel,
+                )
+            )
+            if model
+        )
     names = list(dict.fromkeys([*model.state_dict(), *(name for name, _ in model.named_buffers())]))
     assert answers(family, names) == answers(inferred(), names)
     saved = config.to_dict()
@@ -120,16 +153,24 @@ def auto_model(cls, config):
         return None
 
 
-@pytest.mark.parametrize("family, name", [  # names as older checkpoints on the hub hold them
-    ("llama", "model.layers.0.block_sparse_moe.experts.3.w2.weight"),  # Mixtral
-    ("llama", "model.layers.0.mlp.experts.3.down_proj.weight"),  # Qwen-MoE
-    ("llama", "model.layers.0.self_attn.rotary_emb.inv_freq"),
-    ("gpt2", "h.0.attn.bias"), ("gpt2", "h.0.attn.masked_bias"), ("gpt2", "wte.weight"), ("gpt2", "h.3.mlp.c_proj.bias"),
-    ("gpt_neox", "gpt_neox.layers.0.attention.rotary_emb.inv_freq"), ("gpt_neox", "gpt_neox.layers.0.attention.bias"),
-    ("gpt_neox", "embed_out.weight"),
-    ("gptj", "transformer.h.0.attn.masked_bias"),
-    ("bert", "embeddings.position_ids"), ("bert", "encoder.layer.1.output.dense.weight"),  # sentence-transformers
-])
+@pytest.mark.parametrize(
+    "family, name",
+    [  # names as older checkpoints on the hub hold them
+        ("llama", "model.layers.0.block_sparse_moe.experts.3.w2.weight"),  # Mixtral
+        ("llama", "model.layers.0.mlp.experts.3.down_proj.weight"),  # Qwen-MoE
+        ("llama", "model.layers.0.self_attn.rotary_emb.inv_freq"),
+        ("gpt2", "h.0.attn.bias"),
+        ("gpt2", "h.0.attn.masked_bias"),
+        ("gpt2", "wte.weight"),
+        ("gpt2", "h.3.mlp.c_proj.bias"),
+        ("gpt_neox", "gpt_neox.layers.0.attention.rotary_emb.inv_freq"),
+        ("gpt_neox", "gpt_neox.layers.0.attention.bias"),
+        ("gpt_neox", "embed_out.weight"),
+        ("gptj", "transformer.h.0.attn.masked_bias"),
+        ("bert", "embeddings.position_ids"),
+        ("bert", "encoder.layer.1.output.dense.weight"),  # sentence-transformers
+    ],
+)
 def test_family_reads_saved_names_as_the_inference_does(family, name):
     assert answers(families()[family], [name]) == answers(inferred(), [name])
     if families()[family].norm == "pre":
@@ -138,8 +179,9 @@ def test_family_reads_saved_names_as_the_inference_does(family, name):
 
 def merge(models: list[Path], out: Path) -> dict:
     config = out.parent / f"{out.name}.yaml"
-    config.write_text(yaml.safe_dump({"models": [str(m) for m in models], "base_model": str(models[0]),
-                                      "output_dir": str(out)}))
+    config.write_text(
+        yaml.safe_dump({"models": [str(m) for m in models], "base_model": str(models[0]), "output_dir": str(out)})
+    )
     assert main(["--config", str(config), "--no-cache", "--quiet"]) == 0
     return json.loads((out / "merge_report.json").read_text())
 
@@ -160,5 +202,6 @@ def test_report_records_the_family_and_the_fallback_merges_the_same(tmp_path):
     inferred_report = merge(unknown, tmp_path / "inferred")
     assert inferred_report["plan"]["architecture"] == INFERRED
     assert inferred_report["files"] == llama["files"]  # the same tensors, in the same order, byte for byte
-    assert [c["winner"].replace(str(tmp_path / "mystery"), str(EXAMPLES)) for c in inferred_report["plan"]["choices"]] \
-        == [c["winner"] for c in llama["plan"]["choices"]]
+    assert [
+        c["winner"].replace(str(tmp_path / "mystery"), str(EXAMPLES)) for c in inferred_report["plan"]["choices"]
+    ] == [c["winner"] for c in llama["plan"]["choices"]]

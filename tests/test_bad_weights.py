@@ -41,9 +41,14 @@ def inf_at(t):
     return t
 
 
-@pytest.mark.parametrize("tensor, change, problem", [(UP.format(1), inf_at, "contains NaN or Inf"),
-                                                     (NORM.format(1), nan_at, "contains NaN or Inf"),
-                                                     (DOWN.format(1), torch.zeros_like, "all zero")])
+@pytest.mark.parametrize(
+    "tensor, change, problem",
+    [
+        (UP.format(1), inf_at, "contains NaN or Inf"),
+        (NORM.format(1), nan_at, "contains NaN or Inf"),
+        (DOWN.format(1), torch.zeros_like, "all zero"),
+    ],
+)
 def test_a_candidate_with_bad_weights_cannot_supply_that_block(tmp_path, family, tensor, change, problem):
     bad = spoiled(family, tmp_path, "ft-b", {tensor: change})
     merged = merge([str(family["base"]), str(family["ft-a"]), bad], tmp_path)
@@ -99,9 +104,11 @@ def test_a_block_nobody_can_supply_stops_the_run(tmp_path, family):
     bad = spoiled(family, tmp_path, "ft-a", {NORM.format(1): inf_at})
     merged = merge([base, bad], tmp_path)
     assert merged.code == 3 and "Traceback" not in merged.stderr
-    line, = [e for e in merged.messages if e.startswith("mastermerge: error:")]
-    assert f"depth 1: no candidate can supply it: '{base}' {UP.format(1)}: contains NaN or Inf; '{bad}' " \
-           f"{NORM.format(1)}: contains NaN or Inf; nothing written" in line
+    (line,) = [e for e in merged.messages if e.startswith("mastermerge: error:")]
+    assert (
+        f"depth 1: no candidate can supply it: '{base}' {UP.format(1)}: contains NaN or Inf; '{bad}' "
+        f"{NORM.format(1)}: contains NaN or Inf; nothing written" in line
+    )
     assert not (tmp_path / "out").exists()
 
 

@@ -35,7 +35,7 @@ from nerd.store import SCHEMA_VERSION, TABLES, MetricCache
 
 # Runs mastermerge once every process of the group has started and imported it:
 # python START BARRIER_DIR COUNT -- mastermerge arguments
-START = r'''
+START = r"""
 import os, sys, time
 barrier, count = sys.argv[1], int(sys.argv[2])
 argv = sys.argv[sys.argv.index("--") + 1:]
@@ -45,12 +45,12 @@ deadline = time.monotonic() + 120
 while len(os.listdir(barrier)) < count and time.monotonic() < deadline:
     time.sleep(0.002)
 sys.exit(main(argv))
-'''
+"""
 
 # For each round R: waits for the other workers, opens the cache file FOLDER/R.sqlite (which all of
 # them open at the same moment) and writes rows another worker writes too, and rows of its own:
 # python WORKER FOLDER COUNT NAME ROUNDS
-WORKER = r'''
+WORKER = r"""
 import os, sys, time
 from nerd.store import MetricCache
 folder, count, me, rounds = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
@@ -70,7 +70,7 @@ for r in range(rounds):
                 cache.put_metrics(key, {"ner": ner, "problem": None})
     cache.put_calibration(f"model-{me}", "text", [(4, 3.5, 0, 128, 0.5)] * 3, run)
     cache.close()
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,10 @@ def choices(listed: list[dict]) -> list[dict]:
 def counts(cache: Path) -> dict[str, int]:
     with closing(sqlite3.connect(cache)) as db:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        return {t: db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
-                for t in ("tensors", "spectra", "metrics", "tether_sums")}
+        return {
+            t: db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+            for t in ("tensors", "spectra", "metrics", "tether_sums")
+        }
 
 
 def merge(config: Path, cache: Path, *extra) -> tuple[int, dict | None, list[str]]:
@@ -136,9 +138,17 @@ def start_together(tmp_path: Path, runs: list[list[str]]) -> list[subprocess.Com
     barrier.mkdir()
     script = tmp_path / "start.py"
     script.write_text(START)
-    procs = [subprocess.Popen([sys.executable, str(script), str(barrier), str(len(runs)), "--", *argv],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(),
-                              cwd=tmp_path) for argv in runs]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(barrier), str(len(runs)), "--", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment(),
+            cwd=tmp_path,
+        )
+        for argv in runs
+    ]
     return [subprocess.CompletedProcess(argv, *finished(proc)) for proc, argv in zip(procs, runs)]
 
 
@@ -154,11 +164,13 @@ def finished(proc: subprocess.Popen) -> tuple:
 
 # -- several processes on one cache ---------------------------------------------------------------
 
+
 def test_two_merges_sharing_a_cold_cache_both_finish_correctly(tmp_path, models, reference, capsys):
     shared = tmp_path / "shared.sqlite"
     configs = [config_of(tmp_path / f"m{i}.yaml", models, tmp_path / f"out{i}") for i in (1, 2)]
-    results = start_together(tmp_path, [["--config", str(c), "--cache", str(shared), "--quiet", "--json"]
-                                        for c in configs])
+    results = start_together(
+        tmp_path, [["--config", str(c), "--cache", str(shared), "--quiet", "--json"] for c in configs]
+    )
     for result in results:
         assert result.returncode == 0 and result.stderr == "", result.stderr
     for i in (1, 2):
@@ -172,8 +184,18 @@ def test_two_merges_sharing_a_cold_cache_both_finish_correctly(tmp_path, models,
 
 def test_two_analyses_sharing_a_cold_cache_both_finish_correctly(tmp_path, models, capsys):
     def analyze(out: Path, cache: Path) -> list[str]:
-        return ["analyze", *map(str, models), "--out", str(out), "--cache", str(cache), "--no-plots", "--quiet",
-                "--json"]
+        return [
+            "analyze",
+            *map(str, models),
+            "--out",
+            str(out),
+            "--cache",
+            str(cache),
+            "--no-plots",
+            "--quiet",
+            "--json",
+        ]
+
     assert main(analyze(tmp_path / "private", tmp_path / "private.sqlite")) == 0
     capsys.readouterr()
     shared = tmp_path / "shared.sqlite"
@@ -193,10 +215,12 @@ def old_schema_file(path: Path) -> None:
     """A cache of an earlier schema version, in rollback-journal mode (every process that opens it
     wants to migrate it and switch it to WAL)."""
     with closing(sqlite3.connect(path)) as db:
-        db.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-                         "INSERT INTO meta VALUES ('schema', '3');"
-                         "CREATE TABLE spectra (digest TEXT PRIMARY KEY, values_json TEXT);"
-                         "INSERT INTO spectra VALUES ('old', '[1, 2]');")
+        db.executescript(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+            "INSERT INTO meta VALUES ('schema', '3');"
+            "CREATE TABLE spectra (digest TEXT PRIMARY KEY, values_json TEXT);"
+            "INSERT INTO spectra VALUES ('old', '[1, 2]');"
+        )
 
 
 @pytest.mark.parametrize("start", ["no file", "old schema"])
@@ -210,9 +234,16 @@ def test_processes_opening_and_writing_one_file_at_once_lose_nothing(tmp_path, s
             old_schema_file(tmp_path / f"{r}.sqlite")
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), str(workers), f"w{i}", str(rounds)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
-             for i in range(workers)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path), str(workers), f"w{i}", str(rounds)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment(),
+        )
+        for i in range(workers)
+    ]
     results = [finished(proc) for proc in procs]
     for code, _, err in results:
         assert code == 0 and err == "", err
@@ -222,8 +253,9 @@ def test_processes_opening_and_writing_one_file_at_once_lose_nothing(tmp_path, s
             assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
             assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == (SCHEMA_VERSION,)
             keys = sorted(k for (k,) in db.execute("SELECT digest FROM metrics"))
-            assert keys == sorted([f"shared-{i}" for i in range(10)]
-                                  + [f"w{w}-{i}" for w in range(workers) for i in range(10)])
+            assert keys == sorted(
+                [f"shared-{i}" for i in range(10)] + [f"w{w}-{i}" for w in range(workers) for i in range(10)]
+            )
             assert db.execute("SELECT COUNT(*) FROM activation_runs").fetchone()[0] == workers
             assert db.execute("SELECT COUNT(*) FROM layer_stats").fetchone()[0] == workers * 3
             assert db.execute("SELECT COUNT(*) FROM spectra").fetchone()[0] == 0  # old rows went with the migration
@@ -232,13 +264,16 @@ def test_processes_opening_and_writing_one_file_at_once_lose_nothing(tmp_path, s
 def test_a_write_waits_for_a_lock_held_by_another_process(tmp_path, monkeypatch, capsys):
     path = tmp_path / "c.sqlite"
     cache = MetricCache(path)
-    hold = ("import sqlite3, sys, time; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
-            "db.execute('BEGIN IMMEDIATE'); print('held', flush=True); time.sleep(float(sys.argv[2])); "
-            "db.execute('COMMIT')")
+    hold = (
+        "import sqlite3, sys, time; db = sqlite3.connect(sys.argv[1], isolation_level=None); "
+        "db.execute('BEGIN IMMEDIATE'); print('held', flush=True); time.sleep(float(sys.argv[2])); "
+        "db.execute('COMMIT')"
+    )
 
     def holding(seconds: float) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", hold, str(path), str(seconds)], stdout=subprocess.PIPE,
-                                text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", hold, str(path), str(seconds)], stdout=subprocess.PIPE, text=True
+        )
         assert proc.stdout.readline() == "held\n"
         return proc
 
@@ -248,13 +283,16 @@ def test_a_write_waits_for_a_lock_held_by_another_process(tmp_path, monkeypatch,
     assert not cache.in_memory and capsys.readouterr().err == ""
 
     import nerd.database
+
     monkeypatch.setattr(nerd.database, "BUSY_SECONDS", 0.3)  # a lock held for longer than we wait
     proc = holding(3)
     cache.put_metrics("b", {"ner": 0.25})
     proc.wait()
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"mastermerge: warning: metric cache {path} cannot be used (database is locked); "
-                   f"keeping spectra in memory for this run"]
+    assert err == [
+        f"mastermerge: warning: metric cache {path} cannot be used (database is locked); "
+        f"keeping spectra in memory for this run"
+    ]
     assert cache.in_memory and cache.metrics("b") == {"ner": 0.25}  # kept in memory
     cache.close()
     with closing(sqlite3.connect(path)) as db:
@@ -266,6 +304,7 @@ def test_no_write_lock_is_held_while_anything_is_computed(tmp_path, models, refe
     compared, another process could write to the cache without waiting."""
     import nerd.engine
     import nerd.tether
+
     cache, checked = tmp_path / "c.sqlite", []
 
     def lock_is_free(compute):
@@ -275,7 +314,9 @@ def test_no_write_lock_is_held_while_anything_is_computed(tmp_path, models, refe
                 other.execute("ROLLBACK")
             checked.append(compute.__name__)
             return compute(*args, **kwargs)
+
         return wrapped
+
     monkeypatch.setattr(nerd.engine, "spectra_of", lock_is_free(nerd.engine.spectra_of))
     monkeypatch.setattr(nerd.tether, "sums_of", lock_is_free(nerd.tether.sums_of))
     code, summary, warnings = merge(config_of(tmp_path / "m.yaml", models, tmp_path / "out"), cache)
@@ -296,8 +337,9 @@ def test_only_the_thread_that_opened_the_cache_uses_it(tmp_path, models):
         assert len(found) == len(works) and cache.computed == len(works)
     assert threads == {threading.current_thread().name}
     errors = []
-    thread = threading.Thread(target=lambda: errors.append(pytest.raises(sqlite3.ProgrammingError,
-                                                                         connection.execute, "SELECT 1")))
+    thread = threading.Thread(
+        target=lambda: errors.append(pytest.raises(sqlite3.ProgrammingError, connection.execute, "SELECT 1"))
+    )
     thread.start()
     thread.join()
     assert errors
@@ -305,6 +347,7 @@ def test_only_the_thread_that_opened_the_cache_uses_it(tmp_path, models):
 
 
 # -- a damaged file --------------------------------------------------------------------------------
+
 
 def overwrite(path: Path) -> None:
     """Random bytes over the whole file ("file is not a database")."""
@@ -321,17 +364,24 @@ def scribble(path: Path) -> None:
     pages = len(data) // size
     for page in range(pages // 4, 3 * pages // 4):
         at = page * size + rng.randrange(size - 64)
-        data[at:at + 64] = rng.randbytes(64)
+        data[at : at + 64] = rng.randbytes(64)
     path.write_bytes(bytes(data))
 
 
-WARNING = re.compile(r"mastermerge: warning: metric cache (?P<path>\S+) is corrupt \((?P<reason>.+)\); "
-                     r"moved to (?P<aside>\S+); rebuilding")
+WARNING = re.compile(
+    r"mastermerge: warning: metric cache (?P<path>\S+) is corrupt \((?P<reason>.+)\); "
+    r"moved to (?P<aside>\S+); rebuilding"
+)
 
 
-@pytest.mark.parametrize("damage, reason", [(overwrite, "file is not a database"),
-                                            (truncate, "database disk image is malformed"),
-                                            (scribble, "quick_check: ")])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (overwrite, "file is not a database"),
+        (truncate, "database disk image is malformed"),
+        (scribble, "quick_check: "),
+    ],
+)
 def test_a_corrupt_cache_is_set_aside_and_rebuilt(tmp_path, models, reference, capsys, damage, reason):
     cache = warm_copy(reference, tmp_path)
     damage(cache)
@@ -405,8 +455,7 @@ def damage_tables(path: Path) -> dict[int, bytes]:
     return written
 
 
-def test_corruption_found_mid_run_is_set_aside_and_the_run_goes_on(tmp_path, models, reference, capsys,
-                                                                    monkeypatch):
+def test_corruption_found_mid_run_is_set_aside_and_the_run_goes_on(tmp_path, models, reference, capsys, monkeypatch):
     cache = warm_copy(reference, tmp_path)
     opened, damaged = Database.open, {}
 
@@ -415,13 +464,14 @@ def test_corruption_found_mid_run_is_set_aside_and_the_run_goes_on(tmp_path, mod
         if not damaged:  # the first file only, once it passed its check
             damaged.update(damage_tables(self.path))
         return db
+
     monkeypatch.setattr(Database, "open", open_then_damage)
     code, summary, warnings = merge(config_of(tmp_path / "m.yaml", models, tmp_path / "out"), cache)
     assert damaged and code == 0 and len(warnings) == 1, warnings
     found = WARNING.fullmatch(warnings[0])
     assert found and found["reason"] == "database disk image is malformed", warnings[0]
     kept = Path(found["aside"]).read_bytes()
-    assert all(kept[at:at + len(b)] == b for at, b in damaged.items())
+    assert all(kept[at : at + len(b)] == b for at, b in damaged.items())
     assert fingerprint(tmp_path / "out") == reference["output"]
     assert counts(cache) == reference["counts"]
 
@@ -435,9 +485,25 @@ def test_a_cache_that_fails_mid_run_goes_on_in_memory(tmp_path, models, referenc
     def limited():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write, not a killed process
         resource.setrlimit(resource.RLIMIT_FSIZE, (256_000, 256_000))
-    result = subprocess.run([sys.executable, str(REPO / "mastermerge.py"), "--config", str(config), "--cache",
-                             str(cache), "--quiet", "--json", "--dry-run"], capture_output=True, text=True,
-                            env=environment(), preexec_fn=limited, timeout=300)
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "mastermerge.py"),
+            "--config",
+            str(config),
+            "--cache",
+            str(cache),
+            "--quiet",
+            "--json",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        preexec_fn=limited,
+        timeout=300,
+    )
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("mastermerge:")]
     assert len(lines) == 1 and lines[0].startswith(f"mastermerge: warning: metric cache {cache} cannot be used (")
@@ -450,12 +516,15 @@ def test_a_cache_that_fails_mid_run_goes_on_in_memory(tmp_path, models, referenc
 
 # -- a location that cannot be written --------------------------------------------------------------
 
+
 def test_a_cache_under_a_regular_file_goes_on_in_memory(tmp_path, models, reference, capsys):
     (tmp_path / "file").write_text("not a folder")
     cache = tmp_path / "file" / "metrics.sqlite"
     code, summary, warnings = merge(config_of(tmp_path / "m.yaml", models, tmp_path / "out"), cache)
-    assert code == 0 and warnings == [f"mastermerge: warning: metric cache {cache} cannot be used (Not a directory: "
-                                      f"{cache.parent}); keeping spectra in memory for this run"]
+    assert code == 0 and warnings == [
+        f"mastermerge: warning: metric cache {cache} cannot be used (Not a directory: "
+        f"{cache.parent}); keeping spectra in memory for this run"
+    ]
     assert fingerprint(tmp_path / "out") == reference["output"]
 
 
@@ -475,11 +544,30 @@ def test_a_read_only_cache_folder_goes_on_in_memory(tmp_path, models, reference,
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     cache = folder / "metrics.sqlite"
     config = config_of(tmp_path / "m.yaml", models, tmp_path / "out")
-    read_only = ["unshare", "-rm", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"',
-                 str(folder)]
-    result = subprocess.run([*read_only, sys.executable, str(REPO / "mastermerge.py"), "--config", str(config),
-                             "--cache", str(cache), "--quiet"], capture_output=True, text=True, env=environment(),
-                            timeout=300)
+    read_only = [
+        "unshare",
+        "-rm",
+        "sh",
+        "-c",
+        'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"',
+        str(folder),
+    ]
+    result = subprocess.run(
+        [
+            *read_only,
+            sys.executable,
+            str(REPO / "mastermerge.py"),
+            "--config",
+            str(config),
+            "--cache",
+            str(cache),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=300,
+    )
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("mastermerge:")]
     assert len(lines) == 1, result.stderr

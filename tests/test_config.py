@@ -48,11 +48,23 @@ CASES = [
     ({"device": "tpu"}, "device: expected one of auto, cpu, cuda, found 'tpu'"),
     ({"models": "tiny-base"}, "models: expected a list of models, found a string"),
     ({"models": [str(EXAMPLES / "tiny-base")]}, "models: at least two candidate models are needed, found 1"),
-    ({"models": [str(EXAMPLES / "tiny-base"), "./no/such/dir"]}, "models[1]: local model directory './no/such/dir' does not exist"),
+    (
+        {"models": [str(EXAMPLES / "tiny-base"), "./no/such/dir"]},
+        "models[1]: local model directory './no/such/dir' does not exist",
+    ),
     ({"models": [str(EXAMPLES / "tiny-base"), 42]}, "models[1]: expected a local directory or a hub id"),
-    ({"models": [str(EXAMPLES / "tiny-base"), "not a hub id!"]}, "models[1]: 'not a hub id!' is neither an existing directory nor a hub id"),
-    ({"models": [str(EXAMPLES / "tiny-base"), str(EXAMPLES / "tiny-base")]}, "models[1]: '" + str(EXAMPLES / "tiny-base") + "' repeats models[0]"),
-    ({"models": [str(EXAMPLES / "tiny-base"), {"model": "org/name", "revison": "x"}]}, "models[1].revison: unknown key; did you mean 'revision'?"),
+    (
+        {"models": [str(EXAMPLES / "tiny-base"), "not a hub id!"]},
+        "models[1]: 'not a hub id!' is neither an existing directory nor a hub id",
+    ),
+    (
+        {"models": [str(EXAMPLES / "tiny-base"), str(EXAMPLES / "tiny-base")]},
+        "models[1]: '" + str(EXAMPLES / "tiny-base") + "' repeats models[0]",
+    ),
+    (
+        {"models": [str(EXAMPLES / "tiny-base"), {"model": "org/name", "revison": "x"}]},
+        "models[1].revison: unknown key; did you mean 'revision'?",
+    ),
     ({"base_model": "org/other"}, "base_model: 'org/other' is not among the models"),
     ({"base_model": None}, "missing required key 'base_model'"),
     ({"output_dir": 3}, "output_dir: expected a directory path, found 3"),
@@ -60,14 +72,22 @@ CASES = [
     ({"device": "cuda"} if not __import__("torch").cuda.is_available() else {"device": "gpu"}, "device: "),
     ({"models": [str(EXAMPLES / "tiny-base"), "org/name-"]}, "models[1]: 'org/name-' is not a valid hub id"),
     ({"models": [str(EXAMPLES / "tiny-base"), "gpt2"]}, "is written org/name, e.g. openai-community/gpt2"),
-    ({"models": [str(EXAMPLES / "tiny-base"), {"model": "org/x", "revision": 1.0}]},
-     "models[1].revision: found the number 1.0; quote it"),
-    ({"output_dir": str(EXAMPLES / "tiny-docs")}, "output_dir: '" + str(EXAMPLES / "tiny-docs") + "' overlaps the input model"),
+    (
+        {"models": [str(EXAMPLES / "tiny-base"), {"model": "org/x", "revision": 1.0}]},
+        "models[1].revision: found the number 1.0; quote it",
+    ),
+    (
+        {"output_dir": str(EXAMPLES / "tiny-docs")},
+        "output_dir: '" + str(EXAMPLES / "tiny-docs") + "' overlaps the input model",
+    ),
     ({"selection": {"metric": "alfa", "goal": "max"}}, "selection.metric: expected one of ner, erank, "),
     ({"selection": {"metric": "alfa", "goal": "max"}}, "found 'alfa'; did you mean 'alpha'?"),
     ({"selection": {"metric": "alpha"}}, "selection.goal: required with selection.metric: alpha"),
     ({"selection": {"metric": "alpha", "goal": "closest"}}, "selection.goal: expected one of max, min, target"),
-    ({"selection": {"metric": "alpha", "goal": "target"}}, "selection.target: goal: target needs a finite number, found None"),
+    (
+        {"selection": {"metric": "alpha", "goal": "target"}},
+        "selection.target: goal: target needs a finite number, found None",
+    ),
     ({"selection": {"metric": "alpha", "goal": "target", "target": "two"}}, "needs a finite number, found 'two'"),
     ({"selection": {"metric": "alpha", "goal": "target", "target": float("nan")}}, "needs a finite number, found nan"),
     ({"selection": {"goal": "min", "target": 2}}, "selection.target: only used with goal: target (goal is min)"),
@@ -162,8 +182,16 @@ def test_invalid_yaml_and_missing_file(tmp_path, capsys):
 def test_every_config_is_validated_before_any_work(tmp_path, capsys):
     good = write_config(tmp_path)
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"models": ["org/a", "org/b"], "base_model": "org/a",
-                                   "output_dir": str(tmp_path / "out2"), "dtyp": "float16"}))
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "models": ["org/a", "org/b"],
+                "base_model": "org/a",
+                "output_dir": str(tmp_path / "out2"),
+                "dtyp": "float16",
+            }
+        )
+    )
     code = main(["--config", str(good), str(bad), "--no-cache", "--quiet"])
     assert code == 2
     assert "dtyp: unknown key; did you mean 'dtype'?" in capsys.readouterr().err
@@ -178,26 +206,37 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path):
 
 
 def test_hub_ids_and_revisions_parse(tmp_path):
-    path = write_config(tmp_path, models=["org/base", "org/ft@v1.0", {"model": "org/other", "revision": "abc123"}],
-                        base_model="org/base")
+    path = write_config(
+        tmp_path,
+        models=["org/base", "org/ft@v1.0", {"model": "org/other", "revision": "abc123"}],
+        base_model="org/base",
+    )
     config = load_config(path)
-    assert [(m.repo_id, m.revision) for m in config.models] == [("org/base", None), ("org/ft", "v1.0"),
-                                                                 ("org/other", "abc123")]
+    assert [(m.repo_id, m.revision) for m in config.models] == [
+        ("org/base", None),
+        ("org/ft", "v1.0"),
+        ("org/other", "abc123"),
+    ]
     # two revisions of one repo are two candidates with names of their own
-    path = write_config(tmp_path, models=["org/x@step1", {"model": "org/x", "revision": "step2"}],
-                        base_model={"model": "org/x", "revision": "step1"})
+    path = write_config(
+        tmp_path,
+        models=["org/x@step1", {"model": "org/x", "revision": "step2"}],
+        base_model={"model": "org/x", "revision": "step1"},
+    )
     config = load_config(path)
     assert [c.ref for c in config.candidates] == ["org/x@step1", "org/x@step2"]
 
 
 def test_no_traceback_without_debug(tmp_path):
     path = write_config(tmp_path, dtype="fp8")
-    run = subprocess.run([sys.executable, str(REPO / "mastermerge.py"), "--config", str(path)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, str(REPO / "mastermerge.py"), "--config", str(path)], capture_output=True, text=True
+    )
     assert run.returncode == 2
     assert "Traceback" not in run.stderr and run.stderr.count("\n") == 1
-    run = subprocess.run([sys.executable, str(REPO / "mastermerge.py"), "--config", str(path), "--debug"],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, str(REPO / "mastermerge.py"), "--config", str(path), "--debug"], capture_output=True, text=True
+    )
     assert run.returncode == 2 and "Traceback" in run.stderr
 
 
@@ -224,11 +263,15 @@ def test_every_key_says_what_it_expects():
         if isinstance(inner, type) and issubclass(inner, Schema):
             for key in keys_of(inner):
                 check(schema, loc + (key,))
-        elif getattr(inner, "__origin__", None) is tuple and isinstance(core(inner.__args__[0]), type) \
-                and issubclass(core(inner.__args__[0]), Schema):
+        elif (
+            getattr(inner, "__origin__", None) is tuple
+            and isinstance(core(inner.__args__[0]), type)
+            and issubclass(core(inner.__args__[0]), Schema)
+        ):
             check(schema, loc + (0,))
         else:
             assert description_of(annotation) or getattr(inner, "__origin__", None) is Literal, loc
             checked.append(loc)
+
     check(MergeConfig, ())
     assert ("evaluate", "strategies", 0, "tether", "weights") in checked and len(checked) > 40

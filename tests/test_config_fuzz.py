@@ -28,9 +28,19 @@ from nerd.errors import ConfigError, MergeError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
 
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None, print_blob=False,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example,
-                                       HealthCheck.filter_too_much])
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=False,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+        HealthCheck.filter_too_much,
+    ],
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,22 +66,43 @@ def root(tmp_path_factory) -> Path:
 def valid_configs(root: Path) -> list[dict]:
     """Valid configs using every section, local models (absolute and relative) and hub ids."""
     return [
-        {"models": [str(EXAMPLES / "tiny-base"), str(EXAMPLES / "tiny-docs"), "tiny-code"],
-         "base_model": str(EXAMPLES / "tiny-base"), "output_dir": str(root / "out"),
-         "selection": {"granularity": "tensor", "non_layer": "compete", "metric": "ner", "goal": "max"},
-         "dtype": "bfloat16", "shard_size": "1.5GiB", "device": "cpu",
-         "tether": {"measure": "cosine", "min_compatibility": 0.5, "mode": "blend", "weights": "score"},
-         "dlec": {"add_layers": 2, "importance": "block_influence", "calibration": "calib.txt",
-                  "max_tokens": 4096, "init": "copy", "trust_remote_code": False}},
-        {"models": ["org/base", "org/ft@v1.0", {"model": "org/other", "revision": "abc123"}],
-         "base_model": "org/base", "output_dir": "ours",
-         "selection": {"metric": "alpha", "goal": "target", "target": 2.0, "granularity": "block"},
-         "shard_size": 500000000, "device": "auto",
-         "tether": {"measure": "l2", "min_compatibility": -3.5, "mode": "select"},
-         "dlec": {"layers": [0, 1, 1], "importance": "ner", "init": "identity"}},
-        {"models": ["./tiny-base", "tiny-docs"], "base_model": "tiny-base", "output_dir": "empty",
-         "dtype": "keep", "selection": None, "tether": None,
-         "dlec": {"growth": 0.16, "max_tokens": 2, "trust_remote_code": True}},
+        {
+            "models": [str(EXAMPLES / "tiny-base"), str(EXAMPLES / "tiny-docs"), "tiny-code"],
+            "base_model": str(EXAMPLES / "tiny-base"),
+            "output_dir": str(root / "out"),
+            "selection": {"granularity": "tensor", "non_layer": "compete", "metric": "ner", "goal": "max"},
+            "dtype": "bfloat16",
+            "shard_size": "1.5GiB",
+            "device": "cpu",
+            "tether": {"measure": "cosine", "min_compatibility": 0.5, "mode": "blend", "weights": "score"},
+            "dlec": {
+                "add_layers": 2,
+                "importance": "block_influence",
+                "calibration": "calib.txt",
+                "max_tokens": 4096,
+                "init": "copy",
+                "trust_remote_code": False,
+            },
+        },
+        {
+            "models": ["org/base", "org/ft@v1.0", {"model": "org/other", "revision": "abc123"}],
+            "base_model": "org/base",
+            "output_dir": "ours",
+            "selection": {"metric": "alpha", "goal": "target", "target": 2.0, "granularity": "block"},
+            "shard_size": 500000000,
+            "device": "auto",
+            "tether": {"measure": "l2", "min_compatibility": -3.5, "mode": "select"},
+            "dlec": {"layers": [0, 1, 1], "importance": "ner", "init": "identity"},
+        },
+        {
+            "models": ["./tiny-base", "tiny-docs"],
+            "base_model": "tiny-base",
+            "output_dir": "empty",
+            "dtype": "keep",
+            "selection": None,
+            "tether": None,
+            "dlec": {"growth": 0.16, "max_tokens": 2, "trust_remote_code": True},
+        },
     ]
 
 
@@ -110,15 +141,17 @@ FOUND = [
     ("dtype: 0x" + "f" * 4000, "as !!int (too large for any setting)"),
     ("dtype: " + "9" * 5000, "as !!int (too large for any setting)"),
     ("dtype: 1" + ":59" * 3000, "as !!int (too large for any setting)"),
-    ("selection: {metric: alpha, goal: target, target: " + BIG + "}",
-     "selection.target: goal: target needs a finite number, found " + BIG),
+    (
+        "selection: {metric: alpha, goal: target, target: " + BIG + "}",
+        "selection.target: goal: target needs a finite number, found " + BIG,
+    ),
     ("tether: {min_compatibility: -" + BIG + "}", "tether.min_compatibility: expected a number between -1 and 1"),
     ("shard_size: '" + "9" * 400 + "GB'", "shard_size: '" + "9" * 400 + "GB' is too large for a size in bytes"),
     ('"a\\nb": 1', "yaml: 'a\\nb': unknown key"),
     ('"": 1', "yaml: '': unknown key"),
     ('selection: {"\\t": 1}', "selection.'\\t': unknown key"),
     ('dlec: {layers: [1], calibration: "a\\tb"}', "dlec.calibration: expected the path of a text file, found 'a\\tb'"),
-    ('dlec: {layers: [1], calibration: ' + "a" * 300 + "}", "dlec.calibration: cannot use 'aaa"),
+    ("dlec: {layers: [1], calibration: " + "a" * 300 + "}", "dlec.calibration: cannot use 'aaa"),
     ("dlec: {layers: [1], calibration: ~nosuchuser9/c.txt}", "dlec.calibration: cannot use '~nosuchuser9/c.txt'"),
 ]
 OUTPUT = [
@@ -136,12 +169,21 @@ MODELS = [
     ("/" + "a" * 300, "models[1]: cannot use '/aaa"),
     ("~nosuchuser9/m", "models[1]: cannot use '~nosuchuser9/m' as a path: "),
 ]
-CASES = ([(HEAD + "output_dir: out\n" + text + "\n", message) for text, message in FOUND]
-         + [(HEAD + f"output_dir: {text}\n", message) for text, message in OUTPUT]
-         + [(f"models: [{EXAMPLES / 'tiny-base'}, {text}]\nbase_model: {EXAMPLES / 'tiny-base'}\noutput_dir: out\n",
-             message) for text, message in MODELS]
-         + [("a: " + "[" * 1000 + "\n", "not valid YAML: nested too deeply"),
-            (b"models: [\xff]\n", "not valid YAML: 'utf-8' codec can't decode byte 0xff in position 9")])
+CASES = (
+    [(HEAD + "output_dir: out\n" + text + "\n", message) for text, message in FOUND]
+    + [(HEAD + f"output_dir: {text}\n", message) for text, message in OUTPUT]
+    + [
+        (
+            f"models: [{EXAMPLES / 'tiny-base'}, {text}]\nbase_model: {EXAMPLES / 'tiny-base'}\noutput_dir: out\n",
+            message,
+        )
+        for text, message in MODELS
+    ]
+    + [
+        ("a: " + "[" * 1000 + "\n", "not valid YAML: nested too deeply"),
+        (b"models: [\xff]\n", "not valid YAML: 'utf-8' codec can't decode byte 0xff in position 9"),
+    ]
+)
 
 
 @pytest.mark.parametrize("text, message", CASES, ids=[f"{i}-{c[1][:30]}" for i, c in enumerate(CASES)])
@@ -157,33 +199,144 @@ def test_found_crashes_stay_fixed(root, text, message):
 def test_yaml_merge_keys_are_read(root):
     """'<<' merges a mapping into another (keys written beside it win); it is not a key given twice."""
     path = root / "merge-keys.yaml"
-    path.write_text(HEAD + "output_dir: out\nselection: {<<: {granularity: tensor, goal: min}, goal: max}\n"
-                    "tether: {<<: &t {mode: blend, weights: equal}, mode: blend}\n")
+    path.write_text(
+        HEAD + "output_dir: out\nselection: {<<: {granularity: tensor, goal: min}, goal: max}\n"
+        "tether: {<<: &t {mode: blend, weights: equal}, mode: blend}\n"
+    )
     config = load_config(path)
     assert (config.selection.granularity, config.selection.goal, config.tether.mode) == ("tensor", "max", "blend")
 
 
 # ---- (a) arbitrary text --------------------------------------------------------------------------------------
 
+
 def nested_block(depth: int) -> bytes:
     return b"".join(b"  " * i + b"k%d:\n" % i for i in range(depth)) + b"  " * depth + b"x\n"
 
 
 TOKENS = [
-    b"models:", b"base_model:", b"output_dir:", b"selection:", b"tether:", b"dlec:", b"dtype:", b"shard_size:",
-    b"device:", b"metric:", b"goal:", b"target:", b"min_compatibility:", b"layers:", b"revision:", b"model:",
-    b"\n", b"\n  ", b"\n    ", b" ", b"\t", b"- ", b"? ", b": ", b",", b"[", b"]", b"{", b"}", b"'", b'"', b"#",
-    b"&a ", b"*a", b"&b ", b"*b", b"<<: *a\n", b"&r [*r]", b"|\n  ", b">-\n  ", b"---\n", b"...\n", b"%YAML 1.1\n",
-    b"%TAG ! tag:x,2000:\n", b"!x ", b"!!int ", b"!!float ", b"!!bool ", b"!!str ", b"!!null ", b"!!timestamp ",
-    b"!!binary ", b"!!set ", b"!!omap ", b"!!pairs ", b"!!map ", b"!!seq ", b"!!python/object:os.system ",
-    b".nan", b".inf", b"-.inf", b"1e400", b"-0", b"0x1F", b"0o17", b"017", b"0b101", b"1_000", b"1:20:30",
-    b"1" + b":59" * 400, b"0x" + b"f" * 400, b"0x" + b"f" * 4000, b"9" * 400, b"9" * 5000, b"-" + b"9" * 320,
-    b"2001-02-30", b"2001-12-14t21:59:43.10-05:00", b"2001-13-01", b"yes", b"no", b"on", b"~", b"null",
-    b"true", b"maybe", b"abc", b"org/a", b"org/b@main", b"tiny-base", b"tiny-docs", b"./tiny-base", b"calib.txt",
-    b"out", b"ours", b"nonempty", b"afile.txt", b"~nosuchuser9/x", b"/" + b"a" * 300, b"a" * 300,
-    b'"\\ud800"', b'"\\n"', b'"a\\x00b"', b'"\\u2028"', b'"\\x85"', b"\x00", b"\x1b", b"\x7f", b"\xff", b"\xc3\x28",
-    b"\xed\xa0\x80", b"\xef\xbb\xbf", b"\xff\xfe", b"\xc2\x85", b"\xe2\x80\xa8", "é".encode(), "数".encode(),
-    b"[" * 400 + b"]" * 400, b"[" * 1000, b"{a: " * 300, b"- " * 300 + b"x", nested_block(150), nested_block(600),
+    b"models:",
+    b"base_model:",
+    b"output_dir:",
+    b"selection:",
+    b"tether:",
+    b"dlec:",
+    b"dtype:",
+    b"shard_size:",
+    b"device:",
+    b"metric:",
+    b"goal:",
+    b"target:",
+    b"min_compatibility:",
+    b"layers:",
+    b"revision:",
+    b"model:",
+    b"\n",
+    b"\n  ",
+    b"\n    ",
+    b" ",
+    b"\t",
+    b"- ",
+    b"? ",
+    b": ",
+    b",",
+    b"[",
+    b"]",
+    b"{",
+    b"}",
+    b"'",
+    b'"',
+    b"#",
+    b"&a ",
+    b"*a",
+    b"&b ",
+    b"*b",
+    b"<<: *a\n",
+    b"&r [*r]",
+    b"|\n  ",
+    b">-\n  ",
+    b"---\n",
+    b"...\n",
+    b"%YAML 1.1\n",
+    b"%TAG ! tag:x,2000:\n",
+    b"!x ",
+    b"!!int ",
+    b"!!float ",
+    b"!!bool ",
+    b"!!str ",
+    b"!!null ",
+    b"!!timestamp ",
+    b"!!binary ",
+    b"!!set ",
+    b"!!omap ",
+    b"!!pairs ",
+    b"!!map ",
+    b"!!seq ",
+    b"!!python/object:os.system ",
+    b".nan",
+    b".inf",
+    b"-.inf",
+    b"1e400",
+    b"-0",
+    b"0x1F",
+    b"0o17",
+    b"017",
+    b"0b101",
+    b"1_000",
+    b"1:20:30",
+    b"1" + b":59" * 400,
+    b"0x" + b"f" * 400,
+    b"0x" + b"f" * 4000,
+    b"9" * 400,
+    b"9" * 5000,
+    b"-" + b"9" * 320,
+    b"2001-02-30",
+    b"2001-12-14t21:59:43.10-05:00",
+    b"2001-13-01",
+    b"yes",
+    b"no",
+    b"on",
+    b"~",
+    b"null",
+    b"true",
+    b"maybe",
+    b"abc",
+    b"org/a",
+    b"org/b@main",
+    b"tiny-base",
+    b"tiny-docs",
+    b"./tiny-base",
+    b"calib.txt",
+    b"out",
+    b"ours",
+    b"nonempty",
+    b"afile.txt",
+    b"~nosuchuser9/x",
+    b"/" + b"a" * 300,
+    b"a" * 300,
+    b'"\\ud800"',
+    b'"\\n"',
+    b'"a\\x00b"',
+    b'"\\u2028"',
+    b'"\\x85"',
+    b"\x00",
+    b"\x1b",
+    b"\x7f",
+    b"\xff",
+    b"\xc3\x28",
+    b"\xed\xa0\x80",
+    b"\xef\xbb\xbf",
+    b"\xff\xfe",
+    b"\xc2\x85",
+    b"\xe2\x80\xa8",
+    "é".encode(),
+    "数".encode(),
+    b"[" * 400 + b"]" * 400,
+    b"[" * 1000,
+    b"{a: " * 300,
+    b"- " * 300 + b"x",
+    nested_block(150),
+    nested_block(600),
 ]
 
 VALID_HEAD = HEAD.encode()
@@ -193,11 +346,24 @@ yaml_bytes = st.one_of(
     st.text(max_size=200).map(lambda s: s.encode("utf-8")),
     st.lists(st.sampled_from(TOKENS), max_size=40).map(b"".join),
     # a valid start, so the token soup lands in a key's value and reaches the validation
-    st.tuples(st.sampled_from([b"", VALID_HEAD, VALID_HEAD + b"output_dir: out\n"]),
-              st.sampled_from([b"models", b"base_model", b"output_dir", b"selection", b"tether", b"dlec",
-                               b"dtype", b"shard_size", b"device", b"zz"]),
-              st.lists(st.sampled_from(TOKENS), max_size=25).map(b"".join))
-    .map(lambda t: t[0] + t[1] + b": " + t[2] + b"\n"),
+    st.tuples(
+        st.sampled_from([b"", VALID_HEAD, VALID_HEAD + b"output_dir: out\n"]),
+        st.sampled_from(
+            [
+                b"models",
+                b"base_model",
+                b"output_dir",
+                b"selection",
+                b"tether",
+                b"dlec",
+                b"dtype",
+                b"shard_size",
+                b"device",
+                b"zz",
+            ]
+        ),
+        st.lists(st.sampled_from(TOKENS), max_size=25).map(b"".join),
+    ).map(lambda t: t[0] + t[1] + b": " + t[2] + b"\n"),
 )
 
 
@@ -211,27 +377,70 @@ def test_arbitrary_yaml_text(root, text, force):
 
 # ---- (b) random structures through yaml.safe_dump ------------------------------------------------------------
 
-KNOWN_KEYS = ["models", "base_model", "output_dir", "selection", "dtype", "shard_size", "device", "tether", "dlec",
-              "granularity", "non_layer", "metric", "goal", "target", "model", "revision", "measure",
-              "min_compatibility", "mode", "weights", "add_layers", "growth", "layers", "importance", "calibration",
-              "max_tokens", "init", "trust_remote_code"]
+KNOWN_KEYS = [
+    "models",
+    "base_model",
+    "output_dir",
+    "selection",
+    "dtype",
+    "shard_size",
+    "device",
+    "tether",
+    "dlec",
+    "granularity",
+    "non_layer",
+    "metric",
+    "goal",
+    "target",
+    "model",
+    "revision",
+    "measure",
+    "min_compatibility",
+    "mode",
+    "weights",
+    "add_layers",
+    "growth",
+    "layers",
+    "importance",
+    "calibration",
+    "max_tokens",
+    "init",
+    "trust_remote_code",
+]
 
 scalars = st.one_of(
-    st.none(), st.booleans(),
-    st.integers(), st.integers(min_value=-10**400, max_value=10**400), st.sampled_from([2**63, -2**63 - 1, 10**308]),
-    st.floats(), st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -0.0, 5e-324]),
-    st.text(max_size=30), st.sampled_from(KNOWN_KEYS),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.sampled_from([2**63, -(2**63) - 1, 10**308]),
+    st.floats(),
+    st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -0.0, 5e-324]),
+    st.text(max_size=30),
+    st.sampled_from(KNOWN_KEYS),
 )
-keys = st.one_of(st.sampled_from(KNOWN_KEYS), st.text(max_size=12), st.integers(), st.booleans(), st.none(),
-                 st.floats(allow_nan=False))
-structures = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4),
-                          max_leaves=20)
+keys = st.one_of(
+    st.sampled_from(KNOWN_KEYS),
+    st.text(max_size=12),
+    st.integers(),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False),
+)
+structures = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4), max_leaves=20
+)
 model_refs = st.one_of(structures, st.sampled_from([str(EXAMPLES / "tiny-base"), "tiny-docs", "org/a", "org/b@v1"]))
 top_level = st.one_of(
     structures,
-    st.fixed_dictionaries({"models": st.one_of(structures, st.lists(model_refs, max_size=4)),
-                           "base_model": model_refs, "output_dir": st.one_of(structures, st.just("out"))},
-                          optional={k: structures for k in KNOWN_KEYS[3:]}),
+    st.fixed_dictionaries(
+        {
+            "models": st.one_of(structures, st.lists(model_refs, max_size=4)),
+            "base_model": model_refs,
+            "output_dir": st.one_of(structures, st.just("out")),
+        },
+        optional={k: structures for k in KNOWN_KEYS[3:]},
+    ),
 )
 
 
@@ -245,40 +454,208 @@ def test_random_structures(root, data, force):
 
 # ---- (c) mutations of valid configs --------------------------------------------------------------------------
 
-PATHS = [str(EXAMPLES / "tiny-base"), "tiny-base", "./tiny-docs", "tiny-code", "tiny-base/", "models/x", "no/such",
-         "org/x", "org/x@main", "org/x@", "org/x-", "org/a/b", "@main", "gpt2", "tiny-base@main", "x" * 100 + "/y",
-         "calib.txt", "empty", "loop", "./loop", ".", "..", "/", "~", "~/", "~nosuchuser9/x", "/" + "a" * 300,
-         "a" * 300, "a\x00b", "out\nx", "a\tb", "\u2028", "\x85x", "\x1b[31m", "org/\u00e9t\u00e9",
-         {"model": "org/y", "revision": "v2"}, {"model": "tiny-docs", "revision": "v1"},
-         {"model": "org/y@v1", "revision": "v2"}, {"model": "org/y", "revision": 1.0}, {"model": None},
-         {"revision": "v1"}, {"model": "org/y", "revison": "v"}]
-OUTPUTS = ["out", "ours", "nonempty", "empty", "afile.txt", "afile.txt/sub", "tiny-base", "tiny-base/sub", ".", "..",
-           "/", "~", "~/", "sub/dir", "loop", "loop/x", str(Path.home() / ".cache" / "huggingface" / "hub"),
-           "~nosuchuser9/o", "a" * 300, "/" + "a" * 300, "out\n", "o\x00", " ", ""]
-NUMBERS = [None, True, False, 0, 1, -1, 2, 3, 0.5, -0.5, 0.16, 1.0, 1.0001, -1.0, -1.0001, -5, 1e308, -1e308, 5e-324,
-           2**63, 2**64, HUGE, -HUGE, math.nan, math.inf, -math.inf, "1", "0.5", "", [], [0], [1, 1], [-1], [True],
-           [1.5], ["a"], [[1]], {}]
-SIZES = ["2GB", "1.5GiB", "500 mb", "1KB", "0B", "0", "-1MB", "1e9", "1.5", "9" * 400 + "GB", "9" * 400, "GB", 5000,
-         0, -1, 1.5, HUGE, True]
-CHOICES = ["keep", "float32", "float16", "bfloat16", "fp16", "auto", "cpu", "cuda", "gpu", "block", "tensor", "layer",
-           "base", "compete", "ner", "alpha", "erank", "stable_rank", "alfa", "max", "min", "target", "cosine",
-           "min_cosine", "l2", "select", "blend", "equal", "score", "compatibility", "copy", "identity",
-           "block_influence", "heavy_tail", "exclude", "allow", "MAX", " max", "max\n"]
-RELEVANT = {"models": [PATHS[:4], PATHS[1:3], [PATHS[0]], PATHS[5:9]] + PATHS, "base_model": PATHS, "model": PATHS,
-            "revision": ["v1", "main", "", " ", 1, 1.0, True, None, "a\nb", "x" * 300],
-            "output_dir": OUTPUTS, "calibration": OUTPUTS + ["calib.txt", "nope.txt", "tiny-base/config.json"],
-            "shard_size": SIZES, "layers": [[0], [0, 0, 3], [], [-1], [1.0], [True], [HUGE], "1,2", 3, None]}
+PATHS = [
+    str(EXAMPLES / "tiny-base"),
+    "tiny-base",
+    "./tiny-docs",
+    "tiny-code",
+    "tiny-base/",
+    "models/x",
+    "no/such",
+    "org/x",
+    "org/x@main",
+    "org/x@",
+    "org/x-",
+    "org/a/b",
+    "@main",
+    "gpt2",
+    "tiny-base@main",
+    "x" * 100 + "/y",
+    "calib.txt",
+    "empty",
+    "loop",
+    "./loop",
+    ".",
+    "..",
+    "/",
+    "~",
+    "~/",
+    "~nosuchuser9/x",
+    "/" + "a" * 300,
+    "a" * 300,
+    "a\x00b",
+    "out\nx",
+    "a\tb",
+    "\u2028",
+    "\x85x",
+    "\x1b[31m",
+    "org/\u00e9t\u00e9",
+    {"model": "org/y", "revision": "v2"},
+    {"model": "tiny-docs", "revision": "v1"},
+    {"model": "org/y@v1", "revision": "v2"},
+    {"model": "org/y", "revision": 1.0},
+    {"model": None},
+    {"revision": "v1"},
+    {"model": "org/y", "revison": "v"},
+]
+OUTPUTS = [
+    "out",
+    "ours",
+    "nonempty",
+    "empty",
+    "afile.txt",
+    "afile.txt/sub",
+    "tiny-base",
+    "tiny-base/sub",
+    ".",
+    "..",
+    "/",
+    "~",
+    "~/",
+    "sub/dir",
+    "loop",
+    "loop/x",
+    str(Path.home() / ".cache" / "huggingface" / "hub"),
+    "~nosuchuser9/o",
+    "a" * 300,
+    "/" + "a" * 300,
+    "out\n",
+    "o\x00",
+    " ",
+    "",
+]
+NUMBERS = [
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    2,
+    3,
+    0.5,
+    -0.5,
+    0.16,
+    1.0,
+    1.0001,
+    -1.0,
+    -1.0001,
+    -5,
+    1e308,
+    -1e308,
+    5e-324,
+    2**63,
+    2**64,
+    HUGE,
+    -HUGE,
+    math.nan,
+    math.inf,
+    -math.inf,
+    "1",
+    "0.5",
+    "",
+    [],
+    [0],
+    [1, 1],
+    [-1],
+    [True],
+    [1.5],
+    ["a"],
+    [[1]],
+    {},
+]
+SIZES = [
+    "2GB",
+    "1.5GiB",
+    "500 mb",
+    "1KB",
+    "0B",
+    "0",
+    "-1MB",
+    "1e9",
+    "1.5",
+    "9" * 400 + "GB",
+    "9" * 400,
+    "GB",
+    5000,
+    0,
+    -1,
+    1.5,
+    HUGE,
+    True,
+]
+CHOICES = [
+    "keep",
+    "float32",
+    "float16",
+    "bfloat16",
+    "fp16",
+    "auto",
+    "cpu",
+    "cuda",
+    "gpu",
+    "block",
+    "tensor",
+    "layer",
+    "base",
+    "compete",
+    "ner",
+    "alpha",
+    "erank",
+    "stable_rank",
+    "alfa",
+    "max",
+    "min",
+    "target",
+    "cosine",
+    "min_cosine",
+    "l2",
+    "select",
+    "blend",
+    "equal",
+    "score",
+    "compatibility",
+    "copy",
+    "identity",
+    "block_influence",
+    "heavy_tail",
+    "exclude",
+    "allow",
+    "MAX",
+    " max",
+    "max\n",
+]
+RELEVANT = {
+    "models": [PATHS[:4], PATHS[1:3], [PATHS[0]], PATHS[5:9]] + PATHS,
+    "base_model": PATHS,
+    "model": PATHS,
+    "revision": ["v1", "main", "", " ", 1, 1.0, True, None, "a\nb", "x" * 300],
+    "output_dir": OUTPUTS,
+    "calibration": OUTPUTS + ["calib.txt", "nope.txt", "tiny-base/config.json"],
+    "shard_size": SIZES,
+    "layers": [[0], [0, 0, 3], [], [-1], [1.0], [True], [HUGE], "1,2", 3, None],
+}
 INTERESTING = NUMBERS + SIZES + CHOICES + PATHS + OUTPUTS
-values = st.one_of(st.sampled_from(INTERESTING), structures, st.text(max_size=20),
-                   st.integers(min_value=-10**6, max_value=10**6), st.floats())
+values = st.one_of(
+    st.sampled_from(INTERESTING),
+    structures,
+    st.text(max_size=20),
+    st.integers(min_value=-(10**6), max_value=10**6),
+    st.floats(),
+)
 
 
 def value_for(path: tuple) -> st.SearchStrategy:
     """Mostly values that make sense for the key at the end of `path` (its section's names), else anything."""
     names = [k for k in path if isinstance(k, str)]
     relevant = RELEVANT.get(names[-1] if names else "", NUMBERS + CHOICES)
-    return st.one_of(st.sampled_from(relevant), st.sampled_from(relevant), st.sampled_from(relevant),
-                     st.sampled_from(INTERESTING), values).map(copy.deepcopy)  # the edits must not change the pools
+    return st.one_of(
+        st.sampled_from(relevant),
+        st.sampled_from(relevant),
+        st.sampled_from(relevant),
+        st.sampled_from(INTERESTING),
+        values,
+    ).map(copy.deepcopy)  # the edits must not change the pools
 
 
 def paths_of(node, prefix=()):
@@ -306,10 +683,11 @@ def at(node, path):
     return node
 
 
-SECTION_KEYS = {"selection": ["granularity", "non_layer", "metric", "goal", "target", "zero_matrices"],
-                "tether": ["measure", "min_compatibility", "mode", "weights"],
-                "dlec": ["add_layers", "growth", "layers", "importance", "calibration", "max_tokens", "init",
-                         "trust_remote_code"]}
+SECTION_KEYS = {
+    "selection": ["granularity", "non_layer", "metric", "goal", "target", "zero_matrices"],
+    "tether": ["measure", "min_compatibility", "mode", "weights"],
+    "dlec": ["add_layers", "growth", "layers", "importance", "calibration", "max_tokens", "init", "trust_remote_code"],
+}
 
 
 def mutate(config: dict, data) -> dict:
@@ -320,16 +698,25 @@ def mutate(config: dict, data) -> dict:
         # one top-level key at a time, so that every section is edited about as often as the others
         top = data.draw(st.sampled_from(KNOWN_KEYS[:9]), label="section")
         paths = [p for p in paths_of(config) if p[0] == top]
-        op = data.draw(st.sampled_from(["replace", "replace", "replace", "add", "add", "delete", "retype",
-                                        "duplicate"]), label="op")
+        op = data.draw(
+            st.sampled_from(["replace", "replace", "replace", "add", "add", "delete", "retype", "duplicate"]),
+            label="op",
+        )
         if op == "add" or not paths:
             places = [p for p in containers_of(config) if p[:1] == (top,)] or [()]
             place = data.draw(st.sampled_from(places), label="mapping")
             section = SECTION_KEYS.get(place[-1] if place else "", [k for k in KNOWN_KEYS[:9]])
-            key = data.draw(st.one_of(st.sampled_from(section), st.sampled_from(section),
-                                      st.sampled_from(section).map(lambda k: k[:-1] or "x"),
-                                      st.sampled_from(KNOWN_KEYS), st.sampled_from(KNOWN_KEYS), keys),
-                            label="new key")
+            key = data.draw(
+                st.one_of(
+                    st.sampled_from(section),
+                    st.sampled_from(section),
+                    st.sampled_from(section).map(lambda k: k[:-1] or "x"),
+                    st.sampled_from(KNOWN_KEYS),
+                    st.sampled_from(KNOWN_KEYS),
+                    keys,
+                ),
+                label="new key",
+            )
             at(config, place)[key] = data.draw(value_for(place + (key,)), label="value")
             continue
         path = data.draw(st.sampled_from(paths), label="path")
@@ -340,8 +727,9 @@ def mutate(config: dict, data) -> dict:
             del parent[key]
         elif op == "retype":
             value = parent[key]
-            parent[key] = data.draw(st.sampled_from([[value], {"model": value}, {"x": value}, str(value),
-                                                     None, 1, ""]), label="retyped")
+            parent[key] = data.draw(
+                st.sampled_from([[value], {"model": value}, {"x": value}, str(value), None, 1, ""]), label="retyped"
+            )
         elif isinstance(parent, list):
             parent.insert(key, parent[key])
         else:
@@ -368,6 +756,7 @@ def test_mutated_valid_configs(root, data, force):
 
 # ---- the command line -----------------------------------------------------------------------------------------
 
+
 @settings(FUZZ, max_examples=60)
 @given(data=st.data())
 def test_cli_never_shows_a_traceback(root, data):
@@ -382,8 +771,11 @@ def test_cli_never_shows_a_traceback(root, data):
     path = root / "cli.yaml"
     path.write_bytes(text)
     stderr, stdout = io.StringIO(), io.StringIO()
-    with mock.patch("nerd.commands.run_configs", return_value=0) as run, \
-            contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
+    with (
+        mock.patch("nerd.commands.run_configs", return_value=0) as run,
+        contextlib.redirect_stderr(stderr),
+        contextlib.redirect_stdout(stdout),
+    ):
         code = nerd.cli.main(["--config", str(path), "--dry-run", "--no-cache"])
     err = stderr.getvalue()
     assert "Traceback" not in err and code != 1, err

@@ -22,8 +22,10 @@ from nerd.dlec import expanded_config, layers_to_copy
 from nerd.errors import ConfigError, ModelError
 from nerd.layout import layout_of
 
-TEXT = ("Rivers carry sand to the sea. The tide returns some of it, and the rest builds the delta, "
-        "one thin layer each year, until the town that stood on the shore stands inland.")
+TEXT = (
+    "Rivers carry sand to the sea. The tide returns some of it, and the rest builds the delta, "
+    "one thin layer each year, until the town that stood on the shore stands inland."
+)
 
 
 def expand(model: Path, out: Path, *options, cache: Path | None = None) -> int:
@@ -44,13 +46,16 @@ def logits(directory: Path, ids: list[int]) -> torch.Tensor:
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(-1).view(torch.uint8),
-                                                                     b.view(-1).view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+    )
 
 
 def renamed(name: str, stack: str, depth: int) -> str:
     """The tensor's name in the block at `depth`."""
-    rest = name[len(stack) + 1:].split(".", 1)[1]
+    rest = name[len(stack) + 1 :].split(".", 1)[1]
     return f"{stack}.{depth}.{rest}"
 
 
@@ -104,8 +109,12 @@ def test_identity_expansion_of_llama_keeps_the_logits(llama, tmp_path, capsys):
 def test_copy_expansion_of_qwen3_rewrites_layer_types(tmp_path, capsys):
     model = build_model("qwen3", tmp_path / "qwen3", seed=4, num_layers=3)
     config = json.loads((model / "config.json").read_text())
-    config.update(layer_types=["full_attention", "sliding_attention", "full_attention"], use_sliding_window=True,
-                  sliding_window=8, max_window_layers=3)
+    config.update(
+        layer_types=["full_attention", "sliding_attention", "full_attention"],
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=3,
+    )
     (model / "config.json").write_text(json.dumps(config, indent=2))
     out = tmp_path / "out"
     result = expand_json(capsys, model, out, "--layers", "1,2,1", "--init", "copy", cache=tmp_path / "c.sqlite")
@@ -172,31 +181,57 @@ def test_importance_matches_hidden_states_over_every_position(llama, tmp_path, c
     text.write_text(TEXT)
     ids = transformers.AutoTokenizer.from_pretrained(llama)(TEXT)["input_ids"]
     assert len(ids) > 128  # several 64-token windows (the tiny model's context)
-    windows = [ids[i:i + 64] for i in range(0, len(ids), 64)]
+    windows = [ids[i : i + 64] for i in range(0, len(ids), 64)]
     influence, tail = reference_block_stats(llama, windows)
     cache = tmp_path / "c.sqlite"
-    got = expand_json(capsys, llama, tmp_path / "o", "--add-layers", 1, "--calibration", text, "--dry-run",
-                      cache=cache)["expansion"]
+    got = expand_json(
+        capsys, llama, tmp_path / "o", "--add-layers", 1, "--calibration", text, "--dry-run", cache=cache
+    )["expansion"]
     assert got["importance"] == "block_influence" and got["stats_reused"] is False
     assert got["basis"].endswith(f"{len(ids)} tokens in {len(windows)} windows of up to 64")
     assert got["scores"] == pytest.approx(influence, rel=1e-9, abs=1e-12)
-    heavy = expand_json(capsys, llama, tmp_path / "o", "--add-layers", 1, "--calibration", text, "--dry-run",
-                        "--importance", "heavy_tail", cache=cache)["expansion"]
+    heavy = expand_json(
+        capsys,
+        llama,
+        tmp_path / "o",
+        "--add-layers",
+        1,
+        "--calibration",
+        text,
+        "--dry-run",
+        "--importance",
+        "heavy_tail",
+        cache=cache,
+    )["expansion"]
     assert heavy["stats_reused"] is True  # one run serves both scores
     assert heavy["scores"] == pytest.approx(tail, rel=1e-9, abs=1e-12) and max(tail) > 0
     # max_tokens cuts the text: a new run
-    short = expand_json(capsys, llama, tmp_path / "o", "--add-layers", 1, "--calibration", text, "--dry-run",
-                        "--max-tokens", 64, cache=cache)["expansion"]
+    short = expand_json(
+        capsys,
+        llama,
+        tmp_path / "o",
+        "--add-layers",
+        1,
+        "--calibration",
+        text,
+        "--dry-run",
+        "--max-tokens",
+        64,
+        cache=cache,
+    )["expansion"]
     assert short["stats_reused"] is False
     assert short["scores"] == pytest.approx(reference_block_stats(llama, windows[:1])[0], rel=1e-9, abs=1e-12)
 
     with sqlite3.connect(cache) as db:  # the documented tables, one run per (model, text)
-        runs = db.execute("SELECT tokens, windows, layers, text_name, dtype, device FROM activation_runs "
-                          "ORDER BY tokens").fetchall()
+        runs = db.execute(
+            "SELECT tokens, windows, layers, text_name, dtype, device FROM activation_runs ORDER BY tokens"
+        ).fetchall()
         name = str(text.resolve())
         assert runs == [(64, 1, 4, name, "float32", "cpu"), (len(ids), len(windows), 4, name, "float32", "cpu")]
-        rows = db.execute("SELECT layer, tokens, cos_sum, tail_count, entries FROM layer_stats WHERE tokens=? "
-                          "ORDER BY layer", (len(ids),)).fetchall()
+        rows = db.execute(
+            "SELECT layer, tokens, cos_sum, tail_count, entries FROM layer_stats WHERE tokens=? ORDER BY layer",
+            (len(ids),),
+        ).fetchall()
         assert [r[0] for r in rows] == [0, 1, 2, 3] and all(r[1] == len(ids) for r in rows)
         assert [1 - r[2] / r[1] for r in rows] == pytest.approx(influence, rel=1e-12)
 
@@ -205,34 +240,56 @@ def test_weight_importance_is_the_mean_ner_of_the_block(llama, tmp_path, capsys)
     got = expand_json(capsys, llama, tmp_path / "o", "--add-layers", 1, "--importance", "ner", "--dry-run")
     tensors = tensors_of(llama)
     layout = layout_of(list(tensors))
-    expected = [np.mean([reference_ner(tensors[t]) for t in layout.block(d) if tensors[t].dim() == 2])
-                for d in range(4)]
+    expected = [
+        np.mean([reference_ner(tensors[t]) for t in layout.block(d) if tensors[t].dim() == 2]) for d in range(4)
+    ]
     assert got["expansion"]["scores"] == pytest.approx(expected, abs=1e-9)
     assert got["expansion"]["basis"] == "weights" and not (tmp_path / "o").exists()
 
 
 def run_without_transformers(*args, cwd: Path) -> subprocess.CompletedProcess:
     """The CLI in a fresh interpreter where `import transformers` fails, as when it is not installed."""
-    code = ("import sys; sys.modules['transformers'] = None; sys.path.insert(0, sys.argv[1]); "
-            "from nerd.cli import main; sys.exit(main(sys.argv[2:]))")
+    code = (
+        "import sys; sys.modules['transformers'] = None; sys.path.insert(0, sys.argv[1]); "
+        "from nerd.cli import main; sys.exit(main(sys.argv[2:]))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-c", code, str(REPO), *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, str(REPO), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_weight_importance_without_transformers(llama, tmp_path):
     out = tmp_path / "out"
-    run = run_without_transformers("expand", llama, "--out", out, "--add-layers", 1, "--no-cache", "--json",
-                                   "--quiet", cwd=tmp_path)
+    run = run_without_transformers(
+        "expand", llama, "--out", out, "--add-layers", 1, "--no-cache", "--json", "--quiet", cwd=tmp_path
+    )
     assert run.returncode == 0, run.stderr
     expansion = json.loads(run.stdout)["results"][0]["expansion"]
     assert expansion["importance"] == "ner" and "transformers is not installed" in expansion["note"]
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 5
     assert "config.json not checked against transformers (not installed)" in expansion["note"]
-    assert "(transformers is not installed, so importance is measured on the weights (NER); config.json not " \
+    assert (
+        "(transformers is not installed, so importance is measured on the weights (NER); config.json not "
         "checked" in (out / "README.md").read_text()
-    refused = run_without_transformers("expand", llama, "--out", tmp_path / "o2", "--add-layers", 1,
-                                       "--importance", "heavy_tail", "--no-cache", cwd=tmp_path)
+    )
+    refused = run_without_transformers(
+        "expand",
+        llama,
+        "--out",
+        tmp_path / "o2",
+        "--add-layers",
+        1,
+        "--importance",
+        "heavy_tail",
+        "--no-cache",
+        cwd=tmp_path,
+    )
     assert refused.returncode == 2 and "transformers, which is not installed" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "o2").exists()
 
@@ -261,7 +318,7 @@ def test_copies_are_stored_as_their_own_data(llama, tmp_path):
     assert expand(llama, out, "--layers", "1,1", "--importance", "ner") == 0
     raw = (out / "model.safetensors").read_bytes()
     length = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + length])
+    header = json.loads(raw[8 : 8 + length])
     header.pop("__metadata__")
     spans = sorted(tuple(entry["data_offsets"]) for entry in header.values())
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no two tensors share bytes
@@ -279,14 +336,17 @@ def test_merge_with_dlec_section_expands_the_composite(tmp_path, capsys):
     assert grown["choices"] == plain["choices"]
     ids = [1, 40, 2, 77, 13]
     assert torch.allclose(logits(tmp_path / "grown", ids), logits(tmp_path / "plain", ids), atol=1e-5, rtol=0)
-    check_blocks_follow_map(tmp_path / "plain", tmp_path / "grown", grown["expansion"]["layer_map"],
-                            zeroed=("o_proj", "down_proj"))
+    check_blocks_follow_map(
+        tmp_path / "plain", tmp_path / "grown", grown["expansion"]["layer_map"], zeroed=("o_proj", "down_proj")
+    )
 
     # the importance is the composite's: the same as expanding the written composite, not the base
-    of_composite = expand_json(capsys, tmp_path / "plain", tmp_path / "x", "--add-layers", 2, "--dry-run",
-                               cache=cache)["expansion"]["scores"]
-    of_base = expand_json(capsys, models[0], tmp_path / "x", "--add-layers", 2, "--dry-run",
-                          cache=cache)["expansion"]["scores"]
+    of_composite = expand_json(capsys, tmp_path / "plain", tmp_path / "x", "--add-layers", 2, "--dry-run", cache=cache)[
+        "expansion"
+    ]["scores"]
+    of_base = expand_json(capsys, models[0], tmp_path / "x", "--add-layers", 2, "--dry-run", cache=cache)["expansion"][
+        "scores"
+    ]
     assert grown["expansion"]["scores"] == pytest.approx(of_composite, rel=1e-9)
     assert grown["expansion"]["scores"] != pytest.approx(of_base, rel=1e-6)
 
@@ -299,28 +359,48 @@ def test_merge_with_dlec_section_expands_the_composite(tmp_path, capsys):
 
 
 def test_dry_run_prints_the_expansion(llama, tmp_path, capsys):
-    assert main(["expand", str(llama), "--out", str(tmp_path / "o"), "--growth", "0.2", "--importance", "ner",
-                 "--dry-run", "--no-cache"]) == 0
+    assert (
+        main(
+            [
+                "expand",
+                str(llama),
+                "--out",
+                str(tmp_path / "o"),
+                "--growth",
+                "0.2",
+                "--importance",
+                "ner",
+                "--dry-run",
+                "--no-cache",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "expansion: parameters" in text and "config.json: num_hidden_layers: 4 -> " in text
     assert "mean NER of the block's matrices, from weights" in text and not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("dlec, message", [
-    ({"add_layers": 1, "growth": 0.1}, "give exactly one of dlec.add_layers, dlec.growth or dlec.layers, found "
-                                       "dlec.add_layers and dlec.growth"),
-    ({}, "give exactly one of dlec.add_layers, dlec.growth or dlec.layers, found none"),
-    ({"add_layers": 0}, "dlec.add_layers: expected a whole number of layers >= 1, found 0"),
-    ({"growth": 1.5}, "dlec.growth: expected a fraction of the parameters in (0, 1]"),
-    ({"layers": [1, -2]}, "dlec.layers: expected a list of layer indices"),
-    ({"add_layers": 1, "init": "zeros"}, "dlec.init: expected one of copy, identity, found 'zeros'"),
-    ({"add_layers": 1, "importance": "bi"}, "dlec.importance: expected one of block_influence, heavy_tail, ner"),
-    ({"add_layers": 1, "calibration": "missing.txt"}, "dlec.calibration: calibration text 'missing.txt' not found"),
-    ({"add_layers": 1, "trust_remote_code": "yes"}, "dlec.trust_remote_code: expected true or false"),
-    ({"add_layer": 1}, "dlec.add_layer: unknown key; did you mean 'add_layers'?"),
-    ({"add_layers": 5}, "dlec.add_layers: 5 is more than the 4 layers of the model"),
-    ({"layers": [4]}, "dlec.layers: layer 4 does not exist; the model has 4 layers (0 to 3)"),
-])
+@pytest.mark.parametrize(
+    "dlec, message",
+    [
+        (
+            {"add_layers": 1, "growth": 0.1},
+            "give exactly one of dlec.add_layers, dlec.growth or dlec.layers, found dlec.add_layers and dlec.growth",
+        ),
+        ({}, "give exactly one of dlec.add_layers, dlec.growth or dlec.layers, found none"),
+        ({"add_layers": 0}, "dlec.add_layers: expected a whole number of layers >= 1, found 0"),
+        ({"growth": 1.5}, "dlec.growth: expected a fraction of the parameters in (0, 1]"),
+        ({"layers": [1, -2]}, "dlec.layers: expected a list of layer indices"),
+        ({"add_layers": 1, "init": "zeros"}, "dlec.init: expected one of copy, identity, found 'zeros'"),
+        ({"add_layers": 1, "importance": "bi"}, "dlec.importance: expected one of block_influence, heavy_tail, ner"),
+        ({"add_layers": 1, "calibration": "missing.txt"}, "dlec.calibration: calibration text 'missing.txt' not found"),
+        ({"add_layers": 1, "trust_remote_code": "yes"}, "dlec.trust_remote_code: expected true or false"),
+        ({"add_layer": 1}, "dlec.add_layer: unknown key; did you mean 'add_layers'?"),
+        ({"add_layers": 5}, "dlec.add_layers: 5 is more than the 4 layers of the model"),
+        ({"layers": [4]}, "dlec.layers: layer 4 does not exist; the model has 4 layers (0 to 3)"),
+    ],
+)
 def test_bad_dlec_options_are_one_clear_line(llama, tmp_path, dlec, message):
     other = llama.parent / "other"
     if not other.exists():
@@ -361,8 +441,16 @@ def test_remote_code_is_not_run_unless_allowed(llama, tmp_path, capsys):
 
 
 def test_expanded_config_rewrites_every_per_layer_key():
-    config = {"model_type": "x", "num_hidden_layers": 3, "layer_types": ["a", "b", "c"], "eos_token_id": [1, 2, 3],
-              "mlp_only_layers": [0, 2], "max_window_layers": 2, "architectures": ["X"], "sizes": [8, 16, 32]}
+    config = {
+        "model_type": "x",
+        "num_hidden_layers": 3,
+        "layer_types": ["a", "b", "c"],
+        "eos_token_id": [1, 2, 3],
+        "mlp_only_layers": [0, 2],
+        "max_window_layers": 2,
+        "architectures": ["X"],
+        "sizes": [8, 16, 32],
+    }
     new, changes = expanded_config(config, 3, [0, 0, 1, 2, 2], "config.json")
     assert new["num_hidden_layers"] == 5 and new["layer_types"] == ["a", "a", "b", "c", "c"]
     assert new["sizes"] == [8, 8, 16, 32, 32] and new["eos_token_id"] == [1, 2, 3]
@@ -394,9 +482,20 @@ def save_with_tokenizer(model, directory: Path) -> Path:
 def test_sparse_step_moe_expansion_is_refused(tmp_path, capsys):
     torch.manual_seed(0)
     config = transformers.Qwen2MoeConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-        shared_expert_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2, max_position_embeddings=64, mlp_only_layers=[])
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=2,
+        max_position_embeddings=64,
+        mlp_only_layers=[],
+    )
     model = save_with_tokenizer(transformers.AutoModelForCausalLM.from_config(config), tmp_path / "moe")
     assert expand(model, tmp_path / "out", "--layers", 0) == 3  # block 1 is sparse by the step rule
     err = capsys.readouterr().err
@@ -409,8 +508,17 @@ def test_sparse_step_moe_expansion_is_refused(tmp_path, capsys):
 def test_layer_types_derived_from_a_pattern_are_written_out(tmp_path):
     torch.manual_seed(0)
     config = transformers.Gemma3TextConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, sliding_window=3, max_position_embeddings=64, sliding_window_pattern=2)
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=3,
+        max_position_embeddings=64,
+        sliding_window_pattern=2,
+    )
     model = save_with_tokenizer(transformers.AutoModelForCausalLM.from_config(config), tmp_path / "gemma")
     saved = json.loads((model / "config.json").read_text())
     saved.pop("layer_types", None)  # an older config: the sliding layers follow from the pattern alone
@@ -426,12 +534,16 @@ def test_layer_types_derived_from_a_pattern_are_written_out(tmp_path):
 
 def test_merge_with_dlec_on_checkpoints_without_the_base_prefix(tmp_path):
     from safetensors.torch import load_file, save_file
+
     base = build_model("gpt2", tmp_path / "base", seed=1, num_layers=3)
     tuned = build_model("gpt2", tmp_path / "tuned", seed=5, base_dir=base, noise=0.5)
     for directory in (base, tuned):  # saved as openai-community/gpt2 is: h.0... instead of transformer.h.0...
         weights = load_file(directory / "model.safetensors")
-        save_file({k.removeprefix("transformer."): v for k, v in weights.items()}, str(directory / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k.removeprefix("transformer."): v for k, v in weights.items()},
+            str(directory / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
     result = merge([base, tuned], tmp_path, dlec={"add_layers": 1}).ok()
     assert {c["winner"] for c in result["choices"]} == {str(base), str(tuned)}  # the tuned blocks were copied in
     assert result["expansion"]["importance"] == "block_influence" and None not in result["expansion"]["scores"]
@@ -455,17 +567,19 @@ def test_named_layers_need_no_calibration(llama, tmp_path, capsys):
 
 def test_windows_start_like_documents_when_the_tokenizer_adds_bos(llama, tmp_path, capsys):
     from tokenizers import processors
+
     model = tmp_path / "bos"
     model.mkdir()
     for path in llama.iterdir():
         (model / path.name).write_bytes(path.read_bytes())
     tokenizer = transformers.AutoTokenizer.from_pretrained(model)
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)])
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)]
+    )
     tokenizer.save_pretrained(model)
     ids = transformers.AutoTokenizer.from_pretrained(model)(TEXT)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id
-    windows = [[ids[0]] + ids[1:][i:i + 63] for i in range(0, len(ids) - 1, 63)]
+    windows = [[ids[0]] + ids[1:][i : i + 63] for i in range(0, len(ids) - 1, 63)]
     text = tmp_path / "calibration.txt"
     text.write_text(TEXT)
     got = expand_json(capsys, model, tmp_path / "o", "--add-layers", 1, "--calibration", text, "--dry-run")
@@ -473,12 +587,20 @@ def test_windows_start_like_documents_when_the_tokenizer_adds_bos(llama, tmp_pat
     assert got["expansion"]["scores"] == pytest.approx(reference_block_stats(model, windows)[0], rel=1e-9)
 
 
-@pytest.mark.parametrize("name, writes", [
-    ("model.layers.0.self_attn.o_proj.weight", True), ("model.layers.0.mlp.down_proj.weight", True),
-    ("model.layers.0.mlp.experts.down_proj", True), ("model.layers.0.mlp.experts.down_proj_bias", True),
-    ("transformer.h.0.attn.c_proj.bias", True), ("gpt_neox.layers.0.attention.dense.weight", True),
-    ("model.layers.0.block_sparse_moe.experts.3.w2.weight", True), ("model.layers.0.mlp.up_proj.weight", False),
-    ("model.layers.0.self_attn.q_proj.weight", False), ("model.layers.0.mlp.experts.gate_up_proj", False),
-])
+@pytest.mark.parametrize(
+    "name, writes",
+    [
+        ("model.layers.0.self_attn.o_proj.weight", True),
+        ("model.layers.0.mlp.down_proj.weight", True),
+        ("model.layers.0.mlp.experts.down_proj", True),
+        ("model.layers.0.mlp.experts.down_proj_bias", True),
+        ("transformer.h.0.attn.c_proj.bias", True),
+        ("gpt_neox.layers.0.attention.dense.weight", True),
+        ("model.layers.0.block_sparse_moe.experts.3.w2.weight", True),
+        ("model.layers.0.mlp.up_proj.weight", False),
+        ("model.layers.0.self_attn.q_proj.weight", False),
+        ("model.layers.0.mlp.experts.gate_up_proj", False),
+    ],
+)
 def test_residual_writers_by_name(name, writes):
     assert (inferred().residual_writer(name) is not None) is writes

@@ -37,15 +37,32 @@ def masked_lm(directory: Path) -> Path:
     wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
     wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    wordpiece.train_from_iterator([TEXT.read_text()], trainer=trainers.WordPieceTrainer(
-        vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False))
+    wordpiece.train_from_iterator(
+        [TEXT.read_text()],
+        trainer=trainers.WordPieceTrainer(
+            vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False
+        ),
+    )
     wordpiece.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=wordpiece, unk_token="[UNK]", pad_token="[PAD]",
-                                                     cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=wordpiece,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     transformers.BertForMaskedLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -62,8 +79,18 @@ def windows_of(directory: Path, kind: str, length: int, **kwargs):
 
 def evaluated(family, *models, extra=(), cache=None) -> dict:
     out = family["root"] / f"out-{len(list(family['root'].iterdir()))}"
-    code, printed, err = run_cli("evaluate", *models, "--text", TEXT, "--out", out, "--json", "--quiet",
-                                 *(["--cache", cache] if cache else ["--no-cache"]), *extra)
+    code, printed, err = run_cli(
+        "evaluate",
+        *models,
+        "--text",
+        TEXT,
+        "--out",
+        out,
+        "--json",
+        "--quiet",
+        *(["--cache", cache] if cache else ["--no-cache"]),
+        *extra,
+    )
     assert code == 0, err
     return json.loads(printed)
 
@@ -121,13 +148,15 @@ def test_table_files_cache_and_figure(family, tmp_path):
     base, other = str(family["bos"]), str(family["plain"])
     assert len(rows) == 4 and rows[base, "mean"]["diff_from_base"] == 0
     assert rows[other, str(TEXT)]["diff_from_base"] == pytest.approx(
-        rows[other, str(TEXT)]["perplexity"] - rows[base, str(TEXT)]["perplexity"])
+        rows[other, str(TEXT)]["perplexity"] - rows[base, str(TEXT)]["perplexity"]
+    )
     csv_lines = (out / "evaluation.csv").read_text().splitlines()
     assert csv_lines[0].startswith("model,role,text,perplexity,diff_from_base") and len(csv_lines) == 5
     image = plt.imread(out / "perplexity.png")
     assert image.shape[0] > 200 and image[..., :3].std() > 0.05
-    code, printed, _ = run_cli("evaluate", family["bos"], family["plain"], "--text", TEXT, "--out", tmp_path / "t",
-                               "--cache", cache)
+    code, printed, _ = run_cli(
+        "evaluate", family["bos"], family["plain"], "--text", TEXT, "--out", tmp_path / "t", "--cache", cache
+    )
     assert code == 0 and "vs base" in printed and "llama-bos (base)" in printed
 
 
@@ -145,9 +174,13 @@ def broken_copies(family) -> dict[str, Path]:
     headless = root / "no-head"  # lm_head.weight missing: transformers would draw it at random
     shutil.copytree(TRAINED, headless)
     from safetensors.torch import load_file, save_file
+
     weights = load_file(headless / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, headless / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in weights.items() if k != "lm_head.weight"},
+        headless / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     broken_config = root / "broken-config"
     shutil.copytree(TRAINED, broken_config)
     (broken_config / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], ')
@@ -157,37 +190,51 @@ def broken_copies(family) -> dict[str, Path]:
     return {p.name: p for p in root.iterdir()}
 
 
-@pytest.mark.parametrize("model, text, exit_code, message", [
-    ("plain", "missing.txt", 2, "missing.txt' not found (looked at "),
-    ("plain", "empty.txt", 2, "empty.txt is empty"),
-    ("plain", "latin1.txt", 2, "latin1.txt is not UTF-8 text (byte 3)"),
-    ("plain", "short.txt", 2, "fewer than one window of 128 tokens"),
-    ("no-tokenizer", None, 3, "no tokenizer that transformers can load"),
-    ("big-vocabulary", None, 3, "the tokenizer has 1024 tokens but the input embedding has 256 rows"),
-    ("bert-model", None, 3, "BertModel is neither a causal LM (...ForCausalLM) nor a masked LM"),
-    ("no-head", None, 3, "the checkpoint has no weights for 1 tensor(s) of LlamaForCausalLM (lm_head.weight)"),
-    ("broken-config", None, 3, "config.json: cannot be read as JSON"),
-])
+@pytest.mark.parametrize(
+    "model, text, exit_code, message",
+    [
+        ("plain", "missing.txt", 2, "missing.txt' not found (looked at "),
+        ("plain", "empty.txt", 2, "empty.txt is empty"),
+        ("plain", "latin1.txt", 2, "latin1.txt is not UTF-8 text (byte 3)"),
+        ("plain", "short.txt", 2, "fewer than one window of 128 tokens"),
+        ("no-tokenizer", None, 3, "no tokenizer that transformers can load"),
+        ("big-vocabulary", None, 3, "the tokenizer has 1024 tokens but the input embedding has 256 rows"),
+        ("bert-model", None, 3, "BertModel is neither a causal LM (...ForCausalLM) nor a masked LM"),
+        ("no-head", None, 3, "the checkpoint has no weights for 1 tensor(s) of LlamaForCausalLM (lm_head.weight)"),
+        ("broken-config", None, 3, "config.json: cannot be read as JSON"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(family, tmp_path, model, text, exit_code, message):
     broken = broken_copies(family)
     directory = family.get(model) or broken[model]
     text_path = TEXT if text is None else broken.get(text, tmp_path / text)
-    code, printed, err = run_cli("evaluate", directory, "--text", text_path, "--out", tmp_path / "out", "--no-cache",
-                                 "--quiet")
+    code, printed, err = run_cli(
+        "evaluate", directory, "--text", text_path, "--out", tmp_path / "out", "--no-cache", "--quiet"
+    )
     assert code == exit_code and message in err, err
     assert len(err.strip().splitlines()) == 1 and printed == ""
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (("--stride", 128), "--stride: 128 would leave tokens unscored; at most 127 with windows of 128 tokens (the "
-                        "tokenizer adds no BOS"),
-    (("--max-length", 200), "--max-length: 200 is longer than the context of"),
-    (("--max-tokens", 100, "--max-length", 128), "--max-length: 128 is longer than the 100 tokens used of each text"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ("--stride", 128),
+            "--stride: 128 would leave tokens unscored; at most 127 with windows of 128 tokens (the "
+            "tokenizer adds no BOS",
+        ),
+        (("--max-length", 200), "--max-length: 200 is longer than the context of"),
+        (
+            ("--max-tokens", 100, "--max-length", 128),
+            "--max-length: 128 is longer than the 100 tokens used of each text",
+        ),
+    ],
+)
 def test_bad_windows_are_refused(family, tmp_path, extra, message):
-    code, printed, err = run_cli("evaluate", family["plain"], "--text", TEXT, "--out", tmp_path / "out", "--no-cache",
-                                 *extra)
+    code, printed, err = run_cli(
+        "evaluate", family["plain"], "--text", TEXT, "--out", tmp_path / "out", "--no-cache", *extra
+    )
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
@@ -196,11 +243,22 @@ def test_a_model_with_nan_logits_has_no_perplexity_and_a_warning(family, tmp_pat
     broken = tmp_path / "nan-llama"
     shutil.copytree(TRAINED, broken)
     from safetensors.torch import load_file, save_file
+
     weights = load_file(broken / "model.safetensors")
     weights["model.norm.weight"][0] = float("nan")
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
-    code, printed, err = run_cli("evaluate", family["plain"], broken, "--text", TEXT, "--out", tmp_path / "out",
-                                 "--cache", tmp_path / "c.sqlite", "--json")
+    code, printed, err = run_cli(
+        "evaluate",
+        family["plain"],
+        broken,
+        "--text",
+        TEXT,
+        "--out",
+        tmp_path / "out",
+        "--cache",
+        tmp_path / "c.sqlite",
+        "--json",
+    )
     assert code == 0, err
     rows = {r["model"]: r for r in json.loads(printed)["rows"]}
     assert rows[str(broken)]["perplexity"] is None and rows[str(family["plain"])]["perplexity"] > 1

@@ -22,7 +22,7 @@ import pytest
 from helpers import REPO, write_config
 
 # The run, with a fault injected at one point: python HARNESS POINT SIGNAL N -- mastermerge arguments.
-HARNESS = r'''
+HARNESS = r"""
 import os, sys
 point, signum, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 argv = sys.argv[sys.argv.index("--") + 1:]
@@ -50,7 +50,7 @@ elif point == "rename":
     os.rename = fault(os.rename)
 from nerd.cli import main
 sys.exit(main(argv))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -73,16 +73,20 @@ def run(tmp_path: Path, config: Path, *extra, point=None, signum=0, n=0, preexec
         harness.write_text(HARNESS)
         command = [sys.executable, str(harness), point, str(int(signum)), str(n), "--", *argv]
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", FILL=str(tmp_path / "out"))
-    return subprocess.run([*prefix, *command], capture_output=True, text=True, env=env, cwd=tmp_path,
-                          preexec_fn=preexec, timeout=300)
+    return subprocess.run(
+        [*prefix, *command], capture_output=True, text=True, env=env, cwd=tmp_path, preexec_fn=preexec, timeout=300
+    )
 
 
 def snapshot(directory: Path) -> dict[str, str]:
     """Every file under a directory and the SHA-256 of its bytes (empty if it does not exist)."""
     if not directory.exists():
         return {}
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def written_once(tmp_path: Path, models) -> tuple[Path, Path, dict[str, str]]:
@@ -123,8 +127,9 @@ def test_signal_mid_write_leaves_the_destination_as_it_was(tmp_path, models, sig
     before = snapshot(out)
     result = run(tmp_path, config, *extra, point="tensor", signum=signum, n=5)
     what = "is as it was" if earlier_output else "was not created"
-    assert_one_clean_line(result, code, f"interrupted ({signal.Signals(signum).name})",
-                          "the partial output was removed", what)
+    assert_one_clean_line(
+        result, code, f"interrupted ({signal.Signals(signum).name})", "the partial output was removed", what
+    )
     assert snapshot(out) == before and out.exists() == earlier_output
     assert leftovers(out) == []
 
@@ -175,8 +180,9 @@ def test_an_output_filled_by_something_else_meanwhile_is_not_replaced(tmp_path, 
     out = tmp_path / "out"
     config = sharded_config(tmp_path, models, out)
     result = run(tmp_path, config, point="tensor", signum=0, n=3)
-    assert_one_clean_line(result, 4, "something else filled it while this run was writing",
-                          "not replaced without --force")
+    assert_one_clean_line(
+        result, 4, "something else filled it while this run was writing", "not replaced without --force"
+    )
     assert snapshot(out) == {"theirs.txt": hashlib.sha256(b"").hexdigest()} and leftovers(out) == []
 
 
@@ -225,6 +231,7 @@ def test_a_signal_during_the_renames_is_raised_after_them(signum):
     """deferred() holds a signal over the two renames, also for the Python API (no handler set by
     the command line), and raises it as Interrupted once they are done."""
     from nerd.interrupts import Interrupted, deferred
+
     before = signal.getsignal(signum)
     steps = []
     with pytest.raises(Interrupted) as raised:

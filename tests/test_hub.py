@@ -22,8 +22,10 @@ def hub(tmp_path_factory):
     ft = build_model("llama", root / "ft", seed=1, base_dir=base, noise=0.05, max_shard_size="40KB")
     local = build_model("llama", root / "local-ft", seed=2, base_dir=base, noise=0.5, noise_rank=1, layers=[0])
     hf_home = root / "hf"
-    commits = {"testorg/tiny-base": build_hub_cache(hf_home, "testorg/tiny-base", base),
-               "testorg/tiny-ft": build_hub_cache(hf_home, "testorg/tiny-ft", ft, revision="v1")}
+    commits = {
+        "testorg/tiny-base": build_hub_cache(hf_home, "testorg/tiny-base", base),
+        "testorg/tiny-ft": build_hub_cache(hf_home, "testorg/tiny-ft", ft, revision="v1"),
+    }
     return {"root": root, "hf_home": hf_home, "commits": commits, "local": local, "base": base, "ft": ft}
 
 
@@ -31,18 +33,30 @@ def run_cli(hub, config: dict, tmp_path: Path, **env_overrides) -> subprocess.Co
     path = tmp_path / "hub.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
-    env.update(HF_HOME=str(hub["hf_home"]), HF_HUB_OFFLINE="1", MASTERMERGE_CACHE=str(tmp_path / "c.sqlite"),
-               HF_HUB_DISABLE_TELEMETRY="1")
+    env.update(
+        HF_HOME=str(hub["hf_home"]),
+        HF_HUB_OFFLINE="1",
+        MASTERMERGE_CACHE=str(tmp_path / "c.sqlite"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+    )
     env.update(env_overrides)
     env = {k: v for k, v in env.items() if v is not None}
-    return subprocess.run([sys.executable, str(REPO / "mastermerge.py"), "--config", str(path), "--quiet", "--json"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO / "mastermerge.py"), "--config", str(path), "--quiet", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_merge_from_offline_hub_cache(hub, tmp_path):
     out = tmp_path / "out"
-    config = {"models": ["testorg/tiny-base", "testorg/tiny-ft@v1", str(hub["local"])],
-              "base_model": "testorg/tiny-base", "output_dir": str(out)}
+    config = {
+        "models": ["testorg/tiny-base", "testorg/tiny-ft@v1", str(hub["local"])],
+        "base_model": "testorg/tiny-base",
+        "output_dir": str(out),
+    }
     run = run_cli(hub, config, tmp_path)
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)["results"][0]
@@ -50,8 +64,11 @@ def test_merge_from_offline_hub_cache(hub, tmp_path):
 
     report = json.loads((out / "merge_report.json").read_text())
     revisions = {i["model"]: i["revision"] for i in report["inputs"]}
-    assert revisions == {"testorg/tiny-base": hub["commits"]["testorg/tiny-base"],
-                         "testorg/tiny-ft@v1": hub["commits"]["testorg/tiny-ft"], str(hub["local"]): None}
+    assert revisions == {
+        "testorg/tiny-base": hub["commits"]["testorg/tiny-base"],
+        "testorg/tiny-ft@v1": hub["commits"]["testorg/tiny-ft"],
+        str(hub["local"]): None,
+    }
     snapshot = hub["hf_home"] / "hub" / "models--testorg--tiny-ft" / "snapshots" / hub["commits"]["testorg/tiny-ft"]
     assert Path(report["inputs"][1]["path"]) == snapshot
     assert "base_model: testorg/tiny-base" in (out / "README.md").read_text()
@@ -61,22 +78,36 @@ def test_merge_from_offline_hub_cache(hub, tmp_path):
 
 
 def test_missing_hub_model_is_named(hub, tmp_path):
-    config = {"models": ["testorg/tiny-base", "testorg/not-there@main"], "base_model": "testorg/tiny-base",
-              "output_dir": str(tmp_path / "out")}
+    config = {
+        "models": ["testorg/tiny-base", "testorg/not-there@main"],
+        "base_model": "testorg/tiny-base",
+        "output_dir": str(tmp_path / "out"),
+    }
     run = run_cli(hub, config, tmp_path)
     assert run.returncode == 3
     assert run.stderr.strip().splitlines() == [
         "mastermerge: error: model 'testorg/not-there@main': cannot download: HF_HUB_OFFLINE is set "
-        "and it is not in the local cache"]
+        "and it is not in the local cache"
+    ]
     assert not (tmp_path / "out").exists()
 
 
 def test_unreachable_hub_falls_back_to_the_cache(hub, tmp_path):
     # no HF_HUB_OFFLINE, and an endpoint that refuses connections: the cached snapshot is used
-    config = {"models": ["testorg/tiny-base", "testorg/tiny-ft@v1"], "base_model": "testorg/tiny-base",
-              "output_dir": str(tmp_path / "out")}
-    run = run_cli(hub, config, tmp_path, HF_HUB_OFFLINE=None, HF_ENDPOINT="http://127.0.0.1:9",
-                  HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2")
+    config = {
+        "models": ["testorg/tiny-base", "testorg/tiny-ft@v1"],
+        "base_model": "testorg/tiny-base",
+        "output_dir": str(tmp_path / "out"),
+    }
+    run = run_cli(
+        hub,
+        config,
+        tmp_path,
+        HF_HUB_OFFLINE=None,
+        HF_ENDPOINT="http://127.0.0.1:9",
+        HF_HUB_ETAG_TIMEOUT="2",
+        HF_HUB_DOWNLOAD_TIMEOUT="2",
+    )
     assert run.returncode == 0, run.stderr
     config["models"][1] = "testorg/never-cached"
     config["output_dir"] = str(tmp_path / "out2")
@@ -90,8 +121,11 @@ def test_two_revisions_of_one_repo_are_two_candidates(hub, tmp_path):
     step1 = build_hub_cache(hub["hf_home"], "testorg/run", hub["ft"], revision="step1")
     step2 = build_hub_cache(hub["hf_home"], "testorg/run", later, revision="step2")
     assert step1 != step2
-    config = {"models": ["testorg/run@step1", {"model": "testorg/run", "revision": "step2"}],
-              "base_model": "testorg/run@step1", "output_dir": str(tmp_path / "out")}
+    config = {
+        "models": ["testorg/run@step1", {"model": "testorg/run", "revision": "step2"}],
+        "base_model": "testorg/run@step1",
+        "output_dir": str(tmp_path / "out"),
+    }
     run = run_cli(hub, config, tmp_path)
     assert run.returncode == 0, run.stderr
     summary = json.loads(run.stdout)["results"][0]
@@ -105,9 +139,24 @@ def test_analyze_from_offline_hub_cache(hub, tmp_path):
     out = tmp_path / "analysis"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
     env.update(HF_HOME=str(hub["hf_home"]), HF_HUB_OFFLINE="1", MASTERMERGE_CACHE=str(tmp_path / "c.sqlite"))
-    run = subprocess.run([sys.executable, str(REPO / "mastermerge.py"), "analyze", "testorg/tiny-base",
-                          "testorg/tiny-ft@v1", "--out", str(out), "--json", "--quiet", "--no-plots"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "mastermerge.py"),
+            "analyze",
+            "testorg/tiny-base",
+            "testorg/tiny-ft@v1",
+            "--out",
+            str(out),
+            "--json",
+            "--quiet",
+            "--no-plots",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert list(result["summary"]) == ["testorg/tiny-base", "testorg/tiny-ft@v1"]
@@ -121,9 +170,26 @@ def test_expand_a_sharded_model_from_offline_hub_cache(hub, tmp_path):
     out = tmp_path / "grown"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
     env.update(HF_HOME=str(hub["hf_home"]), HF_HUB_OFFLINE="1", MASTERMERGE_CACHE=str(tmp_path / "c.sqlite"))
-    run = subprocess.run([sys.executable, str(REPO / "mastermerge.py"), "expand", "testorg/tiny-ft@v1", "--out",
-                          str(out), "--add-layers", "1", "--init", "identity", "--json", "--quiet"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "mastermerge.py"),
+            "expand",
+            "testorg/tiny-ft@v1",
+            "--out",
+            str(out),
+            "--add-layers",
+            "1",
+            "--init",
+            "identity",
+            "--json",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     expansion = json.loads(run.stdout)["results"][0]["expansion"]
     assert expansion["importance"] == "block_influence" and "built-in calibration text" in expansion["basis"]

@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import (RANK_ONE, api_merge, assert_bytes_follow_plan, build_family, config_of, merge, reference_ner,
-                     tensors_of, write_config)
+from helpers import (
+    RANK_ONE,
+    api_merge,
+    assert_bytes_follow_plan,
+    build_family,
+    config_of,
+    merge,
+    reference_ner,
+    tensors_of,
+    write_config,
+)
 
 from examples.tiny_models import FAMILIES, build_model
 from nerd import MetricCache, plan_merge
@@ -68,7 +77,7 @@ def test_sharded_inputs_sharded_output_in_depth_order(tmp_path):
     depths = []
     for shard in shards:  # tensors in file order, from the raw safetensors header
         raw = shard.read_bytes()
-        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
         header.pop("__metadata__")
         names = sorted(header, key=lambda n: header[n]["data_offsets"][0])
         depths += [d for d in map(layout_of(names).depths.get, names) if d is not None]
@@ -119,6 +128,7 @@ def test_non_layer_compete_keeps_embeddings_together(tmp_path, tied):
         if name in state:
             state[name] = state[name] + state[name].std() * torch.randn(state[name].shape, generator=g)
     from safetensors.torch import save_file
+
     save_file(state, str(ft / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "out"
     api_merge([base, ft], out, selection={"non_layer": "compete"})
@@ -219,6 +229,7 @@ def test_failure_mid_write_leaves_no_output(tmp_path, monkeypatch, fault):
             if len(calls) == 12:
                 raise fault
             return real(*args)
+
         return write
 
     # every tensor goes through one of these: a copy inside the kernel, or through memory
@@ -252,8 +263,11 @@ def test_pickled_bin_inputs_load_with_weights_only(tmp_path):
     report = json.loads((out / "merge_report.json").read_text())
     for e in report["plan"]["entries"]:
         src = models[[str(m) for m in models].index(e["source"])]
-        reference = tensors_of(src) if (src / "model.safetensors").exists() else torch.load(
-            src / "pytorch_model.bin", weights_only=True)
+        reference = (
+            tensors_of(src)
+            if (src / "model.safetensors").exists()
+            else torch.load(src / "pytorch_model.bin", weights_only=True)
+        )
         assert torch.equal(written[e["name"]], reference[e["tensor"]])
 
 
@@ -262,11 +276,11 @@ def test_nan_candidate_block_is_not_selectable(tmp_path):
     state = tensors_of(models[1])
     state["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
     from safetensors.torch import save_file
+
     save_file(state, str(models[1] / "model.safetensors"), metadata={"format": "pt"})
     depth0 = merge(models, tmp_path, "--dry-run").ok()["choices"][1]
     assert depth0["scores"][str(models[1])] is None and depth0["winner"] != str(models[1])
-    assert depth0["note"] == (f"not selectable: {models[1]} "
-                              f"(model.layers.0.mlp.up_proj.weight: contains NaN or Inf)")
+    assert depth0["note"] == (f"not selectable: {models[1]} (model.layers.0.mlp.up_proj.weight: contains NaN or Inf)")
 
 
 def test_dtype_conversion_leaves_integer_tensors_alone(tmp_path):
@@ -334,13 +348,19 @@ def independent_metric(w: np.ndarray, metric: str) -> float:
     import io
 
     import powerlaw
+
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return float(powerlaw.Fit(lam, verbose=False).alpha)
 
 
-@pytest.mark.parametrize("selection", [{"metric": "alpha", "goal": "target", "target": 2.0},
-                                       {"metric": "stable_rank", "goal": "min"},
-                                       {"metric": "stable_rank", "goal": "max", "granularity": "tensor"}])
+@pytest.mark.parametrize(
+    "selection",
+    [
+        {"metric": "alpha", "goal": "target", "target": 2.0},
+        {"metric": "stable_rank", "goal": "min"},
+        {"metric": "stable_rank", "goal": "max", "granularity": "tensor"},
+    ],
+)
 def test_selection_by_any_metric(tmp_path, selection):
     models = make_family(tmp_path, "llama")
     out = tmp_path / "out"
@@ -353,8 +373,11 @@ def test_selection_by_any_metric(tmp_path, selection):
     for choice in report["plan"]["choices"]:
         if choice["depth"] is None:
             continue
-        group = [t for t in choice["tensors"] if t in inputs[str(models[0])]] if choice["group"] != str(choice["depth"]) \
+        group = (
+            [t for t in choice["tensors"] if t in inputs[str(models[0])]]
+            if choice["group"] != str(choice["depth"])
             else [t for t in inputs[str(models[0])] if t.startswith(f"model.layers.{choice['depth']}.")]
+        )
         expected = {}
         for m in map(str, models):
             values = [independent_metric(inputs[m][t], metric) for t in group]

@@ -110,8 +110,9 @@ def low_rank(rng, m: int, n: int, r: int) -> torch.Tensor:
     return torch.from_numpy(rng.standard_normal((m, r)) @ rng.standard_normal((r, n)))
 
 
-@pytest.mark.parametrize("m,n,r", [(80, 60, 60), (80, 60, 20), (60, 80, 7), (200, 200, 199), (50, 300, 1),
-                                   (300, 40, 40)])
+@pytest.mark.parametrize(
+    "m,n,r", [(80, 60, 60), (80, 60, 20), (60, 80, 7), (200, 200, 199), (50, 300, 1), (300, 40, 40)]
+)
 def test_numerical_ranks_equal_numpy_matrix_rank(m, n, r):
     rng = np.random.default_rng(m + n + r)
     w = low_rank(rng, m, n, r)
@@ -198,6 +199,7 @@ def test_rank_one_has_zero_entropy_not_negative_zero():
 
 # Marchenko-Pastur: for W (m x n, m >= n) with iid N(0, 1) entries, the eigenvalues of W^T W / m
 # follow the MP law with ratio y = n / m on [(1 - sqrt y)^2, (1 + sqrt y)^2] as n grows.
+
 
 def mp_expectation(y: float, f, points: int = 200_001) -> float:
     """E[f(x)] under the Marchenko-Pastur density with ratio y <= 1 and unit variance, integrated on

@@ -36,8 +36,11 @@ def entries_of(out: Path) -> dict[str, dict]:
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
-                                                                     b.reshape(-1).view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
 
 
 def verified(out: Path, capsys) -> bool:
@@ -82,8 +85,9 @@ def test_bert_base_position_ids_fine_tunes_without(tmp_path, capsys):
 
 def test_llama_inv_freq_in_one_candidate_only_merges_and_expands(tmp_path, capsys):
     base, ft_a, ft_b = build_family(tmp_path, "llama")
-    inv_freq = {f"model.layers.{d}.self_attn.rotary_emb.inv_freq": 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)
-                for d in range(2)}
+    inv_freq = {
+        f"model.layers.{d}.self_attn.rotary_emb.inv_freq": 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8) for d in range(2)
+    }
     edit_weights(ft_a, inv_freq)
     out, _, err = merged(tmp_path, [base, ft_a, ft_b], dlec={"add_layers": 1})
     entries, written = entries_of(out), tensors_of(out)
@@ -132,8 +136,9 @@ def test_tied_head_present_in_one_absent_in_another(tmp_path, capsys, says_tied)
     assert (head["source"], head["tensor"]) == (str(ft), "model.embed_tokens.weight")
     written = tensors_of(out)
     assert same_bytes(written["lm_head.weight"], written["model.embed_tokens.weight"])
-    assert any("lm_head.weight: a head tied to model.embed_tokens.weight" in line and f"(from '{ft}')" in line
-               for line in err)
+    assert any(
+        "lm_head.weight: a head tied to model.embed_tokens.weight" in line and f"(from '{ft}')" in line for line in err
+    )
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(model.lm_head.weight, tensors_of(ft)["model.embed_tokens.weight"])
     assert verified(out, capsys)
@@ -151,8 +156,10 @@ def refusal(tmp_path: Path, models: list[Path]) -> str:
 def test_learned_weight_missing_still_refuses(tmp_path):
     base, ft = build_family(tmp_path, "llama", fine_tunes=1)
     edit_weights(ft, drop=["model.layers.1.mlp.up_proj.weight"])
-    assert refusal(tmp_path, [base, ft]) == (f"mastermerge: error: models '{base}' and '{ft}' differ in 1 "
-                                             f"tensor(s): model.layers.1.mlp.up_proj.weight missing from '{ft}'")
+    assert refusal(tmp_path, [base, ft]) == (
+        f"mastermerge: error: models '{base}' and '{ft}' differ in 1 "
+        f"tensor(s): model.layers.1.mlp.up_proj.weight missing from '{ft}'"
+    )
 
 
 def test_untied_head_missing_still_refuses(tmp_path):
@@ -169,7 +176,8 @@ def test_optional_tensor_shape_mismatch_still_refuses(tmp_path, in_base):
     where = "" if in_base else f" in '{ft_a}'"
     assert refusal(tmp_path, [base, ft_a, ft_b]) == (
         f"mastermerge: error: models '{base}' and '{ft_b}' differ in 1 tensor(s): "
-        f"embeddings.position_ids [1, 64]{where} vs [1, 32]")
+        f"embeddings.position_ids [1, 64]{where} vs [1, 32]"
+    )
 
 
 def sentence_transformer(bert: Path, out: Path, dense: bool = False) -> Path:
@@ -177,6 +185,7 @@ def sentence_transformer(bert: Path, out: Path, dense: bool = False) -> Path:
     at the top, 1_Pooling/ (mean pooling), optionally a Dense layer with weights of its own, and a
     Normalize module."""
     from sentence_transformers import SentenceTransformer
+
     try:  # where sentence-transformers 6 has them
         from sentence_transformers.sentence_transformer import modules as models
     except ImportError:
@@ -198,8 +207,10 @@ def st_family(tmp_path: Path, dense: bool = False) -> tuple[Path, Path]:
     lowers its NER at every depth, so the base wins them all."""
     bert = build_model("bert", tmp_path / "bert", seed=0)
     tuned = build_model("bert", tmp_path / "bert-ft", seed=1, base_dir=bert, noise=1.0, noise_rank=1)
-    return (sentence_transformer(bert, tmp_path / "st-base", dense),
-            sentence_transformer(tuned, tmp_path / "st-ft", dense))
+    return (
+        sentence_transformer(bert, tmp_path / "st-base", dense),
+        sentence_transformer(tuned, tmp_path / "st-ft", dense),
+    )
 
 
 def test_sentence_transformers_merge_keeps_module_folders(tmp_path, capsys):
@@ -207,8 +218,13 @@ def test_sentence_transformers_merge_keeps_module_folders(tmp_path, capsys):
     assert (base / "1_Pooling" / "config.json").is_file() and (base / "modules.json").is_file()
     out, report, _ = merged(tmp_path, [base, ft])
     assert all(c["winner"] == str(base) for c in report["plan"]["choices"])
-    for name in ("modules.json", "1_Pooling/config.json", "2_Normalize/config.json",
-                 "sentence_bert_config.json", "config_sentence_transformers.json"):
+    for name in (
+        "modules.json",
+        "1_Pooling/config.json",
+        "2_Normalize/config.json",
+        "sentence_bert_config.json",
+        "config_sentence_transformers.json",
+    ):
         assert (out / name).read_bytes() == (base / name).read_bytes(), name
     vectors = encoded(out)
     assert vectors.shape == (1, 32)
@@ -220,8 +236,11 @@ def test_sentence_transformers_dense_module_copied_as_is_with_a_note(tmp_path, c
     base, ft = st_family(tmp_path, dense=True)
     out, _, err = merged(tmp_path, [base, ft])
     assert (out / "2_Dense" / "model.safetensors").read_bytes() == (base / "2_Dense" / "model.safetensors").read_bytes()
-    assert any("'2_Dense'" in line and "2_Dense/model.safetensors" in line and "not merged" in line
-               for line in err if line.startswith("mastermerge: note:"))
+    assert any(
+        "'2_Dense'" in line and "2_Dense/model.safetensors" in line and "not merged" in line
+        for line in err
+        if line.startswith("mastermerge: note:")
+    )
     assert "2_Dense" in (out / "README.md").read_text()
     vectors = encoded(out)
     assert vectors.shape == (1, 16) and (vectors == encoded(base)).all()
@@ -247,4 +266,5 @@ def test_modules_json_path_outside_the_model_is_refused(tmp_path, path):
     (base / "modules.json").write_text(json.dumps(modules))
     assert refusal(tmp_path, [base, ft]) == (
         f"mastermerge: error: {base / 'modules.json'}: module 1: path '{path}' points outside the model "
-        f"directory; refused (expected a folder inside {base})")
+        f"directory; refused (expected a folder inside {base})"
+    )

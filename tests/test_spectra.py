@@ -144,11 +144,22 @@ def assert_exact(w: torch.Tensor, spectrum) -> None:
     assert got["ner"] == pytest.approx(reference_ner(x), abs=1e-9)
     assert got["s_min"] == pytest.approx(s[-1], rel=1e-3)
     assert got["rank_numpy"] == np.linalg.matrix_rank(x)
-    assert got["rank_nr"] == np.linalg.matrix_rank(x, tol=0.5 * math.sqrt(sum(x.shape) + 1) * s[0] * np.finfo(float).eps)
+    assert got["rank_nr"] == np.linalg.matrix_rank(
+        x, tol=0.5 * math.sqrt(sum(x.shape) + 1) * s[0] * np.finfo(float).eps
+    )
 
 
-@pytest.mark.parametrize("shape,exponent", [((512, 512), 0.75), ((1024, 256), 0.85), ((256, 1024), 1.0),
-                                            ((768, 768), 1.0), ((512, 512), 1.4), ((1024, 1024), 1.33)])
+@pytest.mark.parametrize(
+    "shape,exponent",
+    [
+        ((512, 512), 0.75),
+        ((1024, 256), 0.85),
+        ((256, 1024), 1.0),
+        ((768, 768), 1.0),
+        ((512, 512), 1.4),
+        ((1024, 1024), 1.33),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_trained_spectra_stay_on_the_gram_route(shape, exponent, dtype):
     # power-law spectra with condition numbers 1e2 to 1e4, as trained layers have: exact without an SVD
@@ -160,10 +171,16 @@ def test_trained_spectra_stay_on_the_gram_route(shape, exponent, dtype):
     assert_exact(w, spectrum)
 
 
-@pytest.mark.parametrize("w", [power_law_matrix(1024, 1024, 1.33), power_law_matrix(2048, 512, 0.6),
-                               power_law_matrix(768, 768, 1.0, torch.float32),
-                               torch.randn(1000, 1000, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)],
-                         ids=["power-law-1e4", "power-law-tall", "power-law-f32", "gaussian-square-bf16"])
+@pytest.mark.parametrize(
+    "w",
+    [
+        power_law_matrix(1024, 1024, 1.33),
+        power_law_matrix(2048, 512, 0.6),
+        power_law_matrix(768, 768, 1.0, torch.float32),
+        torch.randn(1000, 1000, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16),
+    ],
+    ids=["power-law-1e4", "power-law-tall", "power-law-f32", "gaussian-square-bf16"],
+)
 def test_gram_eigenvalue_errors_stay_well_inside_the_bound(w):
     # the bound's error model (bounds.GRAM_FACTOR * eps * lambda_max) checked against a float64 SVD
     # where the SVD's own error on s^2 (about 2 s_i * eps * s_1) is small next to it: s_i < s_1 / 30,

@@ -19,7 +19,7 @@ from nerd.store import MetricCache
 
 
 def test_bf16_widened_by_its_bits_equals_torch():
-    bits = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)  # every bf16 value, NaN and Inf included
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)  # every bf16 value, NaN and Inf included
     w = bits.view(torch.bfloat16).reshape(256, 256)
     got = float64_rows(as_numpy(w).T, 0, 256)  # a transposed view, as for a wide matrix
     expected = w.T.to(torch.float64).numpy()
@@ -33,13 +33,21 @@ def matrices() -> list[torch.Tensor]:
     ill = u[:, :40] @ torch.diag(torch.logspace(0, -7, 40, dtype=torch.float64)) @ u[:40, :40].T
     nan = torch.randn(30, 20, generator=g)
     nan[3, 4] = float("nan")
-    return [torch.randn(30, 20, generator=g), torch.randn(30, 20, generator=g).to(torch.bfloat16),
-            torch.randn(20, 30, generator=g), nan, torch.zeros(30, 20), ill,
-            torch.randn(30, 20, generator=g).to(torch.bfloat16), torch.randn(64, 64, generator=g)]
+    return [
+        torch.randn(30, 20, generator=g),
+        torch.randn(30, 20, generator=g).to(torch.bfloat16),
+        torch.randn(20, 30, generator=g),
+        nan,
+        torch.zeros(30, 20),
+        ill,
+        torch.randn(30, 20, generator=g).to(torch.bfloat16),
+        torch.randn(64, 64, generator=g),
+    ]
 
 
 def test_batched_device_path_equals_one_at_a_time(monkeypatch):
     import nerd.spectra
+
     monkeypatch.setattr(nerd.spectra, "BATCH_BYTES", 2 * 30 * 20 * 8)  # two 30 x 20 matrices per batch
     ms = matrices()
     batched = batched_spectra(ms, torch.device("cpu"))
@@ -67,6 +75,7 @@ def test_streamed_metrics_equal_one_by_one_and_read_nothing_when_warm(model, tmp
 
     def no_reading(*args):
         raise AssertionError("a warm run read a tensor")
+
     monkeypatch.setattr(Checkpoint, "read_bytes", no_reading)
     with Checkpoint.open(model) as ckpt:
         assert {w.tensor: m for w, m in engine.metrics([Work(ckpt, n) for n in names]).items()} == alone
@@ -90,6 +99,7 @@ def test_read_ahead_stays_a_few_tensors_ahead_and_raises_where_it_failed(model):
             if name == names[2]:
                 raise ModelError(f"{name}: cut short")
             return original(name)
+
         ckpt.read_bytes = broken
         got = []
         with pytest.raises(ModelError, match="cut short"):
@@ -104,10 +114,13 @@ def test_shards_are_the_same_with_or_without_kernel_copies(tmp_path, monkeypatch
     import os
 
     from helpers import api_merge, tensors_of
+
     base, ft = llama_family(2)["base"], llama_family(2)["ft"]
     if kernel_copy == "refused":
+
         def refuse(*args):
             raise OSError(18, "Invalid cross-device link")
+
         monkeypatch.setattr(os, "copy_file_range", refuse)
     elif kernel_copy == "missing":
         monkeypatch.delattr(os, "copy_file_range")
@@ -126,9 +139,9 @@ def test_a_warm_merge_does_not_import_torch(tmp_path, llama_family):
     import sys
 
     from helpers import REPO, write_config
+
     config = write_config(tmp_path / "m.yaml", [llama_family(2)["base"], llama_family(2)["ft"]], tmp_path / "out")
-    script = ("import sys; from nerd.cli import main; code = main(sys.argv[1:]); "
-              "print(code, 'torch' in sys.modules)")
+    script = "import sys; from nerd.cli import main; code = main(sys.argv[1:]); print(code, 'torch' in sys.modules)"
     args = [sys.executable, "-c", script, "--config", str(config), "--cache", str(tmp_path / "c.sqlite"), "--quiet"]
     cold = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
     assert cold.stdout.split()[-2:] == ["0", "True"], cold.stderr  # spectra computed: torch was needed
@@ -139,6 +152,7 @@ def test_a_warm_merge_does_not_import_torch(tmp_path, llama_family):
 
 def test_large_matrices_take_the_other_eigensolver_with_the_same_result(monkeypatch):
     import nerd.spectra
+
     w = torch.randn(90, 40, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     small = spectrum_of(w)
     monkeypatch.setattr(nerd.spectra, "LARGE_K", 8)  # torch's solver from k = 8 on
@@ -150,6 +164,7 @@ def test_large_matrices_take_the_other_eigensolver_with_the_same_result(monkeypa
 
 def test_figures_of_an_earlier_merge_in_the_base_are_not_carried_over(tmp_path):
     from helpers import api_merge
+
     base = build_model("llama", tmp_path / "base", seed=0)
     ft = build_model("llama", tmp_path / "ft", seed=1, base_dir=base, noise=0.1)
     for name in ("heatmap_ner.png", "heatmap_compatibility.png", "expansion_curve.png"):

@@ -30,10 +30,12 @@ def family(llama_family, tmp_path_factory) -> dict[str, Path]:
     every group if nothing kept it out)."""
     root = tmp_path_factory.mktemp("family")
     base = llama_family(LAYERS)["base"]
-    models = {"base": base,
-              "ft-a": llama_family(LAYERS)["ft-a"],
-              "ft-b": build_model("llama", root / "ft-b", seed=2, base_dir=base, noise=0.3, noise_rank=2),
-              "alien": build_model("llama", root / "alien", seed=7, num_layers=LAYERS)}
+    models = {
+        "base": base,
+        "ft-a": llama_family(LAYERS)["ft-a"],
+        "ft-b": build_model("llama", root / "ft-b", seed=2, base_dir=base, noise=0.3, noise_rank=2),
+        "alien": build_model("llama", root / "alien", seed=7, num_layers=LAYERS),
+    }
     state = tensors_of(models["alien"])
     g = torch.Generator().manual_seed(11)
     for name, w in state.items():
@@ -72,7 +74,8 @@ def test_alien_is_gated_out_at_every_depth_and_fine_tunes_stay_eligible(tmp_path
     assert tethers["warnings"] == [
         f"'{alien}' is compatible with the base at no depth (best cosine "
         f"{max(tethers['scores'][str(d)][alien] for d in range(LAYERS)):.4g} < 0.5): it does not look like a "
-        f"fine-tune of '{family['base']}'"]
+        f"fine-tune of '{family['base']}'"
+    ]
 
     # the gate is what keeps it out: with the gate open, the alien wins every depth
     open_gate = dry_run(tmp_path, models, tether={"min_compatibility": -1})
@@ -91,8 +94,10 @@ def test_compatibility_measures_match_numpy(tmp_path, family):
                 c, b = np.concatenate([m.ravel() for m in other]), np.concatenate([m.ravel() for m in base])
                 expected = {
                     "cosine": c @ b / (np.linalg.norm(c) * np.linalg.norm(b)),
-                    "min_cosine": min(float(x.ravel() @ y.ravel() / (np.linalg.norm(x) * np.linalg.norm(y)))
-                                      for x, y in zip(other, base)),
+                    "min_cosine": min(
+                        float(x.ravel() @ y.ravel() / (np.linalg.norm(x) * np.linalg.norm(y)))
+                        for x, y in zip(other, base)
+                    ),
                     "l2": 1 - np.linalg.norm(c - b) / np.linalg.norm(b),
                 }[measure]
                 assert scores[str(depth)][str(family[name])] == pytest.approx(expected, abs=1e-12)
@@ -102,8 +107,10 @@ def test_unrelated_models_are_said_plainly_and_the_output_is_the_base(tmp_path, 
     merged = merge([family["base"], family["alien"]], tmp_path, as_json=False)
     assert merged.code == 0
     out, err = merged.output, merged.stderr
-    assert (f"no candidate is compatible with the base '{family['base']}' at any depth (best cosine" in err
-            and "the models do not look like fine-tunes of one base, so every block comes from the base" in err)
+    assert (
+        f"no candidate is compatible with the base '{family['base']}' at any depth (best cosine" in err
+        and "the models do not look like fine-tunes of one base, so every block comes from the base" in err
+    )
     written, base = tensors_of(out), tensors_of(family["base"])
     assert sorted(written) == sorted(base) and all(torch.equal(written[t], base[t]) for t in base)
     card = (out / "README.md").read_text()
@@ -143,9 +150,14 @@ def test_blend_weights_are_proportional_to_scores_or_compatibility(tmp_path, fam
     result = dry_run(tmp_path, models, tether={"mode": "blend", "weights": weights})
     for choice in (c for c in result["choices"] if c["depth"] is not None):
         depth = str(choice["depth"])
-        raw = {str(m): (np.mean([reference_ner(torch.from_numpy(w)) for w in block_matrices(m, int(depth))])
-                        if weights == "score" else result["tethers"]["scores"][depth].get(str(m), 1.0))
-               for m in models}
+        raw = {
+            str(m): (
+                np.mean([reference_ner(torch.from_numpy(w)) for w in block_matrices(m, int(depth))])
+                if weights == "score"
+                else result["tethers"]["scores"][depth].get(str(m), 1.0)
+            )
+            for m in models
+        }
         assert choice["blend"] == pytest.approx({m: v / sum(raw.values()) for m, v in raw.items()}, abs=1e-9)
 
 
@@ -170,11 +182,13 @@ def test_tensor_granularity_and_competing_embeddings_are_gated_too(tmp_path, fam
     assert "non-layer" in result["tethers"]["scores"] and result["tethers"]["scores"]["non-layer"][alien] < 0.5
     assert len(result["choices"]) > LAYERS + 1
     assert all(c["winner"] != alien for c in result["choices"])
-    open_gate = dry_run(tmp_path, models, selection={"granularity": "tensor", "non_layer": "compete"},
-                        tether={"min_compatibility": -1})
+    open_gate = dry_run(
+        tmp_path, models, selection={"granularity": "tensor", "non_layer": "compete"}, tether={"min_compatibility": -1}
+    )
     assert all(c["winner"] == alien for c in open_gate["choices"])
-    blended = dry_run(tmp_path, models, selection={"granularity": "tensor", "non_layer": "compete"},
-                      tether={"mode": "blend"})
+    blended = dry_run(
+        tmp_path, models, selection={"granularity": "tensor", "non_layer": "compete"}, tether={"mode": "blend"}
+    )
     assert all(c["blend"] == {str(family["base"]): 0.5, str(family["ft-a"]): 0.5} for c in blended["choices"])
 
 
@@ -186,8 +200,14 @@ def test_tether_sums_are_cached_by_content(tmp_path, family):
         return tensor.dtype, tuple(tensor.shape), tensor.numpy().tobytes()
 
     # every tensor of every block, compared once per distinct pair of contents (all norms start at 1)
-    compared = len({(content(tensors_of(family[m])[t]), content(base[t]))
-                    for m in ("ft-a", "alien") for t in base if ".layers." in t})
+    compared = len(
+        {
+            (content(tensors_of(family[m])[t]), content(base[t]))
+            for m in ("ft-a", "alien")
+            for t in base
+            if ".layers." in t
+        }
+    )
     assert compared > 2 * LAYERS * 7
 
     def plan_with(models):
@@ -219,13 +239,15 @@ def test_blend_then_expand_copies_the_blended_block(tmp_path, family, monkeypatc
     report = json.loads((out / "merge_report.json").read_text())
     expansion = report["plan"]["expansion"]
     # the importance of the blended block is the NER of the blend, not of either input
-    blended = [((base[t].double() + ft[t].double()) / 2).float() for t in base if ".layers.1." in t
-               and base[t].dim() == 2]
+    blended = [
+        ((base[t].double() + ft[t].double()) / 2).float() for t in base if ".layers.1." in t and base[t].dim() == 2
+    ]
     assert expansion["scores"][1] == pytest.approx(np.mean([reference_ner(w) for w in blended]), abs=1e-9)
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == LAYERS + 1
     # a second run computes no spectrum, the blends' included
     import nerd.importance
+
     calls = []
     monkeypatch.setattr(nerd.importance, "spectrum_of", lambda *a: calls.append(a) or spectrum_of(*a))
     with closing(MetricCache(tmp_path / "c.sqlite")) as cache:
@@ -233,22 +255,33 @@ def test_blend_then_expand_copies_the_blended_block(tmp_path, family, monkeypatc
     assert again.spectra_computed == 0 and not calls and again.expansion.scores == expansion["scores"]
 
 
-@pytest.mark.parametrize("tether, message", [
-    ([], "tether: expected a mapping (min_compatibility, mode, ...), found a list"),
-    ({"mod": "blend"}, "tether.mod: unknown key; did you mean 'mode'?"),
-    ({"mode": "average"}, "tether.mode: expected one of select, blend, found 'average'"),
-    ({"measure": "dot"}, "tether.measure: expected one of cosine, min_cosine, l2, found 'dot'"),
-    ({"min_compatibility": 2}, "tether.min_compatibility: expected a number between -1 and 1 (cosine; -1 lets "
-                               "every candidate through), found 2"),
-    ({"min_compatibility": "high"}, "tether.min_compatibility: expected a number between -1 and 1"),
-    ({"min_compatibility": float("nan")}, "tether.min_compatibility: expected a number between -1 and 1"),
-    ({"measure": "l2", "min_compatibility": 1.5}, "tether.min_compatibility: expected a number at most 1 (l2; "
-                                                  "a large negative number lets every candidate through)"),
-    ({"weights": "score"}, "tether.weights: only used with tether.mode: blend (mode is select)"),
-    ({"mode": "blend", "weights": "mean"}, "tether.weights: expected one of equal, score, compatibility"),
-    ({"mode": "blend", "weights": "compatibility", "min_compatibility": 0},
-     "tether.weights: compatibility needs tether.min_compatibility > 0"),
-])
+@pytest.mark.parametrize(
+    "tether, message",
+    [
+        ([], "tether: expected a mapping (min_compatibility, mode, ...), found a list"),
+        ({"mod": "blend"}, "tether.mod: unknown key; did you mean 'mode'?"),
+        ({"mode": "average"}, "tether.mode: expected one of select, blend, found 'average'"),
+        ({"measure": "dot"}, "tether.measure: expected one of cosine, min_cosine, l2, found 'dot'"),
+        (
+            {"min_compatibility": 2},
+            "tether.min_compatibility: expected a number between -1 and 1 (cosine; -1 lets "
+            "every candidate through), found 2",
+        ),
+        ({"min_compatibility": "high"}, "tether.min_compatibility: expected a number between -1 and 1"),
+        ({"min_compatibility": float("nan")}, "tether.min_compatibility: expected a number between -1 and 1"),
+        (
+            {"measure": "l2", "min_compatibility": 1.5},
+            "tether.min_compatibility: expected a number at most 1 (l2; "
+            "a large negative number lets every candidate through)",
+        ),
+        ({"weights": "score"}, "tether.weights: only used with tether.mode: blend (mode is select)"),
+        ({"mode": "blend", "weights": "mean"}, "tether.weights: expected one of equal, score, compatibility"),
+        (
+            {"mode": "blend", "weights": "compatibility", "min_compatibility": 0},
+            "tether.weights: compatibility needs tether.min_compatibility > 0",
+        ),
+    ],
+)
 def test_bad_tether_options_are_one_line_and_write_nothing(tmp_path, family, tether, message):
     merged = merge([family["base"], family["ft-a"]], tmp_path, cache="c", as_json=False, tether=tether)
     assert merged.code == 2
@@ -258,24 +291,35 @@ def test_bad_tether_options_are_one_line_and_write_nothing(tmp_path, family, tet
 
 def test_score_weights_need_goal_max_and_top_level_keys_are_pointed_to_tether(tmp_path, family):
     models = [family["base"], family["ft-a"]]
-    merged = merge(models, tmp_path, cache="c", as_json=False, selection={"metric": "alpha", "goal": "min"},
-                   tether={"mode": "blend", "weights": "score"})
+    merged = merge(
+        models,
+        tmp_path,
+        cache="c",
+        as_json=False,
+        selection={"metric": "alpha", "goal": "min"},
+        tether={"mode": "blend", "weights": "score"},
+    )
     assert merged.code == 2
-    assert "tether.weights: score weighs candidates by their selection score, which needs selection.goal: max " \
-           "(goal is min" in merged.stderr
+    assert (
+        "tether.weights: score weighs candidates by their selection score, which needs selection.goal: max "
+        "(goal is min" in merged.stderr
+    )
     merged = merge(models, tmp_path, cache="c", as_json=False, min_compatibility=0.9)
     assert merged.code == 2
     assert "min_compatibility: unknown key; did you mean 'tether.min_compatibility'?" in merged.stderr
 
 
 def test_dry_run_prints_the_tether_table(tmp_path, family):
-    merged = merge([family["base"], family["ft-a"], family["alien"]], tmp_path, "--dry-run", cache="c", quiet=False,
-                   as_json=False)
+    merged = merge(
+        [family["base"], family["ft-a"], family["alien"]], tmp_path, "--dry-run", cache="c", quiet=False, as_json=False
+    )
     assert merged.code == 0
     out = merged.stdout
-    assert ("tethers: cosine similarity of each block's weight matrices with the base's; below 0.5 a candidate "
-            "drifts (not eligible there); mode select: compatible candidates compete") in out
-    rows = out[out.index("tethers: cosine"):].splitlines()[1:2 + LAYERS]
+    assert (
+        "tethers: cosine similarity of each block's weight matrices with the base's; below 0.5 a candidate "
+        "drifts (not eligible there); mode select: compatible candidates compete"
+    ) in out
+    rows = out[out.index("tethers: cosine") :].splitlines()[1 : 2 + LAYERS]
     assert rows[0].split() == ["depth", "ft-a", "alien"]
     for depth, row in enumerate(rows[1:]):
         cells = row.split()
@@ -293,8 +337,9 @@ def test_nan_in_a_norm_takes_the_candidate_out_of_the_blend(tmp_path, family):
     assert merged.code == 0
     choices = json.loads((out / "merge_report.json").read_text())["plan"]["choices"]
     assert str(broken) in choices[1]["blend"] and str(broken) not in choices[2]["blend"]
-    assert choices[2]["note"] == (f"not selectable: {broken} "
-                                  f"(model.layers.1.input_layernorm.weight: contains NaN or Inf)")
+    assert choices[2]["note"] == (
+        f"not selectable: {broken} (model.layers.1.input_layernorm.weight: contains NaN or Inf)"
+    )
     assert "model.layers.1.input_layernorm.weight contains NaN or Inf: it cannot supply depth 1" in merged.stderr
     assert all(torch.isfinite(t).all() for t in tensors_of(out).values())
 
@@ -313,6 +358,7 @@ def test_blends_and_sums_are_exact_across_slices_of_sharded_and_pickled_inputs(t
     for group, scores in whole.tethers.scores.items():
         assert sliced.tethers.scores[group][str(ft)] == pytest.approx(scores[str(ft)], abs=1e-12)
     from nerd import write_merge
+
     write_merge(sliced, config, quiet=True)
     written, inputs = tensors_of(tmp_path / "out"), tensors_of(base)
     for name, tensor in written.items():

@@ -51,13 +51,15 @@ def condition(s: np.ndarray) -> float:
 
 def top_tenth_share(s: np.ndarray) -> float:
     """The share of sum s_i^2 (the squared Frobenius norm) in the largest tenth of the s_i."""
-    return float((s[:len(s) // 10] ** 2).sum() / (s ** 2).sum())
+    return float((s[: len(s) // 10] ** 2).sum() / (s**2).sum())
 
 
 def excess(matrices: dict[str, np.ndarray], statistic) -> dict[str, float]:
     """Each matrix's statistic divided by that of a Gaussian matrix of its shape."""
-    return {name: statistic(singular_values(w)) / statistic(singular_values(gaussian(w.shape)))
-            for name, w in matrices.items()}
+    return {
+        name: statistic(singular_values(w)) / statistic(singular_values(gaussian(w.shape)))
+        for name, w in matrices.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +80,9 @@ def fresh(trained):
 
 @pytest.fixture(scope="module")
 def weights():
-    return {name: w.double().numpy() for name, w in load_file(str(TRAINED / "model.safetensors")).items()
-            if w.dim() == 2}
+    return {
+        name: w.double().numpy() for name, w in load_file(str(TRAINED / "model.safetensors")).items() if w.dim() == 2
+    }
 
 
 def fresh_weights(model) -> dict[str, np.ndarray]:
@@ -92,8 +95,13 @@ def loss(model, ids: torch.Tensor) -> float:
 
 
 def test_the_shipped_directory_is_a_complete_bf16_model(trained, tokenizer):
-    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         assert (TRAINED / name).is_file(), name
     assert trained.config.model_type == "llama" and trained.config.num_hidden_layers == 4
     assert {w.dtype for w in load_file(str(TRAINED / "model.safetensors")).values()} == {torch.bfloat16}
@@ -106,7 +114,7 @@ def test_it_predicts_unseen_stdlib_source_far_better_than_a_fresh_model(trained,
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     assert tokenizer.decode(ids) == text  # byte-level: nothing lost
     assert len(ids) >= CONTEXT * SEQUENCES
-    batch = torch.tensor(ids[:CONTEXT * SEQUENCES]).view(SEQUENCES, CONTEXT)
+    batch = torch.tensor(ids[: CONTEXT * SEQUENCES]).view(SEQUENCES, CONTEXT)
     trained_loss, fresh_loss = loss(trained, batch), loss(fresh, batch)
     assert math.isfinite(trained_loss) and math.isfinite(fresh_loss)
     assert abs(fresh_loss - math.log(1024)) < 0.2  # an untrained model guesses uniformly

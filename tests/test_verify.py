@@ -55,7 +55,7 @@ def report_of(out: Path) -> dict:
 
 def header_of(path: Path) -> dict:
     raw = path.read_bytes()
-    return json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    return json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
 
 
 def assert_recorded_hashes_are_the_files(out: Path) -> dict:
@@ -80,9 +80,11 @@ def test_report_records_size_and_sha256_and_verify_passes(request, capsys, layou
         assert report["shards"] == sorted(set(json.loads((out / INDEX).read_text())["weight_map"].values()))
     code, stdout, err = verify(out, capsys)
     assert code == 0 and "verify: 100%" in "\n".join(err)  # the progress bar, on stderr
-    assert stdout.strip() == (f"{out}: ok: {len(report['shards'])} shard(s), {len(report['plan']['entries'])} tensors, "
-                              f"4 layers; {len(files)} file(s), {sum(f['bytes'] for f in files.values()):,} bytes, "
-                              f"match the sizes and SHA-256 of merge_report.json")
+    assert stdout.strip() == (
+        f"{out}: ok: {len(report['shards'])} shard(s), {len(report['plan']['entries'])} tensors, "
+        f"4 layers; {len(files)} file(s), {sum(f['bytes'] for f in files.values()):,} bytes, "
+        f"match the sizes and SHA-256 of merge_report.json"
+    )
     code, stdout, err = verify(out, capsys, "--quiet", "--json")
     result = json.loads(stdout)
     assert code == 0 and err == [] and result["ok"] and result["problems"] == []
@@ -103,6 +105,7 @@ def test_hashes_equal_the_files_whichever_way_the_bytes_went(models, tmp_path, m
 def test_hash_read_back_in_many_small_pieces(models, tmp_path, monkeypatch, capsys):
     """Ranges handed over tensor by tensor and read back in chunks smaller than a tensor."""
     import nerd.write
+
     monkeypatch.setattr(nerd.write, "HASH_BATCH", 1)
     monkeypatch.setattr(nerd.write, "HASH_CHUNK", 1000)
     out = tmp_path / "out"
@@ -113,6 +116,7 @@ def test_hash_read_back_in_many_small_pieces(models, tmp_path, monkeypatch, caps
 
 def test_failed_write_leaves_no_hashing_thread(models, tmp_path, monkeypatch):
     import nerd.write
+
     calls = []
 
     def failing(*args):
@@ -160,44 +164,73 @@ def tensor_of(out: Path, name: str) -> str:
 # (what is done to the copy of the sharded output, the file named, the problem's text). `{total}` is
 # the number of shards, `{other}` the first tensor of shard 1.
 TAMPERING = {
-    "flipped byte": (lambda out: flip_byte(out, shard(2).format(total=count(out))),
-                     shard(2), "SHA-256 {got} differs from the {recorded} that merge_report.json records "
-                               "(the content changed)"),
-    "truncated shard": (lambda out: truncate(out, shard(3).format(total=count(out))),
-                        shard(3), "{size:,} bytes, merge_report.json records {recorded_bytes:,} "
-                                  "(truncated or changed)"),
-    "deleted shard": (lambda out: (out / shard(2).format(total=count(out))).unlink(),
-                      shard(2), "missing (merge_report.json records {recorded_bytes:,} bytes)"),
-    "extra shard": (lambda out: shutil.copyfile(out / shard(1).format(total=count(out)),
-                                                out / "model-00099-of-00099.safetensors"),
-                    "model-00099-of-00099.safetensors",
-                    "a weight file that merge_report.json does not record (not written by this merge)"),
-    "appended bytes": (lambda out: open(out / shard(1).format(total=count(out)), "ab").write(b"\0" * 64),
-                       shard(1), "64 bytes after the last tensor's data belong to no tensor "
-                                 "(the file is longer than its header says)"),
+    "flipped byte": (
+        lambda out: flip_byte(out, shard(2).format(total=count(out))),
+        shard(2),
+        "SHA-256 {got} differs from the {recorded} that merge_report.json records (the content changed)",
+    ),
+    "truncated shard": (
+        lambda out: truncate(out, shard(3).format(total=count(out))),
+        shard(3),
+        "{size:,} bytes, merge_report.json records {recorded_bytes:,} (truncated or changed)",
+    ),
+    "deleted shard": (
+        lambda out: (out / shard(2).format(total=count(out))).unlink(),
+        shard(2),
+        "missing (merge_report.json records {recorded_bytes:,} bytes)",
+    ),
+    "extra shard": (
+        lambda out: shutil.copyfile(out / shard(1).format(total=count(out)), out / "model-00099-of-00099.safetensors"),
+        "model-00099-of-00099.safetensors",
+        "a weight file that merge_report.json does not record (not written by this merge)",
+    ),
+    "appended bytes": (
+        lambda out: open(out / shard(1).format(total=count(out)), "ab").write(b"\0" * 64),
+        shard(1),
+        "64 bytes after the last tensor's data belong to no tensor (the file is longer than its header says)",
+    ),
     "index points at another shard": (
-        lambda out: edit_json(out, INDEX, lambda d: d["weight_map"].update({other(out): shard(2).format(
-            total=count(out))})),
-        INDEX, "tensor '{other}' points to '" + shard(2) + "', which does not hold it (it is in '" + shard(1) + "')"),
+        lambda out: edit_json(
+            out, INDEX, lambda d: d["weight_map"].update({other(out): shard(2).format(total=count(out))})
+        ),
+        INDEX,
+        "tensor '{other}' points to '" + shard(2) + "', which does not hold it (it is in '" + shard(1) + "')",
+    ),
     "index points outside": (
         lambda out: edit_json(out, INDEX, lambda d: d["weight_map"].update({other(out): "../elsewhere.safetensors"})),
-        INDEX, "tensor '{other}' points to '../elsewhere.safetensors', outside the directory"),
+        INDEX,
+        "tensor '{other}' points to '../elsewhere.safetensors', outside the directory",
+    ),
     "a shard's record removed": (
         lambda out: edit_json(out, "merge_report.json", lambda d: d["files"].pop(shard(1).format(total=count(out)))),
-        shard(1), "has no size or SHA-256 in merge_report.json"),
-    "index total_size": (lambda out: edit_json(out, INDEX, lambda d: d["metadata"].update(total_size=12)),
-                         INDEX, "metadata.total_size is 12, the tensors hold {total_size:,} bytes"),
-    "num_hidden_layers": (lambda out: edit_json(out, "config.json", lambda d: d.update(num_hidden_layers=5)),
-                          "config.json", "num_hidden_layers is 5, the weights have 4 layers "
-                                         "(model.layers.0 to model.layers.3)"),
-    "hidden_size": (lambda out: edit_json(out, "config.json", lambda d: d.update(hidden_size=48)),
-                    "config.json", "hidden_size is 48, the embedding matrix 'model.embed_tokens.weight' is "
-                                   "[128, 32] (width 32)"),
-    "corrupt config.json": (lambda out: (out / "config.json").write_text('{"num_hidden_layers": 4,'),
-                            "config.json", "not valid JSON (Expecting property name enclosed in double quotes: "
-                                           "line 1 column 25 (char 24))"),
-    "header length": (lambda out: write_at(out / shard(1).format(total=count(out)), 0, (10**9).to_bytes(8, "little")),
-                      shard(1), "safetensors header length 1000000000 is larger than the file"),
+        shard(1),
+        "has no size or SHA-256 in merge_report.json",
+    ),
+    "index total_size": (
+        lambda out: edit_json(out, INDEX, lambda d: d["metadata"].update(total_size=12)),
+        INDEX,
+        "metadata.total_size is 12, the tensors hold {total_size:,} bytes",
+    ),
+    "num_hidden_layers": (
+        lambda out: edit_json(out, "config.json", lambda d: d.update(num_hidden_layers=5)),
+        "config.json",
+        "num_hidden_layers is 5, the weights have 4 layers (model.layers.0 to model.layers.3)",
+    ),
+    "hidden_size": (
+        lambda out: edit_json(out, "config.json", lambda d: d.update(hidden_size=48)),
+        "config.json",
+        "hidden_size is 48, the embedding matrix 'model.embed_tokens.weight' is [128, 32] (width 32)",
+    ),
+    "corrupt config.json": (
+        lambda out: (out / "config.json").write_text('{"num_hidden_layers": 4,'),
+        "config.json",
+        "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 25 (char 24))",
+    ),
+    "header length": (
+        lambda out: write_at(out / shard(1).format(total=count(out)), 0, (10**9).to_bytes(8, "little")),
+        shard(1),
+        "safetensors header length 1000000000 is larger than the file",
+    ),
 }
 
 
@@ -224,12 +257,16 @@ def test_tampered_sharded_output_is_named_in_one_line(sharded, tmp_path, capsys,
     damage(out)
     name = name.format(total=count(out))
     path = out / name
-    fields = {"total": count(out), "other": first,
-              "recorded": recorded.get(name, {}).get("sha256"), "recorded_bytes": recorded.get(name, {}).get("bytes"),
-              "got": hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None,
-              "size": path.stat().st_size if path.is_file() else None,
-              "total_size": sum(f["bytes"] for n, f in recorded.items() if n != INDEX)
-              - sum(8 + int.from_bytes((sharded / n).read_bytes()[:8], "little") for n in recorded if n != INDEX)}
+    fields = {
+        "total": count(out),
+        "other": first,
+        "recorded": recorded.get(name, {}).get("sha256"),
+        "recorded_bytes": recorded.get(name, {}).get("bytes"),
+        "got": hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None,
+        "size": path.stat().st_size if path.is_file() else None,
+        "total_size": sum(f["bytes"] for n, f in recorded.items() if n != INDEX)
+        - sum(8 + int.from_bytes((sharded / n).read_bytes()[:8], "little") for n in recorded if n != INDEX),
+    }
     code, stdout, err = verify(out, capsys, "--quiet")
     expected = f"mastermerge: verify: {path}: {message.format(**fields)}"
     assert code == IntegrityError.exit_code == 5
@@ -250,12 +287,15 @@ def test_tampered_single_file_output(single, tmp_path, capsys, tampering):
     recorded = report_of(out)["files"]["model.safetensors"]
     if tampering == "flipped byte":
         flip_byte(out, "model.safetensors")
-        expected = (f"SHA-256 {hashlib.sha256(target.read_bytes()).hexdigest()} differs from the "
-                    f"{recorded['sha256']} that merge_report.json records (the content changed)")
+        expected = (
+            f"SHA-256 {hashlib.sha256(target.read_bytes()).hexdigest()} differs from the "
+            f"{recorded['sha256']} that merge_report.json records (the content changed)"
+        )
     elif tampering == "truncated shard":
         truncate(out, "model.safetensors")
-        expected = (f"{recorded['bytes'] - 100:,} bytes, merge_report.json records {recorded['bytes']:,} "
-                    f"(truncated or changed)")
+        expected = (
+            f"{recorded['bytes'] - 100:,} bytes, merge_report.json records {recorded['bytes']:,} (truncated or changed)"
+        )
     else:
         shutil.copyfile(target, out / "model-00001-of-00002.safetensors")
         target = out / "model-00001-of-00002.safetensors"
@@ -272,11 +312,16 @@ def test_json_lists_the_problems(sharded, tmp_path, capsys):
     code, stdout, err = verify(out, capsys, "--quiet", "--json")
     result = json.loads(stdout)
     assert code == 5 and not result["ok"]
-    assert result["problems"] == [{"file": str(out / "config.json"),
-                                   "problem": "num_hidden_layers is 7, the weights have 4 layers "
-                                              "(model.layers.0 to model.layers.3)"}]
-    assert err == [f"mastermerge: verify: {out / 'config.json'}: {result['problems'][0]['problem']}",
-                   f"mastermerge: error: {out}: verification failed: 1 problem(s)"]
+    assert result["problems"] == [
+        {
+            "file": str(out / "config.json"),
+            "problem": "num_hidden_layers is 7, the weights have 4 layers (model.layers.0 to model.layers.3)",
+        }
+    ]
+    assert err == [
+        f"mastermerge: verify: {out / 'config.json'}: {result['problems'][0]['problem']}",
+        f"mastermerge: error: {out}: verification failed: 1 problem(s)",
+    ]
 
 
 def test_report_of_an_earlier_version_without_hashes(single, tmp_path, capsys):
@@ -284,9 +329,11 @@ def test_report_of_an_earlier_version_without_hashes(single, tmp_path, capsys):
     shutil.copytree(single, out)
     edit_json(out, "merge_report.json", lambda d: d.pop("files"))
     code, _, err = verify(out, capsys, "--quiet")
-    assert code == 5 and err[0] == (f"mastermerge: verify: {out / 'merge_report.json'}: records no sizes or SHA-256 "
-                                    f"hashes of the weight files (written by an earlier mastermerge); their content "
-                                    f"cannot be checked")
+    assert code == 5 and err[0] == (
+        f"mastermerge: verify: {out / 'merge_report.json'}: records no sizes or SHA-256 "
+        f"hashes of the weight files (written by an earlier mastermerge); their content "
+        f"cannot be checked"
+    )
     assert len(err) == 2  # everything else was checked and is fine
 
 
@@ -299,21 +346,42 @@ def test_nothing_to_verify_is_a_one_line_error(tmp_path, capsys, what):
         target.mkdir()
         (target / "model.safetensors").write_bytes(b"")
     code, stdout, err = verify(target, capsys)
-    expected = {"missing": "no such directory",
-                "file": "not a directory; expected a mastermerge output directory",
-                "no report": "no merge_report.json; not a mastermerge output, so there is nothing to verify against"}
+    expected = {
+        "missing": "no such directory",
+        "file": "not a directory; expected a mastermerge output directory",
+        "no report": "no merge_report.json; not a mastermerge output, so there is nothing to verify against",
+    }
     assert code == 3 and stdout == "" and err == [f"mastermerge: error: {target}: {expected[what]}"]
 
 
 def test_expanded_output_verifies(models, tmp_path, capsys):
     out = tmp_path / "grown"
-    assert main(["expand", str(models[0]), "--out", str(out), "--layers", "1,3", "--importance", "ner",
-                 "--shard-size", "100KB", "--no-cache", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "expand",
+                str(models[0]),
+                "--out",
+                str(out),
+                "--layers",
+                "1,3",
+                "--importance",
+                "ner",
+                "--shard-size",
+                "100KB",
+                "--no-cache",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 6
     assert_recorded_hashes_are_the_files(out)
     code, stdout, _ = verify(out, capsys)
     assert code == 0 and ", 6 layers;" in stdout
     edit_json(out, "config.json", lambda d: d.update(num_hidden_layers=4))  # the depth before the expansion
     code, _, err = verify(out, capsys, "--quiet")
-    assert code == 5 and err[0] == (f"mastermerge: verify: {out / 'config.json'}: num_hidden_layers is 4, the weights "
-                                    f"have 6 layers (model.layers.0 to model.layers.5)")
+    assert code == 5 and err[0] == (
+        f"mastermerge: verify: {out / 'config.json'}: num_hidden_layers is 4, the weights "
+        f"have 6 layers (model.layers.0 to model.layers.5)"
+    )

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Iterable, NoReturn
 
 from .architecture import quantization_of
 from .errors import ModelError, first_line, type_name
+from .weightfiles import DuplicateKey, check_index, unique_keys, weight_files
 from .pickled import load_pickle
 
 if TYPE_CHECKING:
@@ -48,8 +49,6 @@ ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16":
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 QUANTIZED_DTYPES = ("I8", "int8", "qint8", "quint8", "qint32", "quint4x2", "quint2x4")  # safetensors and torch names
 MAX_HEADER = 100 * 2**20
-INDEX = "model.safetensors.index.json"  # the index of a sharded safetensors checkpoint
-WEIGHT_LAYOUTS = ((INDEX, "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))
 
 
 @dataclass(frozen=True)
@@ -171,69 +170,6 @@ def opened_checkpoints(directories: Mapping[str, str | Path]) -> Iterator[dict[s
         yield {name: stack.enter_context(Checkpoint.open(path)) for name, path in directories.items()}
 
 
-def weight_files(directory: Path) -> tuple[Path | None, list[Path]]:
-    """The index json (None without one) and the weight files of a model directory: safetensors
-    preferred, pickled .bin otherwise."""
-    for index_name, single in WEIGHT_LAYOUTS:
-        index = directory / index_name
-        if index.is_file():
-            return index, [shard_path(directory, index, shard) for shard in sorted(set(index_map(index).values()))]
-        if (directory / single).is_file():
-            return None, [directory / single]
-        pattern = "*" + Path(single).suffix
-        found = sorted(p for p in directory.glob(pattern) if p.is_file())
-        if found:
-            return None, found
-    raise ModelError(f"{directory}: no weight files (*.safetensors or *.bin) found")
-
-
-def index_map(index: Path) -> dict[str, str]:
-    """The weight_map of an index json: tensor name -> shard file."""
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
-    except DuplicateKey as exc:
-        raise ModelError(f"{index}: '{exc.key}' appears twice; expected each tensor name once") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ModelError(f"{index}: not a valid index json ({first_line(exc)})") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{index}: expected a JSON object with a 'weight_map', found {type_name(data, plain=True)}")
-    weight_map = data.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        found = "an empty one" if isinstance(weight_map, dict) else type_name(weight_map, plain=True)
-        raise ModelError(f"{index}: expected a 'weight_map' object of tensor name -> shard file, found {found}")
-    for name, shard in weight_map.items():
-        if not isinstance(shard, str):
-            raise ModelError(f"{index}: weight_map: tensor '{name}': expected a shard file name, found {shard!r}")
-    return weight_map
-
-
-def shard_path(directory: Path, index: Path, shard: str) -> Path:
-    """A shard named by an index, refused if it is absolute or climbs out with '..' (a symlinked
-    shard, as in the hub cache, is followed)."""
-    if outside_directory(shard):
-        raise ModelError(
-            f"{index}: shard '{shard}' points outside the model directory; refused (expected a file inside {directory})"
-        )
-    path = directory / shard
-    if not path.is_file():
-        raise ModelError(f"{index}: shard '{shard}' is missing")
-    return path
-
-
-def outside_directory(shard: str) -> bool:
-    """Whether an index's shard name is absolute or climbs out with '..'."""
-    return Path(shard).is_absolute() or ".." in Path(shard).parts
-
-
-def check_index(directory: Path, index: Path, tensors: dict[str, TensorInfo]) -> None:
-    """Every tensor the index names must be in the shard it names."""
-    for name, shard in index_map(index).items():
-        info = tensors.get(name)
-        if info is None or info.file != directory / shard:
-            found = "in no shard" if info is None else f"in '{info.file.name}'"
-            raise ModelError(f"{index}: tensor '{name}' is not in shard '{shard}' (found {found})")
-
-
 def refuse_quantized_config(config: Path) -> None:
     """A quantization_config in config.json means quantized weights: refused. A config.json that is
     missing or unreadable is left to the code that uses it (weights alone can be analyzed)."""
@@ -268,24 +204,6 @@ def refuse_dtype(file: Path, name: str, dtype: object, supported: Iterable[str])
     raise ModelError(
         f"{file}: tensor '{name}': dtype {dtype} is not supported (expected one of {', '.join(supported)})"
     )
-
-
-class DuplicateKey(ValueError):
-    """A JSON object names one key twice (json.loads would silently keep the last)."""
-
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
-
-
-def unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """json.loads' object_pairs_hook: the object as a dict, refused if a key repeats."""
-    result = {}
-    for key, value in pairs:
-        if key in result:
-            raise DuplicateKey(key)
-        result[key] = value
-    return result
 
 
 def safetensors_header(file: Path) -> list[TensorInfo]:

@@ -15,12 +15,13 @@ from . import __version__
 from .analyze import analysis_summary, analyze_models, summary_text, write_figures, write_tables
 from .store import MetricCache, default_cache_path
 from .config import claim_output, evaluate_options, expand_config, index_of_each, load_config, model_spec, output_path
+from .evalfiles import write_evaluation
 from .evaluate import Subject, evaluate_subjects, tokenization_notes
 from .errors import ConfigError, IntegrityError, MergeError
 from .pipeline import plan_merge
 from .plan import Evaluation
 from .plots import perplexity_chart
-from .report import choice_table, evaluation_table, expansion_table, spectrum_paths, tether_table, write_evaluation
+from .report import choice_table, evaluation_table, expansion_table, spectrum_paths, tether_table
 from .sources import resolve_model
 from .spectra import cuda_available, pick_device
 from .strategies import unmeasured

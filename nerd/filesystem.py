@@ -1,7 +1,7 @@
-"""The checks of a config that look outside it, after its schema (schema.py) has validated it: which
-model references are local directories and which are hub ids, the output directory, the text files,
-and whether transformers is installed for an evaluation. Each refusal is one ConfigError line naming
-the file (or command), the key and the value as written.
+"""The checks of a config that look outside it, after its schema (schema.py, sections.py) has
+validated it: which model references are local directories and which are hub ids, the output
+directory, the text files, and whether transformers is installed for an evaluation. Each refusal
+is one ConfigError line naming the file (or command), the key and the value as written.
 
 Nothing here changes the disk except `claim_output` (and `claim_dir`), the explicit step right before
 a run writes: it puts back or removes what a killed run left beside the output (staging.py), then
@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError, first_line
-from .schema import DlecOptions, EvaluateOptions, MergeConfig, ModelSpec, option_key
+from .schema import DlecOptions, EvaluateOptions, MergeConfig, option_key
+from .sections import ModelSpec
 from .staging import clean_leftovers
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")

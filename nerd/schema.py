@@ -1,7 +1,7 @@
 """The merge config's schema, declared once: each section as a frozen pydantic dataclass, with its
 keys, their types, choices (Literal) and defaults, and the rules between keys as validators.
 
-config.py validates a YAML file against it and turns the first error into one line; after it come
+config.py validates a YAML file against it and turns the first error into one line (messages.py); after it come
 the checks that need the filesystem (which models exist, the output directory, the text files).
 The same classes are what the rest of the package uses: they compare, hash and copy
 (dataclasses.replace, asdict) as the dataclasses they are. How a field is named in messages:
@@ -9,12 +9,12 @@ its key (an alias where the attribute is named otherwise, such as base_model), a
 `description`, what a value must be ('expected a directory path, found 3'). Fields marked
 `internal` are not keys of a config: validation sets them (where the options came from, the text
 names as written) or config.py does (the resolved model paths, the source file). The kinds of
-values and the markers are in values.py.
+values and the markers are in values.py; the base class and the sections that stand on their own
+(a model, the selection, the tether gate) in sections.py. This module holds the options of the
+passes (dlec, evaluate and its strategies) and the whole config (`MergeConfig`).
 """
 
 import dataclasses
-import math
-from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
@@ -25,17 +25,13 @@ from pydantic import (
     Strict,
     StrictInt,
     StrictStr,
-    ValidationInfo,
     model_validator,
 )
 from pydantic.dataclasses import dataclass
-from pydantic_core import ArgsKwargs, PydanticCustomError
 
-from .metrics import METRICS
+from .sections import ModelSpec, Schema, Selection, TetherOptions, check_score_weights, dependents
 from .values import (
     CONFIG,
-    MODEL_REF,
-    DependsOn,
     DirectoryPath,
     Flag,
     NullIsDefault,
@@ -43,14 +39,10 @@ from .values import (
     ShardSize,
     TextPath,
     Tokens,
-    finite_number,
     flag,
     internal,
     listed,
-    model_ref,
-    printable,
     printable_text,
-    quoted_revision,
     rule,
     two_or_more,
 )
@@ -76,184 +68,6 @@ def option_setting(options: Any, name: str, value: str) -> str:
     if options.cli:
         return option_key(options, name) + ("" if value == "true" else f" {value}")
     return f"{option_key(options, name)}: {value}"
-
-
-@cache
-def keys_of(cls: type) -> tuple[str, ...]:
-    """The keys a config may give a section, in order (aliases where they differ from the attribute)."""
-    return tuple(
-        cls.__pydantic_fields__[f.name].alias or f.name
-        for f in dataclasses.fields(cls)
-        if not f.metadata.get("internal")
-    )
-
-
-@cache
-def dependents(cls: type, key: str) -> frozenset[str]:
-    """The keys chosen with `key` (DependsOn), and those chosen with them."""
-    direct = {
-        name
-        for name, info in cls.__pydantic_fields__.items()
-        if any(isinstance(m, DependsOn) and m.key == key for m in info.metadata)
-    }
-    return frozenset(direct.union(*(dependents(cls, k) for k in direct)))
-
-
-@dataclass(frozen=True, config=CONFIG)
-class Schema:
-    """A section of the config. `shape` is what its value must be, for the message when it is not."""
-
-    shape: ClassVar[str] = "a mapping"
-
-    @model_validator(mode="before")
-    @classmethod
-    def read_input(cls, data: Any, info: ValidationInfo) -> Any:
-        """What a config gives (a mapping; for a model, also a string) before its fields are
-        validated; code that builds an object (keyword arguments, an instance) passes as it is."""
-        if isinstance(data, (cls, ArgsKwargs)):
-            return data
-        return cls.read(data, info.context if isinstance(info.context, Reading) else None)
-
-    @classmethod
-    def read(cls, data: Any, reading: Reading | None) -> Any:
-        """Refuse an internal field written as a key; a key written as null takes its default where
-        the field says so (NullIsDefault). Sections add what they derive from the keys."""
-        if not isinstance(data, dict):
-            return data
-        for key in data:
-            if isinstance(key, str) and key in cls.__pydantic_fields__ and key not in keys_of(cls):
-                raise PydanticCustomError("unknown_key", "unknown key", {"at": (key,)})
-        return {
-            k: v
-            for k, v in data.items()
-            if not (
-                v is None
-                and k in cls.__pydantic_fields__
-                and any(isinstance(m, NullIsDefault) for m in cls.__pydantic_fields__[k].metadata)
-            )
-        }
-
-
-@dataclass(frozen=True, config=CONFIG)
-class ModelSpec(Schema):
-    """One model as the config names it: 'dir', 'org/name', 'org/name@rev' or {model: ..., revision: ...}.
-    config.py looks at the filesystem and sets `path` (a local directory) or `repo_id` (a hub repo)."""
-
-    shape: ClassVar[str] = MODEL_REF
-
-    ref: Annotated[StrictStr, AfterValidator(model_ref), Field(alias="model", description=MODEL_REF)]
-    path: Path | None = internal(None)
-    repo_id: str | None = internal(None)
-    revision: Annotated[
-        StrictStr | None,
-        BeforeValidator(quoted_revision),
-        AfterValidator(lambda v: v if v is None else printable_text(v)),
-        Field(description="a branch, tag or commit"),
-    ] = None
-
-    @classmethod
-    def read(cls, data: Any, reading: Reading | None) -> Any:
-        if isinstance(data, dict):
-            return super().read(data, reading)
-        if not (isinstance(data, str) and printable(data.strip())):
-            raise rule(f"expected {MODEL_REF}, found {data!r}")
-        return {"model": data.strip()}
-
-    @property
-    def identity(self) -> str:
-        """A key that is equal for two specs naming the same model."""
-        if self.path is not None:
-            return str(self.path)
-        return f"{self.repo_id}@{self.revision or 'main'}"
-
-
-@dataclass(frozen=True, config=CONFIG)
-class Selection(Schema):
-    """How winners are chosen: by the mean of `metric` over a group's matrices, highest (max),
-    lowest (min), or closest to `target` (the mean distance |metric - target|, lowest wins).
-    `zero_matrices`: a group with an all-zero matrix is not selectable (exclude), or is scored
-    on its other matrices (allow: the zero residual projections of an identity-initialised copy)."""
-
-    granularity: Literal["block", "tensor"] = "block"
-    non_layer: Literal["base", "compete"] = "base"
-    metric: Literal[tuple(METRICS)] = "ner"
-    goal: Annotated[Literal["max", "min", "target"], DependsOn("metric")] = "max"
-    target: Annotated[Annotated[float, Strict()] | None, DependsOn("goal"), Field(description="a finite number")] = None
-    zero_matrices: Literal["exclude", "allow"] = "exclude"
-
-    @classmethod
-    def read(cls, data: Any, reading: Reading | None) -> Any:
-        data = super().read(data, reading)
-        if not isinstance(data, dict):
-            return data
-        metric, goal, target = data.get("metric", "ner"), data.get("goal", "max"), data.get("target")
-        if not (isinstance(metric, str) and metric in METRICS):
-            return data  # refused as the choice it is
-        if "goal" not in data and metric != "ner":
-            raise rule(
-                f"required with selection.metric: {metric} (max, min, or target with selection.target, "
-                f"e.g. goal: target, target: 2.0 for alpha)",
-                ("goal",),
-            )
-        if goal == "target" and not finite_number(target):
-            raise rule(f"goal: target needs a finite number, found {target!r}", ("target",))
-        if goal in ("max", "min") and target is not None:
-            raise rule(f"only used with goal: target (goal is {goal})", ("target",))
-        return data
-
-
-@dataclass(frozen=True, config=CONFIG)
-class TetherOptions(Schema):
-    """The compatibility gate (tether.py): how each candidate block is compared with the base block
-    at its depth (`measure`), the score below which it drifts and is not eligible there, and
-    whether the eligible candidates compete (`select`) or are averaged (`blend`, with `weights`
-    equal, proportional to the selection score, or proportional to the compatibility)."""
-
-    shape: ClassVar[str] = "a mapping (min_compatibility, mode, ...)"
-
-    measure: Literal["cosine", "min_cosine", "l2"] = "cosine"
-    min_compatibility: Annotated[float, Strict(), Field(description="a number at most 1")] = 0.5
-    mode: Literal["select", "blend"] = "select"
-    weights: Annotated[Literal["equal", "score", "compatibility"], DependsOn("mode")] = "equal"
-
-    @classmethod
-    def read(cls, data: Any, reading: Reading | None) -> Any:
-        """The threshold's range depends on the measure: a cosine is in [-1, 1], l2's score at most 1."""
-        data = super().read(data, reading)
-        if not isinstance(data, dict) or data.get("measure", "cosine") not in ("cosine", "min_cosine", "l2"):
-            return data
-        measure, threshold = data.get("measure", "cosine"), data.get("min_compatibility", 0.5)
-        low = -1.0 if measure != "l2" else -math.inf
-        if not finite_number(threshold) or not low <= threshold <= 1:
-            span = "between -1 and 1" if measure != "l2" else "at most 1"
-            everyone = "-1" if measure != "l2" else "a large negative number"
-            raise rule(
-                f"expected a number {span} ({measure}; {everyone} lets every candidate through), found {threshold!r}",
-                ("min_compatibility",),
-            )
-        return data
-
-    @model_validator(mode="after")
-    def check_weights(self) -> "TetherOptions":
-        if self.weights != "equal" and self.mode != "blend":
-            raise rule(f"only used with tether.mode: blend (mode is {self.mode})", ("weights",))
-        if self.weights == "compatibility" and self.min_compatibility <= 0:
-            raise rule(
-                f"compatibility needs tether.min_compatibility > 0, so every weight is positive "
-                f"(found {self.min_compatibility:g}); use equal",
-                ("weights",),
-            )
-        return self
-
-
-def check_score_weights(selection: Selection, tether: TetherOptions) -> None:
-    """Weights by the selection score need a score where higher is better."""
-    if tether.weights == "score" and selection.goal != "max":
-        raise rule(
-            f"score weighs candidates by their selection score, which needs selection.goal: max (goal is "
-            f"{selection.goal}, so a lower score is better); use equal or compatibility",
-            ("tether", "weights"),
-        )
 
 
 @dataclass(frozen=True, config=CONFIG)

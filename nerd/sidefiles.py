@@ -21,7 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .checkpoint import outside_directory
+from .weightfiles import outside_directory
 from .errors import ModelError, first_line
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")

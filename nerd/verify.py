@@ -2,7 +2,8 @@
 
 A merge records in merge_report.json the size and SHA-256 of every file that holds its weights
 (`files`: the shards and the index json). verify reads the directory back and runs these checks,
-one function each:
+one function each (check_files and check_plan here, the checks of the files against each other in
+nerd.consistency):
 
 - check_files: every file the report records exists, with its size and SHA-256 (a truncated,
   extended or altered file is named), and every weight or index file in the directory is one
@@ -33,27 +34,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .architecture import family_of
-from .checkpoint import INDEX, Checkpoint, DuplicateKey, TensorInfo, outside_directory, safetensors_header, unique_keys
+from .checkpoint import TensorInfo
+from .consistency import Problem, check_config, check_headers, check_index, check_loads, is_plain_name, names
 from .errors import ModelError, first_line
 from .hashing import file_digests
-from .layout import layout_of
 from .sidefiles import WEIGHT_SUFFIXES
+from .weightfiles import INDEX
 
 REPORT = "merge_report.json"
 SHA256 = re.compile(r"[0-9a-f]{64}")
-NAMED = 3  # tensor names shown in a line about several tensors
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with the output: the file it concerns and what is wrong, in one line."""
-
-    file: Path
-    message: str
-
-    def line(self) -> str:
-        return f"mastermerge: verify: {self.file}: {self.message}"
 
 
 @dataclass
@@ -250,107 +239,6 @@ def check_files(directory: Path, report: Report, shards: list[str], quiet: bool)
     return problems, len(to_hash), sum(r["bytes"] for _, r in to_hash)
 
 
-def check_headers(directory: Path, shards: list[str]) -> tuple[list[Problem], dict[str, list[TensorInfo]]]:
-    """Each shard's header is valid and its tensors cover its data exactly; no tensor is in two
-    shards. Returns the problems and the tensors of every shard whose header could be read."""
-    problems, headers, seen = [], {}, {}
-    for name in shards:
-        path = directory / name
-        if not is_plain_name(name) or not path.is_file():
-            continue  # check_files names it
-        try:
-            infos = safetensors_header(path)
-        except ModelError as exc:
-            problems.append(Problem(path, str(exc).removeprefix(f"{path}: ")))
-            continue
-        problems += coverage_problems(path, infos)
-        headers[name] = infos
-        for info in infos:
-            if info.name in seen:
-                problems.append(Problem(path, f"tensor '{info.name}' is also in '{seen[info.name]}'"))
-            seen.setdefault(info.name, name)
-    return problems, headers
-
-
-def coverage_problems(path: Path, infos: list[TensorInfo]) -> list[Problem]:
-    """Bytes of the data that belong to no tensor (a gap, or bytes after the last tensor)."""
-    with open(path, "rb") as handle:
-        data_start = 8 + int.from_bytes(handle.read(8), "little")
-    size, problems, covered = path.stat().st_size, [], data_start
-    for info in sorted(infos, key=lambda i: (i.begin, i.end)):
-        if info.begin > covered:
-            problems.append(
-                Problem(
-                    path,
-                    f"data bytes {covered - data_start}..{info.begin - data_start} before "
-                    f"tensor '{info.name}' belong to no tensor",
-                )
-            )
-        covered = max(covered, info.end)
-    if size > covered:
-        problems.append(
-            Problem(
-                path,
-                f"{size - covered:,} bytes after the last tensor's data belong to no tensor "
-                f"(the file is longer than its header says)",
-            )
-        )
-    return problems
-
-
-def check_index(
-    directory: Path, shards: list[str], headers: dict[str, list[TensorInfo]], recorded: bool
-) -> list[Problem]:
-    """The index json (when merge_report.json records one, or there are several shards): every
-    tensor maps to a shard of this output that holds it, every tensor of every shard is listed,
-    and metadata.total_size is their bytes."""
-    index = directory / INDEX
-    if not (recorded or len(shards) > 1):
-        return []  # a single file needs none (an index beside it is an extra file for check_files)
-    if not index.is_file():
-        return [] if recorded else [Problem(index, f"missing (the output has {len(shards)} shards)")]
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=unique_keys)
-    except DuplicateKey as exc:
-        return [Problem(index, f"tensor '{exc.key}' is listed twice")]
-    except OSError as exc:
-        return [Problem(index, f"cannot be read ({exc.strerror or exc})")]
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        return [Problem(index, f"not valid JSON ({first_line(exc)})")]
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict):
-        return [Problem(index, "has no 'weight_map' object of tensor name -> shard file")]
-    problems, wrong = [], {}  # (shard named, what is wrong with it) -> the tensors pointing there
-    holder = {info.name: name for name, infos in headers.items() for info in infos}
-    for tensor, shard in weight_map.items():
-        if not isinstance(shard, str):
-            problems.append(Problem(index, f"tensor '{tensor}' maps to {shard!r}, expected a shard file name"))
-        elif outside_directory(shard):
-            wrong.setdefault((shard, "outside the directory"), []).append(tensor)
-        elif shard not in shards:
-            what = "which is not a shard of this output" if (directory / shard).exists() else "which does not exist"
-            wrong.setdefault((shard, what), []).append(tensor)
-        elif shard in headers and holder.get(tensor) != shard:
-            found = f"it is in '{holder[tensor]}'" if tensor in holder else "no shard holds it"
-            wrong.setdefault((shard, f"which does not hold it ({found})"), []).append(tensor)
-    for (shard, what), tensors in wrong.items():
-        who = f"tensor '{tensors[0]}' points" if len(tensors) == 1 else f"{len(tensors)} tensors point"
-        problems.append(Problem(index, f"{who} to '{shard}', {what}" + (f": {names(tensors)}" if tensors[1:] else "")))
-    for shard, infos in headers.items():
-        unlisted = [info.name for info in infos if info.name not in weight_map]
-        if unlisted:
-            problems.append(Problem(index, f"{len(unlisted)} tensor(s) of '{shard}' are not listed: {names(unlisted)}"))
-    metadata = data.get("metadata")
-    total = metadata.get("total_size") if isinstance(metadata, dict) else None
-    if len(headers) == len(shards):
-        size = sum(info.nbytes for infos in headers.values() for info in infos)
-        if total is None:
-            problems.append(Problem(index, f"has no metadata.total_size (the tensors hold {size:,} bytes)"))
-        elif total != size:
-            problems.append(Problem(index, f"metadata.total_size is {total!r}, the tensors hold {size:,} bytes"))
-    return problems
-
-
 def check_plan(report_path: Path, entries: list[dict], headers: dict[str, list[TensorInfo]]) -> list[Problem]:
     """The shards hold exactly the plan's tensors, each with the plan's dtype and shape."""
     written = {info.name: info for infos in headers.values() for info in infos}
@@ -372,82 +260,3 @@ def check_plan(report_path: Path, entries: list[dict], headers: dict[str, list[T
                 )
             )
     return problems
-
-
-def check_config(
-    directory: Path, headers: dict[str, list[TensorInfo]], complete: bool = True
-) -> tuple[list[Problem], int | None]:
-    """config.json parses, its layer count is the number of blocks in the tensor names, and its
-    hidden size is the embedding matrix's width (compared only when every shard's header could be
-    read: `complete`), the keys and names those of the model's family (architecture.py). Returns
-    the problems and the layers found."""
-    path = directory / "config.json"
-    infos = {info.name: info for shard in headers.values() for info in shard}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-        problem = None if isinstance(config, dict) else f"a JSON {type(config).__name__}, expected an object"
-    except FileNotFoundError:
-        config, problem = None, "missing"
-    except OSError as exc:
-        config, problem = None, f"cannot be read ({exc.strerror or exc})"
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        config, problem = None, f"not valid JSON ({first_line(exc)})"
-    architecture = family_of(config)  # the inferred table without a config.json
-    layout = layout_of(list(infos), architecture)
-    layers = layout.num_layers if layout.stack is not None else None
-    if problem is not None:
-        return [Problem(path, problem)], layers
-    if not complete:
-        return [], None
-    section, prefix = architecture.layer_section(config)
-    problems = []
-    key = next((k for k in architecture.layer_count_keys if k in section), None)
-    if key is not None and layers is not None:
-        value = section[key]
-        if type(value) is not int:
-            problems.append(Problem(path, f"{prefix}{key} is {value!r}, expected an integer ({layers} in the weights)"))
-        elif value != layers:
-            problems.append(
-                Problem(
-                    path,
-                    f"{prefix}{key} is {value}, the weights have {layers} layers "
-                    f"({layout.stack}.0 to {layout.stack}.{layers - 1})",
-                )
-            )
-    width_key = next((k for k in architecture.width_keys if k in section), None)
-    embeddings = [
-        info
-        for name, info in infos.items()
-        if layout.depths.get(name) is None and architecture.is_input_embedding(name) and info.is_matrix
-    ]
-    if width_key is not None and len({info.shape[1] for info in embeddings}) == 1:
-        value, embedding = section[width_key], embeddings[0]
-        if value != embedding.shape[1]:
-            problems.append(
-                Problem(
-                    path,
-                    f"{prefix}{width_key} is {value!r}, the embedding matrix '{embedding.name}' "
-                    f"is {list(embedding.shape)} (width {embedding.shape[1]})",
-                )
-            )
-    return problems, layers
-
-
-def check_loads(directory: Path) -> list[Problem]:
-    """The directory opens as a checkpoint the way a merge reads its inputs (nerd.checkpoint)."""
-    try:
-        Checkpoint.open(directory).close()
-    except ModelError as exc:
-        return [Problem(directory, first_line(exc))]
-    return []
-
-
-def is_plain_name(name: str) -> bool:
-    """A file name of the directory itself: no folder, no '..', not absolute."""
-    return bool(name) and Path(name).name == name and name not in (".", "..")
-
-
-def names(items: list[str]) -> str:
-    """The first NAMED names, quoted, and how many more."""
-    more = f" and {len(items) - NAMED} more" if len(items) > NAMED else ""
-    return ", ".join(f"'{n}'" for n in items[:NAMED]) + more

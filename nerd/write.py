@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from .checkpoint import (
     FLOAT_DTYPES,
-    INDEX,
     ITEMSIZES,
     SAFETENSORS_DTYPES,
     Checkpoint,
@@ -42,6 +41,7 @@ from .report import model_card, report_of
 from .sidefiles import copy_side_files
 from .staging import staged_dir
 from .tether import blended_slices
+from .weightfiles import INDEX
 
 HASH_BATCH = 2**20  # new bytes handed to the hasher at once, at least (not every layer norm)
 

@@ -252,7 +252,8 @@ def test_loading_changes_nothing_on_disk_and_claiming_the_output_cleans_up(tmp_p
 
 def test_every_key_says_what_it_expects():
     """The one-line messages come from the schema: each key is a section, a choice or has a description."""
-    from nerd.config import core, description_of, field_type, keys_of
+    from nerd.messages import core, description_of, field_type
+    from nerd.sections import keys_of
     from nerd.schema import MergeConfig, Schema
 
     checked = []

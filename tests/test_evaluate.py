@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 
 from examples.tiny_models import build_model
 from nerd.config import EvaluateOptions
-from nerd.evaluate import IGNORE, MASK_SHARE, text_windows
+from nerd.windows import IGNORE, MASK_SHARE, text_windows
 from helpers import REPO, TRAINED, run_cli, transformers_perplexity
 
 TEXT = REPO / "nerd" / "calibration.txt"

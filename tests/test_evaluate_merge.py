@@ -9,7 +9,7 @@ import transformers
 from helpers import EXAMPLES, REPO, config_of, merge, run_merge, transformers_perplexity
 
 from nerd.config import EvaluateOptions
-from nerd.evaluate import text_windows
+from nerd.windows import text_windows
 from nerd.plan import Perplexity
 from nerd.strategies import worse_than_base
 

@@ -163,38 +163,25 @@ def family_rows(label: str, a: dict, m: dict, memory_target_mb: float) -> list[t
             f"= {cold / floor:.2f}x the floor (target <= {TARGETS['analysis / floor']}x); spectra: {paths}",
         )
     ]
-    rows.append(
+    measured = [
+        ("warm", "mastermerge analyze, warm cache", f"{a['warm']['seconds'] / cold:.1%} of cold (target < 10%)"),
         (
-            f"{label}: mastermerge analyze, warm cache",
-            a["warm"]["seconds"],
-            a["warm"]["peak_mb"],
-            f"{a['warm']['seconds'] / cold:.1%} of cold (target < 10%)",
-        )
-    )
-    rows.append(
+            "bare",
+            "bare float64 Gram (gemm) + eigvalsh, torch (work only)",
+            "the floor" * (a["bare"]["seconds"] == floor),
+        ),
         (
-            f"{label}: bare float64 Gram (gemm) + eigvalsh, torch (work only)",
-            a["bare"]["seconds"],
-            a["bare"]["peak_mb"],
-            "the floor" if a["bare"]["seconds"] == floor else "",
-        )
-    )
-    rows.append(
+            "syrk",
+            "bare float64 Gram (syrk) + eigvalsh, numpy (work only)",
+            "the floor" * (a["syrk"]["seconds"] == floor),
+        ),
         (
-            f"{label}: bare float64 Gram (syrk) + eigvalsh, numpy (work only)",
-            a["syrk"]["seconds"],
-            a["syrk"]["peak_mb"],
-            "the floor" if a["syrk"]["seconds"] == floor else "",
-        )
-    )
-    rows.append(
-        (
-            f"{label}: torch.linalg.svdvals loop, float32 (work only)",
-            a["svdvals"]["seconds"],
-            a["svdvals"]["peak_mb"],
+            "svdvals",
+            "torch.linalg.svdvals loop, float32 (work only)",
             f"{a['svdvals']['seconds'] / cold:.2f}x the analysis",
-        )
-    )
+        ),
+    ]
+    rows += [(f"{label}: {what}", a[key]["seconds"], a[key]["peak_mb"], note) for key, what, note in measured]
     if a["weightwatcher"]:
         rows.append(
             (

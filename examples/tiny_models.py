@@ -38,6 +38,13 @@ import torch
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "bert")
 
 # Families whose attention supports grouped-query attention (num_key_value_heads).
+GPT2_NAMES = {  # GPT2Config's names for the keys of the other families' configs
+    "hidden_size": "n_embd",
+    "intermediate_size": "n_inner",
+    "num_hidden_layers": "n_layer",
+    "num_attention_heads": "n_head",
+    "max_position_embeddings": "n_positions",
+}
 _GQA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<s>", "</s>", "<unk>"
@@ -93,19 +100,6 @@ def tiny_config(
     if tie_word_embeddings is not None:
         extra["tie_word_embeddings"] = bool(tie_word_embeddings)
 
-    if family == "gpt2":  # the one family with its own key names
-        return transformers.GPT2Config(
-            vocab_size=vocab_size,
-            n_positions=positions,
-            n_embd=hidden_size,
-            n_layer=num_layers,
-            n_head=heads,
-            n_inner=ffn,
-            bos_token_id=BOS_ID,
-            eos_token_id=EOS_ID,
-            pad_token_id=PAD_ID,
-            **extra,
-        )
     kwargs = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -116,6 +110,9 @@ def tiny_config(
         pad_token_id=PAD_ID,
         **extra,
     )
+    if family == "gpt2":  # the one family with its own key names
+        named = {GPT2_NAMES.get(key, key): value for key, value in kwargs.items()}
+        return transformers.GPT2Config(**named, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
     if family == "bert":
         return transformers.BertConfig(**kwargs)
     kwargs.update(bos_token_id=BOS_ID, eos_token_id=EOS_ID)

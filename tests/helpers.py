@@ -17,6 +17,8 @@ import contextlib
 import io
 import json
 import math
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,3 +212,14 @@ def run_merge(
     ]
     code, stdout, stderr = run_cli(*argv)
     return Merged(code, stdout, stderr, output, json.loads(stdout)["results"] if as_json and stdout.strip() else [])
+
+
+def cli_command(*args, prefix=()) -> list[str]:
+    """The command line that runs mastermerge.py with `args` in a new process of this interpreter
+    (after `prefix`, a command that runs it)."""
+    return [*map(str, prefix), sys.executable, str(REPO / "mastermerge.py"), *map(str, args)]
+
+
+def run_process(command: list, **options) -> subprocess.CompletedProcess:
+    """A command run to its end (at most 300 s), its output captured as text."""
+    return subprocess.run([str(part) for part in command], capture_output=True, text=True, timeout=300, **options)

@@ -25,7 +25,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_merge, write_config
+from helpers import REPO, cli_command, run_merge, run_process, write_config
 
 from nerd.checkpoint import Checkpoint
 from nerd.cli import main
@@ -486,24 +486,8 @@ def test_a_cache_that_fails_mid_run_goes_on_in_memory(tmp_path, models, referenc
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write, not a killed process
         resource.setrlimit(resource.RLIMIT_FSIZE, (256_000, 256_000))
 
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "mastermerge.py"),
-            "--config",
-            str(config),
-            "--cache",
-            str(cache),
-            "--quiet",
-            "--json",
-            "--dry-run",
-        ],
-        capture_output=True,
-        text=True,
-        env=environment(),
-        preexec_fn=limited,
-        timeout=300,
-    )
+    command = cli_command("--config", config, "--cache", cache, "--quiet", "--json", "--dry-run")
+    result = run_process(command, env=environment(), preexec_fn=limited)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("mastermerge:")]
     assert len(lines) == 1 and lines[0].startswith(f"mastermerge: warning: metric cache {cache} cannot be used (")
@@ -552,22 +536,8 @@ def test_a_read_only_cache_folder_goes_on_in_memory(tmp_path, models, reference,
         'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"',
         str(folder),
     ]
-    result = subprocess.run(
-        [
-            *read_only,
-            sys.executable,
-            str(REPO / "mastermerge.py"),
-            "--config",
-            str(config),
-            "--cache",
-            str(cache),
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        env=environment(),
-        timeout=300,
-    )
+    command = cli_command("--config", config, "--cache", cache, "--quiet", prefix=read_only)
+    result = run_process(command, env=environment())
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("mastermerge:")]
     assert len(lines) == 1, result.stderr

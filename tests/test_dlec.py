@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import REPO, RANK_ONE, build_family, merge, reference_ner, tensors_of
+from helpers import REPO, RANK_ONE, build_family, merge, reference_ner, run_process, tensors_of
 
 from examples.tiny_models import build_model, build_tokenizer
 from nerd.architecture import inferred
@@ -190,19 +190,10 @@ def test_importance_matches_hidden_states_over_every_position(llama, tmp_path, c
     assert got["importance"] == "block_influence" and got["stats_reused"] is False
     assert got["basis"].endswith(f"{len(ids)} tokens in {len(windows)} windows of up to 64")
     assert got["scores"] == pytest.approx(influence, rel=1e-9, abs=1e-12)
-    heavy = expand_json(
-        capsys,
-        llama,
-        tmp_path / "o",
-        "--add-layers",
-        1,
-        "--calibration",
-        text,
-        "--dry-run",
-        "--importance",
-        "heavy_tail",
-        cache=cache,
-    )["expansion"]
+    calibrated = ("--add-layers", 1, "--calibration", text, "--dry-run")
+    heavy = expand_json(capsys, llama, tmp_path / "o", *calibrated, "--importance", "heavy_tail", cache=cache)[
+        "expansion"
+    ]
     assert heavy["stats_reused"] is True  # one run serves both scores
     assert heavy["scores"] == pytest.approx(tail, rel=1e-9, abs=1e-12) and max(tail) > 0
     # max_tokens cuts the text: a new run
@@ -210,11 +201,7 @@ def test_importance_matches_hidden_states_over_every_position(llama, tmp_path, c
         capsys,
         llama,
         tmp_path / "o",
-        "--add-layers",
-        1,
-        "--calibration",
-        text,
-        "--dry-run",
+        *calibrated,
         "--max-tokens",
         64,
         cache=cache,
@@ -254,14 +241,7 @@ def run_without_transformers(*args, cwd: Path) -> subprocess.CompletedProcess:
         "from nerd.cli import main; sys.exit(main(sys.argv[2:]))"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run(
-        [sys.executable, "-c", code, str(REPO), *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=300,
-    )
+    return run_process([sys.executable, "-c", code, REPO, *args], cwd=cwd, env=env)
 
 
 def test_weight_importance_without_transformers(llama, tmp_path):
@@ -479,21 +459,26 @@ def save_with_tokenizer(model, directory: Path) -> Path:
     return directory
 
 
+TINY_DECODER = dict(  # the sizes of the small decoders built from a transformers config below
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
 def test_sparse_step_moe_expansion_is_refused(tmp_path, capsys):
     torch.manual_seed(0)
     config = transformers.Qwen2MoeConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
+        **TINY_DECODER,
         moe_intermediate_size=16,
         shared_expert_intermediate_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         num_experts=4,
         num_experts_per_tok=2,
         decoder_sparse_step=2,
-        max_position_embeddings=64,
         mlp_only_layers=[],
     )
     model = save_with_tokenizer(transformers.AutoModelForCausalLM.from_config(config), tmp_path / "moe")
@@ -508,15 +493,9 @@ def test_sparse_step_moe_expansion_is_refused(tmp_path, capsys):
 def test_layer_types_derived_from_a_pattern_are_written_out(tmp_path):
     torch.manual_seed(0)
     config = transformers.Gemma3TextConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DECODER,
         head_dim=8,
         sliding_window=3,
-        max_position_embeddings=64,
         sliding_window_pattern=2,
     )
     model = save_with_tokenizer(transformers.AutoModelForCausalLM.from_config(config), tmp_path / "gemma")

@@ -3,14 +3,13 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 import yaml
-from helpers import REPO
+from helpers import cli_command, run_process
 
 from examples.tiny_models import build_hub_cache, build_model
 
@@ -29,9 +28,8 @@ def hub(tmp_path_factory):
     return {"root": root, "hf_home": hf_home, "commits": commits, "local": local, "base": base, "ft": ft}
 
 
-def run_cli(hub, config: dict, tmp_path: Path, **env_overrides) -> subprocess.CompletedProcess:
-    path = tmp_path / "hub.yaml"
-    path.write_text(yaml.safe_dump(config))
+def offline_env(hub, tmp_path: Path, **overrides) -> dict[str, str]:
+    """This process's environment without Hugging Face settings, with the tests' hub cache offline."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
     env.update(
         HF_HOME=str(hub["hf_home"]),
@@ -39,15 +37,15 @@ def run_cli(hub, config: dict, tmp_path: Path, **env_overrides) -> subprocess.Co
         MASTERMERGE_CACHE=str(tmp_path / "c.sqlite"),
         HF_HUB_DISABLE_TELEMETRY="1",
     )
-    env.update(env_overrides)
-    env = {k: v for k, v in env.items() if v is not None}
-    return subprocess.run(
-        [sys.executable, str(REPO / "mastermerge.py"), "--config", str(path), "--quiet", "--json"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    env.update(overrides)
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def run_cli(hub, config: dict, tmp_path: Path, **env_overrides) -> subprocess.CompletedProcess:
+    path = tmp_path / "hub.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = cli_command("--config", path, "--quiet", "--json")
+    return run_process(command, env=offline_env(hub, tmp_path, **env_overrides))
 
 
 def test_merge_from_offline_hub_cache(hub, tmp_path):
@@ -137,25 +135,11 @@ def test_two_revisions_of_one_repo_are_two_candidates(hub, tmp_path):
 
 def test_analyze_from_offline_hub_cache(hub, tmp_path):
     out = tmp_path / "analysis"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
-    env.update(HF_HOME=str(hub["hf_home"]), HF_HUB_OFFLINE="1", MASTERMERGE_CACHE=str(tmp_path / "c.sqlite"))
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "mastermerge.py"),
-            "analyze",
-            "testorg/tiny-base",
-            "testorg/tiny-ft@v1",
-            "--out",
-            str(out),
-            "--json",
-            "--quiet",
-            "--no-plots",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    run = run_process(
+        cli_command(
+            "analyze", "testorg/tiny-base", "testorg/tiny-ft@v1", "--out", out, "--json", "--quiet", "--no-plots"
+        ),
+        env=offline_env(hub, tmp_path),
     )
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
@@ -168,27 +152,11 @@ def test_analyze_from_offline_hub_cache(hub, tmp_path):
 
 def test_expand_a_sharded_model_from_offline_hub_cache(hub, tmp_path):
     out = tmp_path / "grown"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
-    env.update(HF_HOME=str(hub["hf_home"]), HF_HUB_OFFLINE="1", MASTERMERGE_CACHE=str(tmp_path / "c.sqlite"))
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "mastermerge.py"),
-            "expand",
-            "testorg/tiny-ft@v1",
-            "--out",
-            str(out),
-            "--add-layers",
-            "1",
-            "--init",
-            "identity",
-            "--json",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    run = run_process(
+        cli_command(
+            "expand", "testorg/tiny-ft@v1", "--out", out, "--add-layers", "1", "--init", "identity", "--json", "--quiet"
+        ),
+        env=offline_env(hub, tmp_path),
     )
     assert run.returncode == 0, run.stderr
     expansion = json.loads(run.stdout)["results"][0]["expansion"]

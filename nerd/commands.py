@@ -14,7 +14,8 @@ from pathlib import Path
 from . import __version__
 from .analyze import analysis_summary, analyze_models, summary_text, write_figures, write_tables
 from .store import MetricCache, default_cache_path
-from .config import claim_output, evaluate_options, expand_config, index_of_each, load_config, model_spec, output_path
+from .config import evaluate_options, expand_config, index_of_each, load_config, model_spec, output_path
+from .filesystem import claim_dir, claim_output
 from .evalfiles import write_evaluation
 from .evaluate import Subject, evaluate_subjects, tokenization_notes
 from .errors import ConfigError, IntegrityError, MergeError
@@ -99,7 +100,8 @@ def run_analyze(args: argparse.Namespace) -> int:
         for i, item in enumerate(args.models)
     ]
     index_of_each(tuple(specs), where, lambda i: f"MODEL {i + 1}")
-    out = output_path(args.out, Path.cwd(), where, tuple(specs), args.force, True, marker="metrics.json", key="--out")
+    out = output_path(args.out, Path.cwd(), where, tuple(specs), key="--out")
+    claim_dir(out, args.out, where, "--out", args.force, marker="metrics.json")
     try:
         pattern = None if args.no_plots or args.esd is None else re.compile(args.esd)
     except re.error as exc:
@@ -151,9 +153,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         where,
         cli=True,
     )
-    out = output_path(
-        args.out, Path.cwd(), where, tuple(specs), args.force, True, marker="evaluation.json", key="--out"
-    )
+    out = output_path(args.out, Path.cwd(), where, tuple(specs), key="--out")
+    claim_dir(out, args.out, where, "--out", args.force, marker="evaluation.json")
     device = requested_device(args, where)
     subjects = [
         Subject(spec.ref, "base" if i == 0 else "candidate", resolve_model(spec).path) for i, spec in enumerate(specs)

@@ -22,9 +22,7 @@ import yaml
 
 from .errors import ConfigError, first_line
 from .filesystem import (
-    OUR_REPORT,
     checked_output_path,
-    claim_dir,
     claim_output,
     index_of_each,
     read_text,
@@ -210,20 +208,8 @@ def model_spec(item: Any, base_dir: Path, where: str, key: str, require_config: 
     return resolved_spec(spec, base_dir, where, entry_key(item, key), require_config)
 
 
-def output_path(
-    value: Any,
-    base_dir: Path,
-    where: str,
-    models: tuple[ModelSpec, ...],
-    replace: bool = False,
-    writing: bool = False,
-    marker: str = OUR_REPORT,
-    key: str = "output_dir",
-) -> Path:
-    """A command's output directory (filesystem.checked_output_path); with `writing`, also claimed
-    (filesystem.claim_dir, `replace` being --force), for the commands that write right after."""
+def output_path(value: Any, base_dir: Path, where: str, models: tuple[ModelSpec, ...], key: str = "output_dir") -> Path:
+    """A command's output directory, validated (filesystem.checked_output_path); nothing on disk
+    changes (filesystem.claim_dir claims it right before writing)."""
     validated(DirectoryPath, value, Reading(where), key)
-    path = checked_output_path(value, base_dir, where, models, key)
-    if writing:
-        claim_dir(path, value, where, key, replace, marker)
-    return path
+    return checked_output_path(value, base_dir, where, models, key)

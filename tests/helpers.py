@@ -67,6 +67,8 @@ def transformers_perplexity(directory: Path, windows, kind: str) -> float:
     with torch.no_grad():
         for inputs, labels in zip(windows.inputs, windows.labels):
             scored = sum(label != -100 for label in (labels[1:] if kind == "causal" else labels))
+            if not scored:  # transformers' loss is a mean over the scored tokens: NaN over none
+                continue
             loss = model(input_ids=torch.tensor([inputs]), labels=torch.tensor([labels])).loss
             total += float(loss) * scored
             count += scored

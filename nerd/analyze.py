@@ -22,7 +22,8 @@ from tqdm import tqdm
 from . import __version__, plots
 from .checkpoint import opened_checkpoints
 from .config import ModelSpec
-from .engine import Engine, LocalExecutor, Work
+from .sections import Compute
+from .engine import Engine, Work, executor_of, reachable
 from .layout import layout_of
 from .metrics import METRICS, path_counts
 from .report import short_names
@@ -51,14 +52,20 @@ class Analysis:
 
 
 def analyze_models(
-    specs: list[ModelSpec], cache: MetricCache, device: str = "auto", quiet: bool = False, esd: re.Pattern | None = None
+    specs: list[ModelSpec],
+    cache: MetricCache,
+    device: str = "auto",
+    quiet: bool = False,
+    esd: re.Pattern | None = None,
+    compute: Compute = Compute(),
 ) -> Analysis:
-    """Resolve the models and compute every metric of every matrix (cached); the singular values
-    of the matrices whose names match `esd` are kept for their figures."""
+    """Resolve the models and compute every metric of every matrix (cached) where `compute` says
+    (engine.py); the singular values of the matrices whose names match `esd` are kept for their figures."""
+    reachable(compute)
     resolved = {spec.ref: resolve_model(spec) for spec in specs}
     names = list(resolved)
     analysis = Analysis(names, {n: r.path for n, r in resolved.items()}, {n: r.revision for n, r in resolved.items()})
-    engine = Engine(cache, LocalExecutor(device))
+    engine = Engine(cache, executor_of(compute, device, resolved))
     computed = cache.computed
     with opened_checkpoints({n: resolved[n].path for n in names}) as checkpoints:
         shapes = {n: {t: i.shape for t, i in c.tensors.items()} for n, c in checkpoints.items()}

@@ -11,12 +11,13 @@ Every config is validated before any model is downloaded; the configs then run i
 share one metric cache. Exit codes: 0 success, 1 internal error (a bug: please report it),
 2 bad config or arguments, 3 a model cannot be resolved, read or matched to the others,
 4 the output cannot be written, 5 `verify` found the output damaged or not matching its report,
-130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+6 the Ray cluster cannot be reached or lost the work, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import traceback
 from pathlib import Path
@@ -30,9 +31,16 @@ from .interrupts import exit_code, interrupts_raised
 
 EXIT_CODES = (
     "Exit codes: 0 ok, 1 internal error, 2 bad config/arguments, 3 bad or unreachable model, "
-    "4 output not writable, 5 verify found a problem, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."
+    "4 output not writable, 5 verify found a problem, 6 Ray cluster unreachable or lost the work, "
+    "130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."
 )
 MODELS_HELP = "local model directories or hub ids org/name[@revision]"
+
+
+def thread_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of threads >= 1, found '{text}'")
+    return int(text)
 
 
 def layer_list(text: str) -> list[int]:
@@ -103,7 +111,30 @@ def shared_parsers() -> dict[str, argparse.ArgumentParser]:
     writing.add_argument("--force", action="store_true", help="replace an earlier mastermerge output")
     planning = argparse.ArgumentParser(add_help=False)
     planning.add_argument("--dry-run", action="store_true", help="print the plan's tables, write nothing")
-    return {"reporting": reporting, "caching": caching, "device": device, "writing": writing, "planning": planning}
+    computing = argparse.ArgumentParser(add_help=False)
+    computing.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="compute spectra and tether sums on a Ray cluster: auto (the one `ray start` runs here), "
+        "local (a cluster of this machine), host:port or ray://host:port; without ADDRESS the "
+        "config's compute.address, else RAY_ADDRESS, else auto",
+    )
+    computing.add_argument(
+        "--threads",
+        type=thread_count,
+        metavar="N",
+        help="threads of each computation, here and on every Ray worker (default: every core of this machine)",
+    )
+    return {
+        "reporting": reporting,
+        "caching": caching,
+        "device": device,
+        "writing": writing,
+        "planning": planning,
+        "computing": computing,
+    }
 
 
 def parser() -> argparse.ArgumentParser:
@@ -122,7 +153,7 @@ def parser() -> argparse.ArgumentParser:
     def command(name: str, uses: tuple[str, ...], **kwargs) -> argparse.ArgumentParser:
         return commands.add_parser(name, parents=[shared[u] for u in uses], epilog=EXIT_CODES, **kwargs)
 
-    every = ("reporting", "caching", "writing")  # a merge's device is its config's
+    every = ("reporting", "caching", "writing", "computing")  # a merge's device is its config's
     merge = command(
         "merge",
         (*every, "planning"),
@@ -243,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+    args.json_out = sys.stdout  # with --json, the summary alone: anything else printed meanwhile goes to stderr
     try:
-        with interrupts_raised():
+        with interrupts_raised(), contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
             return args.action(args)
     except KeyboardInterrupt as exc:
         what = "; ".join(getattr(exc, "__notes__", ())) or "no output was being written"

@@ -4,6 +4,7 @@ evaluate and verify, each printing its tables, warnings and --json summary."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -20,6 +21,7 @@ from .evalfiles import write_evaluation
 from .evaluate import Subject, evaluate_subjects, tokenization_notes
 from .errors import ConfigError, IntegrityError, MergeError
 from .pipeline import plan_merge
+from .sections import Compute
 from .plan import Evaluation
 from .plots import perplexity_chart
 from .report import choice_table, evaluation_table, expansion_table, spectrum_paths, tether_table
@@ -32,15 +34,30 @@ from .write import write_merge
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    return run_configs([load_config(path) for path in args.config], args)
+    configs = [load_config(path) for path in args.config]
+    return run_configs([dataclasses.replace(c, compute=compute_of(args, c.compute)) for c in configs], args)
 
 
 def run_expand(args: argparse.Namespace) -> int:
     options = {key: getattr(args, key) for key in args.dlec_keys if getattr(args, key) is not None}
     config = expand_config(
-        args.model, args.out, options, device=requested_device(args, "expand"), shard_size=args.shard_size
+        args.model,
+        args.out,
+        options,
+        device=requested_device(args, "expand"),
+        shard_size=args.shard_size,
+        compute=compute_of(args, Compute()),
     )
     return run_configs([config], args)
+
+
+def compute_of(args: argparse.Namespace, configured: Compute) -> Compute:
+    """A config's `compute:` section with --ray and --threads applied over it."""
+    return Compute(
+        executor="ray" if args.ray is not None else configured.executor,
+        address=args.ray or configured.address,
+        threads=args.threads or configured.threads,
+    )
 
 
 def run_configs(configs: list, args: argparse.Namespace) -> int:
@@ -89,7 +106,7 @@ def run_configs(configs: list, args: argparse.Namespace) -> int:
     finally:
         cache.close()
         if args.json:  # also after a failure: the configs that finished are reported
-            print(json.dumps({"mastermerge_version": __version__, "results": results}, indent=2))
+            print(json.dumps({"mastermerge_version": __version__, "results": results}, indent=2), file=args.json_out)
     return 0
 
 
@@ -108,7 +125,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         raise ConfigError(f"{where}: --esd: '{args.esd}' is not a valid regular expression ({exc})") from None
     device = requested_device(args, where)
     with closing(cache_of(args)) as cache:
-        analysis = analyze_models(specs, cache, device, args.quiet, esd=pattern)
+        analysis = analyze_models(specs, cache, device, args.quiet, esd=pattern, compute=compute_of(args, Compute()))
     summary = analysis_summary(analysis)
     figures = []
     with staged_dir(out) as tmp:
@@ -127,7 +144,8 @@ def run_analyze(args: argparse.Namespace) -> int:
                     "spectra_reused": analysis.spectra_reused,
                 },
                 indent=2,
-            )
+            ),
+            file=args.json_out,
         )
     elif not args.quiet:
         print(summary_text(analysis, summary))
@@ -182,7 +200,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
                     "figure": str(out / "perplexity.png") if figure else None,
                 },
                 indent=2,
-            )
+            ),
+            file=args.json_out,
         )
     elif not args.quiet:
         print(evaluation_table(evaluation))
@@ -199,7 +218,7 @@ def run_verify(args: argparse.Namespace) -> int:
     for problem in result.problems:
         print(problem.line(), file=sys.stderr)
     if args.json:
-        print(json.dumps({"mastermerge_version": __version__, **result.to_dict()}, indent=2))
+        print(json.dumps({"mastermerge_version": __version__, **result.to_dict()}, indent=2), file=args.json_out)
     elif result.ok and not args.quiet:
         print(result.summary())
     if not result.ok:

@@ -32,7 +32,7 @@ from .filesystem import (
 )
 from .messages import validated
 from .schema import CONFIGURED, DEVICES, IMPORTANCE, INITS, DlecOptions, EvaluateOptions, MergeConfig, Strategy
-from .sections import ModelSpec, Selection, TetherOptions
+from .sections import Compute, ModelSpec, Selection, TetherOptions
 from .spectra import cuda_available
 from .values import DirectoryPath, Reading, ShardSize
 
@@ -161,7 +161,15 @@ def entry_key(item: Any, key: str) -> str:
     return f"{key}.model" if isinstance(item, dict) else key
 
 
-def expand_config(model: str, out: str, options: dict, *, device: str = "auto", shard_size: str = "2GB") -> MergeConfig:
+def expand_config(
+    model: str,
+    out: str,
+    options: dict,
+    *,
+    device: str = "auto",
+    shard_size: str = "2GB",
+    compute: Compute = Compute(),
+) -> MergeConfig:
     """The config of `mastermerge expand MODEL --out DIR`: one candidate, no selection, a DLEC pass.
     `options` holds the command line's DLEC options under their config names."""
     where, cwd = "expand", Path.cwd()
@@ -172,6 +180,7 @@ def expand_config(model: str, out: str, options: dict, *, device: str = "auto", 
         output_dir=output_path(out, cwd, where, (spec,), key="--out"),
         shard_size=validated(ShardSize, shard_size, Reading(where, cli=True), "--shard-size"),
         device=device,
+        compute=compute,
         dlec=dlec_options(options, cwd, where, cli=True),
         raw={
             "expand": {

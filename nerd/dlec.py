@@ -49,15 +49,16 @@ INDEX_LIST_KEYS = ("mlp_only_layers", "moe_layers")
 NOT_PER_LAYER = re.compile(r"^(architectures|.*token_ids?|.*suppress_tokens|bad_words_ids|forced_decoder_ids)$")
 
 
-def expanded(plan: Plan, options: DlecOptions, cache, device, quiet: bool) -> Plan:
-    """The plan with the chosen blocks duplicated, renumbered, and its config rewritten."""
+def expanded(plan: Plan, options: DlecOptions, cache, device, quiet: bool, executor=None) -> Plan:
+    """The plan with the chosen blocks duplicated, renumbered, and its config rewritten; the NER of
+    matrices the plan has no metrics for computed by `executor` (engine.py; default this process)."""
     config_file = plan.sources[plan.base] / "config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
     architecture = family_of(config)
     layout = layout_of([e.name for e in plan.entries], architecture)
     if options.init == "identity":
         check_pre_norm(config, options)
-    importance = layer_importance(plan, layout, options, cache, device, quiet)
+    importance = layer_importance(plan, layout, options, cache, device, quiet, executor)
     sizes = [sum(numel(e.shape) for e in plan.entries if layout.depths[e.name] == d) for d in range(layout.num_layers)]
     before = sum(numel(e.shape) for e in plan.entries)
     layer_map = expanded_layers(layout.num_layers, layers_to_copy(importance.scores, sizes, before, options))

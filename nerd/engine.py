@@ -6,39 +6,51 @@ first, by the digest it remembers for an unchanged file, so a warm run reads no 
 not even import torch; the work the store cannot answer goes to an executor, and every result is
 written through the store as soon as it is there (an interrupted run keeps what it computed).
 
-The executor is where spectra are computed. It has one method, `spectra(works, cached)`, which
-yields (work, content digest, Spectrum) for the works it computes, in any order; it calls
-`cached(work, digest)`, in the engine's thread, as soon as it knows a tensor's digest, and
-computes nothing for a work whose answer is true (the store had that content: a frozen layer met
-before, a copied model). LocalExecutor is this process: a read-ahead thread reads and hashes the
-tensors one or two ahead while the spectra are computed (reading overlaps computing, and memory
-holds a few tensors at most), equal shapes are computed in batches on CUDA (of up to BATCH_BYTES
-in float64), and the device is resolved only when something is computed. Metrics are derived from
-each new spectrum by a metrics thread of the engine while the next one is computed. Only the
-engine's thread uses the store: the other threads never touch its connection.
-
-Tether sums are computed one pair at a time in the engine's thread, by the function tether.py gives.
+The executor is where spectra and tether sums are computed (`executor_of` picks it from the
+config's `compute:` section). Its `spectra(works, cached)` yields (work, content digest, Spectrum,
+metrics or None) for the works it computes, in any order; it calls `cached(work, digest)`, in the
+engine's thread, as soon as it knows a tensor's digest, and drops its own result for a work whose
+answer is true (the store had that content: a frozen layer met before, a copied model). Its
+`tether_sums(pairs)` yields (pair, sums) for the pairs the store does not have. LocalExecutor is
+this process: a read-ahead thread reads and hashes the tensors one or two ahead while the spectra
+are computed (reading overlaps computing, and memory holds a few tensors at most), equal shapes
+are computed in batches on CUDA (of up to BATCH_BYTES in float64), and the device is resolved
+only when something is computed. RayExecutor (raycluster.py) sends the same work to a Ray
+cluster, whose workers read the weights themselves and also derive the metrics. Both run every
+computation on the same explicit number of threads (threads.py), so their results are
+bit-identical. Metrics the executor does not give are derived from each new spectrum by a metrics
+thread of the engine while the next one is computed. Only the engine's thread uses the store:
+the other threads, and the workers of a cluster, never touch it.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 
 from .checkpoint import Checkpoint, TensorInfo, numel
+from . import tethersums
+from .hashing import content_key
 from .metrics import METRICS, every_metric
 from .spectra import BATCH_BYTES, Spectrum, numpy_matrix, pick_device, spectra_of
-from .store import MetricCache, content_key
+from .store import MetricCache
+from .tethersums import Sums
+from .threads import every_core, limited_threads
+
+if TYPE_CHECKING:
+    from .sections import Compute
+    from .sources import ResolvedModel
 
 EVERY_METRIC = set(METRICS) | {"problem", "path"}  # what every_metric gives: a stored row with less is recomputed
-Sums = tuple[float, float, float]  # of a pair (tether.py): <c, b>, |c|^2, |b|^2
+Computed = tuple["Work", str, Spectrum, "dict | None"]  # what an executor yields: work, digest, spectrum, metrics
 
 
 @dataclass(frozen=True)
@@ -63,42 +75,80 @@ class Pair:
 
 
 class Executor(Protocol):
-    """Where spectra are computed (see the module docstring)."""
+    """Where spectra and tether sums are computed (see the module docstring)."""
 
-    def spectra(self, works: list[Work], cached: Callable[[Work, str], bool]) -> Iterator[tuple[Work, str, Spectrum]]:
-        """The spectrum of every work whose content is not `cached`, with its content digest, in any order."""
+    def spectra(self, works: list[Work], cached: Callable[[Work, str], bool]) -> Iterator[Computed]:
+        """The spectrum (and metrics, or None) of every work whose content is not `cached`, with
+        its content digest, in any order."""
+
+    def tether_sums(self, pairs: list[Pair]) -> Iterator[tuple[Pair, Sums | None]]:
+        """The sums of every pair (tethersums.py), in any order."""
+
+
+def executor_of(compute: Compute, device: str, models: dict[str, ResolvedModel]) -> Executor:
+    """The executor a `compute:` section asks for, for these resolved models: a Ray cluster's when
+    it says ray (or auto, with RAY_ADDRESS set), this process's otherwise."""
+    threads = compute.threads or every_core()
+    if uses_ray(compute):
+        from .raycluster import RayExecutor
+
+        return RayExecutor(models, device, threads, compute.address)
+    return LocalExecutor(device, threads)
+
+
+def uses_ray(compute: Compute) -> bool:
+    """Whether a `compute:` section sends the work to a Ray cluster (Ray is imported only then)."""
+    return compute.executor == "ray" or (compute.executor == "auto" and bool(os.environ.get("RAY_ADDRESS")))
+
+
+def reachable(compute: Compute) -> None:
+    """Connect to the Ray cluster a `compute:` section asks for, if any (a ClusterError if it
+    cannot be reached), so that a run fails before it downloads anything."""
+    if uses_ray(compute):
+        from .raycluster import connected
+
+        connected(compute.address)
 
 
 class LocalExecutor:
-    """Computes spectra in this process: reads ahead in a thread, batches equal shapes on CUDA.
-    `device` is the config's (auto, cpu or cuda), resolved when something is computed."""
+    """Computes spectra and tether sums in this process on `threads` threads (None: as the
+    libraries choose): reads ahead in a thread, batches equal shapes on CUDA. `device` is the
+    config's (auto, cpu or cuda), resolved when something is computed."""
 
-    def __init__(self, device: str = "auto"):
+    def __init__(self, device: str = "auto", threads: int | None = None):
         self.device = device
+        self.threads = threads
 
-    def spectra(self, works: list[Work], cached: Callable[[Work, str], bool]) -> Iterator[tuple[Work, str, Spectrum]]:
+    def spectra(self, works: list[Work], cached: Callable[[Work, str], bool]) -> Iterator[Computed]:
         """The spectrum of every work whose content is not `cached`, with its content digest."""
         device = pick_device(self.device)
         if device != "cpu":  # equal shapes next to each other, so they share a batch
             works = sorted(works, key=lambda work: work.info.shape)
         batch: list[tuple[Work, str, np.ndarray]] = []
-        for work, key, data in read_ahead(works):
-            if cached(work, key):
-                continue
-            info = work.info
-            if batch and (
-                device == "cpu"
-                or info.shape != batch[0][0].info.shape
-                or (len(batch) + 1) * numel(info.shape) * 8 > BATCH_BYTES
-            ):
-                yield from flushed(batch, device)
-            batch.append((work, key, numpy_matrix(data, info.dtype, info.shape)))
-            if device == "cpu":
-                yield from flushed(batch, device)
-        yield from flushed(batch, device)
+        with limited_threads(self.threads):
+            for work, key, data in read_ahead(works):
+                if cached(work, key):
+                    continue
+                info = work.info
+                if batch and (
+                    device == "cpu"
+                    or info.shape != batch[0][0].info.shape
+                    or (len(batch) + 1) * numel(info.shape) * 8 > BATCH_BYTES
+                ):
+                    yield from flushed(batch, device)
+                batch.append((work, key, numpy_matrix(data, info.dtype, info.shape)))
+                if device == "cpu":
+                    yield from flushed(batch, device)
+            yield from flushed(batch, device)
+
+    def tether_sums(self, pairs: list[Pair]) -> Iterator[tuple[Pair, Sums | None]]:
+        """The sums of each pair, one at a time."""
+        with limited_threads(self.threads):
+            for pair in pairs:
+                yield pair, tethersums.sums_of(pair.candidate, pair.base, pair.tensor)
 
 
-def flushed(batch: list[tuple[Work, str, np.ndarray]], device: str) -> Iterator[tuple[Work, str, Spectrum]]:
+def flushed(batch: list[tuple[Work, str, np.ndarray]], device: str) -> Iterator[Computed]:
     """The spectra of a batch, which is emptied (its matrices let go) before they are yielded."""
     if not batch:
         return
@@ -106,7 +156,7 @@ def flushed(batch: list[tuple[Work, str, np.ndarray]], device: str) -> Iterator[
     done = [(work, key) for work, key, _ in batch]
     batch.clear()
     for (work, key), spectrum in zip(done, spectra):
-        yield work, key, spectrum
+        yield work, key, spectrum, None
 
 
 class Engine:
@@ -147,7 +197,11 @@ class Engine:
             ThreadPoolExecutor(1, thread_name_prefix="mastermerge-metrics") as pool,
             closing(self.new_spectra(works, cached)) as spectra,
         ):
-            for work, key, spectrum in spectra:
+            for work, key, spectrum, values in spectra:
+                if values is not None:  # the executor derived them
+                    self.store.put_metrics(key, values)
+                    done(work, values)
+                    continue
                 pending.append((work, key, pool.submit(every_metric, spectrum)))
                 settle(keep=1)
             settle(keep=0)
@@ -161,12 +215,10 @@ class Engine:
             stored[work] = self.store.spectrum(key, work.info.shape)
             return stored[work] is not None
 
-        fresh = [spectrum for _, _, spectrum in self.new_spectra([work], cached)]
+        fresh = [spectrum for _, _, spectrum, _ in self.new_spectra([work], cached)]
         return fresh[0] if fresh else stored[work]
 
-    def new_spectra(
-        self, works: list[Work], cached: Callable[[Work, str], bool]
-    ) -> Iterator[tuple[Work, str, Spectrum]]:
+    def new_spectra(self, works: list[Work], cached: Callable[[Work, str], bool]) -> Iterator[Computed]:
         """The works whose results the store has, as `cached(work, digest)` takes them, counted as
         reused; the spectra of the others computed by the executor, each counted, stored and yielded
         with its digest. The store is asked with the digest it remembers for an unchanged file before
@@ -189,10 +241,10 @@ class Engine:
             return True
 
         with closing(self.executor.spectra(missed, read)) as spectra:
-            for work, key, spectrum in spectra:
+            for work, key, spectrum, values in spectra:
                 self.store.computed += 1
                 self.store.put_spectrum(key, work.info.shape, spectrum)
-                yield work, key, spectrum
+                yield work, key, spectrum, values
 
     def known_metrics(self, key: str, shape: tuple[int, ...]) -> dict | None:
         """The metrics of this content digest, all of them stored, or derived from its stored
@@ -219,28 +271,33 @@ class Engine:
         self.store.put_metrics(key, values)
         return values
 
-    def tether_sums(
-        self, pairs: list[Pair], compute: Callable[[Checkpoint, Checkpoint, str], Sums | None], bar=None
-    ) -> dict[Pair, Sums | None]:
-        """The tether sums of each pair (tether.py), None where either tensor has a NaN or Inf: stored
-        by the two content digests, else `compute(candidate, base, tensor)`, stored for next time.
+    def tether_sums(self, pairs: list[Pair], bar=None) -> dict[Pair, Sums | None]:
+        """The tether sums of each pair (tethersums.py), None where either tensor has a NaN or Inf:
+        stored by the two content digests, else computed by the executor and stored for next time.
         `bar` counts them done."""
         sums: dict[Pair, Sums | None] = {}
+        keys, missed = {}, []
         for pair in pairs:
-            keys = (
+            keys[pair] = (
                 self.store.content_digest(pair.candidate, pair.tensor),
                 self.store.content_digest(pair.base, pair.tensor),
             )
-            row = self.store.tether_sums(*keys)
-            if row is not None:
-                sums[pair] = None if row[0] is None else tuple(row)
-            else:
-                self.store.pairs_computed += 1
-                sums[pair] = compute(pair.candidate, pair.base, pair.tensor)
-                self.store.put_tether_sums(*keys, sums[pair])
+            row = self.store.tether_sums(*keys[pair])
+            if row is None:
+                missed.append(pair)
+                continue
+            sums[pair] = None if row[0] is None else tuple(row)
             if bar is not None:
                 bar.update()
-        return sums
+        if missed:
+            with closing(self.executor.tether_sums(missed)) as computed:
+                for pair, values in computed:
+                    self.store.pairs_computed += 1
+                    sums[pair] = values
+                    self.store.put_tether_sums(*keys[pair], values)
+                    if bar is not None:
+                        bar.update()
+        return {pair: sums[pair] for pair in pairs}
 
 
 def read_ahead(works: list[Work], depth: int = 2) -> Iterator[tuple[Work, str, bytearray]]:

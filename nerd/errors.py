@@ -57,3 +57,10 @@ class IntegrityError(MergeError):
     (`mastermerge verify`; exit code 5)."""
 
     exit_code = 5
+
+
+class ClusterError(MergeError):
+    """The Ray cluster cannot be reached, is not installed, cannot run the work, or lost it past its
+    retries (exit code 6)."""
+
+    exit_code = 6

@@ -1,6 +1,8 @@
-"""The SHA-256 of the files a merge writes, as merge_report.json records it and verify checks it:
-the chunk a file is read back in (by the writer's background hash, write.py, and by verify), and
-the digests of files read with the kernel asked to read ahead of the hash, under a progress bar.
+"""Digests: the content digest of a tensor (its dtype, shape and bytes), under which the metric
+cache stores what is computed from it; and the SHA-256 of the files a merge writes, as
+merge_report.json records it and verify checks it: the chunk a file is read back in (by the
+writer's background hash, write.py, and by verify), and the digests of files read with the kernel
+asked to read ahead of the hash, under a progress bar.
 """
 
 from __future__ import annotations
@@ -8,10 +10,21 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+if TYPE_CHECKING:
+    from .checkpoint import TensorInfo
+
 HASH_CHUNK = 8 * 2**20  # bytes read back and hashed at a time
+
+
+def content_key(info: TensorInfo, data: bytearray) -> str:
+    """A digest of a tensor's dtype, shape and bytes."""
+    digest = hashlib.blake2b(f"{info.dtype}{list(info.shape)}\0".encode(), digest_size=20)
+    digest.update(data)
+    return digest.hexdigest()
 
 
 def file_digests(files: list[tuple[Path, int]], quiet: bool, desc: str = "verify") -> list[str | OSError]:

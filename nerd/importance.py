@@ -41,7 +41,7 @@ from .architecture import family_of
 from .checkpoint import opened_checkpoints, torch_dtype
 from .composite import blend_key, composite_model, model_classes, model_digest, plan_parameters, run_dtype
 from .config import DlecOptions, read_text
-from .engine import Engine, LocalExecutor, Work
+from .engine import Engine, Executor, LocalExecutor, Work
 from .schema import option_key, option_setting
 from .errors import ConfigError, ModelError, first_line
 from .layout import Layout
@@ -97,14 +97,20 @@ class Importance:
 
 
 def layer_importance(
-    plan: Plan, layout: Layout, options: DlecOptions, cache: MetricCache, device: torch.device | str, quiet: bool
+    plan: Plan,
+    layout: Layout,
+    options: DlecOptions,
+    cache: MetricCache,
+    device: torch.device | str,
+    quiet: bool,
+    executor: Executor | None = None,
 ) -> Importance:
     """Every block's importance, by the kind the options ask for (see the module docstring)."""
     kind, note = importance_kind(options)
     if kind == "none":
         return Importance("none", [None] * layout.num_layers, "the layers option")
     if kind == "ner":
-        return Importance("ner", weight_scores(plan, layout, cache, device, quiet), "weights", note)
+        return Importance("ner", weight_scores(plan, layout, cache, device, quiet, executor), "weights", note)
     stats, basis, reused = activation_stats(plan, layout, options, cache, device, quiet)
     return Importance(kind, [s.score(kind) for s in stats], basis, note, reused)
 
@@ -130,11 +136,11 @@ def importance_kind(options: DlecOptions) -> tuple[str, str | None]:
 
 
 def weight_scores(
-    plan: Plan, layout: Layout, cache: MetricCache, device: torch.device, quiet: bool
+    plan: Plan, layout: Layout, cache: MetricCache, device: torch.device, quiet: bool, executor: Executor | None = None
 ) -> list[float | None]:
     """Mean NER of each block's 2-D matrices in the plan (None if any has none), reusing the plan's
-    metrics and computing (and caching) those it lacks."""
-    engine = Engine(cache, LocalExecutor(str(device)))
+    metrics and computing (and caching) those it lacks, with `executor` (default: this process)."""
+    engine = Engine(cache, executor or LocalExecutor(str(device)))
     blocks = [
         [e for e in plan.entries if layout.depths[e.name] == d and len(e.shape) == 2] for d in range(layout.num_layers)
     ]

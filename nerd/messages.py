@@ -22,7 +22,13 @@ from .values import Reading, flag
 
 UNKNOWN_KEY = ("unexpected_keyword_argument", "extra_forbidden", "unknown_key")  # and "invalid_key": not a string
 NOT_A_CONTAINER = ("not_a_list", "list_type", "tuple_type", "dict_type", "dataclass_type", "dataclass_args_type")
-SECTIONS = ("selection", "tether", "dlec", "evaluate")  # top-level keys whose keys a misspelt top-level key may be
+SECTIONS = (
+    "selection",
+    "tether",
+    "compute",
+    "dlec",
+    "evaluate",
+)  # top-level keys whose keys a misspelt top-level key may be
 
 
 @cache

@@ -30,7 +30,7 @@ from .architecture import Architecture, architecture_of
 from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, opened_checkpoints
 from .config import MergeConfig
 from .dlec import expanded
-from .engine import Engine, LocalExecutor, Work
+from .engine import Engine, Work, executor_of, reachable
 from .errors import ConfigError, ModelError
 from .layout import Layout, OptionalTensor, check_same_architecture, layout_of
 from .plan import Choice, Plan, PlanEntry, Tethers, output_order
@@ -56,17 +56,19 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
         with closing(MetricCache(default_cache_path())) as own:
             return plan_merge(config, cache=own, quiet=quiet)
     computed, reused = cache.computed, cache.reused
+    reachable(config.compute)  # a cluster asked for is connected to before anything is downloaded
     resolved = {spec.ref: resolve_model(spec) for spec in config.candidates}
+    executor = executor_of(config.compute, config.device, resolved)
     architecture = architecture_of(resolved[config.base.ref].path)  # the tensor names are read as its family's
     notes = module_notes(resolved[config.base.ref].path)  # a modules.json path outside the base is refused here
     with opened_checkpoints({name: r.path for name, r in resolved.items()}) as checkpoints:
         tensors = candidate_tensors(checkpoints, config, architecture)
         decision = Decision()
         if len(checkpoints) > 1:
-            decision = decided(config, checkpoints, tensors, Engine(cache, LocalExecutor(config.device)), quiet)
+            decision = decided(config, checkpoints, tensors, Engine(cache, executor), quiet)
     plan = composite_plan(config, resolved, tensors, decision, notes, architecture)
     if config.dlec is not None:
-        plan = expanded(plan, config.dlec, cache, pick_device(config.device), quiet)
+        plan = expanded(plan, config.dlec, cache, pick_device(config.device), quiet, executor)
     if config.evaluate is not None:  # every strategy planned (from the cache) and evaluated; the best one kept
         plan = chosen_strategy(
             config, plan, lambda variant: plan_merge(variant, cache=cache, quiet=quiet), cache, quiet

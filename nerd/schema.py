@@ -29,7 +29,7 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass
 
-from .sections import ModelSpec, Schema, Selection, TetherOptions, check_score_weights, dependents
+from .sections import Compute, ModelSpec, Schema, Selection, TetherOptions, check_score_weights, dependents
 from .values import (
     CONFIG,
     DirectoryPath,
@@ -257,6 +257,7 @@ class MergeConfig(Schema):
     dtype: Dtype = "keep"
     shard_size: ShardSize = 2 * 10**9
     device: Device = "auto"
+    compute: Annotated[Compute, NullIsDefault()] = dataclasses.field(default_factory=Compute)
     tether: Annotated[TetherOptions, NullIsDefault()] = dataclasses.field(default_factory=TetherOptions)
     dlec: DlecOptions | None = None
     evaluate: EvaluateOptions | None = None

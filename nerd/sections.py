@@ -217,3 +217,25 @@ def check_score_weights(selection: Selection, tether: TetherOptions) -> None:
             f"{selection.goal}, so a lower score is better); use equal or compatibility",
             ("tether", "weights"),
         )
+
+
+@dataclass(frozen=True, config=CONFIG)
+class Compute(Schema):
+    """Where spectra and tether sums are computed (engine.py): `executor` local (this process), ray
+    (a Ray cluster, raycluster.py, at `address`: auto, local, host:port or ray://...; None: RAY_ADDRESS,
+    else auto), or auto (ray when RAY_ADDRESS is set, as in a Ray job, else local); `threads`, the
+    BLAS and torch threads of each computation (None: every core of this machine), the same on
+    every worker, so that a cluster's results are bit-identical to this machine's."""
+
+    shape: ClassVar[str] = "a mapping (executor, address, threads)"
+
+    executor: Literal["auto", "local", "ray"] = "auto"
+    address: (
+        Annotated[
+            StrictStr,
+            AfterValidator(printable_text),
+            Field(description="a Ray address: auto, local, host:port or ray://host:port"),
+        ]
+        | None
+    ) = None
+    threads: Annotated[int, Strict(), Field(ge=1, description="a whole number of threads >= 1")] | None = None

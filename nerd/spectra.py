@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .bounds import gram_errors, proven, ritz_errors, tail_to_refine
+from .threads import torch_threads
 
 if TYPE_CHECKING:
     import torch
@@ -114,6 +115,7 @@ def batched_spectra(matrices: list[torch.Tensor], device: torch.device) -> list[
     path there: the SVD of one matrix on a GPU costs little next to moving it)."""
     import torch
 
+    torch_threads()
     results: list[Spectrum | None] = [None] * len(matrices)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, m in enumerate(matrices):
@@ -205,6 +207,8 @@ def eigenvalues_of(gram: np.ndarray) -> np.ndarray:
     if len(gram) < LARGE_K:
         return np.linalg.eigvalsh(gram)
     import torch
+
+    torch_threads()
 
     return torch.linalg.eigvalsh(torch.from_numpy(gram)).numpy()
 

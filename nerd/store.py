@@ -34,7 +34,6 @@ Default location: $MASTERMERGE_CACHE, else $XDG_CACHE_HOME/mastermerge/metrics.s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -44,6 +43,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .database import Database, Schema
+from .hashing import content_key
 from .metrics import METRICS_VERSION
 from .spectra import PATHS, SPECTRUM_VERSION, Spectrum
 
@@ -300,10 +300,3 @@ def file_identity(info: TensorInfo) -> tuple[str, str]:
     file = str(info.file.resolve())
     st = os.stat(file)
     return file, f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
-
-
-def content_key(info: TensorInfo, data: bytearray) -> str:
-    """A digest of a tensor's dtype, shape and bytes."""
-    digest = hashlib.blake2b(f"{info.dtype}{list(info.shape)}\0".encode(), digest_size=20)
-    digest.update(data)
-    return digest.hexdigest()

@@ -39,10 +39,10 @@ from tqdm import tqdm
 
 from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, numel
 from .config import Selection
-from .engine import Pair, Sums
+from .engine import Pair
 from .layout import Layout
 from .plan import PlanEntry, Tethers
-from .spectra import SLICE_ELEMENTS
+from .tethersums import Sums, slices
 
 if TYPE_CHECKING:
     import torch
@@ -82,31 +82,11 @@ def compatibility_of(
             scores[group] = {}
             for candidate in others:
                 pairs = [Pair(checkpoints[candidate], checkpoints[base], tensor) for tensor in tensors]
-                sums = {pair.tensor: s for pair, s in engine.tether_sums(pairs, sums_of, bar).items()}
+                sums = {pair.tensor: s for pair, s in engine.tether_sums(pairs, bar).items()}
                 finite = all(s is not None for s in sums.values())
                 matrices = [s for t, s in sums.items() if checkpoints[base].tensors[t].is_matrix]
                 scores[group][candidate] = compatibility(matrices, measure) if finite else None
     return scores
-
-
-def sums_of(candidate: Checkpoint, base: Checkpoint, tensor: str) -> Sums | None:
-    """<c, b>, |c|^2 and |b|^2 of one tensor of two models, in float64, read a slice at a time;
-    None if either has a NaN or Inf."""
-    import torch
-
-    dot = c_sq = b_sq = 0.0
-    for start, stop in slices(numel(base.tensors[tensor].shape)):
-        x = candidate.read_flat(tensor, start, stop).to(torch.float64)
-        y = base.read_flat(tensor, start, stop).to(torch.float64)
-        dot += float(torch.dot(x, y))
-        c_sq += float(torch.dot(x, x))
-        b_sq += float(torch.dot(y, y))
-    return (dot, c_sq, b_sq) if all(map(math.isfinite, (dot, c_sq, b_sq))) else None
-
-
-def slices(n: int) -> list[tuple[int, int]]:
-    """start, stop of each slice of SLICE_ELEMENTS elements (the last one shorter)."""
-    return [(start, min(start + SLICE_ELEMENTS, n)) for start in range(0, n, SLICE_ELEMENTS)]
 
 
 def compatibility(sums: list[Sums], measure: str) -> float | None:

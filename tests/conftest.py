@@ -1,6 +1,9 @@
 """Fixtures shared by the test modules; the helpers they call are in helpers.py."""
 
+import logging
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -39,3 +42,28 @@ def llama_family(tmp_path_factory):
         return families[num_layers]
 
     return family
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray cluster of 2 CPUs for the whole session, this process its driver (started by the
+    first test that asks for it): `address` for other drivers to connect to, and `sqlite_log`, where
+    the workers record every SQLite connection they open (worker_hooks.py). Token authentication
+    is off (RAY_AUTH_MODE=disabled, also for the drivers the tests start)."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+
+    sqlite_log = tmp_path_factory.mktemp("ray") / "sqlite-connections.log"
+    sqlite_log.touch()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+        runtime_env={
+            "worker_process_setup_hook": "worker_hooks.record_sqlite",
+            "env_vars": {"PYTHONPATH": str(Path(__file__).parent), "MASTERMERGE_SQLITE_LOG": str(sqlite_log)},
+        },
+    )
+    yield SimpleNamespace(address=ray.get_runtime_context().gcs_address, sqlite_log=sqlite_log)
+    ray.shutdown()

@@ -303,7 +303,7 @@ def test_no_write_lock_is_held_while_anything_is_computed(tmp_path, models, refe
     """Each result is committed on its own: whenever a spectrum is computed or two tensors are
     compared, another process could write to the cache without waiting."""
     import nerd.engine
-    import nerd.tether
+    import nerd.tethersums
 
     cache, checked = tmp_path / "c.sqlite", []
 
@@ -318,7 +318,7 @@ def test_no_write_lock_is_held_while_anything_is_computed(tmp_path, models, refe
         return wrapped
 
     monkeypatch.setattr(nerd.engine, "spectra_of", lock_is_free(nerd.engine.spectra_of))
-    monkeypatch.setattr(nerd.tether, "sums_of", lock_is_free(nerd.tether.sums_of))
+    monkeypatch.setattr(nerd.tethersums, "sums_of", lock_is_free(nerd.tethersums.sums_of))
     code, summary, warnings = merge(config_of(tmp_path / "m.yaml", models, tmp_path / "out"), cache)
     assert code == 0 and warnings == []
     assert checked.count("spectra_of") == summary["spectra_computed"] > 0 and "sums_of" in checked

@@ -1,0 +1,226 @@
+"""Spectra and tether sums on a Ray cluster (`--ray [ADDRESS]`, or `compute: {executor: ray}`):
+the connection to the cluster, and the engine's RayExecutor.
+
+The engine (engine.py) resolves every cache hit on this machine (the driver) before anything is
+scheduled, so a warm run sends nothing. What is left goes out as Ray tasks: one matrix each (its
+spectrum and metrics; on GPU workers a batch of equal shapes, with `num_gpus`), one tether pair
+each, every task with `num_cpus` = the run's thread count (threads.py), which the worker applies.
+Workers read the weights themselves (nodes.py); only small descriptions go out and only results
+come back (content digest, float64 singular values, metrics), which the engine stores: the driver
+alone writes SQLite. At most IN_FLIGHT tasks per slot of the cluster are outstanding, so the
+driver's memory stays flat, and results are yielded as they arrive (the progress bar moves with
+them). A task whose worker or node died is retried (RETRIES, Ray's own task retries); an error
+inside a task is the ModelError it raised, naming the model, the tensor and the node; Ctrl-C
+cancels every outstanding task, and the results already stored stay for the next run.
+
+Connecting: `--ray ADDRESS`, else `compute.address`, else RAY_ADDRESS, else `auto` (the cluster
+`ray start` runs on this machine); `local` starts a cluster of this machine for the run. When this
+process connects, mastermerge's own code is shipped to the workers (runtime_env py_modules), so
+they run what the driver runs; the libraries (numpy, torch, ...) must be the same versions on every
+node for bit-identical results. A caller that has connected already (ray.init) is used as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import nodes
+from .engine import Computed, Pair, Work
+from .errors import ClusterError, MergeError, ModelError, first_line
+from .nodes import Expected, Origin
+from .checkpoint import Checkpoint, numel
+from .spectra import BATCH_BYTES
+from .tethersums import Sums
+
+if TYPE_CHECKING:
+    from .sources import ResolvedModel
+
+RETRIES = 3  # times a task is run again when its worker or node dies
+IN_FLIGHT = 2  # outstanding tasks per slot (a slot: `threads` CPUs of a node, or one GPU)
+REACH_TIMEOUT = 10.0  # seconds to wait for a cluster's port to answer
+WAIT_STEP = 1.0  # seconds between checks for Ctrl-C while results are awaited
+
+
+def address_of(address: str | None) -> str:
+    """The cluster to connect to: the one given, else RAY_ADDRESS, else auto."""
+    return address or os.environ.get("RAY_ADDRESS") or "auto"
+
+
+def connected(address: str | None) -> None:
+    """Connect this process to the cluster (once; a connection already made is used as it is)."""
+    try:
+        import ray
+    except ImportError:
+        raise ClusterError("Ray is not installed: pip install 'mastermerge[ray]'") from None
+    if ray.is_initialized():
+        return
+    target = address_of(address)
+    check_reachable(target)
+    options = dict(include_dashboard=False) if target == "local" else {}
+    try:
+        ray.init(
+            address=target,
+            runtime_env={"py_modules": [str(Path(__file__).parent)]},
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            **options,
+        )
+    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
+        raise ClusterError(f"ray: cannot reach a cluster at '{target}': {first_line(exc)}") from None
+
+
+def check_reachable(target: str) -> None:
+    """A host:port address (also ray://host:port) must answer within REACH_TIMEOUT: Ray itself
+    would wait for minutes."""
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # auto, local: Ray finds (or starts) the cluster and says so at once
+    try:
+        socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT).close()
+    except OSError as exc:
+        raise ClusterError(f"ray: cannot reach a cluster at '{target}': {exc.strerror or exc}") from None
+
+
+@cache
+def remote(function: Callable):
+    """The Ray remote function of one of nodes.py's functions (made once per process)."""
+    import ray
+
+    return ray.remote(function)
+
+
+class RayExecutor:
+    """The engine's executor on a Ray cluster (see the module docstring), for the resolved `models`;
+    `device` auto means cuda when the cluster has GPUs."""
+
+    def __init__(self, models: dict[str, ResolvedModel], device: str, threads: int, address: str | None):
+        connected(address)
+        import ray
+
+        self.ray = ray
+        self.models = {Path(r.path): (ref, r) for ref, r in models.items()}
+        self.origins: dict[Path, Origin] = {}
+        self.threads = threads
+        resources = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        gpus = sum(r.get("GPU", 0) for r in resources)
+        self.device = "cuda" if device == "cuda" or (device == "auto" and gpus) else "cpu"
+        if self.device == "cuda":
+            slots = int(gpus)
+            self.options = dict(num_cpus=1, num_gpus=1)
+        else:
+            slots = sum(int(r.get("CPU", 0) // threads) for r in resources)
+            self.options = dict(num_cpus=threads)
+        if slots == 0:
+            most = max((r.get("GPU" if self.device == "cuda" else "CPU", 0) for r in resources), default=0)
+            raise ClusterError(
+                "ray: no node of the cluster can run a task: the cuda device needs a GPU, and the cluster has none"
+                if self.device == "cuda"
+                else f"ray: no node of the cluster can run a task on {threads} threads (compute.threads); "
+                f"the largest node has {most:g} CPUs"
+            )
+        self.in_flight = IN_FLIGHT * slots
+
+    def origin(self, checkpoint: Checkpoint) -> Origin:
+        """Where the nodes find a checkpoint the driver opened."""
+        directory = checkpoint.directory
+        if directory not in self.origins:
+            ref, resolved = self.models.get(directory, (str(directory), None))
+            repo_id = None if resolved is None or resolved.spec.path is not None else resolved.spec.repo_id
+            revision = None if resolved is None else resolved.revision
+            self.origins[directory] = nodes.origin_of(ref, checkpoint, repo_id, revision)
+        return self.origins[directory]
+
+    def spectra(self, works: list[Work], cached: Callable[[Work, str], bool]) -> Iterator[Computed]:
+        """The spectrum and metrics of every work whose content is not `cached`, as they arrive."""
+        task = remote(nodes.matrix_results).options(max_retries=RETRIES, retry_exceptions=False, **self.options)
+
+        def submit(unit: list[Work]):
+            items = [(w.tensor, Expected.of(w.info, w.checkpoint.directory)) for w in unit]
+            return task.remote(self.origin(unit[0].checkpoint), items, self.device, self.threads)
+
+        for unit, results in self.completed(self.units(works), submit):
+            for work, (key, spectrum, metrics) in zip(unit, results):
+                if not cached(work, key):  # the store may have this content under another file
+                    yield work, key, spectrum, metrics
+
+    def tether_sums(self, pairs: list[Pair]) -> Iterator[tuple[Pair, Sums | None]]:
+        """The sums of every pair, as they arrive."""
+        task = remote(nodes.pair_sums).options(max_retries=RETRIES, retry_exceptions=False, num_cpus=self.threads)
+
+        def submit(unit: list[Pair]):
+            pair = unit[0]
+            planned = tuple(Expected.of(c.tensors[pair.tensor], c.directory) for c in (pair.candidate, pair.base))
+            return task.remote(self.origin(pair.candidate), self.origin(pair.base), pair.tensor, planned, self.threads)
+
+        for unit, sums in self.completed([[pair] for pair in pairs], submit):
+            yield unit[0], sums
+
+    def units(self, works: list[Work]) -> list[list[Work]]:
+        """The works as tasks: one matrix each on CPUs; on GPUs, one model's equal shapes together,
+        up to BATCH_BYTES in float64."""
+        if self.device == "cpu":
+            return [[work] for work in works]
+        units: list[list[Work]] = []
+        for work in sorted(works, key=lambda w: (str(w.checkpoint.directory), w.info.shape)):
+            last = units[-1][-1] if units else None
+            if (
+                last is None
+                or last.checkpoint is not work.checkpoint
+                or last.info.shape != work.info.shape
+                or (len(units[-1]) + 1) * numel(work.info.shape) * 8 > BATCH_BYTES
+            ):
+                units.append([])
+            units[-1].append(work)
+        return units
+
+    def completed(self, units: list, submit: Callable) -> Iterator[tuple[list, object]]:
+        """(unit, its task's result) as the tasks finish, at most `in_flight` outstanding; every
+        outstanding task is cancelled when the caller stops (Ctrl-C, an error) before the end."""
+        ray = self.ray
+        waiting = iter(units)
+        pending: dict = {}
+        try:
+            while True:
+                for unit in waiting:
+                    pending[submit(unit)] = unit
+                    if len(pending) >= self.in_flight:
+                        break
+                if not pending:
+                    return
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_STEP)
+                for ref in ready:
+                    unit = pending.pop(ref)
+                    yield unit, self.result(ref, unit)
+        finally:
+            for ref in pending:
+                try:
+                    ray.cancel(ref, force=True)
+                except Exception:  # finished meanwhile, or the cluster is gone
+                    pass
+
+    def result(self, ref, unit: list):
+        """A finished task's result; its failure as one line."""
+        ray = self.ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, MergeError):
+                raise type(cause)(str(cause)) from None
+            raise ModelError(f"{self.described(unit[0])}: the task failed: {first_line(exc)}") from None
+        except ray.exceptions.RayError as exc:
+            raise ClusterError(
+                f"{self.described(unit[0])}: the cluster lost the task, also on its {RETRIES} retries "
+                f"({type(exc).__name__}: {first_line(exc)})"
+            ) from None
+
+    def described(self, item: Work | Pair) -> str:
+        """How an error names a task's work: the model and the tensor."""
+        checkpoint = item.checkpoint if isinstance(item, Work) else item.candidate
+        return f"model '{self.origin(checkpoint).ref}', tensor '{item.tensor}'"

@@ -273,31 +273,37 @@ class Engine:
 
     def tether_sums(self, pairs: list[Pair], bar=None) -> dict[Pair, Sums | None]:
         """The tether sums of each pair (tethersums.py), None where either tensor has a NaN or Inf:
-        stored by the two content digests, else computed by the executor and stored for next time.
-        `bar` counts them done."""
-        sums: dict[Pair, Sums | None] = {}
-        keys, missed = {}, []
+        stored by the two content digests, else computed by the executor (once per pair of
+        contents: the norms of a block often share theirs) and stored for next time. `bar` counts
+        them done."""
+        sums: dict[tuple[str, str], Sums | None] = {}
+        keys: dict[Pair, tuple[str, str]] = {}
+        missed: dict[tuple[str, str], list[Pair]] = {}
         for pair in pairs:
-            keys[pair] = (
+            keys[pair] = key = (
                 self.store.content_digest(pair.candidate, pair.tensor),
                 self.store.content_digest(pair.base, pair.tensor),
             )
-            row = self.store.tether_sums(*keys[pair])
-            if row is None:
-                missed.append(pair)
+            if key in missed:
+                missed[key].append(pair)
                 continue
-            sums[pair] = None if row[0] is None else tuple(row)
+            if key not in sums:
+                row = self.store.tether_sums(*key)
+                if row is None:
+                    missed[key] = [pair]
+                    continue
+                sums[key] = None if row[0] is None else tuple(row)
             if bar is not None:
                 bar.update()
         if missed:
-            with closing(self.executor.tether_sums(missed)) as computed:
+            with closing(self.executor.tether_sums([same[0] for same in missed.values()])) as computed:
                 for pair, values in computed:
                     self.store.pairs_computed += 1
-                    sums[pair] = values
+                    sums[keys[pair]] = values
                     self.store.put_tether_sums(*keys[pair], values)
                     if bar is not None:
-                        bar.update()
-        return {pair: sums[pair] for pair in pairs}
+                        bar.update(len(missed[keys[pair]]))
+        return {pair: sums[keys[pair]] for pair in pairs}
 
 
 def read_ahead(works: list[Work], depth: int = 2) -> Iterator[tuple[Work, str, bytearray]]:

@@ -149,6 +149,15 @@ def weight_scores(
         opened_checkpoints(plan.used_sources()) as checkpoints,
         tqdm(total=sum(map(len, blocks)), desc="importance", unit="matrix", disable=quiet) as bar,
     ):
+        missing = [  # the matrices read as they are whose metrics the plan lacks: computed together
+            Work(checkpoints[e.source], e.tensor)
+            for block in blocks
+            for e in block
+            if e.transform != "blend"
+            and plan.metrics.get(e.source, {}).get(e.tensor) is None
+            and checkpoints[e.source].tensors[e.tensor].is_matrix
+        ]
+        computed = {(w.checkpoint.directory, w.tensor): m for w, m in engine.metrics(missing, bar).items()}
         for entries in blocks:
             values = []
             for entry in entries:
@@ -162,12 +171,12 @@ def weight_scores(
 
                     metrics = engine.derived_metrics(blend_key(entry, opened, cache), compute)
                 elif metrics is None:
-                    checkpoint = checkpoints[entry.source]
-                    if not checkpoint.tensors[entry.tensor].is_matrix:
+                    metrics = computed.get((checkpoints[entry.source].directory, entry.tensor))
+                    if metrics is None:  # not a matrix with a spectrum (an integer tensor)
                         bar.update()
                         continue
-                    work = Work(checkpoint, entry.tensor)
-                    metrics = engine.metrics([work])[work]
+                    values.append(metrics["ner"])
+                    continue  # counted by engine.metrics
                 values.append(metrics["ner"])
                 bar.update()
             scores.append(None if not values or None in values else sum(values) / len(values))

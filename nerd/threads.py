@@ -6,7 +6,8 @@ their sums over threads, and the split changes the rounding: a 512 x 512 eigvals
 differs from two threads by about 1e-10 relative. Ray sets OMP_NUM_THREADS to a task's CPUs, a
 workstation uses all its cores, so one explicit count (`compute.threads`, default every core of
 the machine that plans the run) is applied in this process and on every Ray worker alike: through
-threadpoolctl for the BLAS and OpenMP libraries loaded, and torch.set_num_threads for torch.
+threadpoolctl for the BLAS and OpenMP libraries (numpy's OpenBLAS, scipy's own, torch's OpenMP),
+and torch.set_num_threads for torch, which may be imported later and is set where it is used.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _threads: int | None = None  # the count in force in this process, for torch imported later
+_torch_before: int | None = None  # torch's own count before the first change, restored at the end
 
 
 def every_core() -> int:
@@ -29,11 +31,12 @@ def every_core() -> int:
 @contextmanager
 def limited_threads(threads: int | None) -> Iterator[None]:
     """Every BLAS, OpenMP and torch computation inside runs on `threads` threads (None: as the
-    libraries would by themselves)."""
-    global _threads
+    libraries would by themselves); each library's own count is restored after."""
+    global _threads, _torch_before
     if threads is None:
         yield
         return
+    import scipy.linalg  # noqa: F401  (its own OpenBLAS, used by the refined path: loaded now, so it is limited too)
     from threadpoolctl import threadpool_limits
 
     previous, _threads = _threads, threads
@@ -44,14 +47,22 @@ def limited_threads(threads: int | None) -> Iterator[None]:
             yield
     finally:
         _threads = previous
+        if previous is None and _torch_before is not None:
+            import torch
+
+            torch.set_num_threads(_torch_before)
+            _torch_before = None
 
 
 def torch_threads() -> None:
     """Apply the count in force to torch (called where torch is used: it may be imported after
     `limited_threads` was entered)."""
+    global _torch_before
     if _threads is None:
         return
     import torch
 
     if torch.get_num_threads() != _threads:
+        if _torch_before is None:
+            _torch_before = torch.get_num_threads()
         torch.set_num_threads(_threads)

@@ -270,3 +270,30 @@ def test_ray_is_not_imported_unless_asked_for(tmp_path, llama_family, compute, a
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | ({"RAY_ADDRESS": address} if address else {})
     run = run_process([sys.executable, "-c", script, "--config", config, "--quiet", "--no-cache"], env=env)
     assert run.returncode == 0 and run.stdout.splitlines()[-1] == "no ray", run.stderr
+
+
+def test_every_computation_runs_on_the_threads_asked_for(tmp_path, llama_family, monkeypatch):
+    """Here (the local executor) as on a worker: BLAS and OpenMP through threadpoolctl, torch's own."""
+    import torch
+    from threadpoolctl import threadpool_info
+
+    import nerd.engine
+    import nerd.tethersums
+
+    seen = []
+
+    def recording(compute):
+        def wrapped(*args, **kwargs):
+            seen.append({lib["internal_api"] for lib in threadpool_info() if lib["num_threads"] != 1})
+            seen.append(torch.get_num_threads())
+            return compute(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(nerd.engine, "spectra_of", recording(nerd.engine.spectra_of))
+    monkeypatch.setattr(nerd.tethersums, "sums_of", recording(nerd.tethersums.sums_of))
+    family = llama_family(2)
+    before = torch.get_num_threads()
+    merge([family["base"], family["ft"]], tmp_path, "--threads", "1").ok()
+    assert len(seen) > 10 and all(s == set() or s == 1 for s in seen)
+    assert torch.get_num_threads() == before  # and torch's own count is back after the run

@@ -353,7 +353,7 @@ def test_blends_and_sums_are_exact_across_slices_of_sharded_and_pickled_inputs(t
     torch.save(state, ft / "pytorch_model.bin")
     config = config_of([base, ft], tmp_path / "out", tether={"mode": "blend"})
     whole = plan_merge(config, cache=MetricCache(), quiet=True)
-    monkeypatch.setattr("nerd.tether.SLICE_ELEMENTS", 7)  # slices that cross rows and tensor ends
+    monkeypatch.setattr("nerd.tethersums.SLICE_ELEMENTS", 7)  # slices that cross rows and tensor ends
     sliced = plan_merge(config, cache=MetricCache(), quiet=True)
     for group, scores in whole.tethers.scores.items():
         assert sliced.tethers.scores[group][str(ft)] == pytest.approx(scores[str(ft)], abs=1e-12)

@@ -61,7 +61,7 @@ def driver_env(hub, tmp_path: Path) -> dict[str, str]:
 
 def analyze(tmp_path: Path, name: str, models, env, *flags) -> subprocess.CompletedProcess:
     out = tmp_path / name
-    command = cli_command("analyze", *models, "--out", out, "--no-plots", "--json", "--threads", "1", *flags)
+    command = cli_command("analyze", *models, "--out", out, "--no-plots", "--json", "--quiet", "--threads", "1", *flags)
     return run_process(command, env=env | {"MASTERMERGE_CACHE": str(tmp_path / f"{name}.sqlite")})
 
 
@@ -102,7 +102,8 @@ def test_a_merge_on_two_nodes_writes_the_same_shards(tmp_path, hub, cluster):
 def test_a_model_a_node_cannot_get_is_one_line_naming_the_node(tmp_path, hub, cluster):
     run = analyze(tmp_path, "out", ["testorg/only-here"], driver_env(hub, tmp_path), "--ray", cluster[0].address)
     assert run.returncode == 3 and not (tmp_path / "out").exists()
-    [line] = run.stderr.splitlines()
+    assert len(run.stderr.splitlines()) == 1, run.stderr
+    line = run.stderr.strip()
     assert line.startswith("mastermerge: error: model 'testorg/only-here', tensor '")
     assert "node " in line and "cannot download testorg/only-here at " in line
 

@@ -116,12 +116,12 @@ class RayExecutor:
         else:
             slots = sum(int(r.get("CPU", 0) // threads) for r in resources)
             self.options = dict(num_cpus=threads)
+        if slots == 0 and self.device == "cuda":
+            raise ClusterError("ray: device cuda was asked for, and no node of the cluster has a GPU")
         if slots == 0:
-            most = max((r.get("GPU" if self.device == "cuda" else "CPU", 0) for r in resources), default=0)
+            most = max((r.get("CPU", 0) for r in resources), default=0)
             raise ClusterError(
-                "ray: no node of the cluster can run a task: the cuda device needs a GPU, and the cluster has none"
-                if self.device == "cuda"
-                else f"ray: no node of the cluster can run a task on {threads} threads (compute.threads); "
+                f"ray: no node of the cluster can run a task on {threads} threads (compute.threads); "
                 f"the largest node has {most:g} CPUs"
             )
         self.in_flight = IN_FLIGHT * slots

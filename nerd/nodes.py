@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,23 +154,36 @@ def reported(origin: Origin, tensor: str) -> Iterator[None]:
         ) from None
 
 
-def matrix_results(
-    origin: Origin, items: list[tuple[str, Expected]], device: str, threads: int
-) -> list[tuple[str, Spectrum, dict]]:
-    """The content digest, spectrum and metrics of each (tensor, expected) of one model: one matrix
-    on a CPU, a batch of equal shapes on a GPU (`device` cuda)."""
-    with limited_threads(threads):
+def matrix_spectra(origin: Origin, items: list[tuple[str, Expected]], device: str, threads: int) -> list[tuple]:
+    """The content digest and spectrum of each (tensor, expected) of one model: one matrix on a
+    CPU, a batch of equal shapes on a GPU (`device` cuda). Each tensor's digest is computed in a
+    thread while its Gram matrix is (both release the GIL)."""
+    with limited_threads(threads), ThreadPoolExecutor(1, thread_name_prefix="mastermerge-hash") as hasher:
         matrices, keys = [], []
         for tensor, expected in items:
             with reported(origin, tensor):
                 checkpoint = node_checkpoint(origin)
                 info = checked_info(checkpoint, tensor, expected)
                 data = checkpoint.read_bytes(tensor)
-                keys.append(content_key(info, data))
+                keys.append(hasher.submit(content_key, info, data))
                 matrices.append(numpy_matrix(data, info.dtype, info.shape))
         with reported(origin, items[0][0]):
             spectra = spectra_of(matrices, device)
-            return [(key, spectrum, every_metric(spectrum)) for key, spectrum in zip(keys, spectra)]
+            return [(key.result(), spectrum) for key, spectrum in zip(keys, spectra)]
+
+
+def with_metrics(spectra: list[tuple], threads: int) -> list[tuple[str, Spectrum, dict]]:
+    """matrix_spectra's results with every metric of each spectrum: a task of its own, which needs
+    no CPU of Ray's count, so that it overlaps the next spectrum as the local metrics thread does."""
+    with limited_threads(threads):
+        return [(key, spectrum, every_metric(spectrum)) for key, spectrum in spectra]
+
+
+def matrix_results(
+    origin: Origin, items: list[tuple[str, Expected]], device: str, threads: int
+) -> list[tuple[str, Spectrum, dict]]:
+    """The content digest, spectrum and metrics of each (tensor, expected) of one model, in one call."""
+    return with_metrics(matrix_spectra(origin, items, device, threads), threads)
 
 
 def pair_sums(

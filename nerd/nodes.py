@@ -154,10 +154,14 @@ def reported(origin: Origin, tensor: str) -> Iterator[None]:
         ) from None
 
 
-def matrix_spectra(origin: Origin, items: list[tuple[str, Expected]], device: str, threads: int) -> list[tuple]:
-    """The content digest and spectrum of each (tensor, expected) of one model: one matrix on a
-    CPU, a batch of equal shapes on a GPU (`device` cuda). Each tensor's digest is computed in a
-    thread while its Gram matrix is (both release the GIL)."""
+def matrix_results(
+    origin: Origin, items: list[tuple[str, Expected]], device: str, threads: int
+) -> list[tuple[str, Spectrum, dict]]:
+    """The content digest, spectrum and metrics of each (tensor, expected) of one model: one matrix
+    on a CPU, a batch of equal shapes on a GPU (`device` cuda). Each tensor's digest is computed in
+    a thread while its Gram matrix is (both release the GIL). The metrics are derived here, not on
+    the driver: their KS scan grows with the square of a matrix's width, too much for one driver
+    thread serving a cluster."""
     with limited_threads(threads), ThreadPoolExecutor(1, thread_name_prefix="mastermerge-hash") as hasher:
         matrices, keys = [], []
         for tensor, expected in items:
@@ -169,21 +173,7 @@ def matrix_spectra(origin: Origin, items: list[tuple[str, Expected]], device: st
                 matrices.append(numpy_matrix(data, info.dtype, info.shape))
         with reported(origin, items[0][0]):
             spectra = spectra_of(matrices, device)
-            return [(key.result(), spectrum) for key, spectrum in zip(keys, spectra)]
-
-
-def with_metrics(spectra: list[tuple], threads: int) -> list[tuple[str, Spectrum, dict]]:
-    """matrix_spectra's results with every metric of each spectrum: a task of its own, which needs
-    no CPU of Ray's count, so that it overlaps the next spectrum as the local metrics thread does."""
-    with limited_threads(threads):
-        return [(key, spectrum, every_metric(spectrum)) for key, spectrum in spectra]
-
-
-def matrix_results(
-    origin: Origin, items: list[tuple[str, Expected]], device: str, threads: int
-) -> list[tuple[str, Spectrum, dict]]:
-    """The content digest, spectrum and metrics of each (tensor, expected) of one model, in one call."""
-    return with_metrics(matrix_spectra(origin, items, device, threads), threads)
+            return [(key.result(), spectrum, every_metric(spectrum)) for key, spectrum in zip(keys, spectra)]
 
 
 def pair_sums(

@@ -6,8 +6,7 @@ scheduled, so a warm run sends nothing. What is left goes out as Ray tasks: one 
 spectrum and metrics; on GPU workers a batch of equal shapes, with `num_gpus`), one tether pair
 each, every task with `num_cpus` = the run's thread count (threads.py), which the worker applies.
 Workers read the weights themselves (nodes.py); only small descriptions go out and only results
-come back (content digest, float64 singular values, and the metrics, derived by a second task that
-takes no CPU of Ray's count, so that it overlaps the next spectrum), which the engine stores: the driver
+come back (content digest, float64 singular values, metrics), which the engine stores: the driver
 alone writes SQLite. At most IN_FLIGHT tasks per slot of the cluster are outstanding, so the
 driver's memory stays flat, and results are yielded as they arrive (the progress bar moves with
 them). A task whose worker or node died is retried (RETRIES, Ray's own task retries); an error
@@ -139,13 +138,11 @@ class RayExecutor:
 
     def spectra(self, works: list[Work], cached: Callable[[Work, str], bool]) -> Iterator[Computed]:
         """The spectrum and metrics of every work whose content is not `cached`, as they arrive."""
-        task = remote(nodes.matrix_spectra).options(max_retries=RETRIES, retry_exceptions=False, **self.options)
-        derive = remote(nodes.with_metrics).options(max_retries=RETRIES, retry_exceptions=False, num_cpus=0)
+        task = remote(nodes.matrix_results).options(max_retries=RETRIES, retry_exceptions=False, **self.options)
 
         def submit(unit: list[Work]):
             items = [(w.tensor, Expected.of(w.info, w.checkpoint.directory)) for w in unit]
-            spectra = task.remote(self.origin(unit[0].checkpoint), items, self.device, self.threads)
-            return derive.remote(spectra, self.threads)  # on the result, where it is, as soon as it is there
+            return task.remote(self.origin(unit[0].checkpoint), items, self.device, self.threads)
 
         for unit, results in self.completed(self.units(works), submit):
             for work, (key, spectrum, metrics) in zip(unit, results):

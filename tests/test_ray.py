@@ -44,7 +44,7 @@ def analyzed(tmp_path: Path, name: str, models, *flags) -> tuple[dict, bytes, by
     return json.loads(stdout), (out / "metrics.csv").read_bytes(), (out / "metrics.json").read_bytes()
 
 
-def running_tasks(name: str = "matrix_spectra") -> list[int]:
+def running_tasks(name: str = "matrix_results") -> list[int]:
     """The processes of Ray workers running a task of nodes.py's `name` (Ray titles them ray::name)."""
     pids = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -188,7 +189,8 @@ def test_ctrl_c_cancels_the_tasks_and_a_rerun_computes_only_the_rest(tmp_path, w
         "--ray",
         ray_session.address,
     )
-    driver = __import__("subprocess").Popen(command, stdout=-1, stderr=-1, text=True)
+    reset = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731  (pytest may run with it ignored)
+    driver = subprocess.Popen([str(c) for c in command], stdout=-1, stderr=-1, text=True, preexec_fn=reset)
 
     def stored() -> int:
         try:

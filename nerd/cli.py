@@ -153,10 +153,10 @@ def parser() -> argparse.ArgumentParser:
     def command(name: str, uses: tuple[str, ...], **kwargs) -> argparse.ArgumentParser:
         return commands.add_parser(name, parents=[shared[u] for u in uses], epilog=EXIT_CODES, **kwargs)
 
-    every = ("reporting", "caching", "writing", "computing")  # a merge's device is its config's
+    every = ("reporting", "caching", "writing")
     merge = command(
         "merge",
-        (*every, "planning"),
+        (*every, "computing", "planning"),  # a merge's device is its config's
         prog="mastermerge [merge]",
         help="merge the candidates of one or more configs (the default command)",
         description="Merge the candidates of each config: all are validated first, then run in order, "
@@ -174,7 +174,7 @@ def parser() -> argparse.ArgumentParser:
 
     analyze = command(
         "analyze",
-        (*every, "device"),
+        (*every, "computing", "device"),
         help="every metric of every weight matrix, with figures",
         description="Every metric of every weight matrix (NER, alpha, detX, rank collapse, ...): "
         "metrics.csv, metrics.json, figures and a per-model summary.",
@@ -192,7 +192,7 @@ def parser() -> argparse.ArgumentParser:
 
     expand = command(
         "expand",
-        (*every, "device", "planning"),
+        (*every, "computing", "device", "planning"),
         help="DLEC layer expansion of one model",
         description="DLEC layer expansion of one model: duplicate its most important blocks (by block "
         "influence on a calibration text, heavy-tail share, or the NER of the weights), each "

@@ -19,6 +19,7 @@ from .config import evaluate_options, expand_config, index_of_each, load_config,
 from .filesystem import claim_dir, claim_output
 from .evalfiles import write_evaluation
 from .evaluate import Subject, evaluate_subjects, tokenization_notes
+from .engine import uses_ray
 from .errors import ConfigError, IntegrityError, MergeError
 from .pipeline import plan_merge
 from .sections import Compute
@@ -60,9 +61,25 @@ def compute_of(args: argparse.Namespace, configured: Compute) -> Compute:
     )
 
 
+def one_cluster(configs: list) -> None:
+    """The configs of one run that use Ray must use the same cluster: a process connects to one."""
+    from .raycluster import address_of
+
+    first = None
+    for config in (c for c in configs if uses_ray(c.compute)):
+        if first is not None and address_of(config.compute.address) != address_of(first.compute.address):
+            raise ConfigError(
+                f"{config.source}: compute.address: '{address_of(config.compute.address)}' is another cluster "
+                f"than {first.source}'s '{address_of(first.compute.address)}': one run uses one cluster, "
+                "run the configs of each separately"
+            )
+        first = first or config
+
+
 def run_configs(configs: list, args: argparse.Namespace) -> int:
     """Plan and write (or with --dry-run, print) each config in turn, sharing one metric cache."""
     outputs: dict[Path, Path] = {}
+    one_cluster(configs)
     for config in configs:
         if not args.dry_run and config.output_dir in outputs:
             raise ConfigError(

@@ -75,7 +75,10 @@ class Pair:
 
 
 class Executor(Protocol):
-    """Where spectra and tether sums are computed (see the module docstring)."""
+    """Where spectra and tether sums are computed (see the module docstring), on `threads` threads
+    (None: as the libraries would by themselves)."""
+
+    threads: int | None
 
     def spectra(self, works: list[Work], cached: Callable[[Work, str], bool]) -> Iterator[Computed]:
         """The spectrum (and metrics, or None) of every work whose content is not `cached`, with

@@ -49,6 +49,7 @@ from .metrics import every_metric
 from .plan import Plan
 from .spectra import spectrum_of
 from .tether import blended_tensor
+from .threads import limited_threads
 
 if TYPE_CHECKING:
     import torch
@@ -140,7 +141,8 @@ def weight_scores(
 ) -> list[float | None]:
     """Mean NER of each block's 2-D matrices in the plan (None if any has none), reusing the plan's
     metrics and computing (and caching) those it lacks, with `executor` (default: this process)."""
-    engine = Engine(cache, executor or LocalExecutor(str(device)))
+    executor = executor or LocalExecutor(str(device))
+    engine = Engine(cache, executor)
     blocks = [
         [e for e in plan.entries if layout.depths[e.name] == d and len(e.shape) == 2] for d in range(layout.num_layers)
     ]
@@ -165,9 +167,10 @@ def weight_scores(
                 if entry.transform == "blend":  # a matrix no input file holds: cached under its blend key
                     opened = checkpoints
 
-                    def compute(entry=entry, opened=opened):
-                        spectrum = spectrum_of(blended_tensor(entry, opened, torch_dtype(entry.dtype)), device)
-                        return every_metric(spectrum)
+                    def compute(entry=entry, opened=opened):  # here, on the run's threads
+                        with limited_threads(executor.threads):
+                            spectrum = spectrum_of(blended_tensor(entry, opened, torch_dtype(entry.dtype)), device)
+                            return every_metric(spectrum)
 
                     metrics = engine.derived_metrics(blend_key(entry, opened, cache), compute)
                 elif metrics is None:

@@ -71,6 +71,7 @@ def origin_of(ref: str, checkpoint: Checkpoint, repo_id: str | None, revision: s
 
 
 OPENED: dict[Origin, tuple[tuple, Checkpoint]] = {}  # what this worker process opened, with its files' stat
+KEPT_OPEN = 8  # checkpoints a worker keeps open (the least recently used one is closed)
 
 
 def node_name() -> str:
@@ -88,19 +89,21 @@ def node_checkpoint(origin: Origin) -> Checkpoint:
     """The model as this node sees it: opened once per worker process, and again when a file of it
     changed since (a worker serves every run of a driver)."""
     if origin in OPENED:
-        signature, checkpoint = OPENED[origin]
+        signature, checkpoint = OPENED.pop(origin)
         if signature == files_signature(checkpoint):
+            OPENED[origin] = signature, checkpoint  # the most recently used, last
             return checkpoint
         checkpoint.close()
-        del OPENED[origin]
     directory = Path(origin.path) if origin.repo_id is None else downloaded(origin)
     if not directory.is_dir():
         raise ModelError(
-            f"node {node_name()} cannot see {directory}: a local model must be on storage every node "
-            f"shares, at the same path (or give the model by its hub id)"
+            f"cannot see {directory}: a local model must be on storage every node shares, at the same "
+            f"path (or give the model by its hub id)"
         )
     checkpoint = Checkpoint.open(directory)
     OPENED[origin] = files_signature(checkpoint), checkpoint
+    while len(OPENED) > KEPT_OPEN:
+        OPENED.pop(next(iter(OPENED)))[1].close()
     return checkpoint
 
 
@@ -123,9 +126,7 @@ def downloaded(origin: Origin) -> Path:
     try:
         return Path(snapshot_download(origin.repo_id, revision=origin.revision, allow_patterns=list(origin.files)))
     except Exception as exc:
-        raise ModelError(
-            f"node {node_name()} cannot download {origin.repo_id} at {origin.revision}: {first_line(exc)}"
-        ) from None
+        raise ModelError(f"cannot download {origin.repo_id} at {origin.revision}: {first_line(exc)}") from None
 
 
 def checked_info(checkpoint: Checkpoint, tensor: str, expected: Expected) -> TensorInfo:
@@ -135,7 +136,7 @@ def checked_info(checkpoint: Checkpoint, tensor: str, expected: Expected) -> Ten
     if found != expected:
         what = "no such tensor" if found is None else f"{found.file}, {found.dtype} {list(found.shape)}"
         raise ModelError(
-            f"node {node_name()} sees another copy in {checkpoint.directory}: expected {expected.file}, "
+            f"another copy in {checkpoint.directory}: expected {expected.file}, "
             f"{expected.dtype} {list(expected.shape)}, found {what}"
         )
     return info
@@ -146,12 +147,9 @@ def reported(origin: Origin, tensor: str) -> Iterator[None]:
     """Any failure inside as one ModelError naming the model, the tensor and the node."""
     try:
         yield
-    except ModelError as exc:
-        raise ModelError(f"model '{origin.ref}', tensor '{tensor}': {exc}") from None
     except Exception as exc:
-        raise ModelError(
-            f"model '{origin.ref}', tensor '{tensor}' on node {node_name()}: {type(exc).__name__}: {first_line(exc)}"
-        ) from None
+        why = str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {first_line(exc)}"
+        raise ModelError(f"model '{origin.ref}', tensor '{tensor}' on node {node_name()}: {why}") from None
 
 
 def matrix_results(

@@ -4,17 +4,21 @@ the connection to the cluster, and the engine's RayExecutor.
 The engine (engine.py) resolves every cache hit on this machine (the driver) before anything is
 scheduled, so a warm run sends nothing. What is left goes out as Ray tasks: one matrix each (its
 spectrum and metrics; on GPU workers a batch of equal shapes, with `num_gpus`), one tether pair
-each, every task with `num_cpus` = the run's thread count (threads.py), which the worker applies.
+each, every task with `num_cpus` = the run's thread count (threads.py), which the worker applies
+(a GPU task also holds one GPU: its reading, hashing and metrics run on those CPUs).
 Workers read the weights themselves (nodes.py); only small descriptions go out and only results
 come back (content digest, float64 singular values, metrics), which the engine stores: the driver
 alone writes SQLite. At most IN_FLIGHT tasks per slot of the cluster are outstanding, so the
 driver's memory stays flat, and results are yielded as they arrive (the progress bar moves with
 them). A task whose worker or node died is retried (RETRIES, Ray's own task retries); an error
-inside a task is the ModelError it raised, naming the model, the tensor and the node; Ctrl-C
-cancels every outstanding task, and the results already stored stay for the next run.
+inside a task is the ModelError it raised, naming the model, the tensor and the node. An error or
+an early stop cancels every outstanding task; Ctrl-C ends the driver, and Ray ends the tasks of a
+driver that goes. The results already stored stay for the next run.
 
-Connecting: `--ray ADDRESS`, else `compute.address`, else RAY_ADDRESS, else `auto` (the cluster
-`ray start` runs on this machine); `local` starts a cluster of this machine for the run. When this
+Connecting: `--ray ADDRESS`, else `compute.address`, else RAY_ADDRESS, else `auto` (Ray's own
+meaning: RAY_ADDRESS when it is set, else the cluster `ray start` runs on this machine); `local`
+starts a cluster of this machine for the run. One process connects to one cluster: a later config
+of a batch that names another is refused (ClusterError) rather than run on the first. When this
 process connects, mastermerge's own code is shipped to the workers (runtime_env py_modules), so
 they run what the driver runs; the libraries (numpy, torch, ...) must be the same versions on every
 node for bit-identical results. A caller that has connected already (ray.init) is used as it is.
@@ -42,9 +46,12 @@ if TYPE_CHECKING:
     from .sources import ResolvedModel
 
 RETRIES = 3  # times a task is run again when its worker or node dies
+LOST = ("WorkerCrashedError", "NodeDiedError", "ObjectLostError", "OwnerDiedError", "ActorDiedError")
+CONNECTED: list[str] = []  # the address this process connected to (empty: not by connected())
 IN_FLIGHT = 2  # outstanding tasks per slot (a slot: `threads` CPUs of a node, or one GPU)
 REACH_TIMEOUT = 10.0  # seconds to wait for a cluster's port to answer
 WAIT_STEP = 1.0  # seconds between checks for Ctrl-C while results are awaited
+CANCEL_TRIES = 10  # times an outstanding task is cancelled, WAIT_STEP / 2 apart, until it ends
 
 
 def address_of(address: str | None) -> str:
@@ -58,9 +65,14 @@ def connected(address: str | None) -> None:
         import ray
     except ImportError:
         raise ClusterError("Ray is not installed: pip install 'mastermerge[ray]'") from None
-    if ray.is_initialized():
-        return
     target = address_of(address)
+    if ray.is_initialized():
+        if CONNECTED and target not in (CONNECTED[0], ray.get_runtime_context().gcs_address):
+            raise ClusterError(
+                f"ray: this run is connected to the cluster at '{CONNECTED[0]}' already and cannot also "
+                f"use '{target}': run the configs of each cluster separately"
+            )
+        return
     check_reachable(target)
     options = dict(include_dashboard=False) if target == "local" else {}
     try:
@@ -73,6 +85,7 @@ def connected(address: str | None) -> None:
         )
     except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
         raise ClusterError(f"ray: cannot reach a cluster at '{target}': {first_line(exc)}") from None
+    CONNECTED.append(target)
 
 
 def check_reachable(target: str) -> None:
@@ -82,7 +95,7 @@ def check_reachable(target: str) -> None:
     if not host or not port.isdigit():
         return  # auto, local: Ray finds (or starts) the cluster and says so at once
     try:
-        socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT).close()
     except OSError as exc:
         raise ClusterError(f"ray: cannot reach a cluster at '{target}': {exc.strerror or exc}") from None
 
@@ -107,17 +120,22 @@ class RayExecutor:
         self.models = {Path(r.path): (ref, r) for ref, r in models.items()}
         self.origins: dict[Path, Origin] = {}
         self.threads = threads
-        resources = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        gpus = sum(r.get("GPU", 0) for r in resources)
+        try:
+            resources = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        except ray.exceptions.RayError as exc:
+            raise ClusterError(f"ray: the cluster does not answer: {first_line(exc)}") from None
+        gpus = sum(int(r.get("GPU", 0)) for r in resources)
         self.device = "cuda" if device == "cuda" or (device == "auto" and gpus) else "cpu"
+        self.options = dict(num_cpus=threads)
+        slots = sum(int(r.get("CPU", 0) // threads) for r in resources)
         if self.device == "cuda":
-            slots = int(gpus)
-            self.options = dict(num_cpus=1, num_gpus=1)
-        else:
-            slots = sum(int(r.get("CPU", 0) // threads) for r in resources)
-            self.options = dict(num_cpus=threads)
+            slots = sum(min(int(r.get("GPU", 0)), int(r.get("CPU", 0) // threads)) for r in resources)
+            self.options = dict(num_cpus=threads, num_gpus=1)
         if slots == 0 and self.device == "cuda":
-            raise ClusterError("ray: device cuda was asked for, and no node of the cluster has a GPU")
+            raise ClusterError(
+                f"ray: device cuda was asked for, and no node of the cluster has a GPU and {threads} CPUs "
+                "(compute.threads)"
+            )
         if slots == 0:
             most = max((r.get("CPU", 0) for r in resources), default=0)
             raise ClusterError(
@@ -181,28 +199,49 @@ class RayExecutor:
 
     def completed(self, units: list, submit: Callable) -> Iterator[tuple[list, object]]:
         """(unit, its task's result) as the tasks finish, at most `in_flight` outstanding; every
-        outstanding task is cancelled when the caller stops (Ctrl-C, an error) before the end."""
+        outstanding task is cancelled when the caller stops (an error, or leaving the loop) before
+        the end, and ends with this process on Ctrl-C."""
         ray = self.ray
         waiting = iter(units)
         pending: dict = {}
         try:
             while True:
-                for unit in waiting:
+                while len(pending) < self.in_flight and (unit := next(waiting, None)) is not None:
                     pending[submit(unit)] = unit
-                    if len(pending) >= self.in_flight:
-                        break
                 if not pending:
                     return
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_STEP)
+                try:
+                    ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_STEP)
+                except ray.exceptions.RayError as exc:
+                    raise ClusterError(f"ray: the cluster does not answer: {first_line(exc)}") from None
                 for ref in ready:
                     unit = pending.pop(ref)
                     yield unit, self.result(ref, unit)
+        except KeyboardInterrupt:
+            # The driver is ending, and Ray ends the tasks of a driver that goes. A cancel now, with
+            # the interrupted wait behind it, aborted the driver inside Ray's core worker about
+            # one time in eight (Ray 2.60: "Tried to complete task that was not pending").
+            pending.clear()
+            raise
         finally:
-            for ref in pending:
+            self.cancelled(list(pending))
+
+    def cancelled(self, refs: list) -> None:
+        """Cancel the tasks of `refs`, again while any still runs: a cancel that reaches a worker
+        between being handed a task and starting it is lost (ray-project/ray#24359)."""
+        ray = self.ray
+        for _ in range(CANCEL_TRIES):
+            for ref in refs:
                 try:
                     ray.cancel(ref, force=True)
                 except Exception:  # finished meanwhile, or the cluster is gone
                     pass
+            try:
+                _, refs = ray.wait(refs, num_returns=len(refs), timeout=WAIT_STEP / 2)
+            except Exception:  # the cluster is gone: nothing runs for us any more
+                return
+            if not refs:
+                return
 
     def result(self, ref, unit: list):
         """A finished task's result; its failure as one line."""
@@ -213,11 +252,12 @@ class RayExecutor:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, MergeError):
                 raise type(cause)(str(cause)) from None
-            raise ModelError(f"{self.described(unit[0])}: the task failed: {first_line(exc)}") from None
+            why = f"{type(cause).__name__}: {first_line(cause)}" if cause is not None else first_line(exc)
+            raise ModelError(f"{self.described(unit[0])}: the task failed: {why}") from None
         except ray.exceptions.RayError as exc:
+            retried = f", also on its {RETRIES} retries" if type(exc).__name__ in LOST else ""
             raise ClusterError(
-                f"{self.described(unit[0])}: the cluster lost the task, also on its {RETRIES} retries "
-                f"({type(exc).__name__}: {first_line(exc)})"
+                f"{self.described(unit[0])}: the cluster lost the task{retried} ({type(exc).__name__}: {first_line(exc)})"
             ) from None
 
     def described(self, item: Work | Pair) -> str:

@@ -20,9 +20,10 @@ from examples.tiny_models import build_model
 from nerd.checkpoint import Checkpoint
 from nerd.engine import Work
 from nerd.errors import ModelError
-from nerd.nodes import Expected, matrix_results, origin_of, pair_sums
+from nerd.nodes import Expected, matrix_results, node_name, origin_of, pair_sums
 
 pytestmark = pytest.mark.usefixtures("ray_session")
+THREADS = ("--threads", "2")  # the session cluster's CPUs: on any machine, here as on the workers
 REPORTED = ("metrics", "spectrum_paths", "plan", "shards", "files")  # merge_report.json's results (not when, where)
 
 
@@ -39,7 +40,7 @@ def analyzed(tmp_path: Path, name: str, models, *flags) -> tuple[dict, bytes, by
     the bytes of metrics.csv and metrics.json."""
     out = tmp_path / name
     code, stdout, stderr = run_cli(
-        "analyze", *models, "--out", out, "--cache", tmp_path / f"{name}.sqlite", "--json", "--quiet", *flags
+        "analyze", *models, "--out", out, "--cache", tmp_path / f"{name}.sqlite", "--json", "--quiet", *THREADS, *flags
     )
     assert code == 0, stderr
     return json.loads(stdout), (out / "metrics.csv").read_bytes(), (out / "metrics.json").read_bytes()
@@ -63,7 +64,6 @@ def test_analyze_on_ray_writes_the_same_bytes(tmp_path, llama_family, ray_sessio
     remote, ray_csv, ray_table = analyzed(tmp_path, "ray", models, "--ray", ray_session.address)
     assert (ray_csv, ray_table) == (csv, table)
     assert remote["spectra_computed"] == local["spectra_computed"] > 0
-    assert "RAY_ADDRESS" not in os.environ  # connecting did not make later runs use the cluster
 
 
 def test_merge_on_ray_writes_the_same_bytes(tmp_path, llama_family):
@@ -73,8 +73,8 @@ def test_merge_on_ray_writes_the_same_bytes(tmp_path, llama_family):
     options = dict(tether={"mode": "blend"}, dlec={"add_layers": 1, "importance": "ner"})
     for name in ("local", "flag", "config"):
         (tmp_path / name).mkdir()
-    local = merge(models, tmp_path / "local", **options)
-    flagged = merge(models, tmp_path / "flag", "--ray", **options)
+    local = merge(models, tmp_path / "local", *THREADS, **options)
+    flagged = merge(models, tmp_path / "flag", "--ray", *THREADS, **options)
     configured = merge(models, tmp_path / "config", compute={"executor": "ray", "threads": 2}, **options)
     for run in (flagged, configured):
         assert run.ok() == local.ok() | {"output_dir": str(run.output), "config": run.result["config"]}
@@ -118,7 +118,7 @@ def test_a_warm_run_sends_nothing_to_the_cluster(tmp_path, llama_family, monkeyp
 
     family = llama_family(2)
     models = [family["base"], family["ft-a"]]
-    first = merge(models, tmp_path, "--ray", output=tmp_path / "first").ok()
+    first = merge(models, tmp_path, "--ray", *THREADS, output=tmp_path / "first").ok()
     assert first["spectra_computed"] > 0
     sent = []
     real = nerd.raycluster.RayExecutor.completed
@@ -127,7 +127,7 @@ def test_a_warm_run_sends_nothing_to_the_cluster(tmp_path, llama_family, monkeyp
         "completed",
         lambda self, units, submit: real(self, sent.extend(units) or units, submit),
     )
-    second = merge(models, tmp_path, "--ray", output=tmp_path / "second").ok()
+    second = merge(models, tmp_path, "--ray", *THREADS, output=tmp_path / "second").ok()
     assert sent == [] and second["spectra_computed"] == 0
     assert second["choices"] == first["choices"] and second["tethers"] == first["tethers"]
 
@@ -137,7 +137,7 @@ def test_only_the_driver_opens_the_metric_cache(tmp_path, llama_family, ray_sess
 
     family = llama_family(2)
     before = ray_session.sqlite_log.read_text()
-    merge([family["base"], family["ft-b"]], tmp_path, "--ray", tether={"mode": "blend"}).ok()
+    merge([family["base"], family["ft-b"]], tmp_path, "--ray", *THREADS, tether={"mode": "blend"}).ok()
     assert ray_session.sqlite_log.read_text() == before
     with closing(sqlite3.connect(tmp_path / "c.sqlite")) as db:
         assert db.execute("SELECT COUNT(*) FROM spectra").fetchone()[0] > 0
@@ -160,7 +160,10 @@ def test_a_worker_killed_mid_task_is_retried_and_changes_nothing(tmp_path, wide)
         while not killed and time.monotonic() < deadline:
             for pid in running_tasks():
                 time.sleep(0.05)  # into the task
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:  # its task ended meanwhile: try the next one
+                    continue
                 killed.append(pid)
                 break
             time.sleep(0.005)
@@ -186,6 +189,7 @@ def test_ctrl_c_cancels_the_tasks_and_a_rerun_computes_only_the_rest(tmp_path, w
         cache,
         "--no-plots",
         "--json",
+        *THREADS,
         "--ray",
         ray_session.address,
     )
@@ -218,6 +222,48 @@ def test_ctrl_c_cancels_the_tasks_and_a_rerun_computes_only_the_rest(tmp_path, w
     assert summary["spectra_computed"] == total - kept and summary["spectra_reused"] == kept
 
 
+def test_an_executor_stopped_early_cancels_its_outstanding_tasks():
+    """What Ctrl-C (or an error) does to the executor's loop: the tasks still outstanding when the
+    caller stops are cancelled, not left to run (here each would take a minute), and no more than
+    `in_flight` were ever sent."""
+    import ray
+
+    from nerd.raycluster import RayExecutor
+
+    @ray.remote(num_cpus=1)
+    def sleeping(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    executor = RayExecutor({}, "cpu", 1, None)
+    executor.in_flight = 3
+    sent = []
+    results = executor.completed([[0.0]] + [[60.0]] * 5, lambda unit: sent.append(sleeping.remote(*unit)) or sent[-1])
+    assert next(results) == ([0.0], 0.0)
+    started = time.monotonic()
+    results.close()
+    assert len(sent) == 3
+    for ref in sent[1:]:
+        with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError)):
+            ray.get(ref, timeout=30)
+    assert time.monotonic() - started < 30
+
+
+def test_a_node_whose_copy_differs_is_refused_naming_what_differs(llama_family):
+    with Checkpoint.open(llama_family(2)["ft"]) as checkpoint:
+        origin = origin_of("org/ft", checkpoint, None, None)
+        tensor = next(t for t, info in checkpoint.tensors.items() if info.is_matrix)
+        planned = Expected.of(checkpoint.tensors[tensor], checkpoint.directory)
+        wider = Expected(planned.file, planned.dtype, (planned.shape[0], planned.shape[1] + 1), planned.nbytes)
+        with pytest.raises(ModelError) as error:
+            matrix_results(origin, [(tensor, wider)], "cpu", 1)
+    assert str(error.value) == (
+        f"model 'org/ft', tensor '{tensor}' on node {node_name()}: another copy in {checkpoint.directory}: "
+        f"expected {planned.file}, {planned.dtype} {list(wider.shape)}, found {planned.file}, {planned.dtype} "
+        f"{list(planned.shape)}"
+    )
+
+
 def test_a_task_error_names_the_model_the_tensor_the_node_and_the_path(tmp_path, llama_family):
     """A node that does not see a local model's directory (here: the path the nodes are given is
     one that no node has, as when it is not on shared storage)."""
@@ -232,7 +278,7 @@ def test_a_task_error_names_the_model_the_tensor_the_node_and_the_path(tmp_path,
         with pytest.raises(ModelError) as error:
             list(executor.spectra([Work(checkpoint, tensor)], lambda work, key: False))
     message = str(error.value)
-    assert message.startswith(f"model 'org/ft', tensor '{tensor}': node ")
+    assert message.startswith(f"model 'org/ft', tensor '{tensor}' on node ")
     assert f"cannot see {unseen}: a local model must be on storage every node shares" in message
     assert "\n" not in message
 
@@ -275,7 +321,9 @@ def test_ray_is_not_imported_unless_asked_for(tmp_path, llama_family, compute, a
 
 
 def test_every_computation_runs_on_the_threads_asked_for(tmp_path, llama_family, monkeypatch):
-    """Here (the local executor) as on a worker: BLAS and OpenMP through threadpoolctl, torch's own."""
+    """In this process (the local executor): BLAS and OpenMP through threadpoolctl, torch's own. A
+    worker runs the same nodes.py code under the same limit, and its results are compared bit for
+    bit in test_a_worker_computes_what_the_driver_computes_bit_for_bit."""
     import torch
     from threadpoolctl import threadpool_info
 
@@ -299,3 +347,20 @@ def test_every_computation_runs_on_the_threads_asked_for(tmp_path, llama_family,
     merge([family["base"], family["ft"]], tmp_path, "--threads", "1").ok()
     assert len(seen) > 10 and all(s == set() or s == 1 for s in seen)
     assert torch.get_num_threads() == before  # and torch's own count is back after the run
+
+
+def test_a_batch_naming_two_clusters_is_refused_before_anything_runs(tmp_path, llama_family):
+    family = llama_family(2)
+    models = [family["base"], family["ft"]]
+    configs = [
+        write_config(
+            tmp_path / f"{name}.yaml", models, tmp_path / name, compute={"executor": "ray", "address": address}
+        )
+        for name, address in (("first", "127.0.0.1:9"), ("second", "127.0.0.1:10"))
+    ]
+    code, _, stderr = run_cli("merge", "--config", *configs, "--no-cache", "--quiet")
+    assert code == 2 and not (tmp_path / "first").exists()
+    assert stderr.splitlines() == [
+        f"mastermerge: error: {configs[1]}: compute.address: '127.0.0.1:10' is another cluster than "
+        f"{configs[0]}'s '127.0.0.1:9': one run uses one cluster, run the configs of each separately"
+    ]

@@ -111,6 +111,13 @@ def shared_parsers() -> dict[str, argparse.ArgumentParser]:
     writing.add_argument("--force", action="store_true", help="replace an earlier mastermerge output")
     planning = argparse.ArgumentParser(add_help=False)
     planning.add_argument("--dry-run", action="store_true", help="print the plan's tables, write nothing")
+    planning.add_argument(
+        "--emit-mergekit",
+        type=Path,
+        metavar="FILE",
+        help="also write the plan's mergekit recipe (the mergekit_config.yml every output holds) to FILE, "
+        "with --dry-run too; an existing FILE only with --force",
+    )
     computing = argparse.ArgumentParser(add_help=False)
     computing.add_argument(
         "--ray",

@@ -22,6 +22,7 @@ from .evaluate import Subject, evaluate_subjects, tokenization_notes
 from .engine import uses_ray
 from .errors import ConfigError, IntegrityError, MergeError
 from .pipeline import plan_merge
+from .recipe import RECIPE, recipe_problem, write_recipe
 from .sections import Compute
 from .plan import Evaluation
 from .plots import perplexity_chart
@@ -76,10 +77,24 @@ def one_cluster(configs: list) -> None:
         first = first or config
 
 
+def recipe_target(path: Path | None, configs: int, *, force: bool) -> None:
+    """--emit-mergekit FILE: one config's recipe, to a file that does not exist yet (or --force)."""
+    if path is None:
+        return
+    if configs != 1:
+        raise ConfigError(f"--emit-mergekit {path}: one recipe is written, of one config; found {configs} configs")
+    if path.is_dir() or (path.exists() and not force):
+        what = "a directory" if path.is_dir() else "a file that exists (give --force to replace it)"
+        raise ConfigError(f"--emit-mergekit {path}: {what}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--emit-mergekit {path}: no directory {path.parent}")
+
+
 def run_configs(configs: list, args: argparse.Namespace) -> int:
     """Plan and write (or with --dry-run, print) each config in turn, sharing one metric cache."""
     outputs: dict[Path, Path] = {}
     one_cluster(configs)
+    recipe_target(args.emit_mergekit, len(configs), force=args.force)
     for config in configs:
         if not args.dry_run and config.output_dir in outputs:
             raise ConfigError(
@@ -94,6 +109,10 @@ def run_configs(configs: list, args: argparse.Namespace) -> int:
         for config in configs:
             try:
                 plan = plan_merge(config, cache=cache, quiet=args.quiet)
+                if problem := recipe_problem(plan):
+                    if args.emit_mergekit:
+                        raise ConfigError(f"{config.source or 'expand ' + plan.base}: no mergekit recipe: {problem}")
+                    plan.notes.append(f"no {RECIPE}: {problem}")
                 if not args.json and (args.dry_run or not args.quiet):
                     print(plan_text(config, plan) + "\n")
                 evaluation_warnings = plan.evaluation.warnings if plan.evaluation else []
@@ -105,6 +124,10 @@ def run_configs(configs: list, args: argparse.Namespace) -> int:
                     write_merge(plan, config, quiet=args.quiet)
                     if not args.json:
                         print(f"wrote {plan.output_dir}")
+                if args.emit_mergekit:
+                    write_recipe(args.emit_mergekit, plan)
+                    if not args.json:
+                        print(f"wrote {args.emit_mergekit}")
                 results.append(summary_of(config, plan, written=not args.dry_run))
             except MergeError as exc:
                 results.append(
@@ -166,8 +189,6 @@ def run_analyze(args: argparse.Namespace) -> int:
         )
     elif not args.quiet:
         print(summary_text(analysis, summary))
-        if not args.no_plots and not figures:
-            print("no figures: matplotlib is not installed (pip install 'mastermerge[plots]')", file=sys.stderr)
         print(f"\nwrote {out}: metrics.csv, metrics.json" + (f" and {len(figures)} figures" if figures else ""))
     return 0
 
@@ -222,8 +243,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         )
     elif not args.quiet:
         print(evaluation_table(evaluation))
-        if not args.no_plots and figure is None:
-            print("no figure: matplotlib is not installed (pip install 'mastermerge[plots]')", file=sys.stderr)
         print(f"\nwrote {out}: evaluation.csv, evaluation.json" + (", perplexity.png" if figure else ""))
     return 0
 

@@ -1,8 +1,9 @@
 """The base's files other than its weights, which the output keeps: its layout, not part of the merge.
 
 Copied: every top-level file except weights (WEIGHT_SUFFIXES, index files), config.json (the
-writer rewrites it), README.md (replaced by the model card), dot-files and the figures of an
-earlier merge: tokenizer files, generation_config.json, chat templates, license, custom code.
+writer rewrites it), README.md (replaced by the model card), dot-files, and the figures, report
+and mergekit recipe of an earlier merge (a base that is itself a merge). What is copied: tokenizer
+files, generation_config.json, chat templates, license, custom code.
 
 A sentence-transformers model also names, in its modules.json, a folder for each module after the
 transformer itself (`1_Pooling/`, `2_Normalize/`, `2_Dense/`: the module's "path"); without them
@@ -25,7 +26,7 @@ from .weightfiles import outside_directory
 from .errors import ModelError, first_line
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-NOT_COPIED = ("config.json", "README.md", "merge_report.json")
+NOT_COPIED = ("config.json", "README.md", "merge_report.json", "mergekit_config.yml")
 OUR_FIGURES = re.compile(r"(heatmap_[\w.-]+|expansion_curve)\.png")
 MODULES = "modules.json"
 

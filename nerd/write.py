@@ -32,12 +32,14 @@ from .checkpoint import (
     tensor_bytes,
     torch_dtype,
 )
+from .card import model_card
 from .config import MergeConfig
 from .errors import ModelError, OutputError
 from .hashing import HASH_CHUNK
 from .plan import Plan, PlanEntry
 from .plots import compatibility_heatmap, evaluation_chart, expansion_curve, merge_heatmap
-from .report import model_card, report_of
+from .recipe import RECIPE, recipe_problem, recipe_text
+from .report import report_of
 from .sidefiles import copy_side_files
 from .staging import staged_dir
 from .tether import blended_slices
@@ -59,6 +61,8 @@ def write_merge(plan: Plan, config: MergeConfig, quiet: bool = False) -> Path:
         files = write_shards(plan, tmp, quiet)
         heatmaps, curve, perplexities = figures.result()
         (tmp / "README.md").write_text(model_card(plan, heatmaps, curve, perplexities), encoding="utf-8")
+        if recipe_problem(plan) is None:  # else commands.py noted why there is none
+            (tmp / RECIPE).write_text(recipe_text(plan), encoding="utf-8")
         report = report_of(plan, config, files)
         (tmp / "merge_report.json").write_text(
             json.dumps(report, indent=2, default=str, allow_nan=False) + "\n", encoding="utf-8"

@@ -11,7 +11,11 @@ serves them all:
   >= xmin, with xmin chosen among the distinct positive eigenvalues (all but the largest) by the
   smallest Kolmogorov-Smirnov distance, as Clauset et al. and the `powerlaw` package (1.x) do;
   alpha_xmin, alpha_ks, alpha_tail (n) and alpha_std_err = (alpha - 1) / sqrt(n) come with it.
-  alpha_hat = alpha * log10 lambda_max.
+  alpha_hat = alpha * log10 lambda_max; log_alpha_norm = log10 sum lambda^alpha over every
+  eigenvalue (weightwatcher's column of that name, with our alpha), summed in the log domain.
+- Marchenko-Pastur bulk (marchenko.py, weightwatcher's `mp_fit`): mp_softrank = lambda_+ /
+  lambda_max with the bulk edge lambda_+ of the fitted MP law, num_spikes the eigenvalues above
+  lambda_+ plus weightwatcher's Tracy-Widom allowance.
 - detX (SETOL): eigenvalues rescaled to mean 1; the tail is the largest set of top eigenvalues
   whose product is >= 1, found as a sum of logarithms (a plain product overflows on large layers).
   detx_tail is its size, detx_lambda its smallest eigenvalue in the original units.
@@ -23,7 +27,8 @@ serves them all:
 
 A metric that is undefined for a matrix is None: every metric when the matrix has NaN/Inf, all
 but the ranks and s_min when it is all zero, alpha and its companions when it has fewer than 10
-positive eigenvalues or a flat spectrum. Every other value is a finite number.
+positive eigenvalues or a flat spectrum, the MP fit's two when the matrix has fewer than 10
+eigenvalues (zeros included). Every other value is a finite number.
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
+from . import marchenko
 from .spectra import PATHS, Spectrum
 
-# Cached metrics are keyed by this file's content: any change to a definition recomputes them
-# (from the cached spectra, which is cheap).
-METRICS_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+# Cached metrics are keyed by the content of the files that define them: any change to a
+# definition recomputes them (from the cached spectra, which is cheap).
+DEFINITIONS = (Path(__file__), Path(marchenko.__file__))
+METRICS_VERSION = hashlib.sha256(b"".join(p.read_bytes() for p in DEFINITIONS)).hexdigest()[:16]
 EPS = float(np.finfo(np.float64).eps)
 MIN_EIGENVALUES = 10  # fewer positive eigenvalues: no power-law fit (weightwatcher's min_evals)
 KS_BLOCK = 2**20  # elements of the candidate-xmin x eigenvalue grid evaluated at a time
@@ -58,6 +65,9 @@ METRICS = {
     "alpha_tail": "number of eigenvalues in the power-law tail",
     "alpha_std_err": "standard error of alpha, (alpha - 1) / sqrt(tail)",
     "alpha_hat": "alpha * log10 of the largest eigenvalue",
+    "log_alpha_norm": "log10 of the sum of eigenvalues to the power alpha",
+    "mp_softrank": "Marchenko-Pastur bulk edge of the fitted MP law / largest eigenvalue",
+    "num_spikes": "number of eigenvalues above the fitted Marchenko-Pastur bulk edge",
     "detx_tail": "number of top eigenvalues (mean 1) whose product is >= 1",
     "detx_lambda": "smallest eigenvalue of the detX tail",
     "s_min": "smallest singular value",
@@ -123,7 +133,11 @@ def metrics_of(spectrum: Spectrum) -> dict[str, float | int | None]:
             alpha_tail=fit.tail,
             alpha_std_err=fit.std_err,
             alpha_hat=fit.alpha * math.log10(top),
+            log_alpha_norm=log_alpha_norm(eigenvalues, fit.alpha),
         )
+    bulk = marchenko.bulk_fit(eigenvalues, shape) if k >= MIN_EIGENVALUES else None
+    if bulk is not None:
+        result.update(mp_softrank=bulk.mp_softrank, num_spikes=bulk.num_spikes)
     return {key: None if isinstance(v, float) and not math.isfinite(v) else v for key, v in result.items()}
 
 
@@ -180,6 +194,14 @@ def power_law_fit(eigenvalues: np.ndarray) -> PowerLawFit | None:
     return PowerLawFit(
         alpha=float(alphas[best]), xmin=float(unique[best]), ks=float(distances[best]), tail=int(tail_sizes[best])
     )
+
+
+def log_alpha_norm(eigenvalues: np.ndarray, alpha: float) -> float:
+    """log10 sum lambda^alpha over the positive eigenvalues, as a log-sum-exp (the plain sum
+    overflows for large eigenvalues and alphas)."""
+    logs = alpha * np.log(eigenvalues[eigenvalues > 0])
+    top = float(logs.max())
+    return (top + math.log(float(np.exp(logs - top).sum()))) / math.log(10)
 
 
 def ks_distances(log_u: np.ndarray, first: np.ndarray, n: int, alphas: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ model directory or tensors its shards lack, an unsupported dtype, or a quantized
 (int8/fp8 weights, bitsandbytes/GPTQ/AWQ/fp8 tensor names, a quantization_config in config.json)
 is a ModelError of one line naming the file, the tensor or key, what was expected and what was found
 (the tensor names that mark a quantized checkpoint are architecture.py's; pickles load in pickled.py).
+A PEFT adapter on the merge's base opens as a subclass that computes its merged tensors (loraview.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from .pickled import load_pickle
 
 if TYPE_CHECKING:
     import torch
+
+    from .adapters import AdapterSource
 
 # safetensors dtype -> torch's name for it; torch itself is imported only where tensors are made
 # (importing it takes over a second, which a warm merge or a config error should not pay).
@@ -81,12 +84,28 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
 
     @classmethod
-    def open(cls, directory: str | Path) -> "Checkpoint":
+    def open(cls, directory: str | Path | AdapterSource) -> "Checkpoint":
         """The checkpoint of a model directory: every weight file found and checked (safetensors headers
-        parsed, pickles loaded), no safetensors data read yet."""
+        parsed, pickles loaded), no safetensors data read yet. A PEFT adapter on a base (an
+        AdapterSource) opens as the base with the adapter merged in (loraview.py)."""
+        from .adapters import AdapterSource, refuse_bare_adapter
+
+        if isinstance(directory, AdapterSource):
+            from .loraview import open_adapter
+
+            return open_adapter(directory)
         directory = Path(directory)
+        refuse_bare_adapter(directory)
         refuse_quantized_config(directory / "config.json")
         index, files = weight_files(directory)
+        checkpoint = cls.of_files(directory, files)
+        if index is not None:
+            check_index(directory, index, checkpoint.tensors)
+        return checkpoint
+
+    @classmethod
+    def of_files(cls, directory: Path, files: list[Path]) -> "Checkpoint":
+        """The checkpoint of these weight files of a directory (each tensor in one of them)."""
         tensors: dict[str, TensorInfo] = {}
         pickles = {file: load_pickle(file) for file in files if file.suffix != ".safetensors"}
         for file in files:
@@ -98,8 +117,6 @@ class Checkpoint:
                         f"expected each tensor in one file"
                     )
                 tensors[info.name] = info
-        if index is not None:
-            check_index(directory, index, tensors)
         checkpoint = cls(directory, tensors)
         checkpoint._handles.update(pickles)
         return checkpoint
@@ -130,6 +147,10 @@ class Checkpoint:
         data = self.read_span(info, info.begin + start * size, info.begin + stop * size)
         dtype = torch_dtype(info.dtype)
         return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+
+    def sources_of(self, name: str) -> tuple[Path, ...]:
+        """The files the tensor's value is read from (its own; an adapter's merged tensor has several)."""
+        return (self.tensors[name].file,)
 
     def read_span(self, info: TensorInfo, begin: int, end: int) -> bytearray:
         """Bytes begin..end of the tensor's safetensors file."""

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
+from .adapters import ADAPTER_CONFIG
 from .errors import ConfigError, first_line
 from .schema import DlecOptions, EvaluateOptions, MergeConfig, option_key
 from .sections import ModelSpec
@@ -27,8 +28,9 @@ OUR_REPORT = "merge_report.json"  # what marks a directory as a merge's output
 
 
 def resolved_spec(spec: ModelSpec, base_dir: Path, where: str, key: str, require_config: bool = True) -> ModelSpec:
-    """The model a validated spec names: a local directory (which must hold a config.json unless
-    `require_config` is False, for analysis only) or a hub repo at a revision."""
+    """The model a validated spec names: a local directory (which must hold a config.json, or a PEFT
+    adapter's adapter_config.json, unless `require_config` is False, for analysis only) or a hub
+    repo at a revision."""
     ref, revision = spec.ref, spec.revision
     with os_errors(where, key, ref):
         local = Path(ref).expanduser()
@@ -41,8 +43,11 @@ def resolved_spec(spec: ModelSpec, base_dir: Path, where: str, key: str, require
                 raise ConfigError(
                     f"{where}: {key}: local model directory '{ref}' does not exist (looked at {local}){hint}"
                 )
-            if require_config and not (local / "config.json").is_file():
-                raise ConfigError(f"{where}: {key}: '{ref}' has no config.json; is it a transformers model directory?")
+            if require_config and not (local / "config.json").is_file() and not (local / ADAPTER_CONFIG).is_file():
+                raise ConfigError(
+                    f"{where}: {key}: '{ref}' has no config.json (nor a PEFT adapter's {ADAPTER_CONFIG}); is it a "
+                    f"transformers model directory?"
+                )
             return ModelSpec(ref=ref, path=local.resolve())
     repo_id, _, at_revision = ref.partition("@")
     if at_revision and revision is not None:

@@ -5,7 +5,8 @@ sums, on the thread count the driver set (threads.py), with the same code as the
 A worker reads the weights itself, never through Ray's object store: a local model at the path the
 driver gave, which must be on storage every node shares, and a hub model at the commit the driver
 resolved, downloaded into the node's own hub cache by huggingface_hub (HF_HOME, HF_TOKEN and
-HF_HUB_OFFLINE work there as anywhere). Before it uses a tensor it checks that its copy has the
+HF_HUB_OFFLINE work there as anywhere). A PEFT adapter's origin carries the base's, and the node
+reads it on that base as the driver does (loraview.py). Before it uses a tensor it checks that its copy has the
 file, dtype, shape and byte length the driver planned with. Every failure is a ModelError of one
 line naming the model, the tensor, the node and the path. A worker never opens the metric cache: it
 returns its results (content digest, float64 singular values, metrics) to the driver, which alone
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .adapters import ADAPTER_CONFIG, AdapterSource
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import ModelError, first_line
 from .hashing import content_key
@@ -41,6 +43,7 @@ class Origin:
     repo_id: str | None = None
     revision: str | None = None
     files: tuple[str, ...] = ()
+    base: "Origin | None" = None  # a PEFT adapter's: the merge's base, which it is read on
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,7 @@ def origin_of(ref: str, checkpoint: Checkpoint, repo_id: str | None, revision: s
         return Origin(ref, str(checkpoint.directory))
     index, files = weight_files(checkpoint.directory)
     names = [p.relative_to(checkpoint.directory).as_posix() for p in ([index] if index else []) + files]
-    if (checkpoint.directory / "config.json").is_file():
-        names.append("config.json")
+    names += [name for name in ("config.json", ADAPTER_CONFIG) if (checkpoint.directory / name).is_file()]
     return Origin(ref, str(checkpoint.directory), repo_id, revision, tuple(names))
 
 
@@ -94,23 +96,31 @@ def node_checkpoint(origin: Origin) -> Checkpoint:
             OPENED[origin] = signature, checkpoint  # the most recently used, last
             return checkpoint
         checkpoint.close()
-    directory = Path(origin.path) if origin.repo_id is None else downloaded(origin)
-    if not directory.is_dir():
-        raise ModelError(
-            f"cannot see {directory}: a local model must be on storage every node shares, at the same "
-            f"path (or give the model by its hub id)"
-        )
-    checkpoint = Checkpoint.open(directory)
+    directory = node_directory(origin)
+    checkpoint = Checkpoint.open(
+        directory if origin.base is None else AdapterSource(directory, node_directory(origin.base))
+    )
     OPENED[origin] = files_signature(checkpoint), checkpoint
     while len(OPENED) > KEPT_OPEN:
         OPENED.pop(next(iter(OPENED)))[1].close()
     return checkpoint
 
 
+def node_directory(origin: Origin) -> Path:
+    """The model's directory on this node: the driver's path, or the node's download of it."""
+    directory = Path(origin.path) if origin.repo_id is None else downloaded(origin)
+    if not directory.is_dir():
+        raise ModelError(
+            f"cannot see {directory}: a local model must be on storage every node shares, at the same "
+            f"path (or give the model by its hub id)"
+        )
+    return directory
+
+
 def files_signature(checkpoint: Checkpoint) -> tuple:
     """The size, mtime and inode of each weight file of an opened checkpoint (None for one gone)."""
     signature = []
-    for file in sorted({info.file for info in checkpoint.tensors.values()}):
+    for file in sorted({file for name in checkpoint.tensors for file in checkpoint.sources_of(name)}):
         try:
             st = file.stat()
             signature.append((str(file), st.st_size, st.st_mtime_ns, st.st_ino))

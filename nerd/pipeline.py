@@ -36,7 +36,7 @@ from .layout import Layout, OptionalTensor, check_same_architecture, layout_of
 from .plan import Choice, Plan, PlanEntry, Tethers, output_order
 from .select import Health, choices_of, health_of
 from .sidefiles import module_notes
-from .sources import resolve_model
+from .sources import resolve_models
 from .spectra import NOT_FINITE, finite_problem, pick_device
 from .store import MetricCache, default_cache_path
 from .strategies import chosen_strategy
@@ -57,7 +57,7 @@ def plan_merge(config: MergeConfig, cache: MetricCache | None = None, quiet: boo
             return plan_merge(config, cache=own, quiet=quiet)
     computed, reused = cache.computed, cache.reused
     reachable(config.compute)  # a cluster asked for is connected to before anything is downloaded
-    resolved = {spec.ref: resolve_model(spec) for spec in config.candidates}
+    resolved = resolve_models(config.candidates, config.base)
     executor = executor_of(config.compute, config.device, resolved)
     architecture = architecture_of(resolved[config.base.ref].path)  # the tensor names are read as its family's
     notes = module_notes(resolved[config.base.ref].path)  # a modules.json path outside the base is refused here

@@ -26,6 +26,7 @@ node for bit-identical results. A caller that has connected already (ray.init) i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -39,6 +40,7 @@ from .engine import Computed, Pair, Work
 from .errors import ClusterError, MergeError, ModelError, first_line
 from .nodes import Expected, Origin
 from .checkpoint import Checkpoint, numel
+from .loraview import AdapterCheckpoint
 from .spectra import BATCH_BYTES
 from .tethersums import Sums
 
@@ -151,7 +153,10 @@ class RayExecutor:
             ref, resolved = self.models.get(directory, (str(directory), None))
             repo_id = None if resolved is None or resolved.spec.path is not None else resolved.spec.repo_id
             revision = None if resolved is None else resolved.revision
-            self.origins[directory] = nodes.origin_of(ref, checkpoint, repo_id, revision)
+            origin = nodes.origin_of(ref, checkpoint, repo_id, revision)
+            if isinstance(checkpoint, AdapterCheckpoint):  # read on its base, which the node opens too
+                origin = dataclasses.replace(origin, base=self.origin(checkpoint.base))
+            self.origins[directory] = origin
         return self.origins[directory]
 
     def spectra(self, works: list[Work], cached: Callable[[Work, str], bool]) -> Iterator[Computed]:

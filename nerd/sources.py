@@ -4,7 +4,8 @@ Hub models go through huggingface_hub, so HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE 
 (HF_TOKEN or `hf auth login`) work the standard way. Only what a merge needs is downloaded:
 the safetensors weights, the json files and the tokenizer files; pickled .bin weights only when
 the repo has no safetensors; and the module folders a sentence-transformers modules.json names
-(a Dense layer's weights among them), which the output keeps (sidefiles.py).
+(a Dense layer's weights among them), which the output keeps (sidefiles.py). A PEFT adapter's
+repo downloads the same way (its adapter_model.safetensors, or .bin, and its json files).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
+from .adapters import AdapterSource, paired
 from .config import ModelSpec
 from .errors import ModelError
 from .sidefiles import MODULES, module_folders
@@ -43,8 +45,14 @@ class ResolvedModel:
     """A model ready to read: its spec, its local directory and the exact revision used."""
 
     spec: ModelSpec
-    path: Path
+    path: Path | AdapterSource  # an adapter's: its directory, on the merge's base
     revision: str | None = None
+
+
+def resolve_models(specs: tuple[ModelSpec, ...], base: ModelSpec) -> dict[str, ResolvedModel]:
+    """Every model of a merge resolved, by its ref; a PEFT adapter among them is read on the merge's
+    base (adapters.py: its path an AdapterSource)."""
+    return paired({spec.ref: resolve_model(spec) for spec in specs}, base)
 
 
 def resolve_model(spec: ModelSpec) -> ResolvedModel:

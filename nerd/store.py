@@ -48,7 +48,7 @@ from .metrics import METRICS_VERSION
 from .spectra import PATHS, SPECTRUM_VERSION, Spectrum
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint, TensorInfo
+    from .checkpoint import Checkpoint
 
 SCHEMA_VERSION = "5"  # of the table layout below: a change drops the weights' tables
 TETHER_VERSION = "1"  # bump when tether.sums_of changes: cached sums are then recomputed
@@ -126,7 +126,7 @@ class MetricCache:
 
     def digest_of(self, checkpoint: Checkpoint, name: str) -> str | None:
         """The digest recorded for this tensor of this file, if the file is unchanged since."""
-        file, stat = file_identity(checkpoint.tensors[name])
+        file, stat = file_identity(checkpoint, name)
         row = self.database.read_one(
             "SELECT digest FROM tensors WHERE file=? AND tensor=? AND stat=?", (file, name, stat)
         )
@@ -134,7 +134,7 @@ class MetricCache:
 
     def remember_digest(self, checkpoint: Checkpoint, name: str, key: str) -> None:
         """Record which digest this tensor of this (unchanged) file has (committed)."""
-        file, stat = file_identity(checkpoint.tensors[name])
+        file, stat = file_identity(checkpoint, name)
         self.database.write("INSERT OR REPLACE INTO tensors VALUES (?, ?, ?, ?)", (file, stat, name, key))
 
     def content_digest(self, checkpoint: Checkpoint, name: str) -> str:
@@ -295,8 +295,13 @@ def spectrum_from_row(
     return Spectrum(None if blob is None else np.frombuffer(blob, dtype="<f8").copy(), tuple(shape), problem, path)
 
 
-def file_identity(info: TensorInfo) -> tuple[str, str]:
-    """The file's resolved path and its size, mtime, ctime and inode: any rewrite changes them."""
-    file = str(info.file.resolve())
-    st = os.stat(file)
-    return file, f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+def file_identity(checkpoint: Checkpoint, name: str) -> tuple[str, str]:
+    """The resolved path of the file a tensor is read from and its size, mtime, ctime and inode: any
+    rewrite changes them. An adapter's tensor depends on several files (the base's and the
+    adapter's): their paths and stats joined by '|'."""
+    files = [str(file.resolve()) for file in checkpoint.sources_of(name)]
+    stats = []
+    for file in files:
+        st = os.stat(file)
+        stats.append(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}")
+    return "|".join(files), "|".join(stats)

@@ -4,7 +4,8 @@ variant of `evaluate.strategies`) are evaluated on the texts (evaluate.py), and 
 composite has the lowest perplexity (the mean over the texts, or on the text `choose_by` names)
 is the plan that gets written. Each variant is planned like the config itself, so its spectra
 and tether sums come from the metric cache: a strategy costs its evaluation, not a spectrum.
-Ties go to the earlier strategy, the config's own first.
+Ties go to the earlier strategy, the config's own first. A PEFT adapter candidate is evaluated as
+the composite that takes every tensor from its view on the base.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from .adapters import AdapterSource
+from .architecture import architecture_of
+from .checkpoint import FLOAT_DTYPES, Checkpoint
 from .config import CONFIGURED, MergeConfig, Strategy
 from .errors import ModelError
 from .evaluate import Subject, evaluate_subjects
-from .plan import Evaluation, Perplexity, Plan, StrategyResult
+from .plan import Evaluation, Perplexity, Plan, PlanEntry, StrategyResult
 from .report import mean_of
 from .spectra import pick_device
 
@@ -34,7 +38,7 @@ def chosen_strategy(
         plan_variant(dataclasses.replace(config, selection=s.selection, tether=s.tether, evaluate=None))
         for s in options.strategies
     ]
-    subjects = [Subject(c, "base" if c == plan.base else "candidate", plan.sources[c]) for c in plan.candidates]
+    subjects = [candidate_subject(plan, c) for c in plan.candidates]
     subjects += [
         Subject(f"composite: {s.name}", "composite", plan.sources[plan.base], p) for s, p in zip(strategies, plans)
     ]
@@ -59,6 +63,27 @@ def chosen_strategy(
         )
     evaluation = dataclasses.replace(evaluation, reason=reason_of(evaluation, results[best]))
     return dataclasses.replace(plans[best], evaluation=evaluation)
+
+
+def candidate_subject(plan: Plan, name: str) -> Subject:
+    """The base or a candidate, to evaluate from its directory; a PEFT adapter, which has no model of
+    its own, as the plan that takes every tensor of its view on the base (loraview.py)."""
+    source = plan.sources[name]
+    if not isinstance(source, AdapterSource):
+        return Subject(name, "base" if name == plan.base else "candidate", source)
+    architecture = architecture_of(source.base)
+    with Checkpoint.open(source) as view:
+        entries = [
+            PlanEntry(t, name, t, info.dtype, info.shape, optional=buffer_reason(t, info.dtype, architecture))
+            for t, info in view.tensors.items()
+        ]
+    whole = dataclasses.replace(plan, entries=entries, config=None, expansion=None, evaluation=None)
+    return Subject(name, "candidate", source.base, whole)
+
+
+def buffer_reason(tensor: str, dtype: str, architecture) -> str | None:
+    """Why a tensor may have no place in the transformers model (a buffer), or None."""
+    return "a buffer" if dtype not in FLOAT_DTYPES or architecture.is_buffer(tensor) else None
 
 
 def strategy_score(rows: list[Perplexity], model: str, texts: list[str], choose_by: str) -> float | None:

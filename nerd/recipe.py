@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from .adapters import AdapterSource
 from .architecture import Architecture, families, inferred
 from .errors import ConfigError
 from .plan import Plan, PlanEntry
@@ -56,6 +57,8 @@ def recipe_problem(plan: Plan) -> str | None:
 def recipe_text(plan: Plan) -> str:
     """The recipe as YAML, with a comment saying what wrote it (a ConfigError if there is none)."""
     header = f"# The mergekit recipe of this mastermerge plan: mergekit-yaml {RECIPE} OUT\n"
+    if has_adapters(plan):
+        header += "# (its LoRA adapters, BASE+ADAPTER, need mergekit-yaml's --lora-merge-cache DIR)\n"
     return header + yaml.dump(recipe_of(plan), Dumper=Dumper, sort_keys=False, default_flow_style=None)
 
 
@@ -199,8 +202,14 @@ def slice_models(piece: dict) -> list[tuple[str, object]]:
 
 
 def reference(plan: Plan, candidate: str) -> str:
-    """How mergekit names a candidate: a hub id at the commit the plan used, or a local path."""
+    """How mergekit names a candidate: a hub id at the commit the plan used, or a local path; a
+    LoRA adapter as BASE+ADAPTER (mergekit merges it into the base with peft)."""
     revision = plan.revisions.get(candidate)
-    if revision:
-        return f"{candidate.split('@')[0]}@{revision}"
-    return str(plan.sources[candidate])
+    own = f"{candidate.split('@')[0]}@{revision}" if revision else str(plan.sources[candidate])
+    if isinstance(plan.sources[candidate], AdapterSource):
+        return f"{reference(plan, plan.base)}+{own}"
+    return own
+
+
+def has_adapters(plan: Plan) -> bool:
+    return any(isinstance(source, AdapterSource) for source in plan.sources.values())

@@ -27,11 +27,10 @@ def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
     return found
 
 
-def rebuilt(recipe: Path, out: Path, env: dict | None = None) -> dict[str, torch.Tensor]:
+def rebuilt(recipe: Path, out: Path, env: dict | None = None, *flags: str) -> dict[str, torch.Tensor]:
     """The tensors mergekit writes from a recipe."""
-    run = subprocess.run(
-        [str(MERGEKIT), str(recipe), str(out), "--copy-tokenizer"], capture_output=True, text=True, env=env, timeout=300
-    )
+    command = [str(MERGEKIT), str(recipe), str(out), "--copy-tokenizer", *flags]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return tensors_of(out)
 
@@ -187,4 +186,25 @@ def test_expand_holds_the_recipe_of_its_copies(tmp_path, family):
     covered = [d for start, stop in ranges for d in range(start, stop)]
     assert len(covered) == 6 and sorted(set(covered)) == [0, 1, 2, 3]  # two blocks twice
     ours, theirs = tensors_of(tmp_path / "out"), rebuilt(tmp_path / "out" / "mergekit_config.yml", tmp_path / "mk")
+    assert sorted(theirs) == sorted(ours) and all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+def test_a_lora_adapter_is_named_base_plus_adapter_and_rebuilt_by_mergekit(tmp_path):
+    """mergekit merges the adapter into the base with peft (merge_and_unload) and takes its blocks
+    from that: the same tensors as the adapter's view here (which equals peft's merge)."""
+    from test_adapters import LLAMA_ALL, make_adapter
+
+    base = build_model("llama", tmp_path / "base", seed=0, num_layers=4)
+    ft = build_model("llama", tmp_path / "ft", seed=1, base_dir=base, noise=0.1)
+    lora = make_adapter(base, tmp_path / "lora", seed=3, b_scale=0.02, r=8, lora_alpha=16, target_modules=LLAMA_ALL)
+    run = merge([base, ft, lora], tmp_path)
+    run.ok()
+    text = (run.output / "mergekit_config.yml").read_text()
+    recipe = yaml.safe_load(text)
+    models = {s["model"] for piece in recipe["slices"] for s in piece["sources"]}
+    assert f"{base}+{lora}" in models and "--lora-merge-cache" in text
+    ours = tensors_of(run.output)
+    theirs = rebuilt(
+        run.output / "mergekit_config.yml", tmp_path / "mk", None, "--lora-merge-cache", str(tmp_path / "lc")
+    )
     assert sorted(theirs) == sorted(ours) and all(torch.equal(ours[n], theirs[n]) for n in ours)

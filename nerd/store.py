@@ -26,7 +26,7 @@ Every table but `tensors` carries a version: rows of another version are deleted
 is opened and recomputed on use. The store owns the versions of the tables it alone defines
 (TETHER_VERSION, ACTIVATION_VERSION, EVALUATION_VERSION, and SCHEMA_VERSION for the table
 layout); SPECTRUM_VERSION and METRICS_VERSION stay with the computations they version
-(spectra.py; metrics.py, whose version is a digest of its own source).
+(spectra.py; metrics.py, whose version is a digest of its source and marchenko.py's).
 
 Default location: $MASTERMERGE_CACHE, else $XDG_CACHE_HOME/mastermerge/metrics.sqlite, else
 ~/.cache/mastermerge/metrics.sqlite. Delete the file to clear it.

@@ -76,8 +76,7 @@ class AdapterCheckpoint(Checkpoint):
             return self.lora.read(update.keys[0]).to(torch_dtype(info.dtype))
         import torch
 
-        rows, width = merged_shape(info)
-        blocks = [self.merged_block(name, k) for k in range(-(-rows // block_rows(width)))]
+        blocks = [self.merged_block(name, start, stop) for start, stop in row_blocks(info)]
         return torch.cat(blocks).reshape(info.shape) if len(blocks) != 1 else blocks[0].reshape(info.shape)
 
     def read_bytes(self, name: str) -> bytearray:
@@ -95,20 +94,20 @@ class AdapterCheckpoint(Checkpoint):
             return self.lora.read_flat(update.keys[0], start, stop).to(torch_dtype(info.dtype))
         import torch
 
-        size = block_rows(merged_shape(info)[1]) * merged_shape(info)[1]  # elements of a block
-        first, last = start // size, -(-stop // size)
-        flat = torch.cat([self.merged_block(name, k).reshape(-1) for k in range(first, last)])
-        return flat[start - first * size : stop - first * size].clone()
+        width = merged_shape(info)[1]
+        blocks = [(first, last) for first, last in row_blocks(info) if first * width < stop and last * width > start]
+        flat = torch.cat([self.merged_block(name, first, last).reshape(-1) for first, last in blocks])
+        offset = blocks[0][0] * width
+        return flat[start - offset : stop - offset].clone()
 
-    def merged_block(self, name: str, k: int) -> torch.Tensor:
-        """Block k of the rows of a lora or bias update's result (a bias: of its elements), in the
-        base's dtype: W + (B @ A) * scaling (b + B's bias * scaling), in peft's order of operations,
-        in float32 (float64 where the base or the adapter is), rounded once."""
+    def merged_block(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop of a lora or bias update's result (a bias: elements), in the base's
+        dtype: W + (B @ A) * scaling (b + B's bias * scaling), in peft's order of operations, in
+        float32 (float64 where the base or the adapter is), rounded once."""
         import torch
 
         update, info = self.updates[name], self.tensors[name]
-        rows, width = merged_shape(info)
-        start, stop = k * block_rows(width), min(rows, (k + 1) * block_rows(width))
+        width = merged_shape(info)[1]
         source, tensor = (self.base, name) if update.replaced is None else (self.lora, update.replaced)
         weight = source.read_flat(tensor, start * width, stop * width).reshape(stop - start, width)
         parts = [self.lora.read(key) for key in update.keys]
@@ -135,9 +134,16 @@ def merged_shape(info: TensorInfo) -> tuple[int, int]:
     return (info.shape[0], info.shape[1]) if len(info.shape) == 2 else (numel(info.shape), 1)
 
 
-def block_rows(width: int) -> int:
-    """Rows of a merged tensor computed at a time: BLOCK elements' worth."""
-    return max(1, BLOCK // max(width, 1))
+def row_blocks(info: TensorInfo) -> list[tuple[int, int]]:
+    """The rows of a merged tensor computed at a time: BLOCK elements' worth, and never a single row
+    where the tensor has more (a product of one row takes another path in BLAS, which rounds
+    otherwise than the whole product peft computes; of two rows or more it gives the same bits)."""
+    rows, width = merged_shape(info)
+    step = max(2, BLOCK // max(width, 1))
+    blocks = [(start, min(rows, start + step)) for start in range(0, rows, step)]
+    if len(blocks) > 1 and blocks[-1][1] - blocks[-1][0] == 1:
+        blocks[-2:] = [(blocks[-2][0], rows)]
+    return blocks
 
 
 def open_adapter(source: AdapterSource) -> AdapterCheckpoint:

@@ -16,7 +16,7 @@ from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from examples.tiny_models import build_hub_cache, build_model
-from nerd import MetricCache
+from nerd import MetricCache, loraview
 from nerd.adapters import AdapterSource
 from nerd.checkpoint import Checkpoint
 from nerd.nodes import Expected, Origin, checked_info, node_checkpoint
@@ -125,8 +125,14 @@ CASES = {  # base, LoraConfig options, the kinds of update the view must find (l
 }
 
 
+@pytest.mark.parametrize("block", [None, 100], ids=["one-block", "blocks-of-100"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_view_equals_peft_merge(bases, tmp_path, case):
+def test_view_equals_peft_merge(bases, tmp_path, monkeypatch, case, block):
+    """Every tensor of the view is peft's merge_and_unload to within one unit in the last place
+    (measured: equal, where a tensor is one block), also computed in blocks of about 100 elements
+    (loraview.BLOCK); read_flat gives the elements of read, across blocks too."""
+    if block is not None:
+        monkeypatch.setattr(loraview, "BLOCK", block)
     base_name, options, kinds = CASES[case]
     dtype = torch.bfloat16 if base_name.endswith("bf16") else torch.float32
     adapter = make_adapter(bases[base_name], tmp_path / "adapter", **options)
@@ -142,12 +148,12 @@ def test_view_equals_peft_merge(bases, tmp_path, case):
             ours = view.read(name)
             reference = expected[name] if name in expected else base.read(name)  # a tied head
             if name in once:  # peft rounds twice there; we round once, as peft's own update added once is
-                assert ulps(ours, once[name]) == 0 and ulps(ours, reference) <= 2, name
+                assert ulps(ours, once[name]) <= 1 and ulps(ours, reference) <= 2, name
                 reference = once[name]
             worst = max(worst, ulps(ours, reference.to(ours.dtype)))
             changed += not torch.equal(ours, base.read(name))
             flat = ours.reshape(-1)
-            start, stop = flat.numel() // 3, min(flat.numel(), flat.numel() // 3 + 37)
+            start, stop = flat.numel() // 3, min(flat.numel(), flat.numel() // 3 + 250)
             assert torch.equal(view.read_flat(name, start, stop), flat[start:stop])
             assert bytes(view.read_bytes(name)) == ours.contiguous().view(torch.uint8).numpy().tobytes()
     assert changed >= 2

@@ -293,6 +293,27 @@ def test_adapter_as_base_is_refused(bases, tmp_path):
     one_line_refusal(run, "base_model", "PEFT adapter")
 
 
+def test_malicious_bin_adapter_is_refused_and_nothing_runs(bases, tmp_path):
+    """adapter_model.bin loads only with weights_only=True, as any pickled checkpoint does."""
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    adapter = make_adapter(bases["llama"], tmp_path / "lora", safe=False, **CASES["plain"][1])
+    torch.save({"base_model.model.lm_head.weight": Exploit()}, adapter / "adapter_model.bin")
+    one_line_refusal(merge([bases["llama"], adapter], tmp_path), "adapter_model.bin", "weights_only=True")
+    assert not marker.exists()
+
+
+def test_an_adapter_alone_is_refused(bases, tmp_path):
+    """An adapter has no weights of its own: read without a base (analyze), it is one line."""
+    adapter = make_adapter(bases["llama"], tmp_path / "lora", **CASES["plain"][1])
+    code, _, stderr = run_cli("analyze", adapter, "--out", tmp_path / "analysis", "--quiet")
+    assert code == 3 and "PEFT adapter" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
 def test_cache_key_follows_base_and_adapter(bases, tmp_path):
     """A merged tensor's content digest (the metric cache's key) changes with the adapter's A, B and
     scaling and with the base's tensor; the digest remembered for its files is not reused after any

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # safetensors first
 MODEL_WEIGHTS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin*")  # a whole model's
-# Settings of LoRA variants whose merge is not W + scaling * B @ A, by the name their refusal gives them
+# Settings of LoRA variants whose merge is not W + scaling * B @ A (peft's own is_lora_variant fields with
+# their own merge, and the ones that change which tensors there are), by the name their refusal gives them
 VARIANTS = {
     "use_dora": "DoRA (weight-decomposed LoRA: its merge rescales each column by a learned magnitude)",
     "use_qalora": "QA-LoRA, which adapts a quantized base",
@@ -46,7 +47,6 @@ VARIANTS = {
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
     "arrow_config": "Arrow routing among LoRA experts (arrow_config)",
     "kasa_config": "KaSA (kasa_config)",
-    "velora_config": "VeLoRA (velora_config)",
     "monteclora_config": "MonteCLoRA (monteclora_config)",
     "megatron_config": "Megatron-parallel LoRA layers (megatron_config)",
 }
@@ -204,6 +204,11 @@ def pattern(file: Path, key: str, value: object, kind: type) -> dict:
         return {}
     if not isinstance(value, dict):
         raise ModelError(f"{file}: {key}: expected a mapping of module pattern -> number, found {value!r}")
+    for k in value:
+        try:
+            re.compile(k)
+        except re.error as exc:
+            raise ModelError(f"{file}: {key}: '{k}' is not a regular expression ({exc})") from None
     return {k: number(file, f"{key}.{k}", v, kind) for k, v in value.items()}
 
 

@@ -85,7 +85,7 @@ class AdapterCheckpoint(Checkpoint):
         return bytearray(tensor_bytes(self.read(name)))
 
     def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Elements start..stop, computed in the same blocks of rows as `read` (so equal to its)."""
+        """Elements start..stop, computed in the same blocks of rows as `read` (so equal to its elements)."""
         update = self.updates.get(name)
         if update is None:
             return self.base.read_flat(name, start, stop)
@@ -94,6 +94,8 @@ class AdapterCheckpoint(Checkpoint):
             return self.lora.read_flat(update.keys[0], start, stop).to(torch_dtype(info.dtype))
         import torch
 
+        if stop <= start:
+            return torch.empty(0, dtype=torch_dtype(info.dtype))
         width = merged_shape(info)[1]
         blocks = [(first, last) for first, last in row_blocks(info) if first * width < stop and last * width > start]
         flat = torch.cat([self.merged_block(name, first, last).reshape(-1) for first, last in blocks])
@@ -181,7 +183,7 @@ def updates_of(lora: Checkpoint, base: Checkpoint, config: LoraConfig) -> dict[s
             add(updates, name, dataclasses.replace(update, replaced=whole.get(name)), lora)
     updates |= {name: Update("whole", (key,)) for name, key in whole.items() if name not in updates}
     for name, update in updates.items():
-        check_shapes(name, update, lora, base, config)
+        check_shapes(name, update, lora, base)
     return updates
 
 
@@ -237,7 +239,7 @@ def base_name(base: Checkpoint, lora: Checkpoint, key: str, name: str) -> str:
     )
 
 
-def check_shapes(name: str, update: Update, lora: Checkpoint, base: Checkpoint, config: LoraConfig) -> None:
+def check_shapes(name: str, update: Update, lora: Checkpoint, base: Checkpoint) -> None:
     """The adapter's tensors must fit the base's: A (r, in) and B (out, r) for W (out, in), or (in, out)
     transposed; a whole tensor or a bias of the base's shape; floating-point base weights."""
     target = base.tensors[name]

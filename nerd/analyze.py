@@ -3,7 +3,7 @@
 The models are resolved like merge candidates (local directories or hub ids), every 2-D matrix
 gets its exact spectrum and metrics (metrics.py) through the shared metric cache, and the output
 directory receives metrics.csv and metrics.json (one row per matrix: model, tensor, depth, shape,
-every metric), the figures of plots.py, and a per-model summary that is also printed: the mean,
+every metric), the figures of plots.py and heatmaps.py, and a per-model summary that is also printed: the mean,
 minimum and maximum of each metric, the matrices with alpha < 2 or > 6, and those with rank loss.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__, plots
+from . import __version__, heatmaps, plots
 from .checkpoint import opened_checkpoints
 from .config import ModelSpec
 from .sections import Compute
@@ -180,7 +180,7 @@ def csv_cell(value) -> str:
 
 def write_figures(analysis: Analysis, out: Path, quiet: bool) -> list[Path]:
     """heatmap_ner.png (one column per depth), smin_histogram.png, and esd/<model>/<tensor>.png
-    for the matrices whose spectra were kept; empty without matplotlib."""
+    for the matrices whose spectra were kept (no heatmap without blocks)."""
     labels = short_names(analysis.models)
     written = [
         ner_heatmap(analysis, out, labels),
@@ -232,7 +232,7 @@ def ner_heatmap(analysis: Analysis, out: Path, labels: dict[str, str]) -> Path |
             column = values[:, depth]
             best[depth] = int(np.nanargmax(column)) if np.isfinite(column).any() else None
     title = "mean NER per block" + ("; red boxes: best at each depth" if any(b is not None for b in best) else "")
-    return plots.heatmap(
+    return heatmaps.heatmap(
         out / "heatmap_ner.png",
         values,
         [labels[m] for m in analysis.models],

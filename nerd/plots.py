@@ -1,9 +1,6 @@
-"""Figures (PNG, matplotlib: the optional `plots` extra) for what people would rather look at.
+"""Figures (PNG, matplotlib) for what people would rather look at.
 
-- heatmap_<metric>.png: a score by depth x candidate, with the chosen path marked (the merge's
-  winners or blends, or for `analyze` the best candidate at each depth).
-- heatmap_compatibility.png: a merge's tethers, each candidate's compatibility with the base by
-  depth x candidate, the drifting cells crossed out and the threshold on the colour bar.
+- the heatmaps of a merge and of `analyze`: heatmaps.py.
 - esd/<model>/<tensor>.png: the ESD of one matrix on log-log axes, its power-law fit (red, from
   xmin) and the detX threshold (purple), as in the weightwatcher blog post "Deep Learning and Effective
   Correlation Spaces" (C. Martin, calculatedcontent.com): where the two lines meet, the SETOL volume-preserving condition holds.
@@ -13,7 +10,8 @@
   rank-collapse figure of C. Martin's calculatedcontent.com post on rank collapse in deep networks), one series per model.
 - perplexity.png: an evaluation's perplexity of every model on every text and their mean.
 
-Every function returns the file it wrote, or None when matplotlib is not installed.
+matplotlib is a dependency; it is imported on first use (`pyplot`), so a command that draws
+nothing starts without it.
 """
 
 from __future__ import annotations
@@ -28,147 +26,25 @@ import numpy as np
 from .importance import IMPORTANCE_LABELS
 from .plan import Plan
 from .report import parameter_line, short_names
-from .select import rule_of
-
-MARKED_CELLS = 400  # heatmaps with at most this many cells get their values written in
 
 
 def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is missing."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
+    """matplotlib.pyplot on the file-only Agg backend."""
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
 
 
-def heatmap(
-    path: Path,
-    values: np.ndarray,
-    candidates: list[str],
-    title: str,
-    label: str,
-    boxes: list[tuple[int, int]],
-    lower_wins: bool = False,
-    crosses: list[tuple[int, int]] = (),
-    threshold: float | None = None,
-) -> Path | None:
-    """values[candidate, depth] as colours (NaN: no score), with red boxes on the (row, depth)
-    cells in `boxes` (what was chosen), red crosses on those in `crosses` (what was refused), and
-    `threshold` marked on the colour bar."""
-    plt = pyplot()
-    if plt is None:
-        return None
-    rows, depths = values.shape
-    fig, ax = plt.subplots(figsize=(min(max(6.0, 3 + 0.45 * depths), 24), 1.8 + 0.55 * rows))
-    bounds = values[np.isfinite(values)].tolist() + ([threshold] if threshold is not None else [])
-    low, high = (min(bounds), max(bounds)) if bounds else (0.0, 1.0)  # the threshold's line stays on the bar
-    image = ax.imshow(
-        np.ma.masked_invalid(values),
-        aspect="auto",
-        interpolation="nearest",
-        cmap="viridis_r" if lower_wins else "viridis",
-        vmin=low,
-        vmax=high,
-    )
-    if threshold is None:
-        fig.colorbar(image, ax=ax, label=label + (" (lower wins)" if lower_wins else " (higher wins)"))
-    else:
-        fig.colorbar(image, ax=ax, label=f"{label} (eligible from the red line up)").ax.axhline(
-            threshold, color="red", linewidth=2
-        )
-    if rows * depths <= MARKED_CELLS:
-        middle = (low + high) / 2
-        for (r, d), v in np.ndenumerate(values):
-            if np.isfinite(v):
-                dark = (v > middle) == lower_wins
-                ax.text(d, r, f"{v:.4g}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
-    from matplotlib.patches import Rectangle
-
-    for r, d in boxes:
-        ax.add_patch(Rectangle((d - 0.46, r - 0.46), 0.92, 0.92, fill=False, edgecolor="red", linewidth=2.2))
-    for r, d in crosses:
-        ax.plot([d - 0.4, d + 0.4], [r - 0.4, r + 0.4], color="red", linewidth=1.5)
-        ax.plot([d - 0.4, d + 0.4], [r + 0.4, r - 0.4], color="red", linewidth=1.5)
-    ax.set_yticks(range(rows), candidates)
-    ax.set_xticks(range(depths))
-    ax.set_xlabel("depth (layer)")
-    ax.set_title(title, fontsize=10, loc="left")
-    return save(fig, plt, path)
-
-
-def block_choices(plan: Plan) -> list:
-    """The per-depth block choices of a merge, in depth order."""
-    return [c for c in plan.choices if c.depth is not None and c.group == str(c.depth)]
-
-
-def merge_heatmap(plan: Plan, directory: Path) -> str | None:
-    """heatmap_<metric>.png of a merge: each block's score per candidate, the winners (or the
-    blend's members) boxed. Returns the file name, or None without matplotlib."""
-    blocks = block_choices(plan)
-    if not blocks:
-        return None
-    values = np.array(
-        [[math.nan if c.scores[m] is None else c.scores[m] for c in blocks] for m in plan.candidates], dtype=float
-    )
-    rule = rule_of(plan.selection)
-    labels = short_names(plan.candidates)
-    name = f"heatmap_{plan.selection.metric}.png"
-    title = f"{rule.label} per block; red boxes: chosen" + (
-        " (block winners; per-matrix winners in merge_report.json)" if plan.selection.granularity == "tensor" else ""
-    )
-    boxes = [(plan.candidates.index(m), d) for d, c in enumerate(blocks) for m in (c.blend or [c.winner])]
-    written = heatmap(
-        directory / name, values, [labels[c] for c in plan.candidates], title, rule.label, boxes, rule.lower_wins
-    )
-    return name if written else None
-
-
-def compatibility_heatmap(plan: Plan, directory: Path) -> str | None:
-    """heatmap_compatibility.png: every other candidate's compatibility with the base by depth,
-    crosses where it drifts (below the threshold, marked on the colour bar), boxes where it supplies
-    the block. Returns the file name, or None without tethers or matplotlib."""
-    blocks = block_choices(plan)
-    if plan.tethers is None or not blocks:
-        return None
-    tethers, others = plan.tethers, [c for c in plan.candidates if c != plan.base]
-    values = np.array(
-        [
-            [math.nan if tethers.scores[str(d)][m] is None else tethers.scores[str(d)][m] for d in range(len(blocks))]
-            for m in others
-        ],
-        dtype=float,
-    )
-    crosses = [(r, d) for r, m in enumerate(others) for d in range(len(blocks)) if not tethers.eligible(str(d), m)]
-    boxes = [(others.index(m), d) for d, c in enumerate(blocks) for m in (c.blend or [c.winner]) if m in others]
-    labels = short_names(plan.candidates)
-    name = "heatmap_compatibility.png"
-    options = tethers.options
-    written = heatmap(
-        directory / name,
-        values,
-        [labels[c] for c in others],
-        f"{options.measure} with the base '{labels[plan.base]}' per block\nred x: drifts "
-        f"(below {options.min_compatibility:g}); red boxes: supplies the block",
-        options.measure,
-        boxes,
-        crosses=crosses,
-        threshold=options.min_compatibility,
-    )
-    return name if written else None
-
-
 def expansion_curve(plan: Plan, directory: Path) -> str | None:
     """expansion_curve.png: importance by depth before the expansion, copied blocks ringed in red.
-    Returns the file name, or None without a measured expansion or without matplotlib."""
+    Returns the file name, or None without a measured expansion."""
     expansion = plan.expansion
-    measured = expansion is not None and any(v is not None for v in expansion.scores)
-    plt = pyplot() if measured else None
-    if plt is None:
+    if expansion is None or all(v is None for v in expansion.scores):
         return None
+    plt = pyplot()
     values = np.array([math.nan if v is None else v for v in expansion.scores], dtype=float)
     depths = np.arange(len(values))
     label = IMPORTANCE_LABELS[expansion.importance]
@@ -201,11 +77,9 @@ def expansion_curve(plan: Plan, directory: Path) -> str | None:
     return name
 
 
-def esd(path: Path, eigenvalues: np.ndarray, metrics: dict, title: str) -> Path | None:
+def esd(path: Path, eigenvalues: np.ndarray, metrics: dict, title: str) -> Path:
     """The ESD histogram (log-spaced bins, density) with the power-law fit and the detX line."""
     plt = pyplot()
-    if plt is None:
-        return None
     lam = eigenvalues[eigenvalues > 0]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     if len(lam) > 1 and lam.max() > lam.min():
@@ -242,12 +116,10 @@ def esd(path: Path, eigenvalues: np.ndarray, metrics: dict, title: str) -> Path 
     return save(fig, plt, path, tight=False)
 
 
-def smin_histogram(path: Path, smallest: dict[str, list[float]]) -> Path | None:
+def smin_histogram(path: Path, smallest: dict[str, list[float]]) -> Path:
     """One step histogram per model of its matrices' smallest singular values, log-spaced bins;
     exact zeros (rank collapse) are counted in the legend."""
     plt = pyplot()
-    if plt is None:
-        return None
     positive = [v for values in smallest.values() for v in values if v > 0]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if positive:
@@ -285,24 +157,19 @@ def file_name(text: str) -> str:
 
 
 def evaluation_chart(plan: Plan, directory: Path) -> str | None:
-    """perplexity.png of a merge's evaluation; the file name, or None (no evaluation, no matplotlib)."""
+    """perplexity.png of a merge's evaluation; the file name, or None without an evaluation."""
     evaluation = plan.evaluation
     if evaluation is None:
         return None
     written = next(f"composite: {s.name}" for s in evaluation.strategies if s.written)
-    return (
-        "perplexity.png"
-        if perplexity_chart(directory / "perplexity.png", evaluation.rows, evaluation.texts, written)
-        else None
-    )
+    perplexity_chart(directory / "perplexity.png", evaluation.rows, evaluation.texts, written)
+    return "perplexity.png"
 
 
-def perplexity_chart(path: Path, rows: list, texts: list[str], written: str | None = None) -> Path | None:
+def perplexity_chart(path: Path, rows: list, texts: list[str], written: str | None = None) -> Path:
     """Grouped bars: each model's perplexity on each text and the mean, the base's as a dashed line
     per group, the written composite outlined in red."""
     plt = pyplot()
-    if plt is None:
-        return None
     models = list(dict.fromkeys(r.model for r in rows))
     table = {(r.model, r.text): math.nan if r.perplexity is None else r.perplexity for r in rows}
     groups = texts + ["mean"]

@@ -1,5 +1,6 @@
 """What a merge tells people: the per-depth choice table, the tether (compatibility) table, the
-expansion table, the model card and merge_report.json."""
+expansion table and the evaluation table (for the terminal; card.py puts them in the model card),
+and merge_report.json."""
 
 from __future__ import annotations
 
@@ -97,65 +98,6 @@ def tether_table(plan: Plan) -> str:
     return "\n".join([tether_line(plan.tethers), *lines])
 
 
-def model_card(
-    plan: Plan, heatmaps: list[str] | None = None, curve: str | None = None, figure: str | None = None
-) -> str:
-    """README.md of the output: what it was made from, the choice at every depth, the tethers, the
-    expansion, the evaluation, and the figures that were drawn (`heatmaps`: the score's, then the
-    compatibility's; `figure`: the perplexities)."""
-    base_model = f"base_model: {plan.base.split('@')[0]}\n" if plan.revisions[plan.base] else ""
-    front = f"""---
-{base_model}library_name: transformers
-tags:
-- merge
-- mastermerge
----
-"""
-    body = (
-        merge_section(plan, heatmaps or [])
-        if len(plan.candidates) > 1
-        else f"""# Expanded model
-
-Made by mastermerge {__version__} from `{plan.base}` by duplicating its most important blocks (DLEC).
-"""
-    )
-    if plan.expansion is not None:
-        body += "\n" + expansion_section(plan.expansion, curve)
-    if plan.evaluation is not None:
-        body += "\n" + evaluation_section(plan.evaluation, figure)
-    if plan.notes:
-        body += "\n## Notes\n" + "".join(f"\n- {note}" for note in plan.notes) + "\n"
-    return front + body + "\nEvery metric and every tensor's source are in merge_report.json.\n"
-
-
-def merge_section(plan: Plan, heatmaps: list[str]) -> str:
-    rows = choice_rows(plan)
-    models = "\n".join(f"- `{c}`" + (" (base)" if c == plan.base else "") for c in plan.candidates)
-    images = " ".join(f"![{Path(h).stem.replace('_', ' ')}]({h})" for h in heatmaps)
-    figures = f"\n{images}\n" if heatmaps else ""
-    blend = plan.tethers is not None and plan.tethers.options.mode == "blend"
-    how = (
-        "the candidates whose blocks are still compatible with the base's are averaged"
-        if blend
-        else "the candidate whose weight matrices score best supplies the block"
-    )
-    return f"""# Composite model
-
-Made by mastermerge {__version__}: at every depth, {how}. {selection_sentence(plan.selection)}
-Granularity: {plan.selection.granularity}.
-
-Candidates (ties go to the earlier one):
-{models}
-{warning_lines(plan.warnings)}
-Scores are the {rule_of(plan.selection).label} over the matrices of each group; the {
-        "blend (each candidate's weight given)" if blend else "winner"
-    } supplies its tensors.
-
-{markdown_table(rows)}
-{figures}
-{tether_section(plan) if plan.tethers is not None else ""}"""
-
-
 def evaluation_rows(evaluation: Evaluation) -> list[list[str]]:
     """Header and one row per model: its perplexity on each text, the mean, and the difference of the
     mean from the base's (first row); the written strategy marked; '-' where there is none."""
@@ -209,60 +151,6 @@ def evaluation_table(evaluation: Evaluation) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join([evaluation_header(evaluation), *lines] + [evaluation.reason] * bool(evaluation.reason))
-
-
-def evaluation_section(evaluation: Evaluation, figure: str | None) -> str:
-    image = f"\n![perplexity by model and text]({figure})\n" if figure else ""
-    header = evaluation_header(evaluation)
-    return f"""## Evaluation
-
-{header[0].upper() + header[1:]}.
-{warning_lines(evaluation.warnings)}
-{markdown_table(evaluation_rows(evaluation))}
-
-{evaluation.reason}
-{image}"""
-
-
-def tether_section(plan: Plan) -> str:
-    return f"""## Tethers (compatibility with the base)
-
-{tether_line(plan.tethers).removeprefix("tethers: ").capitalize()}.
-{warning_lines(plan.tethers.warnings)}
-{markdown_table(tether_rows(plan))}
-"""
-
-
-def warning_lines(warnings: list[str]) -> str:
-    """Each warning as a bold-labelled paragraph of the card."""
-    return "".join(f"\n**Warning:** {w}\n" for w in warnings)
-
-
-def markdown_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows[1:]])
-
-
-def expansion_section(expansion: Expansion, curve: str | None) -> str:
-    rows = "\n".join(f"| {a.source} | {a.depth} | {fmt_score(a.score)} |" for a in expansion.added)
-    init = (
-        "`identity`: each copy's residual-writing projections are zero, so the expanded model computes "
-        "the same function as before and can be fine-tuned from there"
-        if expansion.init == "identity"
-        else "`copy`: each copy is an exact duplicate of its source block"
-    )
-    curve = f"\n![importance by depth]({curve})\n" if curve else ""
-    note = f" ({expansion.note})" if expansion.note else ""
-    return f"""## Layer expansion (DLEC)
-
-{parameter_line(expansion)}; {len(expansion.added)} block(s) added, each right after its source.
-Importance: {importance_line(expansion)}.{note}
-Initialisation: {init}.
-
-| copied block | new depth | importance |
-|---|---|---|
-{rows}
-{curve}"""
 
 
 def expansion_table(plan: Plan) -> str:

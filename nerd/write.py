@@ -36,8 +36,9 @@ from .card import model_card
 from .config import MergeConfig
 from .errors import ModelError, OutputError
 from .hashing import HASH_CHUNK
+from .heatmaps import compatibility_heatmap, merge_heatmap
 from .plan import Plan, PlanEntry
-from .plots import compatibility_heatmap, evaluation_chart, expansion_curve, merge_heatmap
+from .plots import evaluation_chart, expansion_curve
 from .recipe import RECIPE, recipe_problem, recipe_text
 from .report import report_of
 from .sidefiles import copy_side_files

@@ -69,7 +69,7 @@ def test_merge_from_offline_hub_cache(hub, tmp_path):
     }
     snapshot = hub["hf_home"] / "hub" / "models--testorg--tiny-ft" / "snapshots" / hub["commits"]["testorg/tiny-ft"]
     assert Path(report["inputs"][1]["path"]) == snapshot
-    assert "base_model: testorg/tiny-base" in (out / "README.md").read_text()
+    assert "base_model:\n- testorg/tiny-base\n- testorg/tiny-ft\n" in (out / "README.md").read_text()  # not local
 
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
@@ -166,4 +166,4 @@ def test_expand_a_sharded_model_from_offline_hub_cache(hub, tmp_path):
         before = transformers.AutoModelForCausalLM.from_pretrained(hub["ft"]).eval()(ids).logits
         after = transformers.AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
     assert torch.allclose(before, after, atol=1e-5, rtol=0)
-    assert "base_model: testorg/tiny-ft" in (out / "README.md").read_text()
+    assert "base_model:\n- testorg/tiny-ft\nbase_model_relation: merge\n" in (out / "README.md").read_text()

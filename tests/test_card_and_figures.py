@@ -22,7 +22,7 @@ from test_hub import run_cli as run_hub_cli
 
 from examples.tiny_models import build_hub_cache, build_model
 from nerd import heatmaps
-from nerd.card import base_license, front_matter_of, hub_card
+from nerd.card import base_license, card_metadata, front_matter_of, hub_card
 from nerd.config import Selection
 from nerd.plan import Choice
 
@@ -120,6 +120,27 @@ def test_the_license_is_the_bases_card_s(tmp_path):
     assert base_license(plan) == {"license": "other", "license_name": "tiny-license", "license_link": "LICENSE"}
     (base / "README.md").write_text("---\nlicense:\n  - mit\n  - apache-2.0\nlicense_name: '  '\n---\n")
     assert base_license(plan) == {}  # not one-line strings: left out
+
+
+def test_card_metadata_of_hub_and_local_candidates(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    names = ["org/base@v2", "org/base@v1", str(tmp_path / "local"), "org/ft"]
+    plan = SimpleNamespace(
+        base="org/base@v2",
+        candidates=names,
+        sources={n: base if n == "org/base@v2" else tmp_path for n in names},
+        revisions={"org/base@v2": "a" * 40, "org/base@v1": "b" * 40, names[2]: None, "org/ft": "c" * 40},
+    )
+    (base / "README.md").write_text("---\nlicense: mit\n---\n")
+    (base / "modules.json").write_text("[]")
+    assert card_metadata(plan) == {
+        "base_model": ["org/base", "org/ft"],
+        "base_model_relation": "merge",
+        "library_name": "sentence-transformers",  # the base is a sentence-transformers model
+        "license": "mit",
+        "tags": ["merge", "mastermerge"],
+    }
 
 
 def test_a_hub_card_that_cannot_be_had_is_none(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ import dataclasses
 import json
 import re
 import sys
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,7 +37,10 @@ from .write import write_merge
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    configs = [load_config(path) for path in args.config]
+    configs = []
+    for path in args.config:
+        with refusal_as_json(args, path):
+            configs.append(load_config(path))
     return run_configs([dataclasses.replace(c, compute=compute_of(args, c.compute)) for c in configs], args)
 
 
@@ -90,20 +94,38 @@ def recipe_target(path: Path | None, configs: int, *, force: bool) -> None:
         raise ConfigError(f"--emit-mergekit {path}: no directory {path.parent}")
 
 
+@contextmanager
+def refusal_as_json(args: argparse.Namespace, source: Path | None) -> Iterator[None]:
+    """A config refused before anything runs, with --json: its one result on stdout too (the
+    `{config, error, exit_code}` a run-time failure gives), then the error as usual."""
+    try:
+        yield
+    except MergeError as exc:
+        if args.json:
+            result = {"config": str(source) if source else None, "error": str(exc), "exit_code": exc.exit_code}
+            print(json.dumps({"mastermerge_version": __version__, "results": [result]}, indent=2), file=args.json_out)
+        raise
+
+
 def run_configs(configs: list, args: argparse.Namespace) -> int:
     """Plan and write (or with --dry-run, print) each config in turn, sharing one metric cache."""
     outputs: dict[Path, Path] = {}
-    one_cluster(configs)
-    recipe_target(args.emit_mergekit, len(configs), force=args.force)
+    with refusal_as_json(args, None):
+        one_cluster(configs)
+        recipe_target(args.emit_mergekit, len(configs), force=args.force)
+        check_cache_flag(args)
     for config in configs:
-        if not args.dry_run and config.output_dir in outputs:
-            raise ConfigError(
-                f"{config.source}: output_dir: {config.output_dir} is also the output of {outputs[config.output_dir]}"
-            )
-        outputs[config.output_dir] = config.source
-        if not args.dry_run:
-            claim_output(config, force=args.force)  # a killed run's leftovers dealt with, a non-empty output refused
-    cache = cache_of(args)
+        with refusal_as_json(args, config.source):
+            if not args.dry_run and config.output_dir in outputs:
+                raise ConfigError(
+                    f"{config.source}: output_dir: {config.output_dir} is also the output of "
+                    f"{outputs[config.output_dir]}"
+                )
+            outputs[config.output_dir] = config.source
+            if not args.dry_run:  # a killed run's leftovers dealt with, a non-empty output refused
+                claim_output(config, force=args.force)
+    with refusal_as_json(args, None):
+        cache = cache_of(args)
     results = []
     try:
         for config in configs:
@@ -113,7 +135,7 @@ def run_configs(configs: list, args: argparse.Namespace) -> int:
                     if args.emit_mergekit:
                         raise ConfigError(f"{config.source or 'expand ' + plan.base}: no mergekit recipe: {problem}")
                     plan.notes.append(f"no {RECIPE}: {problem}")
-                if not args.json and (args.dry_run or not args.quiet):
+                if not args.json and not args.quiet:  # the dry run's tables too: --quiet hides them
                     print(plan_text(config, plan) + "\n")
                 evaluation_warnings = plan.evaluation.warnings if plan.evaluation else []
                 for warning in plan.warnings + (plan.tethers.warnings if plan.tethers else []) + evaluation_warnings:
@@ -285,7 +307,15 @@ def requested_device(args: argparse.Namespace, where: str) -> str:
 
 def cache_of(args: argparse.Namespace) -> MetricCache:
     """The metric cache the flags ask for: --no-cache (memory), --cache FILE, or the default file."""
+    check_cache_flag(args)
     return MetricCache(None if args.no_cache else args.cache or default_cache_path())
+
+
+def check_cache_flag(args: argparse.Namespace) -> None:
+    """--cache FILE must be in a directory that exists: a mistyped path is not created (one that
+    exists but cannot hold the cache, a read-only one, still runs in memory with a warning)."""
+    if args.cache is not None and not args.cache.parent.exists():
+        raise ConfigError(f"--cache {args.cache}: no directory {args.cache.parent} (create it, or give another FILE)")
 
 
 def summary_of(config, plan, written: bool) -> dict:

@@ -169,7 +169,7 @@ def test_cache_second_run_recomputes_nothing_and_changed_file_invalidates(tmp_pa
 
 def test_dry_run_prints_table_and_writes_nothing(tmp_path):
     models = make_family(tmp_path, "llama")
-    merged = merge(models, tmp_path, "--dry-run", cache=None, as_json=False)
+    merged = merge(models, tmp_path, "--dry-run", cache=None, as_json=False, quiet=False)
     assert merged.code == 0
     lines = merged.stdout.splitlines()
     assert lines[1] == "scores: mean ner of each group's matrices, highest wins"

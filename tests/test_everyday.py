@@ -1,0 +1,58 @@
+"""What a day of real use turned up (issue 19), each fixed and held here: --json when a config is
+refused before anything runs, --quiet hiding a dry run's tables, a --cache FILE in a directory
+that does not exist."""
+
+import json
+
+from helpers import merge, run_cli, write_config
+
+
+def test_json_reports_a_config_refused_before_anything_runs(tmp_path, llama_family):
+    family = llama_family(2)
+    models = [family["base"], family["ft"]]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("the user's")
+    config = write_config(tmp_path / "m.yaml", models, tmp_path / "out")
+    code, stdout, stderr = run_cli("--config", config, "--json", "--quiet", "--no-cache")
+    assert code != 0 and (tmp_path / "out" / "mine.txt").read_text() == "the user's"
+    (result,) = json.loads(stdout)["results"]
+    assert result == {
+        "config": str(config),
+        "error": stderr.strip().removeprefix("mastermerge: error: "),
+        "exit_code": code,
+    }
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("models: [")
+    code, stdout, stderr = run_cli("--config", broken, "--json", "--no-cache")
+    (result,) = json.loads(stdout)["results"]
+    assert code == 2 and result["config"] == str(broken) and result["exit_code"] == 2 and result["error"] in stderr
+
+
+def test_quiet_hides_the_tables_of_a_dry_run(tmp_path, llama_family):
+    family = llama_family(2)
+    for command in ("merge", "expand"):
+        where = tmp_path / command
+        where.mkdir()
+        if command == "merge":
+            run = merge([family["base"], family["ft"]], where, "--dry-run", as_json=False)
+            code, stdout = run.code, run.stdout
+            loud = merge([family["base"], family["ft"]], where, "--dry-run", as_json=False, quiet=False).stdout
+        else:
+            flags = ("expand", family["base"], "--out", where / "o", "--add-layers", "1", "--importance", "ner")
+            code, stdout, _ = run_cli(*flags, "--dry-run", "--no-cache", "--quiet")
+            loud = run_cli(*flags, "--dry-run", "--no-cache")[1]
+        assert code == 0 and stdout == "" and "depth" in loud, command
+
+
+def test_a_cache_in_a_directory_that_does_not_exist_is_refused_not_created(tmp_path, llama_family):
+    family = llama_family(2)
+    config = write_config(tmp_path / "m.yaml", [family["base"], family["ft"]], tmp_path / "out")
+    cache = tmp_path / "no" / "such" / "c.sqlite"
+    code, _, stderr = run_cli("--config", config, "--cache", cache, "--quiet")
+    assert code == 2 and not (tmp_path / "no").exists() and not (tmp_path / "out").exists()
+    assert stderr.splitlines() == [
+        f"mastermerge: error: --cache {cache}: no directory {cache.parent} (create it, or give another FILE)"
+    ]
+    code, _, _ = run_cli("analyze", family["base"], "--out", tmp_path / "a", "--cache", cache, "--quiet")
+    assert code == 2 and not (tmp_path / "no").exists()

@@ -177,6 +177,11 @@ def parser() -> argparse.ArgumentParser:
         type=Path,
         help="one or more merge configs; all are validated first, then run in order",
     )
+    merge.add_argument(
+        "--out",
+        metavar="DIR",
+        help="the output directory, in place of the config's output_dir (one config; as mergekit-yaml's OUT)",
+    )
     merge.set_defaults(action=run_merge)
 
     analyze = command(

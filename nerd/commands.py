@@ -40,7 +40,7 @@ def run_merge(args: argparse.Namespace) -> int:
     configs = []
     for path in args.config:
         with refusal_as_json(args, path):
-            configs.append(load_config(path))
+            configs.append(out_applied(load_config(path), args.out, len(args.config)))
     return run_configs([dataclasses.replace(c, compute=compute_of(args, c.compute)) for c in configs], args)
 
 
@@ -55,6 +55,17 @@ def run_expand(args: argparse.Namespace) -> int:
         compute=compute_of(args, Compute()),
     )
     return run_configs([config], args)
+
+
+def out_applied(config, out: str | None, configs: int):
+    """A config with --out DIR in place of its output_dir (as `mergekit-yaml config OUT`): one
+    config only, the directory relative to the working directory, checked like output_dir."""
+    if out is None:
+        return config
+    if configs != 1:
+        raise ConfigError(f"--out {out}: one output directory, for one config; found {configs} configs")
+    output_dir = output_path(out, Path.cwd(), str(config.source), config.models, key="--out")
+    return dataclasses.replace(config, output_dir=output_dir, raw={**config.raw, "output_dir": str(output_dir)})
 
 
 def compute_of(args: argparse.Namespace, configured: Compute) -> Compute:

@@ -56,3 +56,22 @@ def test_a_cache_in_a_directory_that_does_not_exist_is_refused_not_created(tmp_p
     ]
     code, _, _ = run_cli("analyze", family["base"], "--out", tmp_path / "a", "--cache", cache, "--quiet")
     assert code == 2 and not (tmp_path / "no").exists()
+
+
+def test_out_on_the_command_line_replaces_the_configs_output_dir(tmp_path, llama_family, monkeypatch):
+    family = llama_family(2)
+    config = write_config(tmp_path / "m.yaml", [family["base"], family["ft"]], tmp_path / "configured")
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = run_cli("--config", config, "--out", "given", "--json", "--quiet", "--no-cache")
+    assert code == 0, stderr
+    (result,) = json.loads(stdout)["results"]
+    assert result["output_dir"] == str(tmp_path / "given") and not (tmp_path / "configured").exists()
+    report = json.loads((tmp_path / "given" / "merge_report.json").read_text())
+    assert report["config"]["output_dir"] == str(tmp_path / "given")
+
+    other = write_config(tmp_path / "n.yaml", [family["base"], family["ft"]], tmp_path / "other")
+    code, _, stderr = run_cli("--config", config, other, "--out", "both", "--quiet", "--no-cache")
+    assert code == 2 and not (tmp_path / "both").exists()
+    assert stderr.splitlines() == [
+        "mastermerge: error: --out both: one output directory, for one config; found 2 configs"
+    ]

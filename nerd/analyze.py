@@ -23,6 +23,7 @@ from . import __version__, heatmaps, plots
 from .checkpoint import opened_checkpoints
 from .config import ModelSpec
 from .sections import Compute
+from .errors import ConfigError
 from .engine import Engine, Work, executor_of, reachable
 from .layout import layout_of
 from .metrics import METRICS, path_counts
@@ -58,9 +59,11 @@ def analyze_models(
     quiet: bool = False,
     esd: re.Pattern | None = None,
     compute: Compute = Compute(),
+    tensors: re.Pattern | None = None,
 ) -> Analysis:
     """Resolve the models and compute every metric of every matrix (cached) where `compute` says
-    (engine.py); the singular values of the matrices whose names match `esd` are kept for their figures."""
+    (engine.py), or of those whose names match `tensors` (a ConfigError when none does); the
+    singular values of the matrices whose names match `esd` are kept for their figures."""
     reachable(compute)
     resolved = {spec.ref: resolve_model(spec) for spec in specs}
     names = list(resolved)
@@ -70,13 +73,18 @@ def analyze_models(
     with opened_checkpoints({n: resolved[n].path for n in names}) as checkpoints:
         shapes = {n: {t: i.shape for t, i in c.tensors.items()} for n, c in checkpoints.items()}
         analysis.same_layout = all(s == shapes[names[0]] for s in shapes.values())
-        total = sum(sum(i.is_matrix for i in c.tensors.values()) for c in checkpoints.values())
+        chosen = {
+            n: [t for t, i in c.tensors.items() if i.is_matrix and (tensors is None or tensors.search(t))]
+            for n, c in checkpoints.items()
+        }
+        total = sum(map(len, chosen.values()))
+        if tensors is not None and total == 0:
+            raise ConfigError(f"analyze: --tensors: '{tensors.pattern}' matches no weight matrix of the models")
         with tqdm(total=total, desc="spectra", unit="matrix", disable=quiet) as bar:
             for name in names:
                 checkpoint = checkpoints[name]
                 depths = layout_of(list(checkpoint.tensors)).depths
-                matrices = [t for t, info in checkpoint.tensors.items() if info.is_matrix]
-                for work, metrics in engine.metrics([Work(checkpoint, t) for t in matrices], bar).items():
+                for work, metrics in engine.metrics([Work(checkpoint, t) for t in chosen[name]], bar).items():
                     tensor = work.tensor
                     if esd is not None and esd.search(tensor):
                         analysis.spectra[(name, tensor)] = engine.spectrum(work).values

@@ -199,6 +199,11 @@ def parser() -> argparse.ArgumentParser:
         help="also draw the ESD of every matrix whose name matches, e.g. 'layers\\.0\\.' or '.' for "
         "all (about 0.3 s per figure; default: none)",
     )
+    analyze.add_argument(
+        "--tensors",
+        metavar="REGEX",
+        help="analyze only the matrices whose names match, e.g. 'self_attn' (default: every matrix)",
+    )
     analyze.add_argument("--no-plots", action="store_true", help="tables only, no figures")
     analyze.set_defaults(action=run_analyze)
 

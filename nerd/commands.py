@@ -183,6 +183,16 @@ def run_configs(configs: list, args: argparse.Namespace) -> int:
     return 0
 
 
+def regex_flag(value: str | None, flag: str) -> re.Pattern | None:
+    """A flag's regular expression, compiled; one line when it is not one."""
+    if value is None:
+        return None
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise ConfigError(f"analyze: {flag}: '{value}' is not a valid regular expression ({exc})") from None
+
+
 def run_analyze(args: argparse.Namespace) -> int:
     where = "analyze"
     specs = [
@@ -192,13 +202,18 @@ def run_analyze(args: argparse.Namespace) -> int:
     index_of_each(tuple(specs), where, lambda i: f"MODEL {i + 1}")
     out = output_path(args.out, Path.cwd(), where, tuple(specs), key="--out")
     claim_dir(out, args.out, where, "--out", args.force, marker="metrics.json")
-    try:
-        pattern = None if args.no_plots or args.esd is None else re.compile(args.esd)
-    except re.error as exc:
-        raise ConfigError(f"{where}: --esd: '{args.esd}' is not a valid regular expression ({exc})") from None
+    pattern = None if args.no_plots else regex_flag(args.esd, "--esd")
+    chosen = regex_flag(args.tensors, "--tensors")
     device = requested_device(args, where)
     with closing(cache_of(args)) as cache:
-        analysis = analyze_models(specs, cache, device, args.quiet, esd=pattern, compute=compute_of(args, Compute()))
+        analysis = analyze_models(
+            specs, cache, device, args.quiet, esd=pattern, compute=compute_of(args, Compute()), tensors=chosen
+        )
+    if pattern is not None and not analysis.spectra:
+        print(
+            f"mastermerge: warning: analyze: --esd: '{args.esd}' matches no matrix analyzed: no ESD figure",
+            file=sys.stderr,
+        )
     summary = analysis_summary(analysis)
     figures = []
     with staged_dir(out) as tmp:

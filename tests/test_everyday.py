@@ -75,3 +75,33 @@ def test_out_on_the_command_line_replaces_the_configs_output_dir(tmp_path, llama
     assert stderr.splitlines() == [
         "mastermerge: error: --out both: one output directory, for one config; found 2 configs"
     ]
+
+
+def test_analyze_tensors_takes_only_the_matrices_asked_for(tmp_path, llama_family):
+    base = llama_family(2)["base"]
+    code, stdout, stderr = run_cli(
+        "analyze",
+        base,
+        "--out",
+        tmp_path / "a",
+        "--tensors",
+        r"self_attn\.q_proj",
+        "--esd",
+        "mlp",
+        "--json",
+        "--quiet",
+        "--no-cache",
+    )
+    assert code == 0, stderr
+    rows = json.loads((tmp_path / "a" / "metrics.json").read_text())["rows"]
+    assert len(rows) == 2 and all("self_attn.q_proj" in r["tensor"] for r in rows)
+    assert json.loads(stdout)["spectra_computed"] == 2
+    assert stderr.splitlines() == [
+        "mastermerge: warning: analyze: --esd: 'mlp' matches no matrix analyzed: no ESD figure"
+    ]
+
+    code, _, stderr = run_cli("analyze", base, "--out", tmp_path / "b", "--tensors", "no_such", "--no-cache", "--quiet")
+    assert code == 2 and not (tmp_path / "b").exists()
+    assert stderr.splitlines() == [
+        "mastermerge: error: analyze: --tensors: 'no_such' matches no weight matrix of the models"
+    ]

@@ -36,6 +36,8 @@ def resolved_spec(spec: ModelSpec, base_dir: Path, where: str, key: str, require
         local = Path(ref).expanduser()
         local = local if local.is_absolute() else base_dir / local
         if looks_local(ref, local, base_dir):
+            if local.exists() and not local.is_dir():
+                raise ConfigError(f"{where}: {key}: {file_given(ref, local, require_config)}")
             if revision is not None:
                 raise ConfigError(f"{where}: {key}: '{ref}' is a local directory; 'revision' applies to hub ids only")
             if not local.is_dir():
@@ -58,9 +60,10 @@ def resolved_spec(spec: ModelSpec, base_dir: Path, where: str, key: str, require
             if "/" not in ref and "@" not in ref
             else ""
         )
+        looked = f"; looked for the directory at {local}" if "@" not in ref else ""
         raise ConfigError(
             f"{where}: {key}: '{ref}' is neither an existing directory nor a hub id "
-            f"(org/name or org/name@revision){hint}"
+            f"(org/name or org/name@revision){looked}{hint}"
         )
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -70,6 +73,20 @@ def resolved_spec(spec: ModelSpec, base_dir: Path, where: str, key: str, require
         raise ConfigError(f"{where}: {key}: '{repo_id}' is not a valid hub id: {first_line(exc)}") from None
     revision = at_revision or revision
     return ModelSpec(ref=f"{repo_id}@{revision}" if revision else repo_id, repo_id=repo_id, revision=revision)
+
+
+def file_given(ref: str, local: Path, require_config: bool) -> str:
+    """The refusal of a file named where a model directory is expected (its model.safetensors, its
+    config.json): what to give instead, its directory where that is a model directory."""
+    parent = local.parent
+    if not require_config or (parent / "config.json").is_file() or (parent / ADAPTER_CONFIG).is_file():
+        written = Path(ref).parent
+        at = "" if written.is_absolute() else f" ({parent.resolve()})"
+        return f"'{ref}' is a file, not a model directory; give its directory, '{written}'{at}"
+    return (
+        f"'{ref}' is a file, not a model directory; give the directory that holds the model's config.json "
+        f"(or a PEFT adapter's {ADAPTER_CONFIG})"
+    )
 
 
 def looks_local(ref: str, local: Path, base_dir: Path) -> bool:

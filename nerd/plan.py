@@ -194,8 +194,16 @@ class Plan:
             "evaluation": None if self.evaluation is None else asdict(self.evaluation),
             "warnings": self.warnings,
             "notes": self.notes,
-            "entries": [asdict(e) | {"shape": list(e.shape), "blend": dict(e.blend)} for e in self.entries],
+            "entries": [entry_dict(e) for e in self.entries],
         }
+
+
+def entry_dict(entry: PlanEntry) -> dict:
+    """An entry as the report holds it; a blend names its members (`blend`) and no single source."""
+    found = asdict(entry) | {"shape": list(entry.shape), "blend": dict(entry.blend)}
+    if entry.transform == "blend":
+        del found["source"]
+    return found
 
 
 def natural_key(name: str) -> list:

@@ -105,3 +105,13 @@ def test_analyze_tensors_takes_only_the_matrices_asked_for(tmp_path, llama_famil
     assert stderr.splitlines() == [
         "mastermerge: error: analyze: --tensors: 'no_such' matches no weight matrix of the models"
     ]
+
+
+def test_a_blend_in_the_report_names_its_members_only(tmp_path, llama_family):
+    family = llama_family(2)
+    run = merge([family["base"], family["ft-a"], family["ft-b"]], tmp_path, tether={"mode": "blend"})
+    run.ok()
+    entries = json.loads((run.output / "merge_report.json").read_text())["plan"]["entries"]
+    blends = [e for e in entries if e["transform"] == "blend"]
+    assert blends and all("source" not in e and len(e["blend"]) >= 2 for e in blends)
+    assert all("source" in e for e in entries if e["transform"] != "blend")

@@ -61,7 +61,8 @@ def expanded(plan: Plan, options: DlecOptions, cache, device, quiet: bool, execu
     importance = layer_importance(plan, layout, options, cache, device, quiet, executor)
     sizes = [sum(numel(e.shape) for e in plan.entries if layout.depths[e.name] == d) for d in range(layout.num_layers)]
     before = sum(numel(e.shape) for e in plan.entries)
-    layer_map = expanded_layers(layout.num_layers, layers_to_copy(importance.scores, sizes, before, options))
+    copies = layers_to_copy(importance.scores, sizes, before, options)
+    layer_map = expanded_layers(layout.num_layers, copies)
     entries = expanded_entries(plan.entries, layout, layer_map, options, architecture)
     new_config, changes = expanded_config(config, layout.num_layers, layer_map, config_file)
     unchecked = check_with_transformers(
@@ -82,7 +83,7 @@ def expanded(plan: Plan, options: DlecOptions, cache, device, quiet: bool, execu
         layer_map=layer_map,
         basis=importance.basis,
         config_changes=changes,
-        note="; ".join(filter(None, [importance.note, unchecked])) or None,
+        note="; ".join(filter(None, [importance.note, unchecked, growth_note(options, sizes, before, copies)])) or None,
         stats_reused=importance.reused,
     )
     return dataclasses.replace(plan, entries=entries, config=new_config, expansion=expansion)
@@ -130,6 +131,17 @@ def layers_to_copy(scores: list[float | None], sizes: list[int], total: int, opt
             f"use {option_setting(options, 'add_layers', '1')}"
         )
     return sorted(ranked[:count])
+
+
+def growth_note(options: DlecOptions, sizes: list[int], total: int, copies: list[int]) -> str | None:
+    """What a growth larger than every block copied once gives instead (each is copied at most once)."""
+    if options.growth is None or len(copies) < len(sizes) or options.growth * total - sum(sizes) <= min(sizes) / 2:
+        return None
+    return (
+        f"{option_key(options, 'growth')}: {options.growth:g} asks for more than every block copied once, "
+        f"which adds {sum(sizes) / total:+.0%} of the parameters (each block is copied at most once; "
+        f"list a block twice in {option_key(options, 'layers')} to copy it again)"
+    )
 
 
 def expanded_layers(num_layers: int, copies: list[int]) -> list[int]:

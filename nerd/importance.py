@@ -65,6 +65,7 @@ IMPORTANCE_LABELS = {
     "ner": "mean NER of the block's matrices",
     "none": "not measured (the blocks to copy were named)",
 }
+FEW_TOKENS = 64  # a calibration text shorter than this gets a warning with its scores (README: Layer expansion)
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,8 @@ def activation_stats(
     windows = token_windows(transformers, base_dir, text, options, window)
     tokens = sum(map(len, windows))
     basis = f"{text_name}, {tokens} tokens in {len(windows)} windows of up to {window}"
+    if tokens < FEW_TOKENS:
+        basis += f" (fewer than {FEW_TOKENS} tokens: scores from so few are mostly noise; give a longer text)"
     dtype = run_dtype(plan_parameters(plan), device)
     # what the numbers depend on besides the weights: the windows, and the precision they ran in
     text_key = hashlib.sha256(json.dumps([windows, str(dtype), torch.device(device).type]).encode()).hexdigest()

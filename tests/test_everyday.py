@@ -115,3 +115,29 @@ def test_a_blend_in_the_report_names_its_members_only(tmp_path, llama_family):
     blends = [e for e in entries if e["transform"] == "blend"]
     assert blends and all("source" not in e and len(e["blend"]) >= 2 for e in blends)
     assert all("source" in e for e in entries if e["transform"] != "blend")
+
+
+def expansion_of(*flags) -> dict:
+    code, stdout, stderr = run_cli("expand", *flags, "--dry-run", "--json", "--quiet", "--no-cache")
+    assert code == 0, stderr
+    return json.loads(stdout)["results"][0]["expansion"]
+
+
+def test_growth_beyond_every_block_copied_once_says_what_it_gives(tmp_path, llama_family):
+    base = llama_family(2)["base"]
+    expansion = expansion_of(base, "--out", tmp_path / "o", "--growth", "1", "--importance", "ner")
+    added = expansion["params_after"] / expansion["params_before"] - 1
+    assert len(expansion["added"]) == 2 and added < 0.9
+    assert f"--growth: 1 asks for more than every block copied once, which adds {added:+.0%}" in expansion["note"]
+    modest = expansion_of(base, "--out", tmp_path / "o", "--growth", "0.2", "--importance", "ner")
+    assert "asks for more" not in (modest["note"] or "")
+
+
+def test_a_short_calibration_text_is_flagged_with_its_scores(tmp_path, llama_family):
+    base = llama_family(2)["base"]
+    short = tmp_path / "short.txt"
+    short.write_text("Hi there.")
+    expansion = expansion_of(base, "--out", tmp_path / "o", "--add-layers", "1", "--calibration", short)
+    assert "(fewer than 64 tokens: scores from so few are mostly noise; give a longer text)" in expansion["basis"]
+    default = expansion_of(base, "--out", tmp_path / "o", "--add-layers", "1")
+    assert "fewer than" not in default["basis"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from .architecture import Architecture, inferred
 from .checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, numel
@@ -104,16 +105,42 @@ def check_same_architecture(
             elif a.shape != b.shape:
                 problems.append(f"{tensor} {list(a.shape)} vs {list(b.shape)}")
             elif same_dtype and a.dtype != b.dtype and tensor not in optional:  # copied from one: never mixed
-                problems.append(f"{tensor} {a.dtype} vs {b.dtype} (set dtype: in the config to cast both)")
+                problems.append(f"{tensor} {a.dtype} vs {b.dtype}")
         if problems:
-            shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
-            raise ModelError(f"models '{first_name}' and '{name}' differ in {len(problems)} tensor(s): {shown}")
+            raise ModelError(difference_message(first_name, first, name, other, problems))
     if layout_of(list(first.tensors), architecture).stack is None:
         raise ModelError(
             f"model '{first_name}': no numbered transformer blocks found in the tensor names "
             f"(e.g. model.layers.0...); this architecture is not supported"
         )
     return optional
+
+
+def difference_message(first_name: str, first: Checkpoint, name: str, other: Checkpoint, problems: list[str]) -> str:
+    """One line on how two candidates differ: their architectures first when config.json names two,
+    then the first tensors that differ (a few when the architectures differ, else up to 8), and the
+    dtype hint once."""
+    classes = [declared_classes(c) for c in (first, other)]
+    shown = 3 if None not in classes and classes[0] != classes[1] else 8
+    listed = "; ".join(problems[:shown]) + (f"; ... {len(problems) - shown} more" if len(problems) > shown else "")
+    hint = " (set dtype: in the config to cast both)" if any(p.endswith(FLOAT_DTYPES) for p in problems) else ""
+    if shown == 3:
+        return (
+            f"models '{first_name}' and '{name}' are different architectures ({classes[0]} vs {classes[1]}): "
+            f"{len(problems)} tensor(s) differ, first {listed}"
+        )
+    return f"models '{first_name}' and '{name}' differ in {len(problems)} tensor(s): {listed}{hint}"
+
+
+def declared_classes(checkpoint: Checkpoint) -> str | None:
+    """The classes config.json's `architectures` names (e.g. LlamaForCausalLM), or None."""
+    try:
+        found = json.loads((Path(checkpoint.directory) / "config.json").read_text(encoding="utf-8")).get(
+            "architectures"
+        )
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    return ", ".join(map(str, found)) if isinstance(found, list) and found else None
 
 
 def optional_tensor(

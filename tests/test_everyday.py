@@ -6,6 +6,8 @@ import json
 
 from helpers import merge, run_cli, write_config
 
+from examples.tiny_models import build_model
+
 
 def test_json_reports_a_config_refused_before_anything_runs(tmp_path, llama_family):
     family = llama_family(2)
@@ -141,3 +143,25 @@ def test_a_short_calibration_text_is_flagged_with_its_scores(tmp_path, llama_fam
     assert "(fewer than 64 tokens: scores from so few are mostly noise; give a longer text)" in expansion["basis"]
     default = expansion_of(base, "--out", tmp_path / "o", "--add-layers", "1")
     assert "fewer than" not in default["basis"]
+
+
+def test_a_dtype_mismatch_gives_its_hint_once(tmp_path):
+    base = build_model("llama", tmp_path / "base", seed=0)
+    half = build_model("llama", tmp_path / "half", seed=1, base_dir=base, noise=0.1, dtype="bfloat16")
+    run = merge([base, half], tmp_path, as_json=False)
+    (line,) = run.stderr.strip().splitlines()
+    assert run.code == 3 and line.count("set dtype: in the config to cast both") == 1
+    assert line.endswith("more (set dtype: in the config to cast both)") and "F32 vs BF16" in line
+
+
+def test_different_architectures_are_named_before_their_tensors(tmp_path):
+    llama = build_model("llama", tmp_path / "llama", seed=0)
+    bert = build_model("bert", tmp_path / "bert", seed=0)
+    run = merge([llama, bert], tmp_path, as_json=False)
+    (line,) = run.stderr.strip().splitlines()
+    assert run.code == 3
+    assert line.startswith(
+        f"mastermerge: error: models '{llama}' and '{bert}' are different architectures "
+        "(LlamaForCausalLM vs BertModel): "
+    )
+    assert line.count(" missing from ") + line.count(" vs [") <= 3 and "more" in line

@@ -23,7 +23,7 @@ from .evaluate import Subject, evaluate_subjects, tokenization_notes
 from .engine import uses_ray
 from .errors import ConfigError, IntegrityError, MergeError
 from .pipeline import plan_merge
-from .recipe import RECIPE, recipe_problem, write_recipe
+from .recipe import RECIPE, recipe_or_problem, write_recipe
 from .sections import Compute
 from .plan import Evaluation
 from .plots import perplexity_chart
@@ -142,7 +142,8 @@ def run_configs(configs: list, args: argparse.Namespace) -> int:
         for config in configs:
             try:
                 plan = plan_merge(config, cache=cache, quiet=args.quiet)
-                if problem := recipe_problem(plan):
+                recipe, problem = recipe_or_problem(plan)
+                if problem:
                     if args.emit_mergekit:
                         raise ConfigError(f"{config.source or 'expand ' + plan.base}: no mergekit recipe: {problem}")
                     plan.notes.append(f"no {RECIPE}: {problem}")
@@ -158,7 +159,7 @@ def run_configs(configs: list, args: argparse.Namespace) -> int:
                     if not args.json:
                         print(f"wrote {plan.output_dir}")
                 if args.emit_mergekit:
-                    write_recipe(args.emit_mergekit, plan)
+                    write_recipe(args.emit_mergekit, recipe)
                     if not args.json:
                         print(f"wrote {args.emit_mergekit}")
                 results.append(summary_of(config, plan, written=not args.dry_run))

@@ -91,7 +91,7 @@ def check_same_architecture(
                 )
     (first_name, first), *others = checkpoints.items()
     for name, other in others:
-        problems = []
+        problems, dtypes_differ = [], False
         for tensor in sorted(set(first.tensors) | set(other.tensors)):
             a, b = first.tensors.get(tensor), other.tensors.get(tensor)
             if tensor in optional and b is not None and a is None:  # compared with the first that has it
@@ -106,8 +106,9 @@ def check_same_architecture(
                 problems.append(f"{tensor} {list(a.shape)} vs {list(b.shape)}")
             elif same_dtype and a.dtype != b.dtype and tensor not in optional:  # copied from one: never mixed
                 problems.append(f"{tensor} {a.dtype} vs {b.dtype}")
+                dtypes_differ = True
         if problems:
-            raise ModelError(difference_message(first_name, first, name, other, problems))
+            raise ModelError(difference_message(first_name, first, name, other, problems, dtypes_differ))
     if layout_of(list(first.tensors), architecture).stack is None:
         raise ModelError(
             f"model '{first_name}': no numbered transformer blocks found in the tensor names "
@@ -116,14 +117,16 @@ def check_same_architecture(
     return optional
 
 
-def difference_message(first_name: str, first: Checkpoint, name: str, other: Checkpoint, problems: list[str]) -> str:
+def difference_message(
+    first_name: str, first: Checkpoint, name: str, other: Checkpoint, problems: list[str], dtypes_differ: bool
+) -> str:
     """One line on how two candidates differ: their architectures first when config.json names two,
     then the first tensors that differ (a few when the architectures differ, else up to 8), and the
     dtype hint once."""
     classes = [declared_classes(c) for c in (first, other)]
     shown = 3 if None not in classes and classes[0] != classes[1] else 8
     listed = "; ".join(problems[:shown]) + (f"; ... {len(problems) - shown} more" if len(problems) > shown else "")
-    hint = " (set dtype: in the config to cast both)" if any(p.endswith(FLOAT_DTYPES) for p in problems) else ""
+    hint = " (set dtype: in the config to cast both)" if dtypes_differ else ""
     if shown == 3:
         return (
             f"models '{first_name}' and '{name}' are different architectures ({classes[0]} vs {classes[1]}): "

@@ -28,6 +28,7 @@ import yaml
 
 from .adapters import AdapterSource
 from .architecture import Architecture, families, inferred
+from .checkpoint import FLOAT_DTYPES
 from .errors import ConfigError
 from .plan import Plan, PlanEntry
 
@@ -45,21 +46,17 @@ class Part:
     zero: bool = False
 
 
-def recipe_problem(plan: Plan) -> str | None:
-    """Why no mergekit recipe rebuilds the plan, or None."""
+def recipe_or_problem(plan: Plan) -> tuple[str | None, str | None]:
+    """The recipe as YAML (with a comment saying what wrote it), or why no mergekit recipe rebuilds
+    the plan."""
     try:
-        recipe_of(plan)
+        recipe = recipe_of(plan)
     except ConfigError as exc:
-        return str(exc)
-    return None
-
-
-def recipe_text(plan: Plan) -> str:
-    """The recipe as YAML, with a comment saying what wrote it (a ConfigError if there is none)."""
+        return None, str(exc)
     header = f"# The mergekit recipe of this mastermerge plan: mergekit-yaml {RECIPE} OUT\n"
     if has_adapters(plan):
         header += "# (its LoRA adapters, BASE+ADAPTER, need mergekit-yaml's --lora-merge-cache DIR)\n"
-    return header + yaml.dump(recipe_of(plan), Dumper=Dumper, sort_keys=False, default_flow_style=None)
+    return header + yaml.dump(recipe, Dumper=Dumper, sort_keys=False, default_flow_style=None), None
 
 
 class Dumper(yaml.SafeDumper):
@@ -69,11 +66,11 @@ class Dumper(yaml.SafeDumper):
         return True
 
 
-def write_recipe(path: Path, plan: Plan) -> None:
-    """The recipe written to `path` whole or not at all (a temporary file beside it, renamed)."""
+def write_recipe(path: Path, text: str) -> None:
+    """A recipe written to `path` whole or not at all (a temporary file beside it, renamed)."""
     partial = path.with_name(f".{path.name}.partial")
     try:
-        partial.write_text(recipe_text(plan), encoding="utf-8")
+        partial.write_text(text, encoding="utf-8")
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -83,7 +80,7 @@ def recipe_of(plan: Plan) -> dict:
     """The mergekit configuration (a mapping for yaml) that rebuilds the plan."""
     architecture = families().get(plan.architecture, inferred())
     blocks, non_layer = block_parts(plan, architecture)
-    floats = [e.dtype for e in plan.entries if e.dtype not in ("I64", "I32", "I16", "I8", "U8", "BOOL")]
+    floats = [e.dtype for e in plan.entries if e.dtype in FLOAT_DTYPES]
     if any(dtype not in MERGEKIT_DTYPES for dtype in floats):
         unknown = sorted(set(floats) - set(MERGEKIT_DTYPES))
         raise ConfigError(f"the output holds {', '.join(unknown)} tensors, which mergekit does not write")

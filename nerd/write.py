@@ -39,7 +39,7 @@ from .hashing import HASH_CHUNK
 from .heatmaps import compatibility_heatmap, merge_heatmap
 from .plan import Plan, PlanEntry
 from .plots import evaluation_chart, expansion_curve
-from .recipe import RECIPE, recipe_problem, recipe_text
+from .recipe import RECIPE, recipe_or_problem
 from .report import report_of
 from .sidefiles import copy_side_files
 from .staging import staged_dir
@@ -62,8 +62,9 @@ def write_merge(plan: Plan, config: MergeConfig, quiet: bool = False) -> Path:
         files = write_shards(plan, tmp, quiet)
         heatmaps, curve, perplexities = figures.result()
         (tmp / "README.md").write_text(model_card(plan, heatmaps, curve, perplexities), encoding="utf-8")
-        if recipe_problem(plan) is None:  # else commands.py noted why there is none
-            (tmp / RECIPE).write_text(recipe_text(plan), encoding="utf-8")
+        recipe, _ = recipe_or_problem(plan)  # without one, commands.py noted why
+        if recipe is not None:
+            (tmp / RECIPE).write_text(recipe, encoding="utf-8")
         report = report_of(plan, config, files)
         (tmp / "merge_report.json").write_text(
             json.dumps(report, indent=2, default=str, allow_nan=False) + "\n", encoding="utf-8"

@@ -182,6 +182,11 @@ def parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="the output directory, in place of the config's output_dir (one config; as mergekit-yaml's OUT)",
     )
+    merge.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="run the other configs of a batch past one refused or failed (exit code: the first failure's)",
+    )
     merge.set_defaults(action=run_merge)
 
     analyze = command(

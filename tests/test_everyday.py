@@ -20,6 +20,7 @@ def test_json_reports_a_config_refused_before_anything_runs(tmp_path, llama_fami
     (result,) = json.loads(stdout)["results"]
     assert result == {
         "config": str(config),
+        "status": "refused",
         "error": stderr.strip().removeprefix("mastermerge: error: "),
         "exit_code": code,
     }

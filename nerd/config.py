@@ -128,9 +128,13 @@ def config_from_dict(raw: Any, *, base_dir: Path, source: Path | None = None) ->
     )
     seen = index_of_each(models, where, lambda i: f"models[{i}]")
     base = resolved_spec(config.base, base_dir, where, entry_key(raw["base_model"], "base_model"))
-    if base.identity not in seen:
-        listed = ", ".join(repr(m.ref) for m in models)
-        raise ConfigError(f"{where}: base_model: '{base.ref}' is not among the models ({listed})")
+    joined = base.identity not in seen
+    if joined:  # as mergekit's configs do: the base is a candidate, the first
+        models, seen = (base, *models), {m.identity: i for i, m in enumerate((base, *models))}
+    if len(models) < 2:
+        raise ConfigError(
+            f"{where}: models: at least two candidate models are needed (base_model one of them), found {len(models)}"
+        )
     output_dir = checked_output_path(raw["output_dir"], base_dir, where, models)
     if config.device == "cuda" and not cuda_available():
         raise ConfigError(
@@ -148,6 +152,7 @@ def config_from_dict(raw: Any, *, base_dir: Path, source: Path | None = None) ->
         evaluate=evaluate,
         source=source,
         raw=raw,
+        base_joined=joined,
     )
 
 

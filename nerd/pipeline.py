@@ -176,6 +176,7 @@ def composite_plan(
         warnings=decision.warnings,
         notes=optional_notes(tensors.optional, by_name) + notes,
         architecture=architecture.name,
+        base_joined=config.base_joined,
     )
 
 

@@ -177,6 +177,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # optional tensors' sources, module folders copied as is
     evaluation: Evaluation | None = None  # evaluate: the perplexities, and the strategy written
     architecture: str = INFERRED  # the family of the base's config.json (architecture.py), or "inferred"
+    base_joined: bool = False  # base_model was not among the config's models: it joined them, as the first
 
     def used_sources(self) -> dict[str, Path]:
         """The directory of every candidate the entries read, by name."""
@@ -186,6 +187,7 @@ class Plan:
         return {
             "candidates": self.candidates,
             "base": self.base,
+            "base_joined": self.base_joined,
             "architecture": self.architecture,
             "selection": asdict(self.selection),
             "choices": [asdict(c) | {"tensors": list(c.tensors)} for c in self.choices],

@@ -51,6 +51,8 @@ def choice_table(plan: Plan) -> str:
     head = f"scores: {rule.label} of each group's matrices, {wins} wins"
     if plan.tethers is not None and plan.tethers.options.mode == "blend":
         head += "; the compatible candidates are averaged (blend: weight of each)"
+    if plan.base_joined:
+        head += f"\nbase_model '{short_names(plan.candidates)[plan.base]}' is not among models: it joins them, first"
     return "\n".join([head, *lines])
 
 

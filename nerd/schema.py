@@ -44,7 +44,6 @@ from .values import (
     listed,
     printable_text,
     rule,
-    two_or_more,
 )
 
 CONFIGURED = "as configured"  # the name of the config's own selection and tether settings among the strategies
@@ -241,13 +240,14 @@ class EvaluateOptions(Options):
 @dataclass(frozen=True, config=CONFIG)
 class MergeConfig(Schema):
     """A validated merge config. `candidates` is the tie-break order: base first, then the rest.
-    `source` is the config file, `raw` what it holds (both set by config.py)."""
+    `source` is the config file, `raw` what it holds (both set by config.py). A base_model that is
+    not among the models (mergekit's configs usually leave it out) joins them as the first
+    (config.py puts it there and sets `base_joined`)."""
 
     shape: ClassVar[str] = "a mapping of keys (models, base_model, output_dir, ...)"
 
     models: Annotated[
         tuple[ModelSpec, ...],
-        BeforeValidator(two_or_more),
         BeforeValidator(listed),
         Field(description="a list of models"),
     ]
@@ -263,6 +263,7 @@ class MergeConfig(Schema):
     evaluate: EvaluateOptions | None = None
     source: Path | None = internal(None)
     raw: dict = internal(default_factory=dict)
+    base_joined: bool = internal(False)  # base_model is not among models: it joins them, as the first
 
     @model_validator(mode="after")
     def check_weights(self) -> "MergeConfig":

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo
+from pydantic import BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 from pydantic_core import PydanticCustomError
 
 CONFIG = ConfigDict(extra="forbid", validate_by_name=True)  # by name: code builds MergeConfig(base=...)
@@ -133,14 +133,6 @@ def size_in_bytes(value: Any) -> int:
     if size <= 0:
         raise rule(f"expected a positive size such as 2GB or 500MB, found {value!r}")
     return size
-
-
-def two_or_more(models: Any, info: ValidationInfo) -> Any:
-    """A config file names at least two models (`expand` builds its one-model config in code);
-    counted before the models are validated (after `listed`, which runs first)."""
-    if isinstance(info.context, Reading) and not info.context.cli and len(models) < 2:
-        raise rule(f"at least two candidate models are needed, found {len(models)}")
-    return models
 
 
 DirectoryPath = Annotated[Path, BeforeValidator(path_text), Field(description="a directory path")]

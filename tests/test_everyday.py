@@ -166,3 +166,25 @@ def test_different_architectures_are_named_before_their_tensors(tmp_path):
         "(LlamaForCausalLM vs BertModel): "
     )
     assert line.count(" missing from ") + line.count(" vs [") <= 3 and "more" in line
+
+
+def test_a_base_model_not_among_the_models_joins_them_first(tmp_path, llama_family):
+    """As in mergekit's configs, base_model need not be listed among models (item 12): it is the first
+    candidate, the merge is the one of the config that lists it, and the table says it joined."""
+    family = llama_family(2)
+    base, rest = family["base"], [family["ft-a"], family["ft-b"]]
+    for where in ("listed", "joined", "table", "one"):
+        (tmp_path / where).mkdir()
+    listed = merge([base, *rest], tmp_path / "listed")
+    joined = merge(rest, tmp_path / "joined", base_model=str(base))
+    assert joined.ok()["candidates"] == [str(base), *map(str, rest)] == listed.ok()["candidates"]
+    assert [c["winner"] for c in joined.result["choices"]] == [c["winner"] for c in listed.result["choices"]]
+    shards = [(run.output / "model.safetensors").read_bytes() for run in (listed, joined)]
+    assert shards[0] == shards[1]
+    report = json.loads((joined.output / "merge_report.json").read_text())
+    assert report["plan"]["base_joined"] is True
+    table = merge(rest, tmp_path / "table", "--dry-run", base_model=str(base), as_json=False, quiet=False).stdout
+    assert f"base_model '{base.name}' is not among models: it joins them, first" in table.splitlines()[2]
+
+    one = merge([family["ft"]], tmp_path / "one", base_model=str(base))  # a fine-tune and its base: two candidates
+    assert one.ok()["candidates"] == [str(base), str(family["ft"])]

@@ -263,6 +263,7 @@ def summary_of(config, plan, written: bool) -> dict:
                 "runner_up": c.runner_up,
                 "margin": c.margin,
                 "blend": c.blend,
+                "pinned": c.pinned,
                 "note": c.note,
             }
             for c in plan.choices

@@ -28,6 +28,7 @@ from .filesystem import (
     read_text,
     resolved_dlec,
     resolved_evaluate,
+    resolved_pins,
     resolved_spec,
 )
 from .messages import validated
@@ -143,10 +144,25 @@ def config_from_dict(raw: Any, *, base_dir: Path, source: Path | None = None) ->
         )
     dlec = config.dlec and resolved_dlec(config.dlec, raw["dlec"], base_dir)
     evaluate = config.evaluate and resolved_evaluate(config.evaluate, raw["evaluate"], base_dir)
+    base = models[seen[base.identity]]
+    if evaluate:
+        evaluate = dataclasses.replace(
+            evaluate,
+            strategies=tuple(
+                dataclasses.replace(
+                    s,
+                    selection=resolved_pins(
+                        s.selection, models, base, base_dir, where, f"evaluate.strategies[{i}].selection.pin"
+                    ),
+                )
+                for i, s in enumerate(evaluate.strategies)
+            ),
+        )
     return dataclasses.replace(
         config,
         models=models,
-        base=models[seen[base.identity]],
+        base=base,
+        selection=resolved_pins(config.selection, models, base, base_dir, where, "selection.pin"),
         output_dir=output_dir,
         dlec=dlec,
         evaluate=evaluate,

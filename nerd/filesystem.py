@@ -20,7 +20,7 @@ from typing import Any, Callable
 from .adapters import ADAPTER_CONFIG
 from .errors import ConfigError, first_line
 from .schema import DlecOptions, EvaluateOptions, MergeConfig, option_key
-from .sections import ModelSpec
+from .sections import ModelSpec, Selection
 from .staging import clean_leftovers
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -228,3 +228,38 @@ def os_errors(where: str, key: str, value: Any):
     except (OSError, RuntimeError) as exc:
         reason = getattr(exc, "strerror", None) or first_line(exc)
         raise ConfigError(f"{where}: {key}: cannot use {value!r} as a path: {reason}") from None
+
+
+def resolved_pins(
+    selection: Selection, models: tuple[ModelSpec, ...], base: ModelSpec, base_dir: Path, where: str, key: str
+):
+    """selection.pin with each name replaced by the reference of the candidate it names (the plan's
+    name for it): `base` is base_model; otherwise the name as models (or base_model) write it, a
+    name of the same model written otherwise (./ft-a for ft-a), or a directory name only one
+    candidate has (the tables' short name)."""
+    if not selection.pin:
+        return selection
+    pins = []
+    for group, name in selection.pin:
+        at = f"{key}.non_layer" if group == "non_layer" else f"{key}[{group}]"
+        pins.append((group, candidate_named(name, models, base, base_dir, f"{where}: {at}")))
+    return dataclasses.replace(selection, pin=tuple(pins))
+
+
+def candidate_named(name: str, models: tuple[ModelSpec, ...], base: ModelSpec, base_dir: Path, where: str) -> str:
+    """The reference of the candidate `name` names (resolved_pins); ConfigError naming the candidates if none."""
+    if name in (m.ref for m in models):
+        return name
+    if name == "base":
+        return base.ref
+    try:
+        identity = resolved_spec(ModelSpec(ref=name), base_dir, where, "").identity
+    except ConfigError:
+        identity = None
+    same = [m.ref for m in models if m.identity == identity]
+    named = [m.ref for m in models if Path(m.ref.split("@")[0].rstrip("/")).name == name]
+    if same or len(named) == 1:
+        return (same or named)[0]
+    listed = ", ".join(repr(m.ref) for m in models)
+    why = f"names {len(named)} of them" if named else "is not one of them"
+    raise ConfigError(f"{where}: '{name}' {why}: the candidates are {listed}, or base for base_model")

@@ -23,6 +23,12 @@ from .architecture import INFERRED, Architecture, inferred
 from .config import Selection, TetherOptions
 
 
+def short_names(candidates: list[str]) -> dict[str, str]:
+    """Column labels: the last path part of each model, the full reference where those collide."""
+    last = {c: Path(c.split("@")[0].rstrip("/")).name or c for c in candidates}
+    return {c: last[c] if list(last.values()).count(last[c]) == 1 else c for c in candidates}
+
+
 @dataclass(frozen=True)
 class Choice:
     """One selection decision: a block at a depth, a single tensor, or the non-layer group."""
@@ -36,6 +42,7 @@ class Choice:
     blend: dict[str, float] | None = None  # tether.mode blend: candidate -> weight (the winner is the best of them)
     runner_up: str | None = None  # the best of the other candidates that could have won
     margin: float | None = None  # how much better the winner's score is than the runner-up's (>= 0)
+    pinned: bool = False  # selection.pin fixed the winner
 
 
 @dataclass(frozen=True)

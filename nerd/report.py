@@ -12,14 +12,8 @@ from . import __version__
 from .config import MergeConfig, Selection
 from .importance import IMPORTANCE_LABELS
 from .metrics import METRICS, path_counts
-from .plan import Evaluation, Expansion, Plan, Tethers
+from .plan import Evaluation, Expansion, Plan, Tethers, short_names
 from .select import rule_of
-
-
-def short_names(candidates: list[str]) -> dict[str, str]:
-    """Column labels: the last path part of each model, the full reference where those collide."""
-    last = {c: Path(c.split("@")[0].rstrip("/")).name or c for c in candidates}
-    return {c: last[c] if list(last.values()).count(last[c]) == 1 else c for c in candidates}
 
 
 def choice_rows(plan: Plan) -> list[list[str]]:
@@ -31,7 +25,7 @@ def choice_rows(plan: Plan) -> list[list[str]]:
     for choice in plan.choices:
         cells = ["-" if choice.scores[c] is None else f"{choice.scores[c]:.6g}" for c in plan.candidates]
         chosen = (
-            labels[choice.winner]
+            ("pinned " if choice.pinned else "") + labels[choice.winner]
             if not choice.blend
             else "blend " + " + ".join(f"{labels[c]} {w:.3g}" for c, w in choice.blend.items())
         )

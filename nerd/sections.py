@@ -130,12 +130,36 @@ class ModelSpec(Schema):
         return f"{self.repo_id}@{self.revision or 'main'}"
 
 
+def pins(value: Any) -> Any:
+    """selection.pin as a config writes it, {3: org/ft-a, non_layer: base}, as sorted (group, model)
+    pairs: a depth is a whole number >= 0 (or its digits quoted), the non-layer group `non_layer`."""
+    if isinstance(value, tuple):
+        return value  # built in code, or resolved by config.py
+    if not isinstance(value, dict):
+        raise rule(f"expected a mapping of depths or non_layer to candidates, e.g. {{3: org/ft-a}}, found {value!r}")
+    pairs = []
+    for key, model in value.items():
+        depth = int(key) if isinstance(key, str) and key.isdigit() else key
+        if key in ("non-layer", "nonlayer", "non_layers"):
+            raise rule(f"unknown group {key!r}; did you mean 'non_layer'?", (key,))
+        if not (depth == "non_layer" or (isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0)):
+            raise rule(f"expected a depth (0, 1, ...) or non_layer, found {key!r}", (key,))
+        if not (isinstance(model, str) and printable(model.strip())):
+            raise rule(f"expected a candidate (as models lists it, or base), found {model!r}", (key,))
+        pairs.append((depth, model.strip()))
+    if len({p[0] for p in pairs}) < len(pairs):
+        raise rule("a depth is pinned twice (3 and '3')")
+    return tuple(sorted(pairs, key=lambda p: (p[0] != "non_layer", p[0] if p[0] != "non_layer" else 0)))
+
+
 @dataclass(frozen=True, config=CONFIG)
 class Selection(Schema):
     """How winners are chosen: by the mean of `metric` over a group's matrices, highest (max),
     lowest (min), or closest to `target` (the mean distance |metric - target|, lowest wins).
     `zero_matrices`: a group with an all-zero matrix is not selectable (exclude), or is scored
-    on its other matrices (allow: the zero residual projections of an identity-initialised copy)."""
+    on its other matrices (allow: the zero residual projections of an identity-initialised copy).
+    `pin`: (depth or "non_layer", candidate) pairs that fix those groups to a candidate, whatever the
+    scores say (config.py resolves each name to a candidate's reference; select.py takes it)."""
 
     granularity: Literal["block", "tensor"] = "block"
     non_layer: Literal["base", "compete"] = "base"
@@ -143,12 +167,28 @@ class Selection(Schema):
     goal: Annotated[Literal["max", "min", "target"], DependsOn("metric")] = "max"
     target: Annotated[Annotated[float, Strict()] | None, DependsOn("goal"), Field(description="a finite number")] = None
     zero_matrices: Literal["exclude", "allow"] = "exclude"
+    pin: Annotated[
+        tuple[tuple[int | Literal["non_layer"], str], ...],
+        BeforeValidator(pins),
+        NullIsDefault(),
+        Field(description="a mapping of depths or non_layer to candidates, e.g. {3: org/ft-a, non_layer: base}"),
+    ] = ()
+
+    def pinned(self, group: int | str) -> str | None:
+        """The candidate `selection.pin` fixes a depth (or "non_layer") to, as config.py resolved it."""
+        return dict(self.pin).get(group)
 
     @classmethod
     def read(cls, data: Any, reading: Reading | None) -> Any:
         data = super().read(data, reading)
         if not isinstance(data, dict):
             return data
+        if data.get("non_layer") == "base" and "base" != (data.get("pin") or {}).get("non_layer", "base"):
+            raise rule(
+                "selection.non_layer: base takes the non-layer tensors from the base; leave it out (or "
+                "compete) to pin them to another candidate",
+                ("pin", "non_layer"),
+            )
         metric, goal, target = data.get("metric", "ner"), data.get("goal", "max"), data.get("target")
         if not (isinstance(metric, str) and metric in METRICS):
             return data  # refused as the choice it is

@@ -21,10 +21,16 @@ is below tether.min_compatibility drifts and cannot win it. With tether.mode ble
 eligible candidates that have a score are averaged instead (when there are two or more), with
 equal weights, weights proportional to their scores, or proportional to their compatibility; the
 choice records the weights and, as its winner, the best of them.
+
+selection.pin fixes chosen groups (a depth, with granularity tensor every choice at it, or the
+non-layer group) to a candidate whatever the scores and tethers say; their choice is marked
+pinned, its note says what the scores would have chosen and whether the candidate drifts there.
+Notes name candidates as the tables do (plan.short_names); errors by their full reference.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .architecture import paired_matrix
@@ -32,7 +38,7 @@ from .checkpoint import TensorInfo
 from .config import Selection
 from .errors import ConfigError, ModelError
 from .layout import Layout
-from .plan import Choice, Tethers
+from .plan import Choice, Tethers, short_names
 from .spectra import ALL_ZERO
 
 Scores = dict[str, dict[str, float | None]]  # candidate -> tensor -> score
@@ -122,16 +128,27 @@ def group_choice(
     health: Health,
     tethers: Tethers,
     fixed: str | None = None,
+    pinned: str | None = None,
+    labels: dict[str, str] | None = None,
 ) -> Choice:
     """Choose one candidate for a group of tensors, by mean score among those its tethers let
-    through and that have no unusable tensor in it, unless `fixed` names it; or, with tether.mode
-    blend, average the eligible ones. ModelError when nothing usable can supply the group."""
+    through and that have no unusable tensor in it, unless `fixed` (the base) or `pinned`
+    (selection.pin) names it; or, with tether.mode blend, average the eligible ones. ModelError
+    when nothing usable can supply the group. Notes name candidates by `labels` (the tables' names)."""
     place = "the non-layer group" if depth is None else f"depth {depth}" if label == str(depth) else label
+    name = (labels or {}).get
     broken = {c: health.of(c, tensors) for c in order}
     per_candidate = {
         c: None if broken[c] else group_score(scores, c, [m for m in matrices if m not in health.zeros[c]])
         for c in order
     }
+    key = "non-layer" if depth is None else str(depth)
+    drifted = [c for c in order if not tethers.eligible(key, c)]
+    eligible = [c for c in order if c not in drifted]
+    if pinned is not None:
+        return pinned_choice(
+            Choice(label, depth, per_candidate, pinned, tuple(tensors)), broken, eligible, rule, tethers, labels
+        )
     if fixed is not None:
         if broken[fixed]:
             raise ModelError(
@@ -140,13 +157,10 @@ def group_choice(
                 f"another candidate"
             )
         return Choice(label, depth, per_candidate, fixed, tuple(tensors), "taken from the base")
-    key = "non-layer" if depth is None else str(depth)
-    drifted = [c for c in order if not tethers.eligible(key, c)]
-    eligible = [c for c in order if c not in drifted]
     winner = winner_of(per_candidate, eligible, rule.lower_wins)
     notes = []
     if any(broken.values()):
-        notes.append("not selectable: " + "; ".join(f"{c} ({'; '.join(b)})" for c, b in broken.items() if b))
+        notes.append("not selectable: " + "; ".join(f"{name(c, c)} ({'; '.join(b)})" for c, b in broken.items() if b))
     if winner is None:
         usable = [c for c in eligible if not broken[c]]
         if not usable:
@@ -158,7 +172,7 @@ def group_choice(
         winner = usable[0]
         notes.append(
             f"no {'eligible ' if drifted else ''}candidate has a score here; taken from "
-            + ("the base" if winner == order[0] else f"{winner}, the first usable one")
+            + ("the base" if winner == order[0] else f"{name(winner, winner)}, the first usable one")
         )
     else:
         unscored = []
@@ -169,7 +183,7 @@ def group_choice(
                     for m in matrices
                     if scores[c][m] is None and m not in health.zeros[c]
                 ]
-                unscored.append(f"{c} ({'; '.join(reasons)})")
+                unscored.append(f"{name(c, c)} ({'; '.join(reasons)})")
         if unscored and matrices:
             notes.append(f"not selectable, no {rule.metric}: " + "; ".join(unscored))
     if key in tethers.unmeasured:
@@ -178,7 +192,7 @@ def group_choice(
             f"candidates compatible with the base at other depths are eligible"
         )
     elif any(per_candidate[c] is not None for c in drifted):  # those without a score are already explained
-        notes.append(drift_note(tethers, key, [c for c in drifted if per_candidate[c] is not None]))
+        notes.append(drift_note(tethers, key, [c for c in drifted if per_candidate[c] is not None], labels))
     members = [c for c in eligible if per_candidate[c] is not None]
     blend, runner_up, margin = None, None, None
     if tethers.options.mode == "blend" and len(members) > 1:
@@ -192,11 +206,37 @@ def group_choice(
     )
 
 
-def drift_note(tethers: Tethers, key: str, drifted: list[str]) -> str:
+def pinned_choice(
+    choice: Choice,
+    broken: dict[str, list[str]],
+    eligible: list[str],
+    rule: Rule,
+    tethers: Tethers,
+    labels: dict[str, str] | None = None,
+) -> Choice:
+    """The group selection.pin fixes to `choice.winner`, whatever the scores and tethers say (the
+    note says what they say); ModelError when that candidate cannot supply it (a NaN, ...)."""
+    pinned, depth = choice.winner, choice.depth
+    key = "non-layer" if depth is None else str(depth)
+    place = "the non-layer group" if depth is None else f"depth {depth}" if choice.group == str(depth) else choice.group
+    if broken[pinned]:
+        raise ModelError(
+            f"{place}: selection.pin fixes it to '{pinned}', which cannot supply it ({'; '.join(broken[pinned])})"
+        )
+    notes = []
+    best = winner_of(choice.scores, eligible, rule.lower_wins)
+    if best is not None and best != pinned:
+        notes.append(f"by score {(labels or {}).get(best, best)} would win")
+    if not tethers.eligible(key, pinned):
+        notes.append(drift_note(tethers, key, [pinned], labels))
+    return dataclasses.replace(choice, note="; ".join(notes) or None, pinned=True)
+
+
+def drift_note(tethers: Tethers, key: str, drifted: list[str], labels: dict[str, str] | None = None) -> str:
     """'drifts (cosine below 0.5): alien 0.0012', or 'alien no cosine (NaN/Inf or all-zero weights)'."""
     options = tethers.options
     found = ", ".join(
-        f"{c} "
+        f"{(labels or {}).get(c, c)} "
         + (
             f"no {options.measure} (NaN/Inf or all-zero weights)"
             if tethers.scores[key][c] is None
@@ -238,12 +278,22 @@ def choices_of(
     tethers: Tethers,
     health: Health,
 ) -> list[Choice]:
-    """All selection decisions, non-layer group first, then depth by depth."""
-    base, rule = order[0], rule_of(selection)
+    """All selection decisions, non-layer group first, then depth by depth; a depth selection.pin
+    names that the base does not have is refused (ConfigError without the config file's name)."""
+    base, rule, labels = order[0], rule_of(selection), short_names(order)
     scores = scores_of(metrics, selection)
+    beyond = [d for d, _ in selection.pin if d != "non_layer" and d >= layout.num_layers]
+    if beyond:
+        raise ConfigError(
+            f"selection.pin[{beyond[0]}]: no such depth: the base has {layout.num_layers} blocks "
+            f"(depths 0 to {layout.num_layers - 1})"
+        )
 
     def choose(label, depth, tensors, matrices, fixed=None):
-        return group_choice(label, depth, tensors, matrices, scores, order, rule, health, tethers, fixed)
+        pinned = selection.pinned("non_layer" if depth is None else depth)
+        return group_choice(
+            label, depth, tensors, matrices, scores, order, rule, health, tethers, fixed, pinned, labels
+        )
 
     rest = layout.non_layer()
     choices = [

@@ -55,7 +55,7 @@ def test_a_candidate_with_bad_weights_cannot_supply_that_block(tmp_path, family,
     assert merged.code == 0
     depth1 = merged.result["choices"][2]
     assert depth1["scores"][bad] is None and depth1["winner"] != bad
-    assert depth1["note"].startswith(f"not selectable: {bad} ({tensor}: {problem})")
+    assert depth1["note"].startswith(f"not selectable: {Path(bad).name} ({tensor}: {problem})")
     assert f"'{bad}': {tensor} {problem}: it cannot supply depth 1" in merged.stderr
     assert any(c["winner"] == bad for c in merged.result["choices"][1:] if c["depth"] != 1)  # elsewhere it competes
     assert all(torch.isfinite(t).all() for t in tensors_of(tmp_path / "out").values())

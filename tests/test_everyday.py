@@ -3,8 +3,13 @@ refused before anything runs, --quiet hiding a dry run's tables, a --cache FILE 
 that does not exist."""
 
 import json
+from pathlib import Path
 
+import pytest
+import torch
 from helpers import merge, run_cli, write_config
+
+from safetensors import safe_open
 
 from examples.tiny_models import build_model
 
@@ -188,3 +193,87 @@ def test_a_base_model_not_among_the_models_joins_them_first(tmp_path, llama_fami
 
     one = merge([family["ft"]], tmp_path / "one", base_model=str(base))  # a fine-tune and its base: two candidates
     assert one.ok()["candidates"] == [str(base), str(family["ft"])]
+
+
+def pinned_run(tmp_path, family, name, pin, *flags, quiet=True, as_json=True, **selection):
+    """A merge of the family's base, ft-a and ft-b with selection.pin `pin` and the other `selection` keys."""
+    where = tmp_path / name
+    where.mkdir()
+    models = [family["base"], family["ft-a"], family["ft-b"]]
+    selection = {"pin": pin, **selection}
+    return merge(models, where, *flags, cache=None, quiet=quiet, as_json=as_json, selection=selection)
+
+
+def test_pinned_depths_take_their_candidate_and_the_rest_is_chosen_as_usual(tmp_path, llama_family):
+    """selection.pin (item 13): the pinned groups come from the candidate named (as models write it, by the
+    tables' short name, or base), the others as without pins; the table and the report mark them."""
+    family = llama_family(3)
+    free = pinned_run(tmp_path, family, "free", {}, "--dry-run").ok()["choices"]
+    winners = {c["group"]: c["winner"] for c in free}
+    loser = {
+        g: next(m for m in map(str, (family["ft-b"], family["ft-a"], family["base"])) if m != w)
+        for g, w in winners.items()
+    }
+    pin = {
+        1: Path(loser["1"]).name,
+        "non_layer": loser["non-layer"],
+        0: "base" if loser["0"] == str(family["base"]) else loser["0"],
+    }
+    run = pinned_run(tmp_path, family, "pinned", pin)
+    choices = {c["group"]: c for c in run.ok()["choices"]}
+    assert {g: c["winner"] for g, c in choices.items()} == {
+        "non-layer": loser["non-layer"],
+        "0": loser["0"],
+        "1": loser["1"],
+        "2": winners["2"],
+    }
+    assert [c["pinned"] for c in json.loads((run.output / "merge_report.json").read_text())["plan"]["choices"]] == [
+        True,
+        True,
+        True,
+        False,
+    ]
+    assert f"by score {Path(winners['1']).name} would win" in choices["1"]["note"]
+    with (
+        safe_open(run.output / "model.safetensors", "pt") as out,
+        safe_open(Path(loser["1"]) / "model.safetensors", "pt") as source,
+    ):
+        name = "model.layers.1.self_attn.q_proj.weight"
+        assert torch.equal(out.get_tensor(name), source.get_tensor(name))
+    table = pinned_run(tmp_path, family, "table", pin, "--dry-run", as_json=False, quiet=False).stdout
+    rows = {line.split()[0]: line for line in table.splitlines()[3:7]}
+    assert "pinned " + Path(loser["1"]).name in rows["1"] and "pinned" not in rows["2"]
+
+
+def test_pins_with_tensor_granularity_fix_every_choice_at_the_depth(tmp_path, llama_family):
+    family = llama_family(2)
+    run = pinned_run(tmp_path, family, "tensor", {1: "ft-b"}, "--dry-run", granularity="tensor")
+    at_one = [c for c in run.ok()["choices"] if c["depth"] == 1]
+    assert len(at_one) > 1 and {c["winner"] for c in at_one} == {str(family["ft-b"])}
+    assert all(c["pinned"] for c in at_one)
+
+
+@pytest.mark.parametrize(
+    "pin, options, message",
+    [
+        ({5: "ft-a"}, {}, "selection.pin[5]: no such depth: the base has 3 blocks (depths 0 to 2)"),
+        ({1: "ft-c"}, {}, "selection.pin[1]: 'ft-c' is not one of them: the candidates are"),
+        ({"non-layer": "ft-a"}, {}, "selection.pin.non-layer: unknown group 'non-layer'; did you mean 'non_layer'?"),
+        ({"non_layer": "ft-a"}, {"non_layer": "base"}, "selection.non_layer: base takes the non-layer tensors"),
+        ([1, 2], {}, "selection.pin: expected a mapping of depths or non_layer to candidates"),
+        ({"x": "ft-a"}, {}, "selection.pin.x: expected a depth (0, 1, ...) or non_layer, found 'x'"),
+    ],
+)
+def test_a_bad_pin_is_one_line(tmp_path, llama_family, pin, options, message):
+    run = pinned_run(tmp_path, llama_family(3), "bad", pin, "--dry-run", **options)
+    assert run.code == 2 and len(run.messages) == 1 and message in run.messages[0], run.stderr
+
+
+def test_notes_name_candidates_as_the_tables_do(tmp_path, llama_family):
+    """Item 6: a drift note (and every note of a choice) names candidates by the tables' short names,
+    not by the absolute paths the config gives."""
+    family = llama_family(2)
+    run = merge([family["base"], family["ft"], family["alien"]], tmp_path, "--dry-run", cache=None)
+    notes = [c["note"] for c in run.ok()["choices"] if c["depth"] is not None]
+    assert notes and all(note.startswith("drifts (cosine below 0.5): alien ") for note in notes)
+    assert not any(str(family["alien"].parent) in note for note in notes)

@@ -70,7 +70,7 @@ def test_alien_is_gated_out_at_every_depth_and_fine_tunes_stay_eligible(tmp_path
     for choice in blocks:
         assert choice["scores"][alien] == max(choice["scores"].values())  # the best NER ...
         assert choice["winner"] != alien  # ... and still not chosen
-        assert f"drifts (cosine below 0.5): {alien} " in choice["note"]
+        assert f"drifts (cosine below 0.5): {Path(alien).name} " in choice["note"]
     assert tethers["warnings"] == [
         f"'{alien}' is compatible with the base at no depth (best cosine "
         f"{max(tethers['scores'][str(d)][alien] for d in range(LAYERS)):.4g} < 0.5): it does not look like a "
@@ -338,7 +338,7 @@ def test_nan_in_a_norm_takes_the_candidate_out_of_the_blend(tmp_path, family):
     choices = json.loads((out / "merge_report.json").read_text())["plan"]["choices"]
     assert str(broken) in choices[1]["blend"] and str(broken) not in choices[2]["blend"]
     assert choices[2]["note"] == (
-        f"not selectable: {broken} (model.layers.1.input_layernorm.weight: contains NaN or Inf)"
+        f"not selectable: {broken.name} (model.layers.1.input_layernorm.weight: contains NaN or Inf)"
     )
     assert "model.layers.1.input_layernorm.weight contains NaN or Inf: it cannot supply depth 1" in merged.stderr
     assert all(torch.isfinite(t).all() for t in tensors_of(out).values())

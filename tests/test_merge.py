@@ -280,7 +280,9 @@ def test_nan_candidate_block_is_not_selectable(tmp_path):
     save_file(state, str(models[1] / "model.safetensors"), metadata={"format": "pt"})
     depth0 = merge(models, tmp_path, "--dry-run").ok()["choices"][1]
     assert depth0["scores"][str(models[1])] is None and depth0["winner"] != str(models[1])
-    assert depth0["note"] == (f"not selectable: {models[1].name} (model.layers.0.mlp.up_proj.weight: contains NaN or Inf)")
+    assert depth0["note"] == (
+        f"not selectable: {models[1].name} (model.layers.0.mlp.up_proj.weight: contains NaN or Inf)"
+    )
 
 
 def test_dtype_conversion_leaves_integer_tensors_alone(tmp_path):

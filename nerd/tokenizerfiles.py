@@ -13,7 +13,10 @@
   code (auto_map);
 - every token id of each file (the vocabulary and the added tokens) is below the row count of the
   model's token embedding (the family's word_embedding, architecture.py), so no token the
-  tokenizer produces indexes past it.
+  tokenizer produces indexes past it; and so are the ids of the special tokens that
+  tokenizer_config.json or special_tokens_map.json name but the vocabulary lacks, which
+  transformers adds after it (a tokenizer class's own default special tokens are not in the
+  files, and not counted).
 
 A directory with no tokenizer files at all is fine: many checkpoints ship none. Each problem is one
 line naming the file; the result says which files were read and the largest token id.
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from .architecture import Architecture
 from .checkpoint import TensorInfo
-from .consistency import Problem
+from .consistency import Problem, names
 from .errors import first_line
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -85,8 +88,46 @@ def check_tokenizer(
                 )
             )
     loaded = ids.get(TOKENIZER_JSON) or {i: t for found in ids.values() for i, t in found.items()}
-    result.largest_id = max(loaded, default=None)
+    added, lacking = added_specials(loaded, settings)
+    result.largest_id = max([*loaded, *added.values()], default=None)
+    for name, tokens in lacking.items():
+        first, last = added[tokens[0]], added[tokens[-1]]
+        if result.rows is not None and last >= result.rows:
+            ids_text = f"token id {first}" if first == last else f"token ids {first} to {last}"
+            problems.append(
+                Problem(
+                    directory / name,
+                    f"names special token(s) {names(tokens)} that the vocabulary lacks: transformers adds "
+                    f"them as {ids_text}, past the {result.rows} rows of '{result.embedding}'",
+                )
+            )
     return problems, result
+
+
+def added_specials(loaded: dict[int, str], settings: dict) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """The special tokens the settings name that the vocabulary lacks, with the ids transformers
+    gives them as it adds them after the vocabulary, and the tokens each settings file adds
+    (nothing when no vocabulary was read)."""
+    vocabulary, added, lacking = set(loaded.values()), {}, {}
+    following = max(loaded, default=-1) + 1
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        for token in special_tokens(settings.get(name)) if loaded else ():
+            if token not in vocabulary and token not in added:
+                added[token], following = following, following + 1
+                lacking.setdefault(name, []).append(token)
+    return added, lacking
+
+
+def special_tokens(settings: dict | None) -> list[str]:
+    """The special tokens a settings file names: each *_token value and the additional ones, a
+    string or an {"content": token} object."""
+    if not isinstance(settings, dict):
+        return []
+    values = [v for k, v in settings.items() if k.endswith("_token")]
+    extra = settings.get("additional_special_tokens")
+    values += extra if isinstance(extra, list) else []
+    found = [v.get("content") if isinstance(v, dict) else v for v in values]
+    return list(dict.fromkeys(token for token in found if isinstance(token, str) and token))
 
 
 def tokenizer_files(directory: Path) -> list[str]:

@@ -168,7 +168,7 @@ def check_config(
 
 
 def read_config(path: Path) -> tuple[dict | None, str | None]:
-    """A config.json's object, or None and what is wrong with the file."""
+    """A JSON file's object (config.json's, a tokenizer's settings), or None and what is wrong with the file."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

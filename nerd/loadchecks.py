@@ -105,6 +105,7 @@ def shape_problems(
                 if said is not None and said[0] != found:
                     wrong.setdefault((said[1], found, axis_name(len(info.shape), axis)), []).append(info)
     for (said, found, axis), tensors in wrong.items():
+        tensors.sort(key=lambda info: info.name)  # the same line whatever order the shards hold them in
         if len(tensors) == 1:
             what = f"'{tensors[0].name}' has {found} {axis} ({list(tensors[0].shape)})"
         else:

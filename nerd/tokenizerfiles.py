@@ -24,13 +24,12 @@ line naming the file; the result says which files were read and the largest toke
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .architecture import Architecture
 from .checkpoint import TensorInfo
-from .consistency import Problem, names
+from .consistency import Problem, names, read_config
 from .errors import first_line
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -143,21 +142,22 @@ def tokenizer_files(directory: Path) -> list[str]:
 def ids_of(path: Path, directory: Path) -> tuple[dict[int, str], dict | None]:
     """The token ids a tokenizer file gives (id -> token) and its JSON object (for settings);
     a ValueError of one line if it does not parse."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot be read ({exc.strerror or exc})") from None
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"not UTF-8 text ({first_line(exc)})") from None
-    if path.name == "vocab.txt":
-        lines = text.split("\n")
-        return dict(enumerate(lines[:-1] if lines[-1] == "" else lines)), None
-    if path.name == "merges.txt":
-        check_bpe_model(directory)
-        return {}, None
-    data = json_object(text)
+    if path.suffix == ".txt":
+        try:
+            lines = path.read_text(encoding="utf-8").split("\n")
+        except OSError as exc:
+            raise ValueError(f"cannot be read ({exc.strerror or exc})") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"not UTF-8 text ({first_line(exc)})") from None
+        if path.name == "merges.txt":
+            check_bpe_model(directory)
+            return {}, None
+        return dict(enumerate(lines[:-1] if lines[-1] == "" else lines)), None  # vocab.txt: a token a line
+    data, problem = read_config(path)
+    if problem is not None:
+        raise ValueError(problem)
     if path.name == TOKENIZER_JSON:
-        return tokenizer_json_ids(text, data), None
+        return tokenizer_json_ids(path, data), None
     if path.name in ("vocab.json", "added_tokens.json"):
         wrong = next(((t, i) for t, i in data.items() if type(i) is not int), None)
         if wrong is not None:
@@ -168,17 +168,7 @@ def ids_of(path: Path, directory: Path) -> tuple[dict[int, str], dict | None]:
     return {}, data
 
 
-def json_object(text: str) -> dict:
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise ValueError(f"not valid JSON ({first_line(exc)})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"a JSON {type(data).__name__}, expected an object")
-    return data
-
-
-def tokenizer_json_ids(text: str, data: dict) -> dict[int, str]:
+def tokenizer_json_ids(path: Path, data: dict) -> dict[int, str]:
     """The ids of tokenizer.json's vocabulary and added tokens: read by the tokenizers library
     where it is installed (so a file it cannot load is named), else from the JSON itself."""
     try:
@@ -186,7 +176,7 @@ def tokenizer_json_ids(text: str, data: dict) -> dict[int, str]:
     except ImportError:
         return json_vocabulary(data)
     try:
-        vocabulary = Tokenizer.from_str(text).get_vocab(with_added_tokens=True)
+        vocabulary = Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
     except Exception as exc:  # the library raises a plain Exception for every malformed file
         raise ValueError(f"not a tokenizer the tokenizers library can load ({first_line(exc)})") from None
     return {i: t for t, i in vocabulary.items()}

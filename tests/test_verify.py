@@ -227,6 +227,16 @@ TAMPERING = {
         "config.json",
         "hidden_size is 48, the embedding matrix 'model.embed_tokens.weight' is [128, 32] (width 32)",
     ),
+    "vocab_size": (
+        lambda out: edit_json(out, "config.json", lambda d: d.update(vocab_size=999)),
+        "config.json",
+        "vocab_size is 999, but 2 tensors have 128 rows: 'lm_head.weight', 'model.embed_tokens.weight'",
+    ),
+    "corrupt tokenizer.json": (
+        lambda out: (out / "tokenizer.json").write_text('{"version": "1.0", "model": '),
+        "tokenizer.json",
+        "not valid JSON (Expecting value: line 1 column 29 (char 28))",
+    ),
     "corrupt config.json": (
         lambda out: (out / "config.json").write_text('{"num_hidden_layers": 4,'),
         "config.json",

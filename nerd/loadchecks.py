@@ -12,8 +12,10 @@ without building anything (check_sizes):
   the positions of a learned position embedding, type_vocab_size. A key config.json leaves out
   (or sets to null) takes its value from the family's `sizes` (head_dim: hidden_size //
   num_attention_heads) or, without one, its dimension is not compared; so is every tensor no
-  pattern matches, and every tensor of a model no family claims: no alarm where the family
-  does not say.
+  pattern matches, every tensor that is not floating point (a quantized tensor has the shape of
+  its packing), and every tensor of a model no family claims: no alarm where the family does
+  not say. A key a compared tensor needs that config.json sets to something other than an
+  integer (a string, a float) is named.
 
 Each mismatch is one line naming config.json, the key (or expression), its value, the tensor and
 what it has; the tensors a mismatch shares (every layer's gate_proj) are named in one line.
@@ -25,7 +27,7 @@ import ast
 from pathlib import Path
 
 from .architecture import Architecture, Shape, family_of
-from .checkpoint import TensorInfo
+from .checkpoint import FLOAT_DTYPES, TensorInfo
 from .consistency import Problem, names, read_config
 from .layout import layout_of
 
@@ -84,13 +86,18 @@ def shape_problems(
     infos: list[TensorInfo],
     compared: set[tuple[str, int]],
 ) -> list[Problem]:
-    """Each tensor a shape matches has its dimensions; the tensors one mismatch shares in one line."""
+    """Each floating-point tensor a shape matches has its dimensions (a quantized tensor's shape is
+    its packing's); the tensors one mismatch shares in one line; a key they need that is set to
+    something other than an integer is named."""
     sizes = dict(architecture.sizes)
-    problems, wrong = [], {}  # (what the config says, the size found, the axis) -> tensors
+    problems, wrong, keys = [], {}, {}  # wrong: (what the config says, the size found, the axis) -> tensors
     for info in infos:
         for shape in shapes:
-            if not shape.tensors.search(info.name):
+            if info.dtype not in FLOAT_DTYPES or not shape.tensors.search(info.name):
                 continue
+            for tree in filter(None, shape.dims):
+                for key in (node.id for node in ast.walk(tree) if isinstance(node, ast.Name)):
+                    keys.setdefault(key, info)  # the first tensor that needs the key
             if len(info.shape) != len(shape.dims):
                 problems.append(
                     Problem(
@@ -111,6 +118,12 @@ def shape_problems(
         else:
             what = f"{len(tensors)} tensors have {found} {axis}: {names([t.name for t in tensors])}"
         problems.append(Problem(path, f"{said}, but {what}"))
+    for key, info in keys.items():
+        value = section.get(key)
+        if value is not None and not is_size(value):
+            problems.append(
+                Problem(path, f"{prefix}{key} is {value!r}, expected an integer (a size of tensor '{info.name}')")
+            )
     return problems
 
 

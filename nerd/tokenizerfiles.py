@@ -86,7 +86,10 @@ def check_tokenizer(
                     f"'{result.embedding}' ({len(past)} token id(s) of {result.rows} or more)",
                 )
             )
-    loaded = ids.get(TOKENIZER_JSON) or {i: t for found in ids.values() for i, t in found.items()}
+    if TOKENIZER_JSON in result.files:  # what transformers loads (nothing is known of one that does not parse)
+        loaded = ids.get(TOKENIZER_JSON, {})
+    else:
+        loaded = {i: t for found in ids.values() for i, t in found.items()}
     added, lacking = added_specials(loaded, settings)
     result.largest_id = max([*loaded, *added.values()], default=None)
     for name, tokens in lacking.items():

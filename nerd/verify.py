@@ -156,9 +156,9 @@ def check_directory(directory: Path) -> Path | None:
 
 
 def checkpoint_shards(directory: Path) -> list[str]:
-    """The safetensors files of a checkpoint without merge_report.json, as transformers picks them:
-    the index's shards, else model.safetensors, else every *.safetensors file; a ModelError if
-    there are none."""
+    """The safetensors files of a checkpoint without merge_report.json: the index's shards, else
+    model.safetensors (as transformers picks them), else every *.safetensors file (as a merge
+    reads its inputs); a ModelError if there are none."""
     if (directory / INDEX).is_file():
         return shards_on_disk(directory)
     if (directory / "model.safetensors").is_file():

@@ -375,3 +375,30 @@ def test_every_model_type_of_the_table_agrees_with_its_shapes(tmp_path, model_ty
     (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 1}))
     problems = check_sizes(tmp_path, {"model.safetensors": infos})
     assert problems and all(p.message.startswith(f"vocab_size is {config['vocab_size'] + 1}, but ") for p in problems)
+
+
+def test_a_size_that_is_not_an_integer_is_named(checkpoints, tmp_path, capsys):
+    directory = tmp_path / "llama"
+    shutil.copytree(checkpoints["llama"], directory)
+    edit_json("config.json", intermediate_size="128")(directory)
+    with pytest.raises(Exception, match="intermediate_size"):  # huggingface_hub's validation error, or a TypeError
+        load_model(directory)
+    code, _, err = verify(directory, capsys)
+    assert code == 5 and err[:-1] == [
+        f"mastermerge: verify: {directory / 'config.json'}: intermediate_size is '128', expected an integer "
+        "(a size of tensor 'model.layers.0.mlp.down_proj.weight')"
+    ]
+
+
+def test_quantized_tensors_are_not_compared(tmp_path):
+    """A packed 4-bit weight (uint8, half the elements in one column) has its packing's shape, not the config's."""
+    config = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 128, "vocab_size": 128}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    file = tmp_path / "model.safetensors"
+    packed = TensorInfo("model.layers.0.mlp.gate_proj.weight", "U8", (2048, 1), file)
+    assert check_sizes(tmp_path, {"model.safetensors": [packed]}) == []
+    float_weight = TensorInfo("model.layers.0.mlp.gate_proj.weight", "BF16", (2048, 1), file)
+    assert [p.message for p in check_sizes(tmp_path, {"model.safetensors": [float_weight]})] == [
+        "intermediate_size is 128, but 'model.layers.0.mlp.gate_proj.weight' has 2048 rows ([2048, 1])",
+        "hidden_size is 32, but 'model.layers.0.mlp.gate_proj.weight' has 1 columns ([2048, 1])",
+    ]

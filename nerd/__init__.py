@@ -7,7 +7,7 @@ The Python API (the CLI uses the same calls):
     claim_output(config)                             # refuses a non-empty output_dir (force=True: ours)
     plan = plan_merge(config, cache=MetricCache())   # nothing written yet
     write_merge(plan, config)                         # the composite checkpoint
-    verify_output("merged/composite").problems        # [] when every shard, the index and config check out
+    verify_output("merged/composite").problems        # [] when the shards, index, config and tokenizer check out
 """
 
 __version__ = "0.1.0"

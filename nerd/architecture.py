@@ -27,7 +27,14 @@ the full tensor name):
 - norm (pre or post) and post_norm_when: where the blocks normalise, and the config.json
   settings (true/false) that make a pre-norm family post-norm;
 - buffers: tensors that carry nothing learned (transformers computes them), which one version
-  saves and another does not.
+  saves and another does not;
+- shapes: the shapes config.json gives the tensors, as a transformers model built from it has
+  them (what verify compares, nerd.loadchecks): by model type ('*': every type of the family), a
+  tensor pattern and its shape, each dimension an expression of config.json keys (integers,
+  + - * //, parentheses; ~ where the config does not set it); a tensor no pattern matches is
+  not compared;
+- sizes: the expression of a key that config.json may leave out or set to null (head_dim:
+  hidden_size // num_attention_heads), as transformers computes it.
 
 A 1-D tensor (a bias, a norm's weight) belongs to the one 2-D matrix of its module, if there is
 one (paired_matrix): every family names a parameter <module>.<parameter>. This module imports
@@ -36,6 +43,7 @@ nothing else from the package.
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import re
@@ -48,6 +56,17 @@ DATA = Path(__file__).with_name("architectures")
 INFERRED = "inferred"  # the name of the fallback table, as the plan records it
 LISTS = ("blocks", "layer_count", "width", "context", "residual_writers", "buffers")
 PATTERNS = ("input_embeddings", "word_embedding", "tied_head", "attention")
+EVERY_TYPE = "*"  # the shapes of every model type of a family
+ARITHMETIC = (ast.Expression, ast.BinOp, ast.Name, ast.Load, ast.Add, ast.Sub, ast.Mult, ast.FloorDiv)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The shape config.json gives the tensors a pattern matches: each dimension an expression of
+    config.json keys (None: not set by the config)."""
+
+    tensors: re.Pattern
+    dims: tuple[ast.Expression | None, ...]
 
 
 @dataclass(frozen=True)
@@ -69,6 +88,8 @@ class Architecture:
     norm: str
     post_norm_when: tuple[tuple[str, bool], ...]
     buffers: tuple[re.Pattern, ...]
+    shapes: tuple[tuple[str, tuple[Shape, ...]], ...]  # (model type or EVERY_TYPE, its shapes)
+    sizes: tuple[tuple[str, ast.Expression], ...]  # a key config.json may lack -> its expression
 
     def block_of(self, name: str) -> tuple[str, int] | None:
         """The stack (model.layers) and depth of a tensor inside a numbered block, or None."""
@@ -100,6 +121,10 @@ class Architecture:
         if not self.residual_writers.search(name):
             return None
         return "attention" if self.attention.search(name) else "mlp"
+
+    def shapes_of(self, model_type: object) -> list[Shape]:
+        """The shapes config.json gives the tensors of a model of this type (the family's own, then the type's)."""
+        return [shape for kind, shapes in self.shapes if kind in (EVERY_TYPE, model_type) for shape in shapes]
 
     def post_norm(self, config: dict) -> bool:
         """Whether the blocks normalise after adding their output to the residual stream."""
@@ -193,7 +218,7 @@ def architecture(path: Path, family: bool) -> Architecture:
     expected = (
         set(LISTS)
         | set(PATTERNS)
-        | {"name", "norm", "post_norm_when"}
+        | {"name", "norm", "post_norm_when", "shapes", "sizes"}
         | ({"model_types", "classes"} if family else set())
     )
     if set(data) != expected:
@@ -229,5 +254,50 @@ def architecture(path: Path, family: bool) -> Architecture:
         norm=data["norm"],
         post_norm_when=tuple(when.items()),
         buffers=buffers,
+        shapes=shapes_in(path, data["shapes"]),
+        sizes=sizes_in(path, data["sizes"]),
         **patterns,
     )
+
+
+def shapes_in(path: Path, data: object) -> tuple[tuple[str, tuple[Shape, ...]], ...]:
+    """A data file's shapes: model type -> tensor pattern -> a list of dimensions, each checked."""
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"{path}: shapes: expected a mapping of model type -> {{tensor pattern: [dimensions]}}")
+    found = []
+    for kind, shapes in data.items():
+        rules = []
+        for pattern, dims in shapes.items():
+            if not isinstance(dims, list) or not dims:
+                raise ValueError(f"{path}: shapes: {kind}: '{pattern}': expected a list of dimensions")
+            try:
+                tensors = re.compile(pattern)
+            except (re.error, TypeError) as exc:
+                raise ValueError(f"{path}: shapes: {kind}: a pattern does not compile ({exc})") from None
+            where = f"{path}: shapes: {kind}: '{pattern}'"
+            rules.append(Shape(tensors, tuple(None if d is None else expression(where, d) for d in dims)))
+        found.append((str(kind), tuple(rules)))
+    return tuple(found)
+
+
+def sizes_in(path: Path, data: object) -> tuple[tuple[str, ast.Expression], ...]:
+    """A data file's sizes: config.json key -> the expression of its value when the config lacks it."""
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ValueError(f"{path}: sizes: expected a mapping of config.json key -> expression")
+    return tuple((key, expression(f"{path}: sizes: {key}", value)) for key, value in data.items())
+
+
+def expression(where: str, text: object) -> ast.Expression:
+    """An arithmetic expression of config.json keys (names, integers, + - * //), parsed."""
+    if type(text) is int:
+        text = str(text)
+    try:
+        tree = ast.parse(text, mode="eval") if isinstance(text, str) else None
+    except SyntaxError:
+        tree = None
+    if tree is None or not all(
+        isinstance(node, ARITHMETIC) or (isinstance(node, ast.Constant) and type(node.value) is int)
+        for node in ast.walk(tree)
+    ):
+        raise ValueError(f"{where}: {text!r} is not an expression of config.json keys, integers and + - * //")
+    return tree

@@ -4,13 +4,14 @@
 `mastermerge analyze MODEL [MODEL ...] --out DIR` writes every metric of every matrix (analyze.py),
 `mastermerge expand MODEL --out DIR --add-layers N` duplicates a model's most important blocks (dlec.py),
 `mastermerge evaluate MODEL [MODEL ...] --text FILE --out DIR` measures perplexities (evaluate.py),
-and `mastermerge verify DIR` checks a written output against its merge_report.json (verify.py).
+and `mastermerge verify DIR` checks a model directory as a loader reads it, and an output also
+against its merge_report.json (verify.py).
 What each command does is in commands.py; this module only parses and reports errors.
 
 Every config is validated before any model is downloaded; the configs then run in order and
 share one metric cache. Exit codes: 0 success, 1 internal error (a bug: please report it),
 2 bad config or arguments, 3 a model cannot be resolved, read or matched to the others,
-4 the output cannot be written, 5 `verify` found the output damaged or not matching its report,
+4 the output cannot be written, 5 `verify` found the directory damaged, not loadable or not matching its report,
 6 the Ray cluster cannot be reached or lost the work, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
@@ -267,14 +268,19 @@ def parser() -> argparse.ArgumentParser:
     verify = command(
         "verify",
         ("reporting",),
-        help="check a written output against its merge_report.json",
-        description="Check a directory written by mastermerge against its merge_report.json: every "
-        "shard and the index json exist with their recorded sizes and SHA-256, no weight "
-        "file was added, the safetensors headers and the index are valid and agree, and "
-        "config.json's layer count and hidden size match the weights. One line per "
-        "problem. Exit code 5 when a problem is found, 3 when DIR is not an output.",
+        help="check a model directory as a loader reads it (an output also against its merge_report.json)",
+        description="Check a model directory: the safetensors headers and the index are valid and "
+        "agree, config.json's layer count and sizes (vocab_size, hidden_size, intermediate_size, "
+        "the attention heads, the positions) match the tensors' shapes, the tokenizer files parse "
+        "and no token id is past the embedding's rows. A directory mastermerge wrote is also "
+        "checked against its merge_report.json: every shard and the index json exist with their "
+        "recorded sizes and SHA-256, no weight file was added, the tensors are the plan's. One "
+        "line per problem. Exit code 5 when a problem is found, 3 when DIR does not exist or "
+        "holds no safetensors weights.",
     )
-    verify.add_argument("directory", metavar="DIR", type=Path, help="a mastermerge output directory")
+    verify.add_argument(
+        "directory", metavar="DIR", type=Path, help="a model directory (a mastermerge output or any other)"
+    )
     verify.set_defaults(action=run_verify)
     return p
 

@@ -1,8 +1,9 @@
 """The checks `mastermerge verify` makes of a written model's files against each other, without
 merge_report.json (nerd.verify compares them with the report): each shard's safetensors header
 and its coverage of the data (check_headers), the index json against the shards (check_index),
-config.json against the tensors (check_config), and that the directory opens as a checkpoint
-(check_loads); each returns Problems, a file and what is wrong with it in one line."""
+config.json's layer count against the tensor names (check_config; its sizes against the shapes
+are nerd.loadchecks'), and that the directory opens as a checkpoint (check_loads); each returns
+Problems, a file and what is wrong with it in one line."""
 
 from __future__ import annotations
 
@@ -134,21 +135,13 @@ def check_index(
 def check_config(
     directory: Path, headers: dict[str, list[TensorInfo]], complete: bool = True
 ) -> tuple[list[Problem], int | None]:
-    """config.json parses, its layer count is the number of blocks in the tensor names, and its
-    hidden size is the embedding matrix's width (compared only when every shard's header could be
-    read: `complete`), the keys and names those of the model's family (architecture.py). Returns
-    the problems and the layers found."""
+    """config.json parses and its layer count is the number of blocks in the tensor names
+    (compared only when every shard's header could be read: `complete`), the keys and names
+    those of the model's family (architecture.py); its sizes against the tensors' shapes are
+    nerd.loadchecks'. Returns the problems and the layers found."""
     path = directory / "config.json"
     infos = {info.name: info for shard in headers.values() for info in shard}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-        problem = None if isinstance(config, dict) else f"a JSON {type(config).__name__}, expected an object"
-    except FileNotFoundError:
-        config, problem = None, "missing"
-    except OSError as exc:
-        config, problem = None, f"cannot be read ({exc.strerror or exc})"
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        config, problem = None, f"not valid JSON ({first_line(exc)})"
+    config, problem = read_config(path)
     architecture = family_of(config)  # the inferred table without a config.json
     layout = layout_of(list(infos), architecture)
     layers = layout.num_layers if layout.stack is not None else None
@@ -157,37 +150,36 @@ def check_config(
     if not complete:
         return [], None
     section, prefix = architecture.layer_section(config)
-    problems = []
     key = next((k for k in architecture.layer_count_keys if k in section), None)
-    if key is not None and layers is not None:
-        value = section[key]
-        if type(value) is not int:
-            problems.append(Problem(path, f"{prefix}{key} is {value!r}, expected an integer ({layers} in the weights)"))
-        elif value != layers:
-            problems.append(
-                Problem(
-                    path,
-                    f"{prefix}{key} is {value}, the weights have {layers} layers "
-                    f"({layout.stack}.0 to {layout.stack}.{layers - 1})",
-                )
+    if key is None or layers is None:
+        return [], layers
+    value = section[key]
+    if type(value) is not int:
+        return [Problem(path, f"{prefix}{key} is {value!r}, expected an integer ({layers} in the weights)")], layers
+    if value != layers:
+        return [
+            Problem(
+                path,
+                f"{prefix}{key} is {value}, the weights have {layers} layers "
+                f"({layout.stack}.0 to {layout.stack}.{layers - 1})",
             )
-    width_key = next((k for k in architecture.width_keys if k in section), None)
-    embeddings = [
-        info
-        for name, info in infos.items()
-        if layout.depths.get(name) is None and architecture.is_input_embedding(name) and info.is_matrix
-    ]
-    if width_key is not None and len({info.shape[1] for info in embeddings}) == 1:
-        value, embedding = section[width_key], embeddings[0]
-        if value != embedding.shape[1]:
-            problems.append(
-                Problem(
-                    path,
-                    f"{prefix}{width_key} is {value!r}, the embedding matrix '{embedding.name}' "
-                    f"is {list(embedding.shape)} (width {embedding.shape[1]})",
-                )
-            )
-    return problems, layers
+        ], layers
+    return [], layers
+
+
+def read_config(path: Path) -> tuple[dict | None, str | None]:
+    """A JSON file's object (config.json's, a tokenizer's settings), or None and what is wrong with the file."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as exc:
+        return None, f"cannot be read ({exc.strerror or exc})"
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return None, f"not valid JSON ({first_line(exc)})"
+    if not isinstance(config, dict):
+        return None, f"a JSON {type(config).__name__}, expected an object"
+    return config, None
 
 
 def check_loads(directory: Path) -> list[Problem]:

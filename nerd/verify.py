@@ -1,9 +1,11 @@
-"""`mastermerge verify DIR`: check a written model against its merge_report.json.
+"""`mastermerge verify DIR`: check a model directory the way a loader would read it, and a
+mastermerge output also against its merge_report.json.
 
 A merge records in merge_report.json the size and SHA-256 of every file that holds its weights
 (`files`: the shards and the index json). verify reads the directory back and runs these checks,
 one function each (check_files and check_plan here, the checks of the files against each other in
-nerd.consistency):
+nerd.consistency, of config.json's sizes in nerd.loadchecks, of the tokenizer in
+nerd.tokenizerfiles):
 
 - check_files: every file the report records exists, with its size and SHA-256 (a truncated,
   extended or altered file is named), and every weight or index file in the directory is one
@@ -16,14 +18,22 @@ nerd.consistency):
 - check_plan: the shards hold the tensors the report's plan lists, with their dtypes and shapes;
 - check_config: config.json parses, its layer count (num_hidden_layers, n_layer, ...: the keys of
   the model's family, nerd.architecture) equals the number of blocks in the tensor names
-  (nerd.layout), and its hidden size is the width of the embedding matrix;
+  (nerd.layout);
+- check_sizes: config.json's sizes are the tensors' shapes where transformers would compare them
+  (vocab_size and the embedding's rows, hidden_size, intermediate_size, the attention heads and
+  head_dim, the positions: the shapes of the model's family);
+- check_tokenizer: the tokenizer files present parse, a tokenizer they describe can be built,
+  and no token id is past the token embedding's rows;
 - check_loads: when nothing else is wrong, nerd.checkpoint.Checkpoint.open reads the directory as
   a merge reads its inputs.
 
-verify_output runs them all and returns every Problem (a file and what is wrong with it) with
-what was checked; the command line prints one line per problem and exits with IntegrityError's
-code (5) when there is any. A directory that does not exist or has no merge_report.json is a
-ModelError (3): there is nothing to verify against.
+Any checkpoint directory can be verified: without merge_report.json there is nothing to compare
+the files' sizes and hashes or the plan with, so check_files is reduced to the shards the index
+names being there, and check_plan is left out; every other check runs, and the summary says the
+hashes were not checked. verify_output runs them all and returns every Problem (a file and what
+is wrong with it) with what was checked; the command line prints one line per problem and exits
+with IntegrityError's code (5) when there is any. A directory that does not exist, or that holds
+no safetensors weights, is a ModelError (3): there is nothing to verify.
 """
 
 from __future__ import annotations
@@ -35,10 +45,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import TensorInfo
+from .architecture import architecture_of
 from .consistency import Problem, check_config, check_headers, check_index, check_loads, is_plain_name, names
 from .errors import ModelError, first_line
 from .hashing import file_digests
+from .loadchecks import check_sizes
 from .sidefiles import WEIGHT_SUFFIXES
+from .tokenizerfiles import TokenizerFiles, check_tokenizer
 from .weightfiles import INDEX
 
 REPORT = "merge_report.json"
@@ -56,6 +69,8 @@ class Verification:
     layers: int | None = None
     files_hashed: int = 0
     bytes_hashed: int = 0
+    report: bool = True  # the directory has a merge_report.json to check the files against
+    tokenizer: TokenizerFiles = field(default_factory=TokenizerFiles)
 
     @property
     def ok(self) -> bool:
@@ -65,9 +80,14 @@ class Verification:
         if not self.ok:
             return f"{self.directory}: verification failed: {len(self.problems)} problem(s)"
         layers = f", {self.layers} layers" if self.layers is not None else ""
+        hashes = (
+            f"{self.files_hashed} file(s), {self.bytes_hashed:,} bytes, match the sizes and SHA-256 of {REPORT}"
+            if self.report
+            else f"no {REPORT}, so the files' sizes and SHA-256 were not checked"
+        )
         return (
             f"{self.directory}: ok: {len(self.shards)} shard(s), {self.tensors} tensors{layers}; "
-            f"{self.files_hashed} file(s), {self.bytes_hashed:,} bytes, match the sizes and SHA-256 of {REPORT}"
+            f"{self.tokenizer.summary()}; {hashes}"
         )
 
     def to_dict(self) -> dict:
@@ -80,6 +100,8 @@ class Verification:
             "layers": self.layers,
             "files_hashed": self.files_hashed,
             "bytes_hashed": self.bytes_hashed,
+            "report": self.report,
+            "tokenizer": self.tokenizer.to_dict(),
         }
 
 
@@ -93,15 +115,19 @@ class Report:
 
 
 def verify_output(directory: str | Path, quiet: bool = False) -> Verification:
-    """Run every check on a mastermerge output directory (see the module docstring)."""
+    """Run every check on a model directory, a mastermerge output or any other (see the module docstring)."""
     directory = Path(directory)
     report_path = check_directory(directory)
-    result = Verification(directory)
-    report, problems = read_report(report_path)
-    result.problems += problems
-    shards = report.shards if report.shards is not None else shards_on_disk(directory)
+    result = Verification(directory, report=report_path is not None)
+    if report_path is not None:
+        report, problems = read_report(report_path)
+        result.problems += problems
+        shards = report.shards if report.shards is not None else shards_on_disk(directory)
+        problems, result.files_hashed, result.bytes_hashed = check_files(directory, report, shards, quiet)
+    else:
+        report, shards = Report(), checkpoint_shards(directory)
+        problems = check_present(directory, shards)
     result.shards = shards
-    problems, result.files_hashed, result.bytes_hashed = check_files(directory, report, shards, quiet)
     result.problems += problems
     problems, headers = check_headers(directory, shards)
     result.problems += problems
@@ -111,22 +137,54 @@ def verify_output(directory: str | Path, quiet: bool = False) -> Verification:
     if complete and report.entries is not None:
         result.problems += check_plan(report_path, report.entries, headers)
     problems, result.layers = check_config(directory, headers, complete)
+    result.problems += problems + check_sizes(directory, headers, complete)
+    problems, result.tokenizer = check_tokenizer(directory, headers, architecture_of(directory))
     result.problems += problems
     if not result.problems:
         result.problems += check_loads(directory)
     return result
 
 
-def check_directory(directory: Path) -> Path:
-    """merge_report.json of the directory; a ModelError (one line) if there is none to check against."""
+def check_directory(directory: Path) -> Path | None:
+    """The directory's merge_report.json (None without one); a ModelError (one line) if it is not a directory."""
     if not directory.exists():
         raise ModelError(f"{directory}: no such directory")
     if not directory.is_dir():
-        raise ModelError(f"{directory}: not a directory; expected a mastermerge output directory")
+        raise ModelError(f"{directory}: not a directory; expected a model directory")
     report = directory / REPORT
-    if not report.is_file():
-        raise ModelError(f"{directory}: no {REPORT}; not a mastermerge output, so there is nothing to verify against")
-    return report
+    return report if report.is_file() else None
+
+
+def checkpoint_shards(directory: Path) -> list[str]:
+    """The safetensors files of a checkpoint without merge_report.json: the index's shards, else
+    model.safetensors (as transformers picks them), else every *.safetensors file (as a merge
+    reads its inputs); a ModelError if there are none."""
+    if (directory / INDEX).is_file():
+        return shards_on_disk(directory)
+    if (directory / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    found = sorted(p.name for p in directory.glob("*.safetensors") if p.is_file())
+    if found:
+        return found
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix == ".bin" and p.is_file())
+    if pickled:
+        raise ModelError(
+            f"{directory}: holds pickled weights only ({names(pickled)}); verify checks safetensors checkpoints"
+        )
+    raise ModelError(f"{directory}: no weights (model.safetensors, or an index json and its shards); nothing to verify")
+
+
+def check_present(directory: Path, shards: list[str]) -> list[Problem]:
+    """Without merge_report.json: every shard the index names is a file of the directory (a link
+    to one, as in the hub's cache, too)."""
+    problems = []
+    for name in shards:
+        path = directory / name
+        if not path.exists():
+            problems.append(Problem(path, f"missing ({INDEX} names it)"))
+        elif not path.is_file():
+            problems.append(Problem(path, "not a regular file"))
+    return problems
 
 
 def read_report(path: Path) -> tuple[Report, list[Problem]]:

@@ -82,13 +82,19 @@ def test_report_records_size_and_sha256_and_verify_passes(request, capsys, layou
     assert code == 0 and "verify: 100%" in "\n".join(err)  # the progress bar, on stderr
     assert stdout.strip() == (
         f"{out}: ok: {len(report['shards'])} shard(s), {len(report['plan']['entries'])} tensors, "
-        f"4 layers; {len(files)} file(s), {sum(f['bytes'] for f in files.values()):,} bytes, "
-        f"match the sizes and SHA-256 of merge_report.json"
+        f"4 layers; tokenizer files (tokenizer.json, tokenizer_config.json) parse, largest token id "
+        f"127 < 128 embedding rows; {len(files)} file(s), {sum(f['bytes'] for f in files.values()):,} "
+        f"bytes, match the sizes and SHA-256 of merge_report.json"
     )
     code, stdout, err = verify(out, capsys, "--quiet", "--json")
     result = json.loads(stdout)
     assert code == 0 and err == [] and result["ok"] and result["problems"] == []
-    assert result["layers"] == 4 and result["shards"] == report["shards"]
+    assert result["layers"] == 4 and result["shards"] == report["shards"] and result["report"]
+    assert result["tokenizer"] == {
+        "files": ["tokenizer.json", "tokenizer_config.json"],
+        "largest_id": 127,
+        "embedding_rows": 128,
+    }
 
 
 @pytest.mark.parametrize("path", ["kernel copy refused", "converted"])
@@ -221,6 +227,16 @@ TAMPERING = {
         "config.json",
         "hidden_size is 48, the embedding matrix 'model.embed_tokens.weight' is [128, 32] (width 32)",
     ),
+    "vocab_size": (
+        lambda out: edit_json(out, "config.json", lambda d: d.update(vocab_size=999)),
+        "config.json",
+        "vocab_size is 999, but 2 tensors have 128 rows: 'lm_head.weight', 'model.embed_tokens.weight'",
+    ),
+    "corrupt tokenizer.json": (
+        lambda out: (out / "tokenizer.json").write_text('{"version": "1.0", "model": '),
+        "tokenizer.json",
+        "not valid JSON (Expecting value: line 1 column 29 (char 28))",
+    ),
     "corrupt config.json": (
         lambda out: (out / "config.json").write_text('{"num_hidden_layers": 4,'),
         "config.json",
@@ -337,19 +353,22 @@ def test_report_of_an_earlier_version_without_hashes(single, tmp_path, capsys):
     assert len(err) == 2  # everything else was checked and is fine
 
 
-@pytest.mark.parametrize("what", ["missing", "file", "no report"])
+@pytest.mark.parametrize("what", ["missing", "file", "no weights", "pickled weights"])
 def test_nothing_to_verify_is_a_one_line_error(tmp_path, capsys, what):
     target = tmp_path / "x"
     if what == "file":
         target.write_text("not a directory")
-    elif what == "no report":
+    elif what != "missing":
         target.mkdir()
-        (target / "model.safetensors").write_bytes(b"")
+        (target / "config.json").write_text("{}")
+        if what == "pickled weights":
+            (target / "pytorch_model.bin").write_bytes(b"")
     code, stdout, err = verify(target, capsys)
     expected = {
         "missing": "no such directory",
-        "file": "not a directory; expected a mastermerge output directory",
-        "no report": "no merge_report.json; not a mastermerge output, so there is nothing to verify against",
+        "file": "not a directory; expected a model directory",
+        "no weights": "no weights (model.safetensors, or an index json and its shards); nothing to verify",
+        "pickled weights": "holds pickled weights only ('pytorch_model.bin'); verify checks safetensors checkpoints",
     }
     assert code == 3 and stdout == "" and err == [f"mastermerge: error: {target}: {expected[what]}"]
 

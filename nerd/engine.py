@@ -239,11 +239,6 @@ class Engine:
         A spectrum another live run is computing (leases.py) is waited for after the others, and
         taken as that run stores it; computed here if that run's claim is lost."""
         digests: dict[Work, str] = {}
-        claims = Claims(
-            self.store.leases,
-            lambda work: self.store.claim_keys(work.checkpoint, work.tensor, digests.get(work)),
-            ("spectrum", "spectra"),
-        )
 
         def found(work: Work, key: str) -> bool:
             if not cached(work, key):
@@ -265,6 +260,12 @@ class Engine:
                 digests[work] = key
             return key is not None and found(work, key)
 
+        claims = Claims(
+            self.store.leases,
+            lambda work: self.store.claim_keys(work.checkpoint, work.tensor, digests.get(work)),
+            arrived,
+            ("spectrum", "spectra"),
+        )
         missed = [work for work in works if not arrived(work) and not claims.deferred(work)]
         try:
             while missed or claims.waiting:
@@ -275,7 +276,7 @@ class Engine:
                             self.store.put_spectrum(key, work.info.shape, spectrum)
                             claims.release(work)
                             yield work, key, spectrum, values
-                missed = claims.lost(arrived, bar)
+                missed = claims.lost(bar)
         finally:
             claims.release_all()
 
@@ -328,7 +329,6 @@ class Engine:
                 sums[key] = None if row[0] is None else tuple(row)
             if bar is not None:
                 bar.update()
-        claims = Claims(self.store.leases, lambda key: [pair_key(*key)], ("tether pair", "tether pairs"))
 
         def arrived(key: tuple[str, str]) -> bool:
             row = self.store.tether_sums(*key)
@@ -338,6 +338,7 @@ class Engine:
                     bar.update(len(missed[key]))
             return row is not None
 
+        claims = Claims(self.store.leases, lambda key: [pair_key(*key)], arrived, ("tether pair", "tether pairs"))
         try:
             todo = claims.taken(list(missed))
             while todo or claims.waiting:
@@ -349,7 +350,7 @@ class Engine:
                         claims.release(keys[pair])
                         if bar is not None:
                             bar.update(len(missed[keys[pair]]))
-                todo = claims.taken(claims.lost(arrived, bar))
+                todo = claims.taken(claims.lost(bar))
         finally:
             claims.release_all()
         return {pair: sums[keys[pair]] for pair in pairs}

@@ -258,25 +258,31 @@ class Claims:
     """One engine call's claims on its items (works, tether pairs), each item's lease keys given by
     `keys_of`: the keys held per item, and the items another live run is computing, with it."""
 
-    def __init__(self, leases: Leases, keys_of: Callable[[Item], list[str]], what: tuple[str, str]):
+    def __init__(
+        self, leases: Leases, keys_of: Callable[[Item], list[str]], done: Callable[[Item], bool], what: tuple[str, str]
+    ):
         self.leases = leases
         self.keys_of = keys_of
+        self.done = done  # whether an item's result is in the store now (taken from it if so)
         self.what = what  # what an item is, and many: ("spectrum", "spectra")
         self.held: dict[Item, list[str]] = {}
         self.waiting: dict[Item, Holder] = {}
 
     def taken(self, items: list[Item]) -> list[Item]:
-        """The items this run claims now, to compute; the others (another live run claimed them) wait."""
+        """The items this run claims now, to compute; the others (another live run claimed them) wait,
+        and one whose result was stored meanwhile (just before its holder released it) is done."""
         if not self.leases.active:
             return items
         groups = [self.keys_of(item) for item in items]
         taken = []
         for item, keys, holder in zip(items, groups, self.leases.claim(groups)):
-            if holder is None:
+            if holder is not None:
+                self.waiting[item] = holder
+            elif self.done(item):
+                self.leases.release(keys)
+            else:
                 self.held[item] = keys
                 taken.append(item)
-            else:
-                self.waiting[item] = holder
         return taken
 
     def deferred(self, item: Item) -> bool:
@@ -296,19 +302,19 @@ class Claims:
         self.held.clear()
         self.leases.release(keys)
 
-    def lost(self, done: Callable[[Item], bool], bar=None) -> list[Item]:
-        """Wait until every waiting item is `done` (its result stored by the run that held it), or its
+    def lost(self, bar=None) -> list[Item]:
+        """Wait until every waiting item is done (its result stored by the run that held it), or its
         claim is lost; the items whose claims were lost (for this run to compute), [] when every one
         is done. The progress bar says what it waits for (and one line, unless it is disabled)."""
         said, free = None, []
         while self.waiting and not free:
-            for item in [item for item in self.waiting if done(item)]:
+            for item in [item for item in self.waiting if self.done(item)]:
                 del self.waiting[item]
             for item in list(self.waiting):
                 holder = self.leases.holder(self.keys_of(item))
                 if holder is None:  # released (after its result was stored, if it was) or lost
                     del self.waiting[item]
-                    if not done(item):
+                    if not self.done(item):
                         free.append(item)
                 else:
                     self.waiting[item] = holder

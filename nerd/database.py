@@ -8,10 +8,11 @@ no read snapshot is ever upgraded to a write (which would fail with SQLITE_BUSY_
 write lock is held while something is computed. A statement that finds the write lock taken is
 retried for up to BUSY_SECONDS; schema setup runs in one BEGIN IMMEDIATE transaction, so
 processes opening a new file together do not interleave. Only the thread that opened the
-connection uses it (sqlite3's check_same_thread stays on): the engine's threads never touch it.
+connection uses it (sqlite3's check_same_thread stays on): the engine's threads never touch it
+(the heartbeat that renews a run's leases, leases.py, opens a connection of its own).
 
 Opening a file sets up the tables (all of them dropped first when the file's schema version is
-another) and deletes the rows of other versions, table by table, so they are recomputed on use.
+another, and not one the schema still reads) and deletes the rows of other versions, table by table, so they are recomputed on use.
 
 A corrupt file (not a database, or PRAGMA quick_check failing when it is opened, or an SQLite
 "malformed" error on a later query) is moved aside to NAME.corrupt-<time> with its -wal and -shm
@@ -46,13 +47,16 @@ SQLITE_BUSY, SQLITE_LOCKED, SQLITE_CORRUPT, SQLITE_NOTADB = 5, 6, 11, 26  # prim
 @dataclass(frozen=True)
 class Schema:
     """The tables of a database: `tables` creates them (CREATE TABLE IF NOT EXISTS statements, `;`
-    between them), `dropped` are dropped first when the file's schema `version` is another, and
-    `versions` gives the version of each table's rows (rows of any other are deleted on opening)."""
+    between them), `dropped` are dropped first when the file's schema `version` is another, except
+    one of the `compatible` earlier versions (whose tables are all still the same: opening it only
+    adds the new ones), and `versions` gives the version of each table's rows (rows of any other are
+    deleted on opening)."""
 
     version: str
     tables: str
     dropped: tuple[str, ...]
     versions: tuple[tuple[str, str], ...]
+    compatible: tuple[str, ...] = ()
 
 
 class CorruptCache(Exception):
@@ -219,7 +223,7 @@ def set_up(db: sqlite3.Connection, schema: Schema) -> None:
     with immediate(db):
         db.execute(META)
         row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchall()
-        if row != [(schema.version,)]:
+        if row not in ([(version,)] for version in (schema.version, *schema.compatible)):
             for table in schema.dropped:
                 db.execute(f"DROP TABLE IF EXISTS {table}")
         for statement in schema.tables.split(";"):

@@ -7,11 +7,14 @@ not even import torch; the work the store cannot answer goes to an executor, and
 written through the store as soon as it is there (an interrupted run keeps what it computed).
 
 The executor is where spectra and tether sums are computed (`executor_of` picks it from the
-config's `compute:` section). Its `spectra(works, cached)` yields (work, content digest, Spectrum,
-metrics or None) for the works it computes, in any order; it calls `cached(work, digest)`, in the
-engine's thread, as soon as it knows a tensor's digest, and drops its own result for a work whose
-answer is true (the store had that content: a frozen layer met before, a copied model). Its
-`tether_sums(pairs)` yields (pair, sums) for the pairs the store does not have. LocalExecutor is
+config's `compute:` section). Its `spectra(works, cached, claimed)` yields (work, content digest,
+Spectrum, metrics or None) for the works it computes, in any order; it calls `cached(work, digest)`,
+in the engine's thread, as soon as it knows a tensor's digest, and drops its own result for a work
+whose answer is true (the store had that content: a frozen layer met before, a copied model); and
+`claimed(unit)`, also in the engine's thread, right before it computes (or sends) a unit of works,
+computing only the works it gives back: the engine has claimed those (leases.py), and waits for the
+others, which another live run on the same cache file is computing, after the rest of its work
+(and computes them itself if that run's claim is lost). Its `tether_sums(pairs)` yields (pair, sums) for the pairs the store does not have. LocalExecutor is
 this process: a read-ahead thread reads and hashes the tensors one or two ahead while the spectra
 are computed (reading overlaps computing, and memory holds a few tensors at most), equal shapes
 are computed in batches on CUDA (of up to BATCH_BYTES in float64), and the device is resolved
@@ -39,6 +42,7 @@ import numpy as np
 from .checkpoint import Checkpoint, TensorInfo, numel
 from . import tethersums
 from .hashing import content_key
+from .leases import Claims, pair_key
 from .metrics import METRICS, every_metric
 from .spectra import BATCH_BYTES, Spectrum, numpy_matrix, pick_device, spectra_of
 from .store import MetricCache
@@ -51,6 +55,7 @@ if TYPE_CHECKING:
 
 EVERY_METRIC = set(METRICS) | {"problem", "path"}  # what every_metric gives: a stored row with less is recomputed
 Computed = tuple["Work", str, Spectrum, "dict | None"]  # what an executor yields: work, digest, spectrum, metrics
+Claimed = Callable[[list["Work"]], list["Work"]]  # the works of a unit the engine keeps, claimed (leases.py)
 
 
 @dataclass(frozen=True)
@@ -80,9 +85,11 @@ class Executor(Protocol):
 
     threads: int | None
 
-    def spectra(self, works: list[Work], cached: Callable[[Work, str], bool]) -> Iterator[Computed]:
-        """The spectrum (and metrics, or None) of every work whose content is not `cached`, with
-        its content digest, in any order."""
+    def spectra(
+        self, works: list[Work], cached: Callable[[Work, str], bool], claimed: Claimed | None = None
+    ) -> Iterator[Computed]:
+        """The spectrum (and metrics, or None) of every work whose content is not `cached` and that
+        `claimed` keeps, with its content digest, in any order."""
 
     def tether_sums(self, pairs: list[Pair]) -> Iterator[tuple[Pair, Sums | None]]:
         """The sums of every pair (tethersums.py), in any order."""
@@ -122,15 +129,18 @@ class LocalExecutor:
         self.device = device
         self.threads = threads
 
-    def spectra(self, works: list[Work], cached: Callable[[Work, str], bool]) -> Iterator[Computed]:
-        """The spectrum of every work whose content is not `cached`, with its content digest."""
+    def spectra(
+        self, works: list[Work], cached: Callable[[Work, str], bool], claimed: Claimed | None = None
+    ) -> Iterator[Computed]:
+        """The spectrum of every work whose content is not `cached` and that `claimed` keeps, with
+        its content digest."""
         device = pick_device(self.device)
         if device != "cpu":  # equal shapes next to each other, so they share a batch
             works = sorted(works, key=lambda work: work.info.shape)
         batch: list[tuple[Work, str, np.ndarray]] = []
         with limited_threads(self.threads):
             for work, key, data in read_ahead(works):
-                if cached(work, key):
+                if cached(work, key) or (claimed is not None and not claimed([work])):
                     continue
                 info = work.info
                 if batch and (
@@ -198,7 +208,7 @@ class Engine:
 
         with (
             ThreadPoolExecutor(1, thread_name_prefix="mastermerge-metrics") as pool,
-            closing(self.new_spectra(works, cached)) as spectra,
+            closing(self.new_spectra(works, cached, bar)) as spectra,
         ):
             for work, key, spectrum, values in spectra:
                 if values is not None:  # the executor derived them
@@ -221,33 +231,54 @@ class Engine:
         fresh = [spectrum for _, _, spectrum, _ in self.new_spectra([work], cached)]
         return fresh[0] if fresh else stored[work]
 
-    def new_spectra(self, works: list[Work], cached: Callable[[Work, str], bool]) -> Iterator[Computed]:
+    def new_spectra(self, works: list[Work], cached: Callable[[Work, str], bool], bar=None) -> Iterator[Computed]:
         """The works whose results the store has, as `cached(work, digest)` takes them, counted as
         reused; the spectra of the others computed by the executor, each counted, stored and yielded
         with its digest. The store is asked with the digest it remembers for an unchanged file before
-        anything is read, else with the one the executor read (which the store then remembers)."""
-        missed = []
-        for work in works:
-            key = self.store.digest_of(work.checkpoint, work.tensor)
-            if key is not None and cached(work, key):
-                self.store.reused += 1
-            else:
-                missed.append(work)
-        if not missed:
-            return
+        anything is read, else with the one the executor read (which the store then remembers).
+        A spectrum another live run is computing (leases.py) is waited for after the others, and
+        taken as that run stores it; computed here if that run's claim is lost."""
+        digests: dict[Work, str] = {}
 
-        def read(work: Work, key: str) -> bool:
-            self.store.remember_digest(work.checkpoint, work.tensor, key)
+        def found(work: Work, key: str) -> bool:
             if not cached(work, key):
                 return False
             self.store.reused += 1
             return True
 
-        with closing(self.executor.spectra(missed, read)) as spectra:
-            for work, key, spectrum, values in spectra:
-                self.store.computed += 1
-                self.store.put_spectrum(key, work.info.shape, spectrum)
-                yield work, key, spectrum, values
+        def read(work: Work, key: str) -> bool:
+            digests[work] = key
+            self.store.remember_digest(work.checkpoint, work.tensor, key)
+            if not found(work, key):
+                return False
+            claims.release(work)  # claimed before it was sent (Ray), then found stored
+            return True
+
+        def arrived(work: Work) -> bool:
+            key = digests.get(work) or self.store.digest_of(work.checkpoint, work.tensor)
+            if key is not None:
+                digests[work] = key
+            return key is not None and found(work, key)
+
+        claims = Claims(
+            self.store.leases,
+            lambda work: self.store.claim_keys(work.checkpoint, work.tensor, digests.get(work)),
+            arrived,
+            ("spectrum", "spectra"),
+        )
+        missed = [work for work in works if not arrived(work) and not claims.deferred(work)]
+        try:
+            while missed or claims.waiting:
+                if missed:
+                    with closing(self.executor.spectra(missed, read, claims.taken)) as spectra:
+                        for work, key, spectrum, values in spectra:
+                            self.store.computed += 1
+                            self.store.put_spectrum(key, work.info.shape, spectrum)
+                            claims.release(work)
+                            yield work, key, spectrum, values
+                missed = claims.lost(bar)
+        finally:
+            claims.release_all()
 
     def known_metrics(self, key: str, shape: tuple[int, ...]) -> dict | None:
         """The metrics of this content digest, all of them stored, or derived from its stored
@@ -298,14 +329,30 @@ class Engine:
                 sums[key] = None if row[0] is None else tuple(row)
             if bar is not None:
                 bar.update()
-        if missed:
-            with closing(self.executor.tether_sums([same[0] for same in missed.values()])) as computed:
-                for pair, values in computed:
-                    self.store.pairs_computed += 1
-                    sums[keys[pair]] = values
-                    self.store.put_tether_sums(*keys[pair], values)
-                    if bar is not None:
-                        bar.update(len(missed[keys[pair]]))
+
+        def arrived(key: tuple[str, str]) -> bool:
+            row = self.store.tether_sums(*key)
+            if row is not None:
+                sums[key] = None if row[0] is None else tuple(row)
+                if bar is not None:
+                    bar.update(len(missed[key]))
+            return row is not None
+
+        claims = Claims(self.store.leases, lambda key: [pair_key(*key)], arrived, ("tether pair", "tether pairs"))
+        try:
+            todo = claims.taken(list(missed))
+            while todo or claims.waiting:
+                with closing(self.executor.tether_sums([missed[key][0] for key in todo])) as computed:
+                    for pair, values in computed:
+                        self.store.pairs_computed += 1
+                        sums[keys[pair]] = values
+                        self.store.put_tether_sums(*keys[pair], values)
+                        claims.release(keys[pair])
+                        if bar is not None:
+                            bar.update(len(missed[keys[pair]]))
+                todo = claims.taken(claims.lost(bar))
+        finally:
+            claims.release_all()
         return {pair: sums[keys[pair]] for pair in pairs}
 
 

@@ -8,7 +8,8 @@ each, every task with `num_cpus` = the run's thread count (threads.py), which th
 (a GPU task also holds one GPU: its reading, hashing and metrics run on those CPUs).
 Workers read the weights themselves (nodes.py); only small descriptions go out and only results
 come back (content digest, float64 singular values, metrics), which the engine stores: the driver
-alone writes SQLite. At most IN_FLIGHT tasks per slot of the cluster are outstanding, so the
+alone writes SQLite, leases included (a unit is claimed, leases.py, by the driver right before it is
+sent, by its tensors and the content digests the store remembers for them). At most IN_FLIGHT tasks per slot of the cluster are outstanding, so the
 driver's memory stays flat, and results are yielded as they arrive (the progress bar moves with
 them). A task whose worker or node died is retried (RETRIES, Ray's own task retries); an error
 inside a task is the ModelError it raised, naming the model, the tensor and the node. An error or
@@ -30,13 +31,13 @@ import dataclasses
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import nodes
-from .engine import Computed, Pair, Work
+from .engine import Claimed, Computed, Pair, Work
 from .errors import ClusterError, MergeError, ModelError, first_line
 from .nodes import Expected, Origin
 from .checkpoint import Checkpoint, numel
@@ -159,15 +160,21 @@ class RayExecutor:
             self.origins[directory] = origin
         return self.origins[directory]
 
-    def spectra(self, works: list[Work], cached: Callable[[Work, str], bool]) -> Iterator[Computed]:
-        """The spectrum and metrics of every work whose content is not `cached`, as they arrive."""
+    def spectra(
+        self, works: list[Work], cached: Callable[[Work, str], bool], claimed: Claimed | None = None
+    ) -> Iterator[Computed]:
+        """The spectrum and metrics of every work whose content is not `cached`, as they arrive; each
+        unit is offered to `claimed` right before it is sent, and only the works it keeps are sent."""
         task = remote(nodes.matrix_results).options(max_retries=RETRIES, retry_exceptions=False, **self.options)
 
         def submit(unit: list[Work]):
             items = [(w.tensor, Expected.of(w.info, w.checkpoint.directory)) for w in unit]
             return task.remote(self.origin(unit[0].checkpoint), items, self.device, self.threads)
 
-        for unit, results in self.completed(self.units(works), submit):
+        units = self.units(works)
+        if claimed is not None:  # claimed lazily, as the units are sent
+            units = (kept for kept in map(claimed, units) if kept)
+        for unit, results in self.completed(units, submit):
             for work, (key, spectrum, metrics) in zip(unit, results):
                 if not cached(work, key):  # the store may have this content under another file
                     yield work, key, spectrum, metrics
@@ -202,7 +209,7 @@ class RayExecutor:
             units[-1].append(work)
         return units
 
-    def completed(self, units: list, submit: Callable) -> Iterator[tuple[list, object]]:
+    def completed(self, units: Iterable, submit: Callable) -> Iterator[tuple[list, object]]:
         """(unit, its task's result) as the tasks finish, at most `in_flight` outstanding; every
         outstanding task is cancelled when the caller stops (an error, or leaving the loop) before
         the end, and ends with this process on Ctrl-C."""

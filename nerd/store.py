@@ -1,6 +1,6 @@
 """The metric cache's store: what every table holds, keyed by content, with one get and one put per table.
 
-Seven tables in one SQLite file (database.py keeps the connection usable). For the weights:
+Eight tables in one SQLite file (database.py keeps the connection usable). For the weights:
 `tensors` maps (file, its size, mtime, ctime and inode, tensor name) to a digest of the tensor's
 bytes (content_key), so an unchanged file is not even read again; a changed or replaced file no
 longer matches (ctime cannot be set back by tools that restore mtimes) and is read again.
@@ -22,7 +22,10 @@ unchanged model is never run on the same text again: (model digest, digest of th
 windows with the dtype and device they ran in, version) -> the summed negative log-likelihood,
 the number of scored tokens, the windows, who and what, and the seconds it took.
 
-Every table but `tensors` carries a version: rows of another version are deleted when the cache
+The eighth, `leases`, holds no result: which run is computing which spectrum or tether pair
+right now, so that runs sharing the file compute each once (leases.py, which the engine uses).
+
+Every table but `tensors` and `leases` carries a version: rows of another version are deleted when the cache
 is opened and recomputed on use. The store owns the versions of the tables it alone defines
 (TETHER_VERSION, ACTIVATION_VERSION, EVALUATION_VERSION, and SCHEMA_VERSION for the table
 layout); SPECTRUM_VERSION and METRICS_VERSION stay with the computations they version
@@ -44,13 +47,16 @@ import numpy as np
 
 from .database import Database, Schema
 from .hashing import content_key
+from .leases import TABLE as LEASES_TABLE
+from .leases import Leases, spectrum_key, tensor_key
 from .metrics import METRICS_VERSION
 from .spectra import PATHS, SPECTRUM_VERSION, Spectrum
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
 
-SCHEMA_VERSION = "5"  # of the table layout below: a change drops the weights' tables
+SCHEMA_VERSION = "6"  # of the table layout below: a change drops the weights' tables
+COMPATIBLE_VERSIONS = ("5",)  # earlier layouts opened as they are: 6 only added `leases`
 TETHER_VERSION = "1"  # bump when tether.sums_of changes: cached sums are then recomputed
 ACTIVATION_VERSION = "1"  # bump when importance.py measures its LayerStats otherwise: the cache then measures again
 EVALUATION_VERSION = "1"  # bump when evaluate.py scores tokens differently: evaluations are then rerun
@@ -80,7 +86,8 @@ CREATE TABLE IF NOT EXISTS evaluations (
     model TEXT NOT NULL, text TEXT NOT NULL, version TEXT NOT NULL, model_ref TEXT NOT NULL, text_name TEXT NOT NULL,
     kind TEXT NOT NULL, nll REAL NOT NULL, tokens INTEGER NOT NULL, windows INTEGER NOT NULL, dtype TEXT NOT NULL,
     device TEXT NOT NULL, seconds REAL NOT NULL, created REAL NOT NULL, PRIMARY KEY (model, text, version));
-""",
+"""
+    + LEASES_TABLE,
     dropped=("tensors", "spectra", "metrics"),
     versions=(
         ("spectra", SPECTRUM_VERSION),
@@ -90,6 +97,7 @@ CREATE TABLE IF NOT EXISTS evaluations (
         ("layer_stats", ACTIVATION_VERSION),
         ("evaluations", EVALUATION_VERSION),
     ),
+    compatible=COMPATIBLE_VERSIONS,
 )
 
 
@@ -110,6 +118,7 @@ class MetricCache:
 
     def __init__(self, path: str | Path | None = None):
         self.database = Database(path, TABLES)
+        self.leases = Leases(self.database)
         self.computed = 0
         self.reused = 0
         self.pairs_computed = 0
@@ -120,7 +129,11 @@ class MetricCache:
         return self.database.in_memory
 
     def close(self) -> None:
-        self.database.close()
+        """Release this process's leases and close the file."""
+        try:
+            self.leases.close()
+        finally:
+            self.database.close()
 
     # tensors: the content digest of each tensor of an unchanged file
 
@@ -145,6 +158,12 @@ class MetricCache:
             key = content_key(checkpoint.tensors[name], checkpoint.read_bytes(name))
             self.remember_digest(checkpoint, name, key)
         return key
+
+    def claim_keys(self, checkpoint: Checkpoint, name: str, digest: str | None) -> list[str]:
+        """What a run claims (leases.py) before it computes the spectrum of a tensor: the tensor of
+        its unchanged file, and its content digest when that is known."""
+        keys = [tensor_key(*file_identity(checkpoint, name), name)]
+        return keys if digest is None else [*keys, spectrum_key(digest)]
 
     # spectra and metrics, by content digest
 

@@ -27,7 +27,7 @@ from .errors import ConfigError
 from .engine import Engine, Work, executor_of, reachable
 from .layout import layout_of
 from .metrics import METRICS, path_counts
-from .report import short_names
+from .public import short_names
 from .sources import resolve_model
 from .store import MetricCache
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from .plan import Plan
 from .plots import pyplot, save
-from .report import short_names
+from .public import short_names
 from .select import rule_of
 
 MARKED_CELLS = 400  # heatmaps with at most this many cells get their values written in

@@ -25,7 +25,8 @@ import numpy as np
 
 from .importance import IMPORTANCE_LABELS
 from .plan import Plan
-from .report import parameter_line, short_names
+from .public import short_names
+from .report import parameter_line
 
 
 def pyplot():

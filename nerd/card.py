@@ -141,7 +141,7 @@ Made by mastermerge {__version__} from `{plan.base}` by duplicating its most imp
 
 def merge_section(plan: Plan, heatmaps: list[str]) -> str:
     rows = choice_rows(plan)
-    models = "\n".join(f"- `{c}`" + (" (base)" if c == plan.base else "") for c in plan.candidates)
+    models = "\n".join(f"- `{c}`" + candidate_marks(plan, c) for c in plan.candidates)
     images = " ".join(f"![{Path(h).stem.replace('_', ' ')}]({h})" for h in heatmaps)
     figures = f"\n{images}\n\n{HEATMAP_CAPTION}\n" if heatmaps else ""
     blend = plan.tethers is not None and plan.tethers.options.mode == "blend"
@@ -165,6 +165,12 @@ Scores are the {rule_of(plan.selection).label} over the matrices of each group; 
 {markdown_table(rows)}
 {figures}
 {tether_section(plan) if plan.tethers is not None else ""}"""
+
+
+def candidate_marks(plan: Plan, candidate: str) -> str:
+    """' (base, local)', ' (local)', ' (base)' or nothing: what the card says beside a candidate."""
+    marks = ["base"] * (candidate == plan.base) + ["local"] * (plan.revisions[candidate] is None)
+    return f" ({', '.join(marks)})" if marks else ""
 
 
 def evaluation_section(evaluation: Evaluation, figure: str | None) -> str:

@@ -4,13 +4,15 @@
   from the winner's at its depth (symmetric-log, so a near tie and a wide gap both show), the
   score and that difference written in each cell and the winners (or a blend's members) boxed.
   Coloured by the score itself, the variation from depth to depth painted over the differences
-  that chose the winner.
+  that chose the winner. When the non-layer group (embeddings, final norm, head) competes
+  (selection.non_layer: compete), it is the first column, labelled non-layer, drawn as a depth is.
 - heatmap_compatibility.png of a merge: the tethers, each candidate's compatibility with the base
-  by depth x candidate, the drifting cells crossed out and the threshold on the colour bar.
+  by depth x candidate (the non-layer group first when it competes), the drifting cells crossed
+  out and the threshold on the colour bar.
 - heatmap_ner.png of `analyze` (analyze.py draws it with `heatmap`): the mean NER by depth x model.
 
-Beyond TALL_FROM depths the depths run down the figure instead of across, so that it stays
-readable at the width of a page (a model card).
+Beyond TALL_FROM depths (the non-layer group counting as one) the depths run down the figure
+instead of across, so that it stays readable at the width of a page (a model card).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .plan import Plan
+from .plan import Choice, Plan, Tethers
 from .plots import pyplot, save
 from .plan import short_names
 from .select import rule_of
+from .tether import NON_LAYER
 
 MARKED_CELLS = 400  # heatmaps with at most this many cells get their values written in
 MOST_DIGITS = 8  # significant digits of a heatmap cell's score, at the most
@@ -43,14 +46,16 @@ def heatmap(
     threshold: float | None = None,
     cells: np.ndarray | None = None,
     norm=None,
+    columns: list[str] | None = None,
 ) -> Path:
     """values[candidate, depth] as colours (NaN: no score; `norm`: a matplotlib norm, by default
     linear from the lowest value to the highest), labelled `label` on the colour bar (with which way
     wins, unless `norm` is given), with red boxes on the (row, depth) cells in `boxes` (what was
     chosen), red crosses on those in `crosses` (what was refused), and `threshold` marked on the
     colour bar. Each cell shows its text in `cells` (default: its value to 4 significant digits)
-    when there are few enough. Beyond TALL_FROM depths the depths run down instead of across, so
-    that the figure stays readable at the width of a page."""
+    when there are few enough. `columns` labels the depths (default 0, 1, ...; a first column
+    'non-layer' is set apart from them by a white line). Beyond TALL_FROM depths the depths run
+    down instead of across, so that the figure stays readable at the width of a page."""
     plt = pyplot()
     if cells is None:
         cells = np.vectorize(lambda v: f"{v:.4g}" if np.isfinite(v) else "", otypes=[object])(values)
@@ -79,7 +84,9 @@ def heatmap(
         write_cells(ax, image, shown, cells.T if tall else cells, fontsize(fig, shown.shape[1], cells))
     flip = (lambda r, d: (d, r)) if tall else (lambda r, d: (r, d))
     mark_cells(ax, [flip(*b) for b in boxes], [flip(*c) for c in crosses])
-    axis_labels(ax, candidates, values.shape[1], tall)
+    axis_labels(ax, candidates, columns or [str(d) for d in range(values.shape[1])], tall)
+    if columns and columns[0] == NON_LAYER:  # a white line between it and the depths
+        (ax.axhline if tall else ax.axvline)(0.5, color="white", linewidth=3)
     ax.set_title(title, fontsize=10, loc="left")
     return save(fig, plt, path)
 
@@ -93,15 +100,15 @@ def heatmap_size(shape: tuple[int, int], cells: np.ndarray, tall: bool) -> tuple
     return min(max(6.0, 3 + (0.15 + 0.3 * lines) * depths), 24), 1.8 + (0.3 + 0.25 * lines) * rows
 
 
-def axis_labels(ax, candidates: list[str], depths: int, tall: bool) -> None:
-    """Candidates on one axis, depths on the other."""
+def axis_labels(ax, candidates: list[str], columns: list[str], tall: bool) -> None:
+    """Candidates on one axis, the depths (labelled `columns`) on the other."""
     if tall:
         ax.set_xticks(range(len(candidates)), candidates, rotation=15 if len(candidates) > 2 else 0)
-        ax.set_yticks(range(depths))
+        ax.set_yticks(range(len(columns)), columns)
         ax.set_ylabel("depth (layer)")
     else:
         ax.set_yticks(range(len(candidates)), candidates)
-        ax.set_xticks(range(depths))
+        ax.set_xticks(range(len(columns)), columns)
         ax.set_xlabel("depth (layer)")
 
 
@@ -133,24 +140,48 @@ def mark_cells(ax, boxes: list[tuple[int, int]], crosses: list[tuple[int, int]])
         ax.plot([x - 0.4, x + 0.4], [y + 0.4, y - 0.4], color="red", linewidth=1.5)
 
 
-def block_choices(plan: Plan) -> list:
+def block_choices(plan: Plan) -> list[Choice]:
     """The per-depth block choices of a merge, in depth order."""
     return [c for c in plan.choices if c.depth is not None and c.group == str(c.depth)]
+
+
+def figure_choices(plan: Plan) -> list[Choice]:
+    """The groups a merge's heatmaps show, one column each: the non-layer group first when it
+    competed (selection.non_layer: compete, and a candidate has a score there), then every depth's
+    block; none without blocks."""
+    blocks = block_choices(plan)
+    competed = [
+        c
+        for c in plan.choices
+        if c.depth is None and plan.selection.non_layer == "compete" and any(s is not None for s in c.scores.values())
+    ]
+    return competed + blocks if blocks else []
+
+
+def column_label(choice: Choice) -> str:
+    """A column's label and its group's key in the tethers: 'non-layer', or the block's depth."""
+    return NON_LAYER if choice.depth is None else str(choice.depth)
+
+
+def score_matrix(plan: Plan, choices: list[Choice]) -> np.ndarray:
+    """Each candidate's score (row) in each of the choices (column); NaN where it has none."""
+    return np.array(
+        [[math.nan if c.scores[m] is None else c.scores[m] for c in choices] for m in plan.candidates], dtype=float
+    )
 
 
 def merge_heatmap(plan: Plan, directory: Path) -> str | None:
     """heatmap_<metric>.png of a merge: each block's score per candidate, coloured by its difference
     from the winner's score at that depth (what decided the depth, where the scores themselves vary
     more from depth to depth than between candidates), both written in the cells; the winners (or
-    the blend's members) boxed. Returns the file name, or None without blocks."""
-    blocks = block_choices(plan)
-    if not blocks:
+    the blend's members) boxed; the non-layer group in the first column when it competed.
+    Returns the file name, or None without blocks."""
+    groups = figure_choices(plan)
+    if not groups:
         return None
-    values = np.array(
-        [[math.nan if c.scores[m] is None else c.scores[m] for c in blocks] for m in plan.candidates], dtype=float
-    )
+    values = score_matrix(plan, groups)
     rule = rule_of(plan.selection)
-    gaps = winner_gaps(values, [plan.candidates.index(c.winner) for c in blocks], rule.lower_wins)
+    gaps = winner_gaps(values, [plan.candidates.index(c.winner) for c in groups], rule.lower_wins)
     labels = short_names(plan.candidates)
     name = f"heatmap_{plan.selection.metric}.png"
     title = (
@@ -160,9 +191,10 @@ def merge_heatmap(plan: Plan, directory: Path) -> str | None:
             if plan.selection.granularity == "tensor"
             else ""
         )
+        + ("\nnon-layer: the embeddings, final norm and head, chosen as one group" if groups[0].depth is None else "")
     )
     difference = f"winner's {rule.label} minus this one's" if rule.lower_wins else f"{rule.label} minus the winner's"
-    boxes = [(plan.candidates.index(m), d) for d, c in enumerate(blocks) for m in (c.blend or [c.winner])]
+    boxes = [(plan.candidates.index(m), d) for d, c in enumerate(groups) for m in (c.blend or [c.winner])]
     heatmap(
         directory / name,
         gaps,
@@ -172,6 +204,7 @@ def merge_heatmap(plan: Plan, directory: Path) -> str | None:
         boxes,
         cells=gap_cells(values, gaps),
         norm=gap_norm(gaps),
+        columns=[column_label(c) for c in groups],
     )
     return name
 
@@ -223,23 +256,26 @@ def score_digits(values: np.ndarray, gaps: np.ndarray) -> int:
     return max(4, min(MOST_DIGITS, span))
 
 
+def compatibility_matrix(tethers: Tethers, keys: list[str], others: list[str]) -> np.ndarray:
+    """Each other candidate's compatibility (row) in each group (column, by its key); NaN where none
+    was measured."""
+    found = [[tethers.scores.get(k, {}).get(m) for k in keys] for m in others]
+    return np.array([[math.nan if v is None else v for v in row] for row in found], dtype=float)
+
+
 def compatibility_heatmap(plan: Plan, directory: Path) -> str | None:
     """heatmap_compatibility.png: every other candidate's compatibility with the base by depth,
     crosses where it drifts (below the threshold, marked on the colour bar), boxes where it supplies
-    the block. Returns the file name, or None without tethers."""
-    blocks = block_choices(plan)
-    if plan.tethers is None or not blocks:
+    the block; the non-layer group in the first column when it competed. Returns the file name, or
+    None without tethers."""
+    groups = figure_choices(plan)
+    if plan.tethers is None or not groups:
         return None
     tethers, others = plan.tethers, [c for c in plan.candidates if c != plan.base]
-    values = np.array(
-        [
-            [math.nan if tethers.scores[str(d)][m] is None else tethers.scores[str(d)][m] for d in range(len(blocks))]
-            for m in others
-        ],
-        dtype=float,
-    )
-    crosses = [(r, d) for r, m in enumerate(others) for d in range(len(blocks)) if not tethers.eligible(str(d), m)]
-    boxes = [(others.index(m), d) for d, c in enumerate(blocks) for m in (c.blend or [c.winner]) if m in others]
+    keys = [column_label(c) for c in groups]
+    values = compatibility_matrix(tethers, keys, others)
+    crosses = [(r, d) for r, m in enumerate(others) for d, k in enumerate(keys) if not tethers.eligible(k, m)]
+    boxes = [(others.index(m), d) for d, c in enumerate(groups) for m in (c.blend or [c.winner]) if m in others]
     labels = short_names(plan.candidates)
     name = "heatmap_compatibility.png"
     options = tethers.options
@@ -253,5 +289,6 @@ def compatibility_heatmap(plan: Plan, directory: Path) -> str | None:
         boxes,
         crosses=crosses,
         threshold=options.min_compatibility,
+        columns=keys,
     )
     return name

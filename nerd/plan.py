@@ -24,9 +24,21 @@ from .config import Selection, TetherOptions
 
 
 def short_names(candidates: list[str]) -> dict[str, str]:
-    """Column labels: the last path part of each model, the full reference where those collide."""
-    last = {c: Path(c.split("@")[0].rstrip("/")).name or c for c in candidates}
-    return {c: last[c] if list(last.values()).count(last[c]) == 1 else c for c in candidates}
+    """Column labels: the last path part of each model (without its revision); where two share it, as
+    many of their last parts (the revision included) as tell them apart, so that a local model is
+    never named by its path from the root (the whole reference only where nothing shorter differs)."""
+    labels = {c: Path(c.split("@")[0].rstrip("/")).name or c for c in candidates}
+    for parts in range(2, max((len(tail_parts(c)) for c in candidates), default=0) + 1):
+        shared = [c for c in candidates if list(labels.values()).count(labels[c]) > 1]
+        if not shared:
+            break
+        labels |= {c: "/".join(tail_parts(c)[-parts:]) for c in shared}
+    return {c: label if list(labels.values()).count(label) == 1 else c for c, label in labels.items()}
+
+
+def tail_parts(reference: str) -> list[str]:
+    """The parts of a model's reference after its root ('/a/ft' -> ['a', 'ft'], 'org/x@v1' -> ['org', 'x@v1'])."""
+    return [part for part in reference.rstrip("/").split("/") if part]
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from .config import MergeConfig, Selection
 from .importance import IMPORTANCE_LABELS
 from .metrics import METRICS, path_counts
 from .plan import Evaluation, Expansion, Plan, Tethers, short_names
+from .public import model_names, public_names
 from .select import rule_of
 
 
@@ -213,20 +214,35 @@ def spectrum_paths(plan: Plan) -> dict[str, dict[str, int]]:
 def report_of(plan: Plan, config: MergeConfig, files: dict[str, dict]) -> dict:
     """merge_report.json: version, inputs with revisions, config, every score, the plan, the
     weight files (`shards`, in order) and, for each of them and the index json, its size and
-    SHA-256 (`files`: name -> {"bytes", "sha256"}, what `mastermerge verify` checks)."""
+    SHA-256 (`files`: name -> {"bytes", "sha256"}, what `mastermerge verify` checks). Models and
+    files are named as the output names them (public.py): no path of this machine but each local
+    model's directory in its input (`local`)."""
+    names = public_names(plan, config)
     return {
         "mastermerge_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config_file": str(config.source) if config.source else None,
-        "config": config.raw,
-        "inputs": [
-            {"model": c, "path": str(plan.sources[c]), "revision": plan.revisions[c], "base": c == plan.base}
-            for c in plan.candidates
-        ],
-        "selection": asdict(plan.selection),
-        "metrics": plan.metrics,
-        "spectrum_paths": spectrum_paths(plan),
-        "plan": plan.to_dict(),
-        "shards": [name for name in files if name.endswith(".safetensors")],
-        "files": files,
-    }
+        "config_file": config.source and names.applied(str(config.source), paths=True),
+        "config": names.applied(config.raw, paths=True),
+        "inputs": inputs_of(plan),
+    } | names.applied(
+        {
+            "selection": asdict(plan.selection),
+            "metrics": plan.metrics,
+            "spectrum_paths": spectrum_paths(plan),
+            "plan": plan.to_dict(),
+            "shards": [name for name in files if name.endswith(".safetensors")],
+            "files": files,
+        }
+    )
+
+
+def inputs_of(plan: Plan) -> list[dict]:
+    """Each candidate as the report names it (`model`), with where it came from: a hub model its
+    repo id (`hub`) and the commit used, a local one its directory (`local`), the one path of this
+    machine that the output holds."""
+    inputs = []
+    for candidate, name in model_names(plan).items():
+        revision = plan.revisions[candidate]
+        where = {"hub": candidate.split("@")[0]} if revision else {"local": str(plan.sources[candidate])}
+        inputs.append({"model": name, **where, "revision": revision, "base": candidate == plan.base})
+    return inputs

@@ -39,6 +39,7 @@ from .hashing import HASH_CHUNK
 from .heatmaps import compatibility_heatmap, merge_heatmap
 from .plan import Plan, PlanEntry
 from .plots import evaluation_chart, expansion_curve
+from .public import public_names
 from .recipe import RECIPE, recipe_or_problem
 from .report import report_of
 from .sidefiles import copy_side_files
@@ -61,7 +62,8 @@ def write_merge(plan: Plan, config: MergeConfig, quiet: bool = False) -> Path:
         figures = pool.submit(draw_figures, plan, tmp)  # drawn while the shards are written (I/O-bound)
         files = write_shards(plan, tmp, quiet)
         heatmaps, curve, perplexities = figures.result()
-        (tmp / "README.md").write_text(model_card(plan, heatmaps, curve, perplexities), encoding="utf-8")
+        card = public_names(plan, config).text(model_card(plan, heatmaps, curve, perplexities))  # no local path
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         recipe, _ = recipe_or_problem(plan)  # without one, commands.py noted why
         if recipe is not None:
             (tmp / RECIPE).write_text(recipe, encoding="utf-8")

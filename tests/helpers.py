@@ -75,10 +75,11 @@ def transformers_perplexity(directory: Path, windows, kind: str) -> float:
     return math.exp(total / count)
 
 
-def assert_bytes_follow_plan(out: Path, sources: dict[str, Path]) -> dict:
-    """Every tensor written is, byte for byte, the tensor its plan entry names in its source; the
-    merge report."""
+def assert_bytes_follow_plan(out: Path) -> dict:
+    """Every tensor written is, byte for byte, the tensor its plan entry names in its source (found by
+    its name through the report's inputs); the merge report."""
     report = json.loads((out / "merge_report.json").read_text())
+    sources = {i["model"]: Path(i["local"]) for i in report["inputs"] if "local" in i}
     written = tensors_of(out)
     entries = report["plan"]["entries"]
     assert sorted(written) == sorted(e["name"] for e in entries)
@@ -88,6 +89,15 @@ def assert_bytes_follow_plan(out: Path, sources: dict[str, Path]) -> dict:
         assert written[e["name"]].dtype == src.dtype
         assert torch.equal(written[e["name"]].view(-1).view(torch.uint8), src.view(-1).view(torch.uint8)), e
     return report
+
+
+def by_name(value, paths):
+    """A JSON value as an output writes what a merge read: each of `paths` (the longest first) by its
+    last part, the name an output gives a local model or file whose name no other shares."""
+    text = json.dumps(value)
+    for path in sorted(map(str, paths), key=len, reverse=True):
+        text = text.replace(json.dumps(path)[1:-1], Path(path).name)
+    return json.loads(text)
 
 
 # -- the tiny models ----------------------------------------------------------------------------------

@@ -193,7 +193,7 @@ def test_merge_of_a_fine_tune_and_an_adapter(family, tmp_path, options):
     run = merge(models, tmp_path, **options)
     run.ok()
     plan = json.loads((run.output / "merge_report.json").read_text())["plan"]
-    lora_ref, ft_ref = str(family["lora"]), str(family["ft"])
+    lora_ref, ft_ref = family["lora"].name, family["ft"].name  # as the report names them
     assert {lora_ref, ft_ref} <= {c["winner"] for c in plan["choices"]}, plan["choices"]
     assert bool(options) == any(e["name"] != e["tensor"] for e in plan["entries"])  # DLEC copies renumbered
     written = tensors_of(run.output)

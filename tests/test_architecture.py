@@ -201,6 +201,4 @@ def test_report_records_the_family_and_the_fallback_merges_the_same(tmp_path):
     inferred_report = merge(unknown, tmp_path / "inferred")
     assert inferred_report["plan"]["architecture"] == INFERRED
     assert inferred_report["files"] == llama["files"]  # the same tensors, in the same order, byte for byte
-    assert [
-        c["winner"].replace(str(tmp_path / "mystery"), str(EXAMPLES)) for c in inferred_report["plan"]["choices"]
-    ] == [c["winner"] for c in llama["plan"]["choices"]]
+    assert [c["winner"] for c in inferred_report["plan"]["choices"]] == [c["winner"] for c in llama["plan"]["choices"]]

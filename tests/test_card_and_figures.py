@@ -43,8 +43,9 @@ def captured_heatmap(monkeypatch, plan, tmp_path) -> dict:
     """The arguments merge_heatmap draws with, and the name it returns."""
     seen = {}
 
-    def fake(path, values, candidates, title, label, boxes, lower_wins=False, cells=None, **_):
+    def fake(path, values, candidates, title, label, boxes, lower_wins=False, cells=None, columns=None, **_):
         seen.update(path=path, values=values, label=label, boxes=boxes, lower_wins=lower_wins, cells=cells)
+        seen.update(columns=columns, title=title)
 
     monkeypatch.setattr(heatmaps, "heatmap", fake)
     seen["name"] = heatmaps.merge_heatmap(plan, tmp_path)
@@ -94,6 +95,44 @@ def test_heatmaps_of_few_and_many_depths_are_drawn(tmp_path, candidates, depths)
     else:
         assert 600 < width < 1000 and 250 < height < width
     assert image[..., :3].std() > 0.1  # drawn, not blank
+
+
+def with_non_layer(plan: SimpleNamespace, scores: list[float], winner: int) -> SimpleNamespace:
+    """The plan with its non-layer group's choice first, as select.choices_of makes it."""
+    group = Choice("non-layer", None, dict(zip(plan.candidates, scores)), plan.candidates[winner], ())
+    plan.choices = [group, *plan.choices]
+    return plan
+
+
+def test_the_non_layer_group_is_a_column_of_the_figure_when_it_competes(monkeypatch, tmp_path):
+    scores = np.array([[0.5, 0.9], [0.51, 0.95]])
+    competing = with_non_layer(synthetic_plan(scores, [1, 1], non_layer="compete"), [0.8, 0.7], 0)
+    columns = heatmaps.figure_choices(competing)
+    assert [heatmaps.column_label(c) for c in columns] == ["non-layer", "0", "1"]
+    np.testing.assert_allclose(heatmaps.score_matrix(competing, columns), [[0.8, 0.5, 0.9], [0.7, 0.51, 0.95]])
+    from_base = with_non_layer(synthetic_plan(scores, [1, 1]), [0.8, 0.7], 0)  # taken from the base: no column
+    assert [heatmaps.column_label(c) for c in heatmaps.figure_choices(from_base)] == ["0", "1"]
+
+    seen = captured_heatmap(monkeypatch, competing, tmp_path)  # coloured by the difference from its winner, boxed
+    np.testing.assert_allclose(seen["values"][:, 0], [0, 0.7 - 0.8])
+    assert seen["boxes"] == [(0, 0), (1, 1), (1, 2)] and seen["cells"][1, 0] == "0.7\n-0.1"
+    assert seen["columns"] == ["non-layer", "0", "1"] and "\nnon-layer: the embeddings" in seen["title"]
+    assert captured_heatmap(monkeypatch, from_base, tmp_path)["columns"] == ["0", "1"]
+    monkeypatch.undo()
+    image = plt.imread(tmp_path / heatmaps.merge_heatmap(competing, tmp_path))
+    assert image[..., :3].std() > 0.1  # drawn, not blank
+
+
+def test_a_merge_whose_non_layer_group_competes_draws_it(llama_family, tmp_path):
+    family = llama_family(2)
+    plan = api_merge([family["base"], family["ft-a"]], tmp_path / "out", selection={"non_layer": "compete"})
+    columns = heatmaps.figure_choices(plan)
+    assert [heatmaps.column_label(c) for c in columns] == ["non-layer", "0", "1"]
+    keys = [heatmaps.column_label(c) for c in columns]
+    compatibility = heatmaps.compatibility_matrix(plan.tethers, keys, [str(family["ft-a"])])
+    assert compatibility[0, 0] == plan.tethers.scores["non-layer"][str(family["ft-a"])] > 0.5
+    for name in ("heatmap_ner.png", "heatmap_compatibility.png"):
+        assert (tmp_path / "out" / name).read_bytes().startswith(b"\x89PNG"), name
 
 
 def test_front_matter_of_a_card(tmp_path):
@@ -163,7 +202,8 @@ def test_a_local_merge_has_a_parsable_card_with_the_bases_license(llama_family, 
     assert card.data.tags == ["merge", "mastermerge"]
     assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()  # all local
     assert "language" not in card.data.to_dict()  # only the license is the base's
-    assert card.text.startswith("# Composite model") and str(family["ft-b"]) in card.text
+    assert card.text.startswith("# Composite model") and "- `base` (base, local)\n- `ft-a` (local)\n" in card.text
+    assert str(tmp_path) not in card.text and str(family["ft-b"].parent) not in card.text  # by name, no path
     assert "Its own card" not in card.text
     assert "![heatmap ner](heatmap_ner.png)" in card.text
     assert (out / "heatmap_ner.png").read_bytes().startswith(b"\x89PNG")
@@ -200,7 +240,7 @@ def test_hub_candidates_are_the_cards_base_models(hub_family, tmp_path):
     assert card.data.base_model_relation == "merge"
     assert card.data.license == "apache-2.0" and card.data.library_name == "transformers"
     assert card.data.tags == ["merge", "mastermerge"]
-    assert f"`{hub_family['local']}`" in card.text  # the body still lists it
+    assert "- `testorg/card-ft@v1`\n- `testorg/card-ft@v2`\n- `local-ft` (local)\n" in card.text  # the body lists all
     front = (out / "README.md").read_text().split("---\n")[1]
     assert list(yaml.safe_load(front)) == ["base_model", "base_model_relation", "library_name", "license", "tags"]
 

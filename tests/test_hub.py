@@ -61,15 +61,28 @@ def test_merge_from_offline_hub_cache(hub, tmp_path):
     assert summary["written"] and summary["candidates"][0] == "testorg/tiny-base"
 
     report = json.loads((out / "merge_report.json").read_text())
-    revisions = {i["model"]: i["revision"] for i in report["inputs"]}
-    assert revisions == {
-        "testorg/tiny-base": hub["commits"]["testorg/tiny-base"],
-        "testorg/tiny-ft@v1": hub["commits"]["testorg/tiny-ft"],
-        str(hub["local"]): None,
-    }
-    snapshot = hub["hf_home"] / "hub" / "models--testorg--tiny-ft" / "snapshots" / hub["commits"]["testorg/tiny-ft"]
-    assert Path(report["inputs"][1]["path"]) == snapshot
-    assert "base_model:\n- testorg/tiny-base\n- testorg/tiny-ft\n" in (out / "README.md").read_text()  # not local
+    commits = hub["commits"]
+    assert report["inputs"] == [  # hub models by their ids at the commit used, the local one by name and path
+        {
+            "model": "testorg/tiny-base",
+            "hub": "testorg/tiny-base",
+            "revision": commits["testorg/tiny-base"],
+            "base": True,
+        },
+        {
+            "model": "testorg/tiny-ft@v1",
+            "hub": "testorg/tiny-ft",
+            "revision": commits["testorg/tiny-ft"],
+            "base": False,
+        },
+        {"model": "local-ft", "local": str(hub["local"]), "revision": None, "base": False},
+    ]
+    assert report["plan"]["candidates"] == ["testorg/tiny-base", "testorg/tiny-ft@v1", "local-ft"]
+    card = (out / "README.md").read_text()
+    assert "base_model:\n- testorg/tiny-base\n- testorg/tiny-ft\n" in card  # not local
+    assert "- `testorg/tiny-base` (base)\n- `testorg/tiny-ft@v1`\n- `local-ft` (local)\n" in card
+    published = card + json.dumps({k: v for k, v in report.items() if k != "inputs"})
+    assert str(hub["hf_home"]) not in published and str(hub["root"]) not in published  # no cache or local path
 
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()

@@ -37,22 +37,22 @@ def test_family_merge_end_to_end(tmp_path, family):
     out = tmp_path / "out"
     api_merge(models, out)
 
-    report = assert_bytes_follow_plan(out, {str(m): m for m in models})
+    report = assert_bytes_follow_plan(out)
     # the winner at every depth is the best mean NER, recomputed here with a float64 SVD
-    inputs = {str(m): tensors_of(m) for m in models}
-    layout = layout_of(list(inputs[str(models[0])]))
+    inputs = {m.name: tensors_of(m) for m in models}  # by name, as the report names them
+    layout = layout_of(list(inputs[models[0].name]))
     assert layout.num_layers == 2
     for choice in report["plan"]["choices"]:
         if choice["depth"] is None:
-            assert choice["winner"] == str(models[0])  # non-layer tensors come from the base
+            assert choice["winner"] == models[0].name  # non-layer tensors come from the base
             continue
-        matrices = [t for t in layout.block(choice["depth"]) if inputs[str(models[0])][t].dim() == 2]
+        matrices = [t for t in layout.block(choice["depth"]) if inputs[models[0].name][t].dim() == 2]
         means = {m: np.mean([reference_ner(inputs[m][t]) for t in matrices]) for m in inputs}
         for m, score in means.items():
             assert choice["scores"][m] == pytest.approx(score, abs=1e-9)
         assert choice["winner"] == max(means, key=means.get)
     # the rank-1 update lowers NER at depth 1, so ft-b cannot win there
-    assert report["plan"]["choices"][2]["winner"] != str(models[2])
+    assert report["plan"]["choices"][2]["winner"] != models[2].name
 
     auto = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
     model = auto.from_pretrained(out)
@@ -88,7 +88,7 @@ def test_sharded_inputs_sharded_output_in_depth_order(tmp_path):
     assert model.config.num_hidden_layers == 12
     # cast tensors equal the source converted to bfloat16
     report = json.loads((out / "merge_report.json").read_text())
-    sources = {str(base): tensors_of(base), str(ft): tensors_of(ft)}
+    sources = {base.name: tensors_of(base), ft.name: tensors_of(ft)}  # the report names them so
     written = tensors_of(out)
     for e in report["plan"]["entries"]:
         assert torch.equal(written[e["name"]], sources[e["source"]][e["tensor"]].to(torch.bfloat16))
@@ -98,7 +98,7 @@ def test_tensor_granularity_biases_follow_their_matrix(tmp_path):
     models = make_family(tmp_path, "qwen2")  # qwen2 has q/k/v biases
     out = tmp_path / "out"
     api_merge(models, out, selection={"granularity": "tensor"})
-    report = assert_bytes_follow_plan(out, {str(m): m for m in models})
+    report = assert_bytes_follow_plan(out)
     source = {e["name"]: e["source"] for e in report["plan"]["entries"]}
     biases = [n for n in source if n.endswith("q_proj.bias")]
     assert biases
@@ -132,12 +132,12 @@ def test_non_layer_compete_keeps_embeddings_together(tmp_path, tied):
     save_file(state, str(ft / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "out"
     api_merge([base, ft], out, selection={"non_layer": "compete"})
-    report = assert_bytes_follow_plan(out, {str(base): base, str(ft): ft})
+    report = assert_bytes_follow_plan(out)
     source = {e["name"]: e["source"] for e in report["plan"]["entries"]}
     assert ("lm_head.weight" in source) != tied
-    assert source["model.embed_tokens.weight"] == source["model.norm.weight"] == str(ft)
+    assert source["model.embed_tokens.weight"] == source["model.norm.weight"] == ft.name
     if not tied:
-        assert source["lm_head.weight"] == str(ft)
+        assert source["lm_head.weight"] == ft.name
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     if tied:
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -262,7 +262,7 @@ def test_pickled_bin_inputs_load_with_weights_only(tmp_path):
     written = tensors_of(out)
     report = json.loads((out / "merge_report.json").read_text())
     for e in report["plan"]["entries"]:
-        src = models[[str(m) for m in models].index(e["source"])]
+        src = models[[m.name for m in models].index(e["source"])]
         reference = (
             tensors_of(src)
             if (src / "model.safetensors").exists()
@@ -367,26 +367,26 @@ def test_selection_by_any_metric(tmp_path, selection):
     models = make_family(tmp_path, "llama")
     out = tmp_path / "out"
     api_merge(models, out, selection=selection)
-    report = assert_bytes_follow_plan(out, {str(m): m for m in models})
+    report = assert_bytes_follow_plan(out)
     assert report["selection"]["metric"] == selection["metric"]
-    inputs = {str(m): {k: v.double().numpy() for k, v in tensors_of(m).items() if v.dim() == 2} for m in models}
+    inputs = {m.name: {k: v.double().numpy() for k, v in tensors_of(m).items() if v.dim() == 2} for m in models}
     metric, goal, target = selection["metric"], selection["goal"], selection.get("target")
     checked = 0
     for choice in report["plan"]["choices"]:
         if choice["depth"] is None:
             continue
         group = (
-            [t for t in choice["tensors"] if t in inputs[str(models[0])]]
+            [t for t in choice["tensors"] if t in inputs[models[0].name]]
             if choice["group"] != str(choice["depth"])
-            else [t for t in inputs[str(models[0])] if t.startswith(f"model.layers.{choice['depth']}.")]
+            else [t for t in inputs[models[0].name] if t.startswith(f"model.layers.{choice['depth']}.")]
         )
         expected = {}
-        for m in map(str, models):
+        for m in (m.name for m in models):
             values = [independent_metric(inputs[m][t], metric) for t in group]
             expected[m] = float(np.mean([abs(v - target) if goal == "target" else v for v in values]))
             assert choice["scores"][m] == pytest.approx(expected[m], rel=1e-6)
         best = (min if goal != "max" else max)(expected.values())
-        assert choice["winner"] == next(m for m in map(str, models) if expected[m] == best)
+        assert choice["winner"] == next(m.name for m in models if expected[m.name] == best)
         checked += 1
     assert checked >= 2
     card = (out / "README.md").read_text()

@@ -15,7 +15,7 @@ import pytest
 import sentence_transformers
 import torch
 import transformers
-from helpers import assert_bytes_follow_plan, build_family, merge, tensors_of
+from helpers import assert_bytes_follow_plan, build_family, by_name, merge, tensors_of
 from safetensors.torch import save_file
 
 from examples.tiny_models import build_model
@@ -53,7 +53,7 @@ def merged(tmp_path: Path, models: list[Path], **options) -> tuple[Path, dict, l
     to be its plan source's bytes) and the stderr lines."""
     run = merge(models, tmp_path, quiet=False, as_json=False, **options)
     assert run.code == 0, run.stderr
-    return run.output, assert_bytes_follow_plan(run.output, {str(m): m for m in models}), run.stderr.splitlines()
+    return run.output, assert_bytes_follow_plan(run.output), run.stderr.splitlines()
 
 
 def runs(out: Path, capsys, auto=None) -> None:
@@ -72,13 +72,13 @@ def test_bert_base_position_ids_fine_tunes_without(tmp_path, capsys):
     out, report, err = merged(tmp_path, [base, ft_a, ft_b])
     assert same_bytes(tensors_of(out)["embeddings.position_ids"], position_ids)
     entry = entries_of(out)["embeddings.position_ids"]
-    assert entry["source"] == str(base) and f"missing from '{ft_a}', '{ft_b}'" in entry["optional"]
-    assert {c["winner"] for c in report["plan"]["choices"] if c["depth"] is not None} - {str(base)}  # a real merge
+    assert entry["source"] == base.name and f"missing from '{ft_a.name}', '{ft_b.name}'" in entry["optional"]
+    assert {c["winner"] for c in report["plan"]["choices"] if c["depth"] is not None} - {base.name}  # a real merge
     assert all("embeddings.position_ids" not in c["tensors"] for c in report["plan"]["choices"])
     note = [line for line in err if line.startswith("mastermerge: note:")]
     assert len(note) == 1 and "embeddings.position_ids: an integer buffer (nothing learned)" in note[0]
     assert f"taken from '{base}'" in note[0]
-    assert report["plan"]["notes"] == [note[0].split(": ", 3)[3]]
+    assert report["plan"]["notes"] == [by_name(note[0].split(": ", 3)[3], [base, ft_a, ft_b])]
     assert "embeddings.position_ids" in (out / "README.md").read_text()
     runs(out, capsys, transformers.AutoModel)
 
@@ -93,7 +93,7 @@ def test_llama_inv_freq_in_one_candidate_only_merges_and_expands(tmp_path, capsy
     entries, written = entries_of(out), tensors_of(out)
     freqs = [n for n in entries if n.endswith("inv_freq")]
     assert len(freqs) == 3  # two blocks, and the copy of one of them
-    assert all(entries[n]["source"] == str(ft_a) for n in freqs)  # the first candidate that has them
+    assert all(entries[n]["source"] == ft_a.name for n in freqs)  # the first candidate that has them
     assert all(same_bytes(written[n], inv_freq[entries[n]["tensor"]]) for n in freqs)
     assert any("rotary_emb.inv_freq" in line and f"taken from '{ft_a}'" in line for line in err)
     assert transformers.AutoConfig.from_pretrained(out).num_hidden_layers == 3
@@ -109,7 +109,7 @@ def test_gpt2_causal_mask_buffers_in_the_base_only(tmp_path, capsys):
     edit_weights(base, buffers)
     out, _, err = merged(tmp_path, [base, ft], selection={"granularity": "tensor"})
     entries = entries_of(out)
-    assert all(entries[n]["source"] == str(base) and entries[n]["optional"] for n in buffers)
+    assert all(entries[n]["source"] == base.name and entries[n]["optional"] for n in buffers)
     assert any("transformer.h.0.attn.bias" in line and "and 1 more" in line for line in err)
     runs(out, capsys)
 
@@ -130,10 +130,10 @@ def test_tied_head_present_in_one_absent_in_another(tmp_path, capsys, says_tied)
             (model / "config.json").write_text(json.dumps(config))
     out, report, err = merged(tmp_path, [base, ft], selection={"non_layer": "compete"})
     non_layer = report["plan"]["choices"][0]
-    assert non_layer["winner"] == str(ft) and "lm_head.weight" not in non_layer["tensors"]  # never scored
+    assert non_layer["winner"] == ft.name and "lm_head.weight" not in non_layer["tensors"]  # never scored
     # the head is a copy of the output's embedding (the fine-tune's), not the base's stale head
     head = entries_of(out)["lm_head.weight"]
-    assert (head["source"], head["tensor"]) == (str(ft), "model.embed_tokens.weight")
+    assert (head["source"], head["tensor"]) == (ft.name, "model.embed_tokens.weight")
     written = tensors_of(out)
     assert same_bytes(written["lm_head.weight"], written["model.embed_tokens.weight"])
     assert any(
@@ -217,7 +217,7 @@ def test_sentence_transformers_merge_keeps_module_folders(tmp_path, capsys):
     base, ft = st_family(tmp_path)
     assert (base / "1_Pooling" / "config.json").is_file() and (base / "modules.json").is_file()
     out, report, _ = merged(tmp_path, [base, ft])
-    assert all(c["winner"] == str(base) for c in report["plan"]["choices"])
+    assert all(c["winner"] == base.name for c in report["plan"]["choices"])
     for name in (
         "modules.json",
         "1_Pooling/config.json",

@@ -132,7 +132,7 @@ def test_blend_is_the_exact_elementwise_mean_and_loads_in_transformers(tmp_path,
 
     report = json.loads((out / "merge_report.json").read_text())
     blocks = [c for c in report["plan"]["choices"] if c["depth"] is not None]
-    assert all(c["blend"] == {str(family["base"]): 0.5, str(family["ft-a"]): 0.5} for c in blocks)
+    assert all(c["blend"] == {"base": 0.5, "ft-a": 0.5} for c in blocks)
     entry = next(e for e in report["plan"]["entries"] if e["name"] == "model.layers.2.self_attn.q_proj.weight")
     assert entry["transform"] == "blend" and entry["blend"] == blocks[2]["blend"]
 
@@ -166,7 +166,7 @@ def test_weighted_blend_is_written_as_weighted_sum(tmp_path, family):
     models = [family["base"], family["ft-a"], family["ft-b"]]
     api_merge(models, out, tether={"mode": "blend", "weights": "compatibility"})
     choices = json.loads((out / "merge_report.json").read_text())["plan"]["choices"]
-    written, inputs = tensors_of(out), {str(m): tensors_of(m) for m in models}
+    written, inputs = tensors_of(out), {m.name: tensors_of(m) for m in models}
     for name, tensor in written.items():
         if ".layers." not in name:
             continue
@@ -336,7 +336,7 @@ def test_nan_in_a_norm_takes_the_candidate_out_of_the_blend(tmp_path, family):
     out = merged.output
     assert merged.code == 0
     choices = json.loads((out / "merge_report.json").read_text())["plan"]["choices"]
-    assert str(broken) in choices[1]["blend"] and str(broken) not in choices[2]["blend"]
+    assert broken.name in choices[1]["blend"] and broken.name not in choices[2]["blend"]
     assert choices[2]["note"] == (
         f"not selectable: {broken.name} (model.layers.1.input_layernorm.weight: contains NaN or Inf)"
     )

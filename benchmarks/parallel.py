@@ -7,13 +7,15 @@ power-law matrices: 2 layers, hidden 1024, MLP 2816, vocabulary 8000), writes tw
 the three, and measures, each from an empty cache file, the wall time of: one merge alone; both
 configs as one batch (`--config a.yaml b.yaml`, one process); both merges started at the same
 moment as two processes on one cache file (the time until both have finished), and how many
-spectra each of those two computed (--json's spectra_computed). Not part of the tests.
+spectra each of those two computed (--json's spectra_computed); and the same two started together
+with the cores split between them (`--threads` half the cores each). Not part of the tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -44,8 +46,19 @@ def config(work: Path, name: str, candidates: list[Path]) -> Path:
     return path
 
 
-def command(code: Path, cache: Path, *configs: Path) -> list[str]:
-    return [sys.executable, str(code), "--config", *map(str, configs), "--cache", str(cache), "--quiet", "--json"]
+def command(code: Path, cache: Path, *configs: Path, threads: int | None = None) -> list[str]:
+    split = [] if threads is None else ["--threads", str(threads)]
+    return [
+        sys.executable,
+        str(code),
+        "--config",
+        *map(str, configs),
+        "--cache",
+        str(cache),
+        "--quiet",
+        "--json",
+        *split,
+    ]
 
 
 def fresh(work: Path, name: str) -> Path:
@@ -85,6 +98,9 @@ def main() -> None:
     cache = fresh(args.work, "parallel")
     parallel, results = timed([command(code, cache, a), command(code, cache, b)])
     computed = [r["spectra_computed"] for r in results]
+    half = max(1, len(os.sched_getaffinity(0)) // 2)
+    cache = fresh(args.work, "split")
+    split, results = timed([command(code, cache, c, threads=half) for c in (a, b)])
     print(
         json.dumps(
             {
@@ -92,6 +108,8 @@ def main() -> None:
                 "batch_s": round(batch, 1),
                 "parallel_s": round(parallel, 1),
                 "computed": computed,
+                f"split_threads_{half}_s": round(split, 1),
+                "split_computed": [r["spectra_computed"] for r in results],
             }
         )
     )

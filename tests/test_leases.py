@@ -22,7 +22,7 @@ from helpers import write_config
 from test_cache_faults import environment, fingerprint, finished
 
 from nerd.checkpoint import Checkpoint
-from nerd.leases import boot_id, started_of, tensor_key
+from nerd.leases import Claims, boot_id, started_of, tensor_key
 from nerd.store import MetricCache, file_identity
 
 # Runs mastermerge once every process of the group has started and imported it, each matrix's
@@ -264,3 +264,18 @@ def test_an_old_cache_opens_with_its_spectra_kept(tmp_path, models, reference):
     assert json.loads(out)["results"][0]["spectra_computed"] == 0
     assert spectra_stored(cache) == reference["computed"]
     assert leases_left(cache) == []
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_a_claim_won_after_the_result_was_stored_is_released_not_computed(tmp_path, stored):
+    """Another run stored the spectrum and released its claim just before this run claimed it: the
+    claim is given back at once and nothing is computed; not yet stored, it is this run's to compute."""
+    cache = MetricCache(tmp_path / "c.sqlite")
+    try:
+        claims = Claims(cache.leases, lambda item: [f"spectrum:{item}"], lambda item: stored, ("spectrum", "spectra"))
+        assert claims.taken(["x"]) == ([] if stored else ["x"])
+        assert len(leases_left(tmp_path / "c.sqlite")) == (0 if stored else 1)
+        claims.release_all()
+        assert leases_left(tmp_path / "c.sqlite") == []
+    finally:
+        cache.close()
